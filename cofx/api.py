@@ -1,0 +1,176 @@
+"""`cofx.convert`: a clip model in, a continual model out."""
+from __future__ import annotations
+
+import sys
+from typing import Iterable, Mapping, Optional
+
+import torch
+from torch import nn
+
+from cofx import passes
+from .clip_length import implied_input
+from .errors import ConversionError
+from .kernels import StreamContext
+from .module import ContinualModule
+from .report import Report, Row, op_label, temporal_params
+from .tracer import trace
+
+INITS = ("zeros", "replicate")
+
+
+def convert(model: nn.Module, example_input: Optional[torch.Tensor] = None, *, strict: bool = False,
+            leaf_modules: Iterable = (), time_dim: int = 2, window: Optional[Mapping[str, int]] = None,
+            init: str = "zeros", verbose: bool = False) -> ContinualModule:
+    """Convert a clip model into a continual model that shares its weights.
+
+    Args:
+        model: an ``nn.Module`` whose forward takes a clip (B, C, T, ...).
+        example_input: a clip of the size the model will see (frame size and
+            clip length). Optional when the model implies it (a pooling layer
+            spanning the clip, as in X3D).
+        strict: refuse any approximation (windowed reductions, replicate init).
+        leaf_modules: module types, instances or qualified names to keep whole
+            (they must act frame by frame; cofx checks).
+        time_dim: the input's time dimension.
+        window: frames of the sliding window of global temporal reductions, by
+            module path or node name, e.g. ``{"blocks.5.pool.pool": 64}`` to
+            pool over 64 frames, or 1 for per-frame squeeze-and-excitation.
+        init: start padding of every temporal op: ``"zeros"`` (exact) or
+            ``"replicate"`` (the first frame repeated; shorter start-up transient).
+        verbose: print progress.
+
+    Returns:
+        A `ContinualModule`.
+    """
+    if init not in INITS:
+        raise ValueError(f"init must be one of {INITS}, got {init!r}")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"cofx.convert takes an nn.Module, got {type(model).__name__}")
+    say = (lambda msg: print(f"cofx: {msg}", file=sys.stderr, flush=True)) if verbose else (lambda msg: None)
+    was_training = model.training
+    model.eval()
+    try:
+        say("tracing")
+        gm = trace(model, leaf_modules)
+        if example_input is None:
+            example_input = implied_input(gm, time_dim)
+            say(f"input implied by the model: {tuple(example_input.shape)}")
+        clip = _check_example(example_input, time_dim)
+        say("recording shapes on the clip, a longer clip and two streams")
+        errors = passes.record_runs(gm, _runs(clip, time_dim))
+        passes.label_layouts(gm)
+        say("classifying nodes")
+        passes.classify_nodes(gm, time_dim, window)
+        _check_longer_failures(gm, errors["longer"])
+        say("checking frame-by-frame ops on the clip")
+        passes.check_framewise(gm, clip)
+        passes.annotate_timing(gm, replicate=init == "replicate")
+        _check_strict(gm, strict, init)
+        ctx = StreamContext(init)
+        say("building the continual graph")
+        graph, kernels, out_axes, node_kernels = passes.build_step_graph(gm, ctx)
+    finally:
+        model.train(was_training)
+    info = _summary(gm, clip, time_dim, out_axes, node_kernels, init)
+    co = ContinualModule(gm, graph, kernels, ctx, info)
+    co.train(was_training)
+    say(f"done: receptive field {co.receptive_field}, delay {co.delay}, stride {co.stride}, "
+        f"{'exact' if co.is_exact else 'not exact'}")
+    return co
+
+
+def _check_example(x, time_dim) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"example_input must be a tensor, got {type(x).__name__}")
+    if x.dim() <= time_dim:
+        raise ConversionError(f"example_input of shape {tuple(x.shape)} has no time dimension {time_dim}",
+                              fix="pass a clip shaped (B, C, T, ...) or set time_dim=")
+    return x[:1].detach()
+
+
+def _runs(clip: torch.Tensor, time_dim: int) -> dict:
+    t = clip.shape[time_dim]
+    extra = max(2 * t, 32)
+    more = torch.randn_like(clip.narrow(time_dim, 0, 1).expand(
+        *[extra if i == time_dim else -1 for i in range(clip.dim())]).contiguous())
+    longer = torch.cat([clip, more * clip.std().clamp_min(1e-3)], time_dim)
+    return {"clip": clip, "longer": longer, "batch": torch.cat([clip, clip], 0)}
+
+
+def _check_longer_failures(gm, errors: dict) -> None:
+    for node in gm.graph.nodes:
+        if node.name in errors and node.meta.get("cofx_role") == "stream":
+            raise ConversionError(f"the model fails on clips longer than the example ({errors[node.name]})",
+                                  node=node, fix="a continual model must accept any number of frames up to "
+                                  "its global pooling; remove fixed clip lengths from the model")
+
+
+def _exactness(gm) -> dict:
+    exact = {}
+    for node in gm.graph.nodes:
+        spec = node.meta.get("cofx_spec")
+        own = node.meta.get("cofx_kind") != "windowed"
+        exact[node] = own and all(exact.get(a, True) for a in node.all_input_nodes)
+    return exact
+
+
+def _check_strict(gm, strict: bool, init: str) -> None:
+    if not strict:
+        return
+    bad = [n for n in gm.graph.nodes if n.meta.get("cofx_kind") == "windowed"]
+    if init != "zeros":
+        raise ConversionError(f"init={init!r} is not exact at the start of a stream and strict=True refuses it",
+                              fix="use init='zeros' or strict=False")
+    if bad:
+        lines = "; ".join(f"{n.name} ({op_label(n)}): {temporal_params(n.meta['cofx_spec'])[4]}" for n in bad)
+        raise ConversionError(f"strict=True refuses windowed approximations: {lines}",
+                              fix="pass strict=False to accept them (co.report lists each window), "
+                              "or set window= to the clip length")
+
+
+def _summary(gm, clip, time_dim, out_axes, node_kernels, init) -> dict:
+    out = next(n for n in gm.graph.nodes if n.op == "output")
+    timings = [a.meta["cofx_timing"] for a in out.all_input_nodes if a.meta.get("cofx_timing")]
+    if not timings:
+        raise ConversionError("the output does not depend on the input stream")
+    exact = _exactness(gm)
+    frame = tuple(s for i, s in enumerate(clip.shape) if i not in (0, time_dim))
+    return dict(
+        time_dim=time_dim, frame_shape=frame, out_time_axes=out_axes, clip_shape=tuple(clip.shape),
+        delay=max(t.ready for t in timings), receptive_field=max(t.receptive_field for t in timings),
+        stride=timings[0].stride, exact=all(exact[a] for a in out.all_input_nodes) and init == "zeros",
+        make_report=lambda co: _report(gm, co, node_kernels, exact))
+
+
+def _report(gm, co: ContinualModule, node_kernels: dict, exact: dict) -> Report:
+    sizes = _steady_state_bytes(co)
+    rows = Report()
+    for node in gm.graph.nodes:
+        if node.op == "output":
+            continue
+        timing = node.meta.get("cofx_timing")
+        k, s, p, d, note = temporal_params(node.meta.get("cofx_spec"))
+        rows.append(Row(name=node.name, op=op_label(node), kind=node.meta.get("cofx_kind", "time-free"),
+                        kernel=k, stride=s, padding=p, dilation=d,
+                        receptive_field=timing.receptive_field if timing else None,
+                        delay=timing.ready if timing else None,
+                        state_bytes=sum(sizes.get(name, 0) for name in node_kernels.get(node.name, [])),
+                        exact=exact[node], note=note))
+    return rows
+
+
+def _steady_state_bytes(co: ContinualModule) -> dict:
+    """State bytes per kernel after a stream of batch 1 has run long enough to reach steady state."""
+    info = co._info
+    snap = co._snapshot()
+    co.clean_state()
+    try:
+        p = next((p for p in co.parameters() if p.is_floating_point()), None)
+        shape = list(info["clip_shape"])
+        shape[info["time_dim"]] = co.delay + co.receptive_field + co.stride
+        with torch.no_grad():
+            co.forward_steps(torch.zeros(shape, dtype=p.dtype if p is not None else torch.float32,
+                                         device=p.device if p is not None else "cpu"))
+        return {n: sum(t.numel() * t.element_size() for t in k.state_tensors()) for n, k in co._named_kernels()}
+    finally:
+        co._restore(snap)

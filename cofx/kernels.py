@@ -1,0 +1,286 @@
+"""Stream kernels: the stateful pieces of a continual graph.
+
+Every kernel takes a chunk of n >= 0 frames and returns the frames that became
+available (possibly none: a tensor with 0 frames). Delay and temporal stride
+are therefore just tensor lengths; no flags or step counters travel through
+the graph. All kernels of one continual model share a `StreamContext` that
+says the stream's batch size and whether the end of the stream is being
+flushed.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional, Sequence
+
+import torch
+from torch import nn
+
+
+class StreamContext:
+    """Per-call facts every kernel may need (set by the continual module before each call)."""
+
+    def __init__(self, init: str = "zeros"):
+        self.batch = 0
+        self.flushing = False
+        self.init = init
+
+
+def empty_like_labels(labels: Sequence, batch: int, ref: torch.Tensor) -> torch.Tensor:
+    """A tensor with 0 frames shaped after `labels` ("B" -> batch, "T"/"BT" -> 0, ints stay)."""
+    shape = [batch if lab == "B" else 0 if lab in ("T", "BT") else lab for lab in labels]
+    return ref.new_empty(shape)
+
+
+class Stateful(nn.Module):
+    """Base of kernels with state: lists its state, clears it, saves and restores it."""
+
+    state_names: tuple = ()
+
+    def __init__(self, ctx: StreamContext):
+        super().__init__()
+        self.__dict__["ctx"] = ctx  # shared, not a submodule
+
+    def clean(self) -> None:
+        for name in self.state_names:
+            setattr(self, name, None)
+
+    def get_state(self) -> dict:
+        return {name: _clone(getattr(self, name)) for name in self.state_names}
+
+    def set_state(self, state: dict) -> None:
+        for name in self.state_names:
+            setattr(self, name, _clone(state[name]))
+
+    def state_tensors(self):
+        for name in self.state_names:
+            v = getattr(self, name)
+            if isinstance(v, torch.Tensor):
+                yield v
+            elif isinstance(v, (list, tuple)):
+                yield from (t for t in v if isinstance(t, torch.Tensor))
+
+
+def _clone(v):
+    if isinstance(v, torch.Tensor):
+        return v.clone()
+    if isinstance(v, (list, tuple)):
+        return type(v)(_clone(x) for x in v)
+    return v
+
+
+class Sliding(Stateful):
+    """Any op whose output frame j reads input frames j*stride - pad_l ... j*stride - pad_l + span - 1.
+
+    Convolutions and pools (through `SlidingSpec.compute`), sliding windows of
+    global reductions and constant crops are all this one kernel with a
+    different `compute`. The state is the last `keep` frames of the padded
+    input stream, the count of padded frames consumed (`m`) and the index of the
+    next output window (`next_j`); its size never depends on the stream length.
+
+    `avg_count` = (kernel, count_include_pad) makes averages divide by the number
+    of frames that count near the start and end of a stream, as PyTorch does.
+    """
+
+    state_names = ("buf", "m", "next_j")
+
+    def __init__(self, ctx: StreamContext, compute: Callable, t: int, span: int, stride: int,
+                 pad_l: int, pad_r: int, pad_value: float, out_labels: Sequence, *,
+                 replicate: bool = False, ceil_mode: bool = False, avg_count: Optional[tuple] = None):
+        super().__init__(ctx)
+        self.__dict__["compute"] = compute
+        self.t, self.span, self.stride = t, span, stride
+        self.pad_l, self.pad_r, self.pad_value = pad_l, pad_r, pad_value
+        self.keep = max(span - 1, pad_l, 0)
+        self.out_labels = tuple(out_labels)
+        self.replicate, self.ceil_mode, self.avg_count = replicate, ceil_mode, avg_count
+        self.register_buffer("buf", None, persistent=False)
+        self.m = None
+        self.next_j = None
+
+    def extra_repr(self) -> str:
+        return (f"span={self.span}, stride={self.stride}, pad=({self.pad_l}, {self.pad_r}), "
+                f"keep={self.keep}")
+
+    def _frames(self, like: torch.Tensor, n: int, value=None) -> torch.Tensor:
+        shape = list(like.shape)
+        shape[self.t] = n
+        if value is None:
+            return like.new_full(shape, self.pad_value)
+        return value.expand(shape).clone() if n else like.new_empty(shape)
+
+    def _start(self, x: torch.Tensor) -> bool:
+        """Fill the start padding; False when it must wait for a first frame (replicate)."""
+        replicate = self.replicate or self.ctx.init == "replicate"
+        if replicate and self.pad_l > 0:
+            if x.shape[self.t] == 0:
+                return False
+            self.buf = self._frames(x, self.keep, x.narrow(self.t, 0, 1))
+        else:
+            self.buf = self._frames(x, self.keep)
+        self.m, self.next_j = self.pad_l, 0
+        return True
+
+    def _end_frames(self, real_end: int) -> int:
+        """Frames of end padding a flush appends: the right padding, plus the ceil-mode overhang."""
+        total = real_end + self.pad_r
+        if not self.ceil_mode or total < self.span:
+            return self.pad_r
+        n_floor = (total - self.span) // self.stride + 1
+        n_ceil = -(-(total - self.span) // self.stride) + 1
+        if (n_ceil - 1) * self.stride >= real_end:
+            n_ceil -= 1
+        return self.pad_r + max(0, (n_ceil - 1) * self.stride + self.span - total) * (n_ceil > n_floor)
+
+    def forward(self, x: torch.Tensor, *tensors) -> torch.Tensor:
+        t = self.t
+        if self.buf is None and not self._start(x):
+            return empty_like_labels(self.out_labels, self.ctx.batch, x)
+        parts = [self.buf, x]
+        real_end = None
+        if self.ctx.flushing:
+            real_end = self.m + x.shape[t]
+            extra = self._end_frames(real_end)
+            if extra:
+                replicate = self.replicate or self.ctx.init == "replicate"
+                last = torch.cat(parts, t).narrow(t, -1, 1) if replicate else None
+                parts.append(self._frames(x, extra, last))
+        cat = torch.cat(parts, t)
+        length = cat.shape[t]
+        total = self.m + length - self.buf.shape[t]
+        base = total - length
+        j1 = (total - self.span) // self.stride
+        if j1 >= self.next_j:
+            start = self.next_j * self.stride - base
+            count = j1 - self.next_j + 1
+            out = self.compute(cat.narrow(t, start, (count - 1) * self.stride + self.span), *tensors)
+            if self.avg_count is not None:
+                out = self._fix_average(out, self.next_j, j1, real_end)
+            self.next_j = j1 + 1
+        else:
+            out = empty_like_labels(self.out_labels, self.ctx.batch, x)
+        self.buf = cat.narrow(t, length - self.keep, self.keep).clone()
+        self.m = total
+        return out
+
+    def _fix_average(self, out: torch.Tensor, j0: int, j1: int, real_end: Optional[int]) -> torch.Tensor:
+        """Rescale averages whose window covers frames PyTorch would not count."""
+        k, include_pad = self.avg_count
+        if include_pad:
+            lo, hi = 0, math.inf if real_end is None else real_end + self.pad_r
+        else:
+            lo, hi = self.pad_l, math.inf if real_end is None else real_end
+        counts = [min(j * self.stride + k, hi) - max(j * self.stride, lo) for j in range(j0, j1 + 1)]
+        if all(c == k for c in counts):
+            return out
+        shape = [1] * out.dim()
+        shape[self.t] = len(counts)
+        factor = torch.tensor([k / max(c, 1) for c in counts], dtype=out.dtype, device=out.device)
+        return out * factor.view(shape)
+
+
+class Align(Stateful):
+    """Delay buffers for the inputs of a merge: emits frame j of every input together.
+
+    Each input keeps the frames it has that the slowest input has not matched
+    yet; in steady state that is the input's delay difference, a fixed number.
+    """
+
+    state_names = ("pending",)
+
+    def __init__(self, ctx: StreamContext, axes: Sequence[int]):
+        super().__init__(ctx)
+        self.axes = tuple(axes)
+        self.pending = None
+
+    def extra_repr(self) -> str:
+        return f"axes={self.axes}"
+
+    def forward(self, *xs):
+        if self.pending is None:
+            self.pending = [x.narrow(a, 0, 0) for x, a in zip(xs, self.axes)]
+        full = [torch.cat([p, x], a) if p.shape[a] else x for p, x, a in zip(self.pending, xs, self.axes)]
+        k = min(f.shape[a] for f, a in zip(full, self.axes))
+        out = tuple(f.narrow(a, 0, k) for f, a in zip(full, self.axes))
+        self.pending = [f.narrow(a, k, f.shape[a] - k).clone() for f, a in zip(full, self.axes)]
+        return out
+
+
+class Framewise(nn.Module):
+    """Runs an op that acts frame by frame, skipping it when the chunk holds no frames.
+
+    Many PyTorch kernels reject tensors with an empty time dimension; the output
+    with 0 frames has a known shape, so it is made directly.
+    """
+
+    def __init__(self, ctx: StreamContext, op, method: Optional[str], out_labels: Sequence):
+        super().__init__()
+        self.__dict__["ctx"] = ctx
+        self.__dict__["op"] = op
+        self.method = method
+        self.out_labels = tuple(out_labels)
+
+    def extra_repr(self) -> str:
+        return f"{self.method or getattr(self.op, '__name__', type(self.op).__name__)}"
+
+    def forward(self, x, *args, **kwargs):
+        if x.numel() == 0:
+            return empty_like_labels(self.out_labels, self.ctx.batch, x)
+        if self.method is not None:
+            return getattr(x, self.method)(*args, **kwargs)
+        return self.op(x, *args, **kwargs)
+
+
+# ---- layout helpers used by the continual graph -------------------------------------------------
+
+def window_reduce(mode: str, t: int, window: int) -> Callable:
+    """compute() for a sliding window over time: one reduced frame per window position."""
+    def compute(frames: torch.Tensor) -> torch.Tensor:
+        w = frames.unfold(t, window, 1)
+        if mode == "raw":
+            return w
+        return getattr(w, mode)(-1)
+    return compute
+
+
+def crop_select(t: int, stride: int, span: int) -> Callable:
+    """compute() of a crop: the first frame of every window, windows `stride` apart."""
+    index = (slice(None),) * t + (slice(None, None, stride),)
+
+    def compute(frames: torch.Tensor) -> torch.Tensor:
+        count = (frames.shape[t] - span) // stride + 1
+        kept = frames.narrow(t, 0, (count - 1) * stride + 1)
+        return kept if stride == 1 else kept[index]
+    return compute
+
+
+def fold_time(x: torch.Tensor, t: int, raw: bool = False) -> torch.Tensor:
+    """(B, ..., n@t, ...) -> (n*B, ..., 1@t, ...): each output frame becomes a sample of its own.
+
+    With `raw`, the input holds whole windows in a trailing dimension
+    (B, ..., n@t, ..., W) and the window takes the place of time.
+    """
+    y = x.movedim(t, 0)
+    if raw:
+        y = y.movedim(-1, t + 1)
+    else:
+        y = y.unsqueeze(t + 1)
+    return y.reshape(y.shape[0] * y.shape[1], *y.shape[2:])
+
+
+def unfold_time(x: torch.Tensor, pos: int, batch: int, replace: bool = True) -> torch.Tensor:
+    """(n*B, ...) -> (B, ..., n@pos, ...); `replace` drops the size-1 dimension at `pos`."""
+    y = x.reshape(x.shape[0] // batch, batch, *x.shape[1:])
+    if replace:
+        y = y.squeeze(pos + 1)
+    return y.movedim(0, pos)
+
+
+def reshape(x: torch.Tensor, spec: tuple, batch: int, batch_dims: int, static: int) -> torch.Tensor:
+    """`x.reshape` with sizes that follow the stream: "B" -> batch, "T" -> frames, "BT" -> both.
+
+    The number of frames n comes from `x.numel() = batch**batch_dims * n * static`,
+    so a chunk with 0 frames reshapes too (where -1 would be ambiguous).
+    """
+    n = x.numel() // (batch ** batch_dims * static)
+    sizes = [batch if s == "B" else n if s == "T" else batch * n if s == "BT" else s for s in spec]
+    return x.reshape(sizes)

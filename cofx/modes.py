@@ -1,0 +1,34 @@
+"""`call_mode`: which function `co(x)` runs, as in the continual-inference library."""
+from __future__ import annotations
+
+import contextlib
+import threading
+
+MODES = ("forward", "forward_step", "forward_steps")
+_local = threading.local()
+
+
+def active_mode():
+    """The mode set by an enclosing `cofx.call_mode(...)` block, or None."""
+    return getattr(_local, "mode", None)
+
+
+def check_mode(mode: str) -> str:
+    if mode not in MODES:
+        raise ValueError(f"call_mode must be one of {MODES}, got {mode!r}")
+    return mode
+
+
+@contextlib.contextmanager
+def call_mode(mode: str):
+    """Within the block, calling any continual model runs `mode` ("forward", "forward_step", "forward_steps").
+
+    >>> with cofx.call_mode("forward_step"):
+    ...     y = co(frame)
+    """
+    previous = active_mode()
+    _local.mode = check_mode(mode)
+    try:
+        yield
+    finally:
+        _local.mode = previous

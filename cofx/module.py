@@ -1,0 +1,245 @@
+"""`ContinualModule`: the converted model. Same weights and `forward`; adds step functions."""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+import torch.fx as fx
+from torch import nn
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+from . import modes
+from .errors import StreamError
+from .kernels import Stateful, StreamContext
+from .report import Report
+from .tracer import adopt_attributes
+
+
+class ContinualModule(fx.GraphModule):
+    """A GraphModule of the original model that can also process a stream frame by frame.
+
+    - ``co(x)`` / ``co.forward(x)``: the original model, same ops, same weights;
+    - ``co.forward_steps(x, pad_end=False, update_state=True)``: a chunk (B, C, T, ...) in,
+      the output frames that became available out (time at dim 2 for a
+      classifier: (B, K, n)), or None;
+    - ``co.forward_step(x_t)``: one frame (B, C, ...) in, the next output frame or None;
+    - ``co.clean_state()``, ``co.get_state()``, ``co.set_state(state)``;
+    - ``co.delay``, ``co.receptive_field``, ``co.stride``, ``co.is_exact``, ``co.report``;
+    - ``print(co.step_code)`` shows the continual graph as Python.
+    """
+
+    def __init__(self, traced: fx.GraphModule, step_graph: fx.Graph, kernels: dict, ctx: StreamContext,
+                 info: dict):
+        super().__init__(traced, traced.graph, class_name=type(traced).__name__)
+        adopt_attributes(self, traced)
+        self.meta.update(traced.meta)
+        for name, kernel in kernels.items():
+            self.add_module(name, kernel)
+        self.__dict__["_ctx"] = ctx
+        self.__dict__["_info"] = info
+        self.__dict__["_step_module"] = fx.GraphModule(self, step_graph, class_name="ContinualStep")
+        self.__dict__["_stream_batch"] = None
+        self.__dict__["_report"] = None
+        self.__dict__["_call_mode"] = "forward"
+        self.__dict__["_uses_batch_stats"] = any(
+            isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd))
+            for m in traced.modules())
+
+    # -- calling ---------------------------------------------------------------------------------
+    @property
+    def call_mode(self) -> str:
+        return self._call_mode
+
+    @call_mode.setter
+    def call_mode(self, mode: str) -> None:
+        self.__dict__["_call_mode"] = modes.check_mode(mode)
+
+    def __call__(self, *args, **kwargs):
+        mode = modes.active_mode() or self._call_mode
+        if mode == "forward_step":
+            return self.forward_step(*args, **kwargs)
+        if mode == "forward_steps":
+            return self.forward_steps(*args, **kwargs)
+        return super().__call__(*args, **kwargs)
+
+    def forward_steps(self, x: torch.Tensor, pad_end: bool = False, update_state: bool = True):
+        """Process a chunk of frames (time at `time_dim`); returns the outputs that became available, or None.
+
+        With ``pad_end=True`` each op's end padding is flushed and the stream ends
+        (the state is cleaned): from a clean state, ``forward_steps(clip, pad_end=True)``
+        equals ``forward(clip)``.
+        """
+        self._check_input(x, with_time=True)
+        return self._run(x, pad_end, update_state)
+
+    def forward_step(self, x: torch.Tensor, update_state: bool = True):
+        """Process one frame (no time axis); returns the next output frame, or None."""
+        self._check_input(x, with_time=False)
+        out = self._run(x.unsqueeze(self._info["time_dim"]), False, update_state)
+        if out is None:
+            return None
+        leaves, spec = tree_flatten(out)
+        axes, _ = tree_flatten(self._info["out_time_axes"], is_leaf=lambda a: a is None)
+        return tree_unflatten([v.squeeze(a) if a is not None and v.shape[a] == 1 else v
+                               for v, a in zip(leaves, axes)], spec)
+
+    def _run(self, x, pad_end, update_state):
+        if self.training and self._uses_batch_stats:
+            raise StreamError("the model is in training mode: BatchNorm would normalise each chunk by its own "
+                              "statistics and Dropout would drop frames at random; call co.eval() before stepping")
+        if self._stream_batch is not None and x.shape[0] != self._stream_batch:
+            raise StreamError(f"the batch size changed mid-stream from {self._stream_batch} to {x.shape[0]}: "
+                              "each row of the batch is one stream; call co.clean_state() to start new streams")
+        saved = None if update_state else self._snapshot()
+        ctx = self._ctx
+        ctx.batch = x.shape[0]
+        self.__dict__["_stream_batch"] = x.shape[0]
+        try:
+            out = self._step_module(x)
+            if pad_end:
+                ctx.flushing = True
+                try:
+                    tail = self._step_module(x.narrow(self._info["time_dim"], 0, 0))
+                finally:
+                    ctx.flushing = False
+                out = self._concat(out, tail)
+        finally:
+            if saved is not None:
+                self._restore(saved)
+            elif pad_end:
+                self.clean_state()
+        return self._none_if_empty(out)
+
+    def _concat(self, a, b):
+        la, spec = tree_flatten(a)
+        lb, _ = tree_flatten(b)
+        axes, _ = tree_flatten(self._info["out_time_axes"], is_leaf=lambda v: v is None)
+        return tree_unflatten([torch.cat([u, v], ax) if ax is not None else u for u, v, ax in zip(la, lb, axes)],
+                              spec)
+
+    def _none_if_empty(self, out):
+        leaves, _ = tree_flatten(out)
+        axes, _ = tree_flatten(self._info["out_time_axes"], is_leaf=lambda v: v is None)
+        timed = [v for v, a in zip(leaves, axes) if a is not None]
+        if timed and all(v.shape[a] == 0 for v, a in zip(timed, [a for a in axes if a is not None])):
+            return None
+        return out
+
+    def _check_input(self, x, with_time: bool) -> None:
+        info = self._info
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"expected a tensor, got {type(x).__name__}")
+        t = info["time_dim"]
+        frame = tuple(info["frame_shape"])
+        if with_time:
+            want = "(B, " + ", ".join(map(str, frame[:t - 1])) + (", " if t > 1 else "") + "T" + \
+                   "".join(f", {s}" for s in frame[t - 1:]) + ")"
+            got_frame = tuple(x.shape[1:t]) + tuple(x.shape[t + 1:]) if x.dim() == len(frame) + 2 else None
+            ok = x.dim() == len(frame) + 2 and got_frame == frame
+            hint = "for a single frame without a time axis use forward_step" if x.dim() == len(frame) + 1 else \
+                "convert with an example_input of this frame size"
+        else:
+            want = "(B, " + ", ".join(map(str, frame)) + ")"
+            ok = x.dim() == len(frame) + 1 and tuple(x.shape[1:]) == frame
+            hint = "for a chunk with a time axis use forward_steps" if x.dim() == len(frame) + 2 else \
+                "convert with an example_input of this frame size"
+        if not ok:
+            raise StreamError(f"expected input shaped {want}, got {tuple(x.shape)}; {hint}")
+        p = next((p for p in self.parameters() if p.is_floating_point()), None)
+        if p is not None and x.dtype != p.dtype:
+            raise StreamError(f"input dtype {x.dtype} differs from the model's {p.dtype}; "
+                              f"convert the input (x.to({p.dtype})) or the model (co.to({x.dtype}))")
+        if p is not None and x.device != p.device:
+            raise StreamError(f"input is on {x.device} but the model is on {p.device}; move one of them")
+        state = next((s for k in self._kernels() for s in k.state_tensors()), None)
+        if state is not None and (state.dtype != x.dtype or state.device != x.device):
+            raise StreamError(f"the stream state is {state.dtype} on {state.device} but the input is {x.dtype} "
+                              f"on {x.device}; call co.clean_state() before changing dtype or device")
+
+    # -- state -------------------------------------------------------------------------------------
+    def _kernels(self):
+        return [m for m in self.children() if isinstance(m, Stateful)]
+
+    def _named_kernels(self):
+        return [(n, m) for n, m in self.named_children() if isinstance(m, Stateful)]
+
+    def _snapshot(self) -> dict:
+        snap = {n: {s: getattr(k, s) for s in k.state_names} for n, k in self._named_kernels()}
+        snap["_stream_batch"] = self._stream_batch
+        return snap
+
+    def _restore(self, snap: dict) -> None:
+        for n, k in self._named_kernels():
+            for s, v in snap[n].items():
+                setattr(k, s, v)
+        self.__dict__["_stream_batch"] = snap["_stream_batch"]
+
+    def clean_state(self) -> None:
+        """Forget the stream: the next frame starts a new one."""
+        for k in self._kernels():
+            k.clean()
+        self.__dict__["_stream_batch"] = None
+
+    def get_state(self) -> dict:
+        """A copy of the whole stream state; `set_state` resumes from it exactly."""
+        state = {n: k.get_state() for n, k in self._named_kernels()}
+        state["_stream_batch"] = self._stream_batch
+        return state
+
+    def set_state(self, state: dict) -> None:
+        names = {n for n, _ in self._named_kernels()} | {"_stream_batch"}
+        if set(state) != names:
+            raise StreamError(f"state keys do not match this model: missing {sorted(names - set(state))}, "
+                              f"unexpected {sorted(set(state) - names)}")
+        for n, k in self._named_kernels():
+            k.set_state(state[n])
+        self.__dict__["_stream_batch"] = state["_stream_batch"]
+
+    @property
+    def state_bytes(self) -> int:
+        """Bytes of state the current stream holds (0 before the first step)."""
+        return sum(t.numel() * t.element_size() for k in self._kernels() for t in k.state_tensors())
+
+    # -- facts -------------------------------------------------------------------------------------
+    @property
+    def delay(self) -> int:
+        """Steps that return None before the first output (in input frames)."""
+        return self._info["delay"]
+
+    @property
+    def receptive_field(self) -> int:
+        """Input frames that one output frame depends on."""
+        return self._info["receptive_field"]
+
+    @property
+    def stride(self) -> int:
+        """Input frames per output frame."""
+        return self._info["stride"]
+
+    @property
+    def is_exact(self) -> bool:
+        """True when every step output equals the original model's (no windowed approximation)."""
+        return self._info["exact"]
+
+    @property
+    def report(self) -> Report:
+        if self._report is None:
+            self.__dict__["_report"] = self._info["make_report"](self)
+        return self._report
+
+    @property
+    def step_code(self) -> str:
+        """The continual graph as Python."""
+        return self._step_module.code
+
+    @property
+    def step_graph(self) -> fx.Graph:
+        return self._step_module.graph
+
+    def __reduce__(self):
+        raise TypeError("a ContinualModule is not pickled directly; save the original model and convert it again "
+                        "(or use the `cofx convert` command line)")
+
+    def __deepcopy__(self, memo):
+        raise TypeError("copy.deepcopy of a ContinualModule is not supported; convert a deep copy of the "
+                        "original model instead")

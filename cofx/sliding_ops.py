@@ -1,0 +1,304 @@
+"""What a convolution or pooling op is along time, and how to run it on buffered frames.
+
+`sliding_spec(node, gm, t_axis)` recognises Conv1d/2d/3d, AvgPool1d/2d/3d,
+MaxPool1d/2d/3d, as modules or through their functional forms, and returns a
+`SlidingSpec`: the op's full configuration with the time dimension singled out.
+`SlidingSpec.compute` runs the op on a buffer of frames with no temporal
+padding (the continual kernel supplies the padding frames itself) and the
+op's own spatial padding.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Optional
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import ConversionError
+
+_CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+_AVG_FN = {1: F.avg_pool1d, 2: F.avg_pool2d, 3: F.avg_pool3d}
+_MAX_FN = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}
+
+_CONV_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+_CONV_DEFAULTS = {"bias": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1}
+_AVG_ARGS = ("input", "kernel_size", "stride", "padding", "ceil_mode", "count_include_pad", "divisor_override")
+_AVG_DEFAULTS = {"stride": None, "padding": 0, "ceil_mode": False, "count_include_pad": True,
+                 "divisor_override": None}
+_MAX_ARGS = ("input", "kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices")
+_MAX_DEFAULTS = {"stride": None, "padding": 0, "dilation": 1, "ceil_mode": False, "return_indices": False}
+
+
+def _functional_table():
+    table = {}
+    for nd in (1, 2, 3):
+        for fn in {_CONV_FN[nd], getattr(torch, f"conv{nd}d")}:
+            table[fn] = ("conv", nd)
+        for fn in {_AVG_FN[nd], getattr(torch, "avg_pool1d") if nd == 1 else _AVG_FN[nd]}:
+            table[fn] = ("avg_pool", nd)
+        for fn in {_MAX_FN[nd], getattr(F, f"max_pool{nd}d_with_indices"), getattr(torch, f"max_pool{nd}d")}:
+            table[fn] = ("max_pool", nd)
+    return table
+
+
+_FUNCTIONAL = _functional_table()
+_MODULES = {nn.Conv1d: ("conv", 1), nn.Conv2d: ("conv", 2), nn.Conv3d: ("conv", 3),
+            nn.AvgPool1d: ("avg_pool", 1), nn.AvgPool2d: ("avg_pool", 2), nn.AvgPool3d: ("avg_pool", 3),
+            nn.MaxPool1d: ("max_pool", 1), nn.MaxPool2d: ("max_pool", 2), nn.MaxPool3d: ("max_pool", 3)}
+TRANSPOSED_MODULES = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+TRANSPOSED_FUNCTIONS = {F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d}
+
+
+def _tuple(v, nd) -> tuple:
+    if isinstance(v, (list, tuple)):
+        v = tuple(int(x) for x in v)
+        return v * nd if len(v) == 1 else v
+    return (int(v),) * nd
+
+
+@dataclass(frozen=True)
+class SlidingSpec:
+    family: str            # "conv" | "avg_pool" | "max_pool"
+    nd: int                # 1, 2 or 3 spatial dims of the op
+    t: int                 # which of the op's dims is time
+    kernel: tuple
+    stride: tuple
+    pads: tuple            # ((left, right), ...) per dim
+    dilation: tuple
+    groups: int = 1
+    ceil_mode: bool = False
+    count_include_pad: bool = True
+    divisor_override: Optional[int] = None
+    padding_mode: str = "zeros"
+
+    @property
+    def k(self) -> int:
+        return self.kernel[self.t]
+
+    @property
+    def s(self) -> int:
+        return self.stride[self.t]
+
+    @property
+    def d(self) -> int:
+        return self.dilation[self.t]
+
+    @property
+    def pad_l(self) -> int:
+        return self.pads[self.t][0]
+
+    @property
+    def pad_r(self) -> int:
+        return self.pads[self.t][1]
+
+    @property
+    def span(self) -> int:
+        return self.d * (self.k - 1) + 1
+
+    @property
+    def trivial(self) -> bool:
+        """Kernel 1, stride 1, no padding in time: the op acts frame by frame."""
+        return self.k == 1 and self.s == 1 and self.pad_l == 0 and self.pad_r == 0
+
+    @property
+    def pad_value(self) -> float:
+        return float("-inf") if self.family == "max_pool" else 0.0
+
+    def with_kernel(self, k: int) -> "SlidingSpec":
+        kernel = tuple(k if i == self.t else v for i, v in enumerate(self.kernel))
+        return replace(self, kernel=kernel)
+
+    def compute(self, x: torch.Tensor, weight=None, bias=None) -> torch.Tensor:
+        """The op on frames `x` (time already padded by the caller), spatial padding as the original."""
+        spatial = [p if i != self.t else (0, 0) for i, p in enumerate(self.pads)]
+        symmetric = all(l == r for l, r in spatial) and self.padding_mode == "zeros"
+        if symmetric:
+            padding = tuple(l for l, _ in spatial)
+        else:
+            flat = [v for pair in reversed(spatial) for v in pair]
+            mode = "constant" if self.padding_mode == "zeros" else self.padding_mode
+            if self.family == "max_pool":
+                x = F.pad(x, flat, value=float("-inf"))
+            else:
+                x = F.pad(x, flat, mode=mode) if mode != "constant" else F.pad(x, flat)
+            padding = 0
+        if self.family == "conv":
+            return _CONV_FN[self.nd](x, weight, bias, self.stride, padding, self.dilation, self.groups)
+        if self.family == "avg_pool":
+            extra = () if self.nd == 1 else (self.divisor_override,)   # avg_pool1d has no divisor_override
+            return _AVG_FN[self.nd](x, self.kernel, self.stride, padding, self.ceil_mode,
+                                    self.count_include_pad, *extra)
+        return _MAX_FN[self.nd](x, self.kernel, self.stride, padding, self.dilation, self.ceil_mode)
+
+
+def _bind(names, defaults, args, kwargs) -> dict:
+    bound = dict(defaults)
+    bound.update(zip(names, args))
+    bound.update(kwargs)
+    return bound
+
+
+def _pads(padding, kernel, dilation, nd, node) -> tuple:
+    if isinstance(padding, str):
+        if padding == "valid":
+            return ((0, 0),) * nd
+        if padding == "same":
+            total = [d * (k - 1) for k, d in zip(kernel, dilation)]
+            return tuple((t // 2, t - t // 2) for t in total)
+        raise ConversionError(f"unknown padding {padding!r}", node=node)
+    return tuple((p, p) for p in _tuple(padding, nd))
+
+
+def sliding_spec(node: fx.Node, gm: fx.GraphModule, t_axis: int):
+    """(SlidingSpec, tensor args) if `node` is a conv/pool over a tensor whose time axis is `t_axis`, else None.
+
+    The tensor args are what the op needs besides its input: the weight and bias,
+    as fx values (get_attr targets for modules, the node's own args otherwise).
+    """
+    if node.op == "call_module":
+        mod = gm.get_submodule(node.target)
+        if isinstance(mod, TRANSPOSED_MODULES):
+            raise ConversionError("transposed convolutions upsample time", node=node,
+                                  fix="temporal upsampling is not supported; use a temporal kernel of 1")
+        entry = next((v for k, v in _MODULES.items() if type(mod) is k or isinstance(mod, k)), None)
+        if entry is None:
+            return None
+        family, nd = entry
+        cfg = _module_config(mod, family, nd, node)
+        tensors = (f"{node.target}.weight", f"{node.target}.bias" if mod.bias is not None else None) \
+            if family == "conv" else ()
+    elif node.op == "call_function" and node.target in _FUNCTIONAL:
+        family, nd = _FUNCTIONAL[node.target]
+        names, defaults = {"conv": (_CONV_ARGS, _CONV_DEFAULTS), "avg_pool": (_AVG_ARGS, _AVG_DEFAULTS),
+                           "max_pool": (_MAX_ARGS, _MAX_DEFAULTS)}[family]
+        b = _bind(names, defaults, node.args, node.kwargs)
+        if family == "conv":
+            w = b["weight"]
+            wshape = w.meta["cofx_runs"]["clip"].shape if isinstance(w, fx.Node) else tuple(w.shape)
+            kernel = tuple(wshape[2:])
+            dilation = _tuple(b["dilation"], nd)
+            cfg = dict(kernel=kernel, stride=_tuple(b["stride"], nd), dilation=dilation,
+                       pads=_pads(b["padding"], kernel, dilation, nd, node), groups=int(b["groups"]))
+            tensors = (b["weight"], b["bias"])
+        else:
+            kernel = _tuple(b["kernel_size"], nd)
+            stride = _tuple(b["stride"] if b["stride"] not in (None, [], ()) else kernel, nd)
+            cfg = dict(kernel=kernel, stride=stride, pads=_pads(b["padding"], kernel, (1,) * nd, nd, node),
+                       dilation=_tuple(b.get("dilation", 1), nd), ceil_mode=bool(b["ceil_mode"]))
+            if family == "avg_pool":
+                cfg.update(count_include_pad=bool(b["count_include_pad"]), divisor_override=b["divisor_override"])
+            elif b.get("return_indices") or node.target in {getattr(F, f"max_pool{i}d_with_indices") for i in (1, 2, 3)}:
+                raise ConversionError("max pooling that returns indices along time", node=node,
+                                      fix="use return_indices=False")
+            tensors = ()
+    elif node.op == "call_function" and node.target in TRANSPOSED_FUNCTIONS:
+        raise ConversionError("transposed convolutions upsample time", node=node,
+                              fix="temporal upsampling is not supported; use a temporal kernel of 1")
+    else:
+        return None
+    t = t_axis - 2
+    if not 0 <= t < nd:
+        return None
+    spec = SlidingSpec(family=family, nd=nd, t=t, **cfg)
+    if spec.padding_mode not in ("zeros", "replicate") and (spec.pad_l or spec.pad_r):
+        raise ConversionError(f"padding_mode={spec.padding_mode!r} pads time with frames from the future",
+                              node=node, fix="use padding_mode='zeros' or 'replicate', or no temporal padding")
+    return spec, tensors
+
+
+def _module_config(mod, family, nd, node) -> dict:
+    if family == "conv":
+        kernel = _tuple(mod.kernel_size, nd)
+        dilation = _tuple(mod.dilation, nd)
+        return dict(kernel=kernel, stride=_tuple(mod.stride, nd), dilation=dilation,
+                    pads=_pads(mod.padding, kernel, dilation, nd, node), groups=int(mod.groups),
+                    padding_mode=mod.padding_mode)
+    kernel = _tuple(mod.kernel_size, nd)
+    stride = _tuple(mod.stride if mod.stride not in (None, [], ()) else kernel, nd)
+    cfg = dict(kernel=kernel, stride=stride, pads=_pads(mod.padding, kernel, (1,) * nd, nd, node),
+               ceil_mode=bool(mod.ceil_mode), dilation=(1,) * nd)
+    if family == "avg_pool":
+        cfg.update(count_include_pad=bool(mod.count_include_pad),
+                   divisor_override=getattr(mod, "divisor_override", None))
+    else:
+        cfg["dilation"] = _tuple(mod.dilation, nd)
+        if mod.return_indices:
+            raise ConversionError("max pooling that returns indices along time", node=node,
+                                  fix="use return_indices=False")
+    return cfg
+
+
+@dataclass(frozen=True)
+class PadSpec:
+    """Explicit padding (F.pad, nn.ConstantPadNd, nn.ZeroPadNd, nn.ReplicationPadNd) with time among its dims."""
+    t_axis: int
+    ndim: int
+    pad: tuple             # F.pad's flat list, last dimension first
+    mode: str
+    value: float
+
+    @property
+    def _t_index(self) -> int:
+        return 2 * (self.ndim - 1 - self.t_axis)
+
+    @property
+    def pad_l(self) -> int:
+        i = self._t_index
+        return self.pad[i] if i < len(self.pad) else 0
+
+    @property
+    def pad_r(self) -> int:
+        i = self._t_index + 1
+        return self.pad[i] if i < len(self.pad) else 0
+
+    @property
+    def pad_value(self) -> float:
+        return self.value
+
+    def compute(self, x: torch.Tensor) -> torch.Tensor:
+        """Pads every dimension but time (time padding comes from the stream kernel)."""
+        pad = list(self.pad)
+        i = self._t_index
+        if i + 1 < len(pad):
+            pad[i] = pad[i + 1] = 0
+        if not any(pad):
+            return x
+        if self.mode == "constant":
+            return F.pad(x, pad, mode="constant", value=self.value)
+        return F.pad(x, pad, mode=self.mode)
+
+
+_PAD_MODULES = (nn.ConstantPad1d, nn.ConstantPad2d, nn.ConstantPad3d, nn.ZeroPad1d, nn.ZeroPad2d, nn.ZeroPad3d,
+                nn.ReplicationPad1d, nn.ReplicationPad2d, nn.ReplicationPad3d,
+                nn.ReflectionPad1d, nn.ReflectionPad2d, nn.ReflectionPad3d, nn.CircularPad1d, nn.CircularPad2d,
+                nn.CircularPad3d)
+
+
+def pad_spec(node: fx.Node, gm: fx.GraphModule, t_axis: int, ndim: int) -> Optional[PadSpec]:
+    """A PadSpec if `node` pads a tensor whose time axis is `t_axis` along time, else None."""
+    if node.op == "call_module":
+        mod = gm.get_submodule(node.target)
+        if not isinstance(mod, _PAD_MODULES):
+            return None
+        name = type(mod).__name__
+        mode = "replicate" if "Replication" in name else "reflect" if "Reflection" in name else \
+            "circular" if "Circular" in name else "constant"
+        pad, value = tuple(int(p) for p in mod.padding), float(getattr(mod, "value", 0.0))
+    elif node.op == "call_function" and node.target is F.pad:
+        b = _bind(("input", "pad", "mode", "value"), {"mode": "constant", "value": None}, node.args, node.kwargs)
+        pad, mode = tuple(int(p) for p in b["pad"]), b["mode"]
+        value = float(b["value"] or 0.0)
+    else:
+        return None
+    spec = PadSpec(t_axis=t_axis, pad=pad, mode=mode, value=value, ndim=ndim)
+    if not (spec.pad_l or spec.pad_r):
+        return None
+    if spec.pad_l < 0 or spec.pad_r < 0:
+        raise ConversionError("negative padding crops time", node=node, fix="crop with a slice instead")
+    if mode not in ("constant", "replicate"):
+        raise ConversionError(f"{mode} padding along time needs frames from the future", node=node,
+                              fix="pad time with zeros, a constant or 'replicate'")
+    return spec

@@ -1,0 +1,97 @@
+"""torch.fx tracing that accepts the models people actually write.
+
+Differences from `torch.fx.symbolic_trace`:
+- a submodule whose code cannot be traced (autograd Functions, data-dependent
+  Python) becomes a leaf instead of failing the whole trace; the analysis later
+  checks that such a leaf really acts frame by frame;
+- `leaf_modules` lets the user keep chosen modules (types, instances or
+  qualified names) whole;
+- numpy scalars in arguments (pytorchvideo keeps kernel sizes as numpy ints)
+  become Python numbers;
+- stack traces are recorded so errors can point at the user's source line.
+"""
+from __future__ import annotations
+
+from typing import Iterable, Union
+
+import numpy as np
+import torch
+import torch.fx as fx
+from torch import nn
+
+from .errors import ConversionError
+
+LeafSpec = Union[type, nn.Module, str]
+
+
+class CofxTracer(fx.Tracer):
+    def __init__(self, leaf_modules: Iterable[LeafSpec] = ()):
+        super().__init__()
+        self.record_stack_traces = True
+        leaves = list(leaf_modules)
+        self._leaf_types = tuple(x for x in leaves if isinstance(x, type))
+        self._leaf_ids = {id(x) for x in leaves if isinstance(x, nn.Module)}
+        self._leaf_names = {x for x in leaves if isinstance(x, str)}
+        self.untraceable: dict[str, str] = {}
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        if isinstance(m, self._leaf_types) or id(m) in self._leaf_ids or qualname in self._leaf_names:
+            return True
+        return super().is_leaf_module(m, qualname)
+
+    def create_arg(self, a):
+        if isinstance(a, np.generic):
+            return a.item()
+        if isinstance(a, np.ndarray) and a.ndim == 0:
+            return a.item()
+        return super().create_arg(a)
+
+    def call_module(self, m, forward, args, kwargs):
+        name = self.path_of_module(m)
+        if self.is_leaf_module(m, name):
+            return super().call_module(m, forward, args, kwargs)
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except Exception as e:  # the module's code is not traceable: keep it whole
+            self.untraceable[name] = f"{type(e).__name__}: {e}"
+            return self.create_proxy("call_module", name, args, kwargs)
+
+
+def trace(model: nn.Module, leaf_modules: Iterable[LeafSpec] = ()) -> fx.GraphModule:
+    """Trace `model` into a GraphModule whose graph calls the model's own submodules."""
+    tracer = CofxTracer(leaf_modules)
+    try:
+        graph = tracer.trace(model)
+    except Exception as e:
+        raise ConversionError(
+            f"torch.fx could not trace the model ({type(e).__name__}: {e})",
+            fix="make the forward traceable (no Python control flow on tensor values), "
+            "or pass the offending submodules as leaf_modules=[...] if they act frame by frame",
+        ) from e
+    gm = fx.GraphModule(model, graph, model.__class__.__name__)
+    if tracer.untraceable:  # drop what was traced of them before tracing gave up
+        gm.graph.eliminate_dead_code()
+        gm.recompile()
+    adopt_attributes(gm, model)
+    gm.meta["cofx_untraceable"] = dict(tracer.untraceable)
+    return gm
+
+
+def adopt_attributes(gm: nn.Module, model: nn.Module) -> None:
+    """Give `gm` the model's own children, parameters and buffers, in the model's order.
+
+    fx copies only what the graph uses, into stand-in containers; adopting the
+    originals keeps `state_dict()` identical to the model's (keys, order, tensors).
+    """
+    gm._modules.clear()
+    gm._parameters.clear()
+    gm._buffers.clear()
+    gm._non_persistent_buffers_set.clear()
+    for name, p in model._parameters.items():
+        gm._parameters[name] = p
+    for name, b in model._buffers.items():
+        gm._buffers[name] = b
+    gm._non_persistent_buffers_set.update(model._non_persistent_buffers_set)
+    for name, child in model._modules.items():
+        gm._modules[name] = child
+    gm.train(model.training)

@@ -1,0 +1,14 @@
+"""The compiler passes of cofx, in the order `cofx.convert` runs them.
+
+Analysis passes write ``node.meta`` the way ``torch.fx.passes.shape_prop`` does;
+the rewrite pass builds the continual graph from what they wrote.
+"""
+from .shape_runs import record_runs
+from .layout import label_layouts
+from .node_kind import classify_nodes
+from .framewise_check import check_framewise
+from .receptive_field import annotate_timing
+from .continualize import build_step_graph
+
+__all__ = ["record_runs", "label_layouts", "classify_nodes", "check_framewise", "annotate_timing",
+           "build_step_graph"]

@@ -1,0 +1,352 @@
+"""Build the continual (step) graph from an analysed graph.
+
+Walks the analysed GraphModule once and emits, node by node:
+
+- time-free and shape nodes: copied;
+- pointwise stream nodes: copied; reshapes get sizes that follow the stream
+  (`cofx.kernels.reshape`), ops that reject empty chunks get a `Framewise` guard;
+- sliding nodes (conv, pool, crop): a `Sliding` kernel;
+- global reductions: the per-frame part, a `Sliding` window over frames, a
+  fold of the frames into the batch, then the original op, unchanged;
+- merges: an `Align` kernel (delay buffers) in front of the original op, and
+  an unfold for inputs that come from a reduction;
+- the output: folded results unfolded to (B, ..., n) and all outputs aligned.
+
+Returns the step graph and the kernels it calls (to be registered on the
+continual module). The step graph reads ``self.<path>`` for the original
+modules and parameters, so it shares every weight with the original graph.
+
+Example::
+
+    >>> graph, kernels, outputs = build_step_graph(gm, StreamContext())
+    >>> print(fx.GraphModule(root_with_kernels, graph).code)
+"""
+from __future__ import annotations
+
+import operator
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+from cofx import kernels as K
+from cofx.errors import ConversionError
+from cofx.sliding_ops import PadSpec, SlidingSpec
+
+from .layout import Labels, time_axes
+from .node_kind import RESHAPES, node_inputs
+from .temporal_geometry import CropSpec, ReductionSpec
+
+_EMPTY_SAFE_MODULES = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU,
+                       nn.Mish, nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.Softplus,
+                       nn.Softmax, nn.LogSoftmax, nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d,
+                       nn.Dropout3d, nn.AlphaDropout, nn.Linear, nn.LayerNorm, nn.Flatten,
+                       nn.modules.batchnorm._BatchNorm)
+_EMPTY_SAFE_METHODS = {"add", "sub", "mul", "div", "relu", "sigmoid", "tanh", "permute", "transpose",
+                       "contiguous", "flatten", "unsqueeze", "movedim", "clamp", "clamp_min", "neg",
+                       "exp", "abs", "pow", "sqrt", "float", "double", "type_as", "to", "softmax",
+                       "expand_as", "squeeze", "__getitem__", "chunk", "split", "size"}
+_EMPTY_SAFE_FUNCTIONS = {operator.add, operator.sub, operator.mul, operator.truediv, operator.neg,
+                         operator.getitem, operator.floordiv, torch.add, torch.sub, torch.mul, torch.div,
+                         torch.cat, torch.stack, torch.relu, torch.sigmoid, torch.tanh, torch.flatten,
+                         torch.permute, torch.transpose, torch.unsqueeze, torch.squeeze, torch.movedim,
+                         torch.clamp, torch.exp, torch.abs, torch.maximum, torch.minimum, torch.where,
+                         torch.chunk, torch.split,
+                         F.relu, F.relu6, F.leaky_relu, F.gelu, F.silu, F.mish, F.elu, F.hardswish,
+                         F.hardsigmoid, F.hardtanh, F.softplus, F.softmax, F.log_softmax, F.dropout,
+                         F.linear, F.layer_norm, F.batch_norm, torch.sigmoid}
+
+
+def co_labels(node: fx.Node) -> Labels:
+    """Labels of a node's tensor in the continual graph: after a reduction, frames ride in the batch."""
+    labels = node.meta["cofx_layout"]
+    if node.meta.get("cofx_role") == "folded":
+        return Labels("BT" if lab == "B" else lab for lab in labels)
+    return labels
+
+
+def _empty_safe(node: fx.Node, gm: fx.GraphModule) -> bool:
+    if node.op == "call_module":
+        return isinstance(gm.get_submodule(node.target), _EMPTY_SAFE_MODULES)
+    if node.op == "call_method":
+        return node.target in _EMPTY_SAFE_METHODS
+    return node.target in _EMPTY_SAFE_FUNCTIONS
+
+
+class _Builder:
+    def __init__(self, gm: fx.GraphModule, ctx: K.StreamContext):
+        self.gm, self.ctx = gm, ctx
+        self.g = fx.Graph()
+        self.env: dict = {}
+        self.kernels: dict = {}
+        self.origin: dict = {}   # stream node -> node whose frames it carries unchanged in count
+        self.node_kernels: dict = {}   # original node name -> names of the kernels emitted for it
+        self.current = None
+
+    def name(self, hint: str) -> str:
+        base = f"co_{hint}"
+        name, i = base, 1
+        while name in self.kernels or hasattr(self.gm, name):
+            i += 1
+            name = f"{base}_{i}"
+        return name
+
+    def add_kernel(self, hint, kernel, args, node_name=None):
+        name = self.name(hint)
+        self.kernels[name] = kernel
+        self.node_kernels.setdefault(self.current, []).append(name)
+        return self.g.create_node("call_module", name, tuple(args), {}, name=node_name or name)
+
+    def copy(self, node, replace=None):
+        replace = replace or {}
+        return self.g.node_copy(node, lambda a: replace.get(a, self.env.get(a)))
+
+    # -- emission ------------------------------------------------------------------------------
+    def run(self):
+        for node in self.gm.graph.nodes:
+            role, kind = node.meta.get("cofx_role"), node.meta.get("cofx_kind")
+            self.current = node.name
+            if node.op == "placeholder":
+                new = self.g.placeholder(node.name)
+                if role == "stream":
+                    self.env[node] = new
+                    self.origin[node] = node
+                    self.batch = self.g.create_node("call_method", "size", (new, 0), {}, name="batch")
+                continue
+            if node.op == "output":
+                self.output(node)
+                continue
+            if role in ("static", "shape"):
+                self.env[node] = self.copy(node)
+                continue
+            spec = node.meta.get("cofx_spec")
+            if isinstance(spec, SlidingSpec):
+                self.env[node] = self.sliding(node, spec)
+            elif isinstance(spec, PadSpec):
+                self.env[node] = self.pad(node, spec)
+            elif isinstance(spec, CropSpec):
+                self.env[node] = self.crop(node, spec)
+            elif isinstance(spec, ReductionSpec):
+                self.env[node] = self.reduction(node, spec)
+            elif kind == "merge":
+                self.env[node] = self.merge(node)
+            else:
+                self.env[node] = self.pointwise(node)
+            self.origin.setdefault(node, self.origin_of(node))
+        return self.g, self.kernels
+
+    def origin_of(self, node):
+        ins = [a for a in node_inputs(node) if a.meta.get("cofx_role") == "stream"]
+        if node.meta.get("cofx_kind") == "pointwise" and node.meta.get("cofx_role") == "stream" and len(ins) == 1:
+            return self.origin[ins[0]]
+        return node
+
+    def pointwise(self, node, replace=None):
+        if (node.op, node.target) in RESHAPES:
+            return self.reshape(node, replace)
+        if node.meta.get("cofx_role") == "stream" and isinstance(node.meta["cofx_layout"], Labels) \
+                and not _empty_safe(node, self.gm):
+            return self.guard(node, replace)
+        return self.copy(node, replace)
+
+    def reshape(self, node, replace=None):
+        replace = replace or {}
+        x = node.args[0]
+        labels_in = co_labels(x)
+        batch_dims = sum(1 for lab in labels_in if lab in ("B", "BT"))
+        static = 1
+        for lab in labels_in:
+            static *= lab if isinstance(lab, int) else 1
+        spec = tuple(co_labels(node))
+        value = replace.get(x, self.env[x])
+        return self.g.create_node("call_function", K.reshape, (value, spec, self.batch, batch_dims, static), {},
+                                  name=node.name)
+
+    def guard(self, node, replace=None):
+        replace = replace or {}
+        mapped = lambda a: replace.get(a, self.env.get(a))  # noqa: E731
+        if node.op == "call_module":
+            op, method = self.gm.get_submodule(node.target), None
+        elif node.op == "call_method":
+            op, method = None, node.target
+        else:
+            op, method = node.target, None
+        kernel = K.Framewise(self.ctx, op, method, co_labels(node))
+        args = fx.node.map_arg(node.args, mapped)
+        name = self.name(node.name)
+        self.kernels[name] = kernel
+        self.node_kernels.setdefault(self.current, []).append(name)
+        return self.g.create_node("call_module", name, tuple(args), fx.node.map_arg(node.kwargs, mapped),
+                                  name=node.name)
+
+    def sliding(self, node, spec: SlidingSpec):
+        x = node.args[0]
+        tensors = []
+        for tensor in node.meta["cofx_tensors"]:
+            if isinstance(tensor, str):
+                tensors.append(self.g.get_attr(tensor))
+            elif isinstance(tensor, fx.Node):
+                tensors.append(self.env[tensor])
+            else:
+                tensors.append(tensor)
+        avg = (spec.k, spec.count_include_pad) if spec.family == "avg_pool" and spec.divisor_override is None \
+            else None
+        kernel = K.Sliding(self.ctx, spec.compute, x.meta["cofx_time"], spec.span, spec.s, spec.pad_l, spec.pad_r,
+                           spec.pad_value, co_labels(node), replicate=spec.padding_mode == "replicate",
+                           ceil_mode=spec.ceil_mode, avg_count=avg)
+        return self.add_kernel(node.name, kernel, (self.env[x], *tensors), node_name=node.name)
+
+    def pad(self, node, spec: PadSpec):
+        x = node.args[0]
+        kernel = K.Sliding(self.ctx, spec.compute, x.meta["cofx_time"], 1, 1, spec.pad_l, spec.pad_r, spec.value,
+                           co_labels(node), replicate=spec.mode == "replicate")
+        return self.add_kernel(node.name, kernel, (self.env[x],), node_name=node.name)
+
+    def crop(self, node, spec: CropSpec):
+        x = node.args[0]
+        t = x.meta["cofx_time"]
+        g = spec.geometry
+        kernel = K.Sliding(self.ctx, K.crop_select(t, g.stride, g.span), t, g.span, g.stride, g.pad_l, 0, 0.0,
+                           co_labels(x))
+        cropped = self.add_kernel(node.name, kernel, (self.env[x],), node_name=f"{node.name}_crop")
+        if node.target is not operator.getitem:
+            return cropped
+        index = self._index_without_time(node.args[1], len(x.meta["cofx_layout"]), t)
+        if index is None:
+            return cropped
+        index = fx.node.map_arg(index, lambda a: self.env[a])
+        return self.g.create_node("call_function", operator.getitem, (cropped, index), {}, name=node.name)
+
+    @staticmethod
+    def _index_without_time(idx, ndim, t):
+        items = idx if isinstance(idx, tuple) else (idx,)
+        if any(e is Ellipsis for e in items):
+            at = next(i for i, e in enumerate(items) if e is Ellipsis)
+            used = sum(1 for e in items if e is not None and e is not Ellipsis)
+            items = items[:at] + (slice(None),) * (ndim - used) + items[at + 1:]
+        out, d = [], 0
+        for e in items:
+            if e is not None:
+                if d == t:
+                    e = slice(None)
+                d += 1
+            out.append(e)
+        if all(isinstance(e, slice) and e == slice(None) for e in out):
+            return None
+        return tuple(out)
+
+    def reduction(self, node, spec: ReductionSpec):
+        x = next(a for a in node_inputs(node) if a.meta.get("cofx_role") == "stream")
+        t = x.meta["cofx_time"]
+        labels = list(co_labels(x))
+        if labels[0] != "B":
+            raise ConversionError("global temporal reduction of a tensor whose batch is not its first dimension",
+                                  node=node)
+        value = self.env[x]
+        if spec.partial is not None:
+            fn, arg = spec.partial
+            if fn in (torch.mean, torch.sum, torch.amax, torch.amin):
+                if arg:
+                    value = self.g.create_node("call_function", fn, (value, list(arg)), {"keepdim": True},
+                                               name=f"{node.name}_per_frame")
+                    for d in arg:
+                        labels[d] = 1
+            else:
+                value = self.g.create_node("call_function", fn, (value, arg), {}, name=f"{node.name}_per_frame")
+                for i, size in enumerate(arg):
+                    if size is not None:
+                        labels[i + 2] = size
+        raw = spec.mode == "raw"
+        if raw:
+            labels.append(spec.window)
+        pad = {"amax": float("-inf"), "amin": float("inf")}.get(spec.mode, 0.0)
+        g = spec.geometry
+        kernel = K.Sliding(self.ctx, K.window_reduce(spec.mode, t, spec.window), t, g.span, 1, g.pad_l, 0, pad,
+                           labels, avg_count=(spec.window, False) if spec.causal and spec.mode == "mean" else None)
+        windows = self.add_kernel(f"{node.name}_window", kernel, (value,), node_name=f"{node.name}_window")
+        folded = self.g.create_node("call_function", K.fold_time, (windows, t), {"raw": True} if raw else {},
+                                    name=f"{node.name}_fold")
+        return self.pointwise(node, replace={x: folded})
+
+    def merge(self, node):
+        t_out = node.meta.get("cofx_time")
+        out_labels = node.meta["cofx_layout"]
+        ins, seen = [], set()
+        for a in node_inputs(node):
+            if a.meta.get("cofx_role") in ("stream", "folded") and a not in seen:
+                seen.add(a)
+                ins.append(a)
+        values, axes = [], []
+        for a in ins:
+            if a.meta["cofx_role"] == "folded":
+                if t_out is None:
+                    raise ConversionError("merges a globally pooled tensor into a tensor without time", node=node)
+                labels = a.meta["cofx_layout"]
+                pos = t_out - (len(out_labels) - len(labels))
+                if not 0 < pos < len(labels) or labels[pos] != 1:
+                    raise ConversionError("merges a globally pooled tensor back into the stream, but the pooled "
+                                          "tensor has no size-1 time dimension to broadcast along", node=node,
+                                          fix="keep the pooled time dimension (keepdim=True / AdaptiveAvgPool to 1)")
+                values.append(self.g.create_node("call_function", K.unfold_time, (self.env[a], pos, self.batch), {},
+                                                 name=f"{a.name}_unfold"))
+                axes.append(pos)
+            else:
+                labels = a.meta["cofx_layout"]
+                if not isinstance(labels, Labels):
+                    raise ConversionError("merges a tuple of streams", node=node)
+                values.append(self.env[a])
+                axes.append(a.meta["cofx_time"])
+        origins = {self.origin.get(a) for a in ins if a.meta["cofx_role"] == "stream"}
+        if len(origins) == 1 and all(a.meta["cofx_role"] == "stream" for a in ins):
+            return self.pointwise(node)
+        aligned = self.add_kernel(f"{node.name}_align", K.Align(self.ctx, axes), values,
+                                  node_name=f"{node.name}_align")
+        replace = {a: self.g.create_node("call_function", operator.getitem, (aligned, i), {},
+                                         name=f"{a.name}_aligned") for i, a in enumerate(ins)}
+        return self.pointwise(node, replace)
+
+    def output(self, node):
+        leaves, spec = tree_flatten(node.args[0])
+        values, axes, time_axes_out = [], [], []
+        for leaf in leaves:
+            if not isinstance(leaf, fx.Node) or leaf.meta.get("cofx_role") not in ("stream", "folded"):
+                values.append(fx.node.map_arg(leaf, lambda a: self.env[a]))
+                time_axes_out.append(None)
+                continue
+            if leaf.meta["cofx_role"] == "folded":
+                labels = leaf.meta["cofx_layout"]
+                if not isinstance(labels, Labels) or labels[0] != "B":
+                    raise ConversionError("the output after a global temporal reduction must be a tensor with the "
+                                          "batch first", node=leaf)
+                replace = len(labels) > 2 and labels[2] == 1
+                pos = 2 if replace else min(2, len(labels))
+                values.append(self.g.create_node("call_function", K.unfold_time,
+                                                 (self.env[leaf], pos, self.batch), {"replace": replace},
+                                                 name=f"{leaf.name}_frames"))
+            else:
+                if not isinstance(leaf.meta["cofx_layout"], Labels):
+                    raise ConversionError("the output is a tuple of streams inside a container", node=leaf)
+                pos = leaf.meta["cofx_time"]
+                values.append(self.env[leaf])
+            axes.append(pos)
+            time_axes_out.append(pos)
+        timed = [i for i, a in enumerate(time_axes_out) if a is not None]
+        if len(timed) > 1:
+            aligned = self.add_kernel("output_align", K.Align(self.ctx, [time_axes_out[i] for i in timed]),
+                                      [values[i] for i in timed], node_name="output_align")
+            for j, i in enumerate(timed):
+                values[i] = self.g.create_node("call_function", operator.getitem, (aligned, j), {},
+                                               name=f"output_{j}")
+        self.g.output(tree_unflatten(values, spec))
+        self.out_time_axes = tree_unflatten(time_axes_out, spec)
+
+
+def build_step_graph(gm: fx.GraphModule, ctx: K.StreamContext):
+    """(step graph, kernels by name, time axis of each output leaf, kernel names by original node)."""
+    b = _Builder(gm, ctx)
+    graph, kernels = b.run()
+    graph.lint()
+    return graph, kernels, b.out_time_axes, b.node_kernels

@@ -1,0 +1,92 @@
+"""Prove, on the example clip, that the ops claimed to act frame by frame do.
+
+For every node marked ``cofx_check`` (activations, norms, reshapes, merges,
+untraceable leaf modules, ...) the op is run a second time with one frame of
+its stream inputs replaced by noise; every other output frame must come out
+unchanged. This catches what no op list can: softmax or cumsum over time,
+a view that scrambles frames, a norm over time, a custom module that looks
+at its neighbours.
+
+Example::
+
+    >>> check_framewise(gm, clip[:1])   # raises ConversionError on the first offender
+"""
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+from torch.utils._pytree import tree_flatten
+
+from cofx.errors import ConversionError
+
+from .layout import Labels, time_axes
+from .shape_runs import RecordingInterpreter
+
+
+def _perturb_args(node_args, values, frame: int, gen: torch.Generator):
+    if isinstance(node_args, fx.Node):
+        labels = node_args.meta.get("cofx_layout")
+        if node_args.meta.get("cofx_role") == "stream" and isinstance(labels, Labels) \
+                and isinstance(values, torch.Tensor) and values.is_floating_point():
+            t = time_axes(labels)[0]
+            out = values.clone()
+            noise = torch.randn(out.narrow(t, frame, 1).shape, generator=gen, dtype=out.dtype)
+            out.narrow(t, frame, 1).copy_(noise * (values.abs().max() + 1))
+            return out
+        return values
+    if isinstance(node_args, (list, tuple)):
+        return type(node_args)(_perturb_args(a, v, frame, gen) for a, v in zip(node_args, values))
+    if isinstance(node_args, dict):
+        return {k: _perturb_args(node_args[k], values[k], frame, gen) for k in node_args}
+    return values
+
+
+def _other_frames_equal(node, out, out_p, frame: int) -> bool:
+    leaves, _ = tree_flatten(out)
+    leaves_p, _ = tree_flatten(out_p)
+    labels, _ = tree_flatten(node.meta["cofx_layout"])
+    for a, b, lab in zip(leaves, leaves_p, labels):
+        if not isinstance(a, torch.Tensor) or not a.is_floating_point():
+            continue
+        axes = time_axes(lab)
+        if axes:
+            t = axes[0]
+            keep = [i for i in range(a.shape[t]) if i != frame]
+            index = torch.tensor(keep, dtype=torch.long)
+            a, b = a.index_select(t, index), b.index_select(t, index)
+        scale = float(a.abs().max()) if a.numel() else 0.0
+        if not torch.allclose(a, b, rtol=0, atol=1e-5 * scale + 1e-30, equal_nan=True):
+            return False
+    return True
+
+
+def check_framewise(gm: fx.GraphModule, clip: torch.Tensor) -> None:
+    gen = torch.Generator().manual_seed(0)
+    untraceable = gm.meta.get("cofx_untraceable", {})
+
+    def on_node(node, args, kwargs, result):
+        if not node.meta.get("cofx_check"):
+            return
+        streams = [a for a in node.all_input_nodes if a.meta.get("cofx_role") == "stream"
+                   and isinstance(a.meta.get("cofx_layout"), Labels)]
+        if not streams:
+            return
+        first = streams[0]
+        length = first.meta["cofx_runs"]["clip"].shape[time_axes(first.meta["cofx_layout"])[0]]
+        if length < 2:
+            return
+        frame = length // 2
+        p_args = _perturb_args(node.args, args, frame, gen)
+        p_kwargs = _perturb_args(node.kwargs, kwargs, frame, gen)
+        out_p = getattr(interp, node.op)(node.target, p_args, p_kwargs)
+        if not _other_frames_equal(node, result, out_p, frame):
+            why = "does not act frame by frame: changing one input frame changed other output frames"
+            fix = "ops that mix frames (softmax/cumsum/norms over time, attention) are not supported"
+            if node.op == "call_module" and node.target in untraceable:
+                why += f" (torch.fx could not trace into it: {untraceable[node.target]})"
+                fix = "make the module traceable so cofx can see its temporal ops"
+            raise ConversionError(why, node=node, fix=fix)
+
+    interp = RecordingInterpreter(gm, "clip", on_node=on_node)
+    with torch.no_grad():
+        interp.run(clip)

@@ -1,0 +1,400 @@
+"""Give every node its role in the stream and its kind (the DESIGN.md table).
+
+Roles say what a node's value is in the continual graph:
+
+- ``static``: parameters, constants and anything computed from them only;
+- ``shape``: Python numbers and sizes read off stream tensors (``x.shape[0]``);
+- ``stream``: tensors with a time dimension, processed chunk by chunk;
+- ``folded``: what follows a global temporal reduction: one value per output
+  frame, the frames folded into the batch dimension so the original ops run
+  unchanged.
+
+Kinds: ``time-free``, ``pointwise``, ``sliding``, ``merge``, ``reduction``
+(global, exact), ``windowed`` (global, approximated by a window).
+
+Writes ``node.meta``: ``cofx_role``, ``cofx_kind``, ``cofx_time`` (time axis of a
+stream tensor), ``cofx_spec`` (SlidingSpec/CropSpec/ReductionSpec),
+``cofx_check`` (True when the node must pass the framewise check), and raises
+`ConversionError` for anything not convertible.
+
+Example::
+
+    >>> classify_nodes(gm, time_dim=2)
+    >>> {n.name: n.meta["cofx_kind"] for n in gm.graph.nodes}
+    {'x': 'pointwise', 'conv1': 'sliding', 'relu': 'pointwise', ...}
+"""
+from __future__ import annotations
+
+import operator
+from typing import Mapping, Optional
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+from torch.utils._pytree import tree_flatten
+
+from cofx.errors import ConversionError
+from cofx.sliding_ops import pad_spec, sliding_spec
+
+from .layout import Labels, has_time, time_axis
+from .temporal_geometry import CropSpec, ReductionSpec
+
+RESHAPES = {("call_method", "view"), ("call_method", "reshape"), ("call_function", torch.reshape)}
+_REDUCE_METHODS = {"mean": "mean", "sum": "sum", "amax": "amax", "amin": "amin"}
+_REDUCE_FUNCTIONS = {torch.mean: "mean", torch.sum: "sum", torch.amax: "amax", torch.amin: "amin"}
+_ADAPTIVE_MODULES = {nn.AdaptiveAvgPool1d: (F.adaptive_avg_pool1d, "mean"),
+                     nn.AdaptiveAvgPool2d: (F.adaptive_avg_pool2d, "mean"),
+                     nn.AdaptiveAvgPool3d: (F.adaptive_avg_pool3d, "mean"),
+                     nn.AdaptiveMaxPool1d: (F.adaptive_max_pool1d, "amax"),
+                     nn.AdaptiveMaxPool2d: (F.adaptive_max_pool2d, "amax"),
+                     nn.AdaptiveMaxPool3d: (F.adaptive_max_pool3d, "amax")}
+_ADAPTIVE_FUNCTIONS = {fn: mode for fn, mode in _ADAPTIVE_MODULES.values()}
+RECURRENT = (nn.RNNBase,)
+ATTENTION = (nn.MultiheadAttention, nn.TransformerEncoderLayer, nn.TransformerDecoderLayer,
+             nn.TransformerEncoder, nn.TransformerDecoder, nn.Transformer)
+
+
+def node_inputs(node: fx.Node) -> list:
+    leaves, _ = tree_flatten((node.args, node.kwargs))
+    return [a for a in leaves if isinstance(a, fx.Node)]
+
+
+def clip_value(v, run: str = "clip"):
+    """The value an fx argument had in a recorded run."""
+    return v.meta["cofx_runs"][run] if isinstance(v, fx.Node) else v
+
+
+def _time_len(node: fx.Node, run: str) -> int:
+    return clip_value(node, run).shape[node.meta["cofx_time"]]
+
+
+def _is_int_label(node: fx.Node, labels=("T", "BT")) -> bool:
+    return node.meta.get("cofx_role") == "shape" and node.meta.get("cofx_layout") in labels
+
+
+def _dims(v, ndim: int) -> Optional[list]:
+    if v is None:
+        return None
+    v = list(v) if isinstance(v, (list, tuple)) else [v]
+    return sorted(int(d) % ndim for d in v)
+
+
+def _index_entry(idx, ndim: int, dim: int):
+    """The entry of a subscript that applies to input dimension `dim`."""
+    idx = idx if isinstance(idx, tuple) else (idx,)
+    if any(e is Ellipsis for e in idx):
+        at = next(i for i, e in enumerate(idx) if e is Ellipsis)
+        used = sum(1 for e in idx if e is not None and e is not Ellipsis)
+        idx = idx[:at] + (slice(None),) * (ndim - used) + idx[at + 1:]
+    d = 0
+    for e in idx:
+        if e is None:
+            continue
+        if d == dim:
+            return e
+        d += 1
+    return slice(None)
+
+
+class _Classifier:
+    def __init__(self, gm: fx.GraphModule, time_dim: int, windows: Mapping[str, int]):
+        self.gm, self.time_dim, self.windows = gm, time_dim, dict(windows)
+        self.used_windows: set = set()
+
+    # -- helpers ------------------------------------------------------------------------------
+    def module(self, node):
+        return self.gm.get_submodule(node.target) if node.op == "call_module" else None
+
+    def window_for(self, node, clip_window):
+        for key in (node.target if node.op == "call_module" else None, node.name):
+            if key is not None and key in self.windows:
+                self.used_windows.add(key)
+                return int(self.windows[key])
+        return clip_window
+
+    def set(self, node, role, kind, **extra):
+        node.meta.update(cofx_role=role, cofx_kind=kind, cofx_check=extra.pop("check", False),
+                         cofx_spec=extra.pop("spec", None), cofx_time=extra.pop("time", None))
+        node.meta.update({f"cofx_{k}": v for k, v in extra.items()})
+
+    # -- the walk -----------------------------------------------------------------------------
+    def run(self):
+        placeholders = [n for n in self.gm.graph.nodes if n.op == "placeholder"]
+        for node in self.gm.graph.nodes:
+            if node.op == "output":
+                node.meta.update(cofx_role="output", cofx_kind="time-free")
+                continue
+            if node.op == "placeholder":
+                self.placeholder(node, node is placeholders[0])
+                continue
+            if node.op == "get_attr":
+                self.set(node, "static", "time-free")
+                continue
+            self.classify(node)
+        self.place_reductions()
+
+    def placeholder(self, node, first):
+        if not first:
+            if node.users:
+                raise ConversionError("the model takes more than one input", node=node,
+                                      fix="wrap the model so that forward takes the clip only")
+            self.set(node, "static", "time-free")
+            return
+        t = time_axis(node)
+        if t != self.time_dim:
+            raise ConversionError(f"the input's time dimension was expected at dim {self.time_dim}, "
+                                  f"found {t}", node=node, fix="pass time_dim= to cofx.convert")
+        self.set(node, "stream", "pointwise", time=t)
+
+    def classify(self, node):
+        ins = node_inputs(node)
+        roles = {a.meta["cofx_role"] for a in ins}
+        streams = [a for a in ins if a.meta["cofx_role"] == "stream"]
+        folded = [a for a in ins if a.meta["cofx_role"] == "folded"]
+        layout = node.meta["cofx_layout"]
+        if node.op == "call_module" and isinstance(self.module(node), ATTENTION) and streams:
+            raise ConversionError("attention across time is not supported yet", node=node,
+                                  fix="convert the convolutional part only, or wait for continual attention")
+        if not streams and not folded:
+            if "shape" in roles or not isinstance(layout, Labels):
+                kind_role = "shape" if not isinstance(layout, Labels) else "static"
+                if isinstance(layout, Labels) and has_time(layout):
+                    raise ConversionError("builds a tensor whose size follows the clip length", node=node,
+                                          fix="do not create tensors from the number of frames (e.g. torch.arange(T))")
+                self.set(node, kind_role if roles & {"shape"} else "static", "time-free")
+            else:
+                self.set(node, "static", "time-free")
+            return
+        if not isinstance(layout, Labels) and not (isinstance(layout, (list, tuple)) and layout):
+            self.set(node, "shape", "time-free")
+            return
+        if node.op == "call_module" and isinstance(self.module(node), RECURRENT):
+            raise ConversionError("recurrent layers over time are not supported yet", node=node,
+                                  fix="convert the convolutional part only")
+        if streams:
+            self.stream_op(node, streams, folded)
+        else:
+            self.folded_op(node)
+
+    def check_int_args(self, node, allowed):
+        for a in node_inputs(node):
+            if _is_int_label(a) and not allowed:
+                raise ConversionError("uses the number of frames as a value", node=node,
+                                      fix="only reshapes and crops may use x.shape[time]")
+
+    def stream_op(self, node, streams, folded):
+        x = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else streams[0]
+        layout = node.meta["cofx_layout"]
+        if isinstance(layout, Labels):
+            t_out = time_axis(node)
+        else:
+            t_out = None
+        # convolutions and pools
+        if x.meta["cofx_role"] == "stream" and isinstance(x.meta["cofx_layout"], Labels):
+            found = sliding_spec(node, self.gm, x.meta["cofx_time"])
+            if found is not None:
+                spec, tensors = found
+                if any(isinstance(a, fx.Node) and a.meta["cofx_role"] == "stream" for a in node.args[1:]):
+                    raise ConversionError("the weights of this op change over time", node=node)
+                if spec.trivial:
+                    self.set(node, "stream", "pointwise", time=t_out)
+                    return
+                if t_out is None:
+                    raise ConversionError("temporal op without time in its output", node=node)
+                kind = "sliding"
+                w = _time_len(x, "clip")
+                if spec.family != "conv" and spec.k == w and spec.pad_l == 0 and spec.pad_r == 0:
+                    kind = "reduction"
+                    window = self.window_for(node, w)
+                    if window != w:
+                        spec = spec.with_kernel(window)
+                        kind = "windowed"
+                self.set(node, "stream", kind, time=t_out, spec=spec, tensors=tensors)
+                return
+            pad = pad_spec(node, self.gm, x.meta["cofx_time"], len(x.meta["cofx_layout"]))
+            if pad is not None:
+                self.set(node, "stream", "sliding", time=t_out, spec=pad)
+                return
+        # subscripts and narrow along time: crops
+        if node.op == "call_function" and node.target is operator.getitem and isinstance(x.meta["cofx_layout"], Labels):
+            if self.subscript(node, x, t_out):
+                return
+        if node.op in ("call_method", "call_function") and getattr(node.target, "__name__", node.target) == "narrow":
+            if self.narrow(node, x, t_out):
+                return
+        if not isinstance(layout, Labels):
+            if not has_time(layout):   # e.g. x.max(dim=time) -> (values, indices)
+                self.reduction(node, x, streams, folded)
+                return
+            # tuple outputs (split, chunk, ...), checked frame by frame
+            self.check_int_args(node, False)
+            n_time = len(streams) + len(folded)
+            self.set(node, "stream", "merge" if n_time > 1 else "pointwise", check=True, time=None)
+            return
+        if t_out is None:
+            self.reduction(node, x, streams, folded)
+            return
+        for a in streams:
+            if isinstance(a.meta["cofx_layout"], Labels):
+                for run in ("clip", "longer"):
+                    if a.meta["cofx_runs"].get(run) is None or node.meta["cofx_longer_failed"]:
+                        continue
+                    if _time_len(a, run) != clip_value(node, run).shape[t_out]:
+                        raise ConversionError(
+                            f"changes the number of frames ({_time_len(a, run)} in, "
+                            f"{clip_value(node, run).shape[t_out]} out)", node=node,
+                            fix="ops that concatenate, repeat, interpolate or index along time are not supported")
+        self.check_int_args(node, (node.op, node.target) in RESHAPES)
+        n_time = len(streams) + len(folded)
+        self.set(node, "stream", "merge" if n_time > 1 else "pointwise", time=t_out, check=True)
+
+    def subscript(self, node, x, t_out) -> bool:
+        t = x.meta["cofx_time"]
+        ndim = len(x.meta["cofx_layout"])
+        entry = _index_entry(node.args[1], ndim, t)
+        if isinstance(entry, slice) and entry == slice(None):
+            return False
+        if not isinstance(entry, slice):
+            raise ConversionError("indexes single frames along time", node=node,
+                                  fix="only constant slices along time (crops such as x[:, :, 1:-1]) are supported")
+        spec = self.crop_from(node, x, entry.start, entry.stop, entry.step)
+        self.check_int_args(node, True)
+        self.set(node, "stream", "sliding", time=t_out, spec=spec, check=True, crop_entry=True)
+        return True
+
+    def narrow(self, node, x, t_out) -> bool:
+        args = list(node.args[1:]) + [node.kwargs.get(k) for k in ("dim", "start", "length") if k in node.kwargs]
+        dim, start, length = args[:3]
+        if int(clip_value(dim)) % len(x.meta["cofx_layout"]) != x.meta["cofx_time"]:
+            return False
+        stop_clip = clip_value(start) + clip_value(length)
+        stop_longer = clip_value(start, "longer") + clip_value(length, "longer")
+        spec = self._crop(node, x, clip_value(start), clip_value(start, "longer"), stop_clip, stop_longer, 1)
+        self.check_int_args(node, True)
+        self.set(node, "stream", "sliding", time=t_out, spec=spec)
+        return True
+
+    def crop_from(self, node, x, start, stop, step):
+        def resolve(v, run, n, default):
+            v = clip_value(v, run) if v is not None else None
+            if v is None:
+                return default
+            v = int(v)
+            return max(0, min(n, v + n if v < 0 else v))
+        n_clip, n_long = _time_len(x, "clip"), _time_len(x, "longer")
+        return self._crop(node, x, resolve(start, "clip", n_clip, 0), resolve(start, "longer", n_long, 0),
+                          resolve(stop, "clip", n_clip, n_clip), resolve(stop, "longer", n_long, n_long),
+                          int(clip_value(step)) if step is not None else 1)
+
+    def _crop(self, node, x, start_c, start_l, stop_c, stop_l, step):
+        if node.meta["cofx_longer_failed"]:
+            raise ConversionError("cannot tell whether this slice along time is a constant crop", node=node)
+        n_clip, n_long = _time_len(x, "clip"), _time_len(x, "longer")
+        if start_c != start_l or n_clip - stop_c != n_long - stop_l or step < 1:
+            raise ConversionError("slices time at positions that do not keep a fixed distance from the start "
+                                  "and the end of the clip", node=node,
+                                  fix="crop a fixed number of frames: x[:, :, a:x.shape[2]-b]")
+        return CropSpec(start=start_c, end=n_clip - stop_c, step=step)
+
+    def reduction(self, node, x, streams, folded):
+        if len(streams) + len(folded) > 1:
+            raise ConversionError("combines frames across time from more than one tensor "
+                                  "(a product over time, as in attention)", node=node,
+                                  fix="attention across time is not supported yet")
+        labels = node.meta["cofx_layout"]
+        if isinstance(labels, Labels) and "B" not in labels:
+            raise ConversionError("mixes the batch (independent streams) into one value", node=node)
+        self.check_int_args(node, (node.op, node.target) in RESHAPES)
+        t_in = x.meta["cofx_time"]
+        clip_window = _time_len(x, "clip")
+        mode, partial = self.decompose(node, x, t_in)
+        window = self.window_for(node, clip_window)
+        spec = ReductionSpec(mode=mode, window=window, clip_window=clip_window, partial=partial)
+        self.set(node, "folded", "reduction", time=None, spec=spec, reduce_time=t_in)
+
+    def decompose(self, node, x, t):
+        """(mode, partial) of a reduction that splits into per-frame work and a window over frames."""
+        ndim = len(x.meta["cofx_layout"])
+        mode = None
+        if node.op == "call_method" and node.target in _REDUCE_METHODS:
+            mode, fn = _REDUCE_METHODS[node.target], getattr(torch, node.target)
+        elif node.op == "call_function" and node.target in _REDUCE_FUNCTIONS:
+            mode, fn = _REDUCE_FUNCTIONS[node.target], node.target
+        if mode is not None:
+            dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+            dims = _dims(clip_value(dims), ndim)
+            if dims is None or t not in dims or len(node.args) > 3 or "dtype" in node.kwargs:
+                return "raw", None
+            return mode, (fn, tuple(d for d in dims if d != t))
+        module = self.module(node)
+        entry = next((v for k, v in _ADAPTIVE_MODULES.items() if isinstance(module, k)), None)
+        if entry is not None:
+            if getattr(module, "return_indices", False):
+                return "raw", None
+            fn, mode = entry
+            size = module.output_size
+        elif node.op == "call_function" and node.target in _ADAPTIVE_FUNCTIONS:
+            fn, mode = node.target, _ADAPTIVE_FUNCTIONS[node.target]
+            size = node.args[1] if len(node.args) > 1 else node.kwargs["output_size"]
+            if node.kwargs.get("return_indices"):
+                return "raw", None
+        else:
+            return "raw", None
+        nd = ndim - 2
+        size = list(size) if isinstance(size, (list, tuple)) else [size] * nd
+        if t - 2 < 0 or size[t - 2] != 1:
+            return "raw", None
+        size[t - 2] = None
+        return mode, (fn, tuple(size))
+
+    def folded_op(self, node):
+        layout = node.meta["cofx_layout"]
+        if has_time(layout) and not node.meta.get("cofx_longer_failed"):
+            raise ConversionError("brings time back after a global temporal reduction", node=node)
+        for a in node_inputs(node):
+            if a.meta["cofx_role"] == "shape" and a.meta["cofx_layout"] in ("B", "T", "BT") \
+                    and (node.op, node.target) not in RESHAPES:
+                raise ConversionError("uses the batch size or clip length as a number after a global "
+                                      "temporal reduction", node=node,
+                                      fix="read sizes from the tensor at hand (x.shape[0]) or use reshape")
+        self.set(node, "folded", "pointwise")
+
+    # -- where do reductions end up -------------------------------------------------------------
+    def place_reductions(self):
+        for node in self.gm.graph.nodes:
+            if node.meta.get("cofx_kind") != "reduction" or node.meta["cofx_role"] != "folded":
+                continue
+            spec = node.meta["cofx_spec"]
+            if self.reenters_stream(node):
+                if spec.mode == "raw" and spec.window > 1:
+                    raise ConversionError(
+                        "a global temporal reduction feeds back into the stream, and this op cannot be "
+                        "computed as a causal window", node=node,
+                        fix="use mean/sum/amax/amin or adaptive pooling for squeeze-and-excitation style gates")
+                spec = ReductionSpec(spec.mode, spec.window, spec.clip_window, True, spec.partial)
+                node.meta["cofx_spec"] = spec
+            if not spec.exact:
+                node.meta["cofx_kind"] = "windowed"
+        unknown = set(self.windows) - self.used_windows
+        if unknown:
+            raise ConversionError(f"window= names {sorted(unknown)}, which are not global temporal reductions",
+                                  fix="name modules by their path in model.named_modules() (or fx node names) "
+                                  "of a temporal mean/pool over the whole clip; see cofx.convert(...).report")
+
+    def reenters_stream(self, node) -> bool:
+        todo, seen = list(node.users), set()
+        while todo:
+            n = todo.pop()
+            if n in seen:
+                continue
+            seen.add(n)
+            if n.meta.get("cofx_role") == "stream":
+                return True
+            if n.meta.get("cofx_role") == "folded":
+                todo.extend(n.users)
+        return False
+
+
+def classify_nodes(gm: fx.GraphModule, time_dim: int = 2, windows: Mapping[str, int] = None) -> None:
+    _Classifier(gm, time_dim, windows or {}).run()

@@ -1,0 +1,105 @@
+"""Run the traced model on a few inputs and record what every node produced.
+
+Three runs tell which tensor dimensions follow the batch size and which follow
+the clip length, through any reshape or permute the model does:
+
+- ``"clip"``: the example clip, one stream (batch 1);
+- ``"longer"``: the same stream with more frames;
+- ``"batch"``: the clip as two streams.
+
+Each node gets ``node.meta["cofx_runs"][run]``: a pytree of `Rec` (tensors:
+shape and dtype) or plain Python values (ints, shapes, slices), or `FAILED`
+when that run could not execute the node (a model that only accepts its clip
+length fails in the ``"longer"`` run after time was flattened away; the
+analysis decides whether that matters).
+
+Example::
+
+    >>> gm = cofx.tracer.trace(model)
+    >>> record_runs(gm, {"clip": x[:1], "longer": x_long, "batch": x2})
+    >>> gm.graph.nodes  # each node: n.meta["cofx_runs"]["clip"] ...
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Optional
+
+import torch
+import torch.fx as fx
+from torch.utils._pytree import tree_flatten, tree_map
+
+
+@dataclass(frozen=True)
+class Rec:
+    shape: tuple
+    dtype: torch.dtype
+
+
+class _Failed:
+    def __repr__(self):
+        return "FAILED"
+
+
+FAILED = _Failed()
+
+
+def _contains_failed(value) -> bool:
+    leaves, _ = tree_flatten(value)
+    return any(v is FAILED for v in leaves)
+
+
+def _summarise(value):
+    def one(v):
+        if isinstance(v, torch.Tensor):
+            return Rec(tuple(v.shape), v.dtype)
+        if isinstance(v, torch.Size):
+            return tuple(v)
+        if isinstance(v, (int, float, bool, str, slice, type(None), torch.dtype, torch.device)) or v is Ellipsis:
+            return v
+        return type(v).__name__
+    return tree_map(one, value)
+
+
+class RecordingInterpreter(fx.Interpreter):
+    """Runs the graph, summarising each node's value into ``meta['cofx_runs'][run]``.
+
+    With ``tolerate_failures`` a node that raises is recorded as FAILED and so is
+    everything that depends on it; otherwise the error propagates.
+    ``on_node(node, args, kwargs, result)`` is an optional hook that sees real
+    values (the framewise check uses it).
+    """
+
+    def __init__(self, gm: fx.GraphModule, run: str, tolerate_failures: bool = False,
+                 on_node: Optional[Callable] = None):
+        super().__init__(gm)
+        self.run_name, self.tolerate, self.on_node = run, tolerate_failures, on_node
+        self.errors: dict[str, str] = {}
+
+    def run_node(self, n: fx.Node) -> Any:
+        with self._set_current_node(n):
+            args, kwargs = self.fetch_args_kwargs_from_env(n)
+            if _contains_failed((args, kwargs)):
+                result = FAILED
+            else:
+                try:
+                    result = getattr(self, n.op)(n.target, args, kwargs)
+                except Exception as e:
+                    if not self.tolerate:
+                        raise
+                    self.errors[n.name] = f"{type(e).__name__}: {e}"
+                    result = FAILED
+            if result is not FAILED and self.on_node is not None:
+                self.on_node(n, args, kwargs, result)
+        n.meta.setdefault("cofx_runs", {})[self.run_name] = FAILED if result is FAILED else _summarise(result)
+        return result
+
+
+def record_runs(gm: fx.GraphModule, inputs: Mapping[str, torch.Tensor], tolerant: tuple = ("longer",)) -> dict:
+    """Record every run of `inputs` (name -> input tensor); returns each run's errors by node."""
+    errors = {}
+    with torch.no_grad():
+        for run, x in inputs.items():
+            interp = RecordingInterpreter(gm, run, tolerate_failures=run in tolerant)
+            interp.run(x)
+            errors[run] = interp.errors
+    return errors

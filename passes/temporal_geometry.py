@@ -1,0 +1,67 @@
+"""How each kind of stream op maps input frames to output frames.
+
+One small record per stateful node, shared by the analysis (receptive field,
+delay, stride) and the rewrite (kernel construction): output frame j reads
+input frames ``j*stride - pad_l + dep_lo ... j*stride - pad_l + dep_hi`` and
+is emitted once input frame ``j*stride - pad_l + span - 1`` has arrived.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+from cofx.sliding_ops import PadSpec, SlidingSpec
+
+
+@dataclass(frozen=True)
+class Geometry:
+    span: int
+    stride: int
+    pad_l: int
+    pad_r: int
+    dep_lo: int
+    dep_hi: int
+
+
+@dataclass(frozen=True)
+class CropSpec:
+    """`x[:, :, start : T - end : step]` along time."""
+    start: int
+    end: int
+    step: int
+
+    @property
+    def geometry(self) -> Geometry:
+        return Geometry(span=self.end + 1, stride=self.step, pad_l=-self.start, pad_r=0, dep_lo=0, dep_hi=0)
+
+
+@dataclass(frozen=True)
+class ReductionSpec:
+    """A reduction over the whole clip, run as a sliding window of `window` frames.
+
+    `mode` is mean/sum/amax/amin when the reduction splits into a per-frame part
+    and a window part, "raw" when the window's frames go to the original op
+    whole. `causal` windows end at the current frame (mid-network use) and
+    average over the frames seen so far at the start of a stream.
+    """
+    mode: str
+    window: int
+    clip_window: int
+    causal: bool = False
+    partial: Optional[tuple] = None   # (target, dims or output_size) of the per-frame part
+
+    @property
+    def exact(self) -> bool:
+        return self.window == self.clip_window and (not self.causal or self.window == 1)
+
+    @property
+    def geometry(self) -> Geometry:
+        pad_l = self.window - 1 if self.causal else 0
+        return Geometry(span=self.window, stride=1, pad_l=pad_l, pad_r=0, dep_lo=0, dep_hi=self.window - 1)
+
+
+def sliding_geometry(spec) -> Geometry:
+    if isinstance(spec, PadSpec):
+        return Geometry(span=1, stride=1, pad_l=spec.pad_l, pad_r=spec.pad_r, dep_lo=0, dep_hi=0)
+    return Geometry(span=spec.span, stride=spec.s, pad_l=spec.pad_l, pad_r=spec.pad_r,
+                    dep_lo=0, dep_hi=spec.span - 1)

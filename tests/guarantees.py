@@ -1,0 +1,151 @@
+"""The DESIGN.md guarantees as reusable assertions (imported by the test modules)."""
+from __future__ import annotations
+
+import random
+
+import torch
+
+import cofx
+
+
+def max_err(a, b) -> float:
+    return float((a - b).abs().max()) if a.numel() else 0.0
+
+
+def tolerance(ref: torch.Tensor) -> float:
+    scale = float(ref.abs().max()) if ref.numel() else 1.0
+    return (1e-9 if ref.dtype == torch.float64 else 1e-4) * max(scale, 1e-30)
+
+
+def clip_output(co, model_out):
+    """`forward(clip)` in the layout `forward_steps` returns (a classifier's (B, K) becomes (B, K, 1))."""
+    out = next(n for n in co.graph.nodes if n.op == "output")
+    if out.args[0].meta.get("cofx_role") == "stream":
+        return model_out
+    if model_out.dim() > 2 and model_out.shape[2] == 1:
+        return model_out
+    return model_out.unsqueeze(min(2, model_out.dim()))
+
+
+def steps_frame_by_frame(co, stream, flush=True):
+    t = co._info["time_dim"]
+    outs = []
+    for i in range(stream.shape[t]):
+        y = co.forward_step(stream.select(t, i))
+        if y is not None:
+            outs.append(y.unsqueeze(co._info["out_time_axes"]))
+    if flush:
+        tail = co.forward_steps(stream.narrow(t, 0, 0), pad_end=True)
+        if tail is not None:
+            outs.append(tail)
+    return torch.cat(outs, co._info["out_time_axes"]) if outs else None
+
+
+def steps_in_chunks(co, stream, sizes, flush=True):
+    t = co._info["time_dim"]
+    outs, at = [], 0
+    for n in sizes:
+        y = co.forward_steps(stream.narrow(t, at, n))
+        at += n
+        if y is not None:
+            outs.append(y)
+    if flush:
+        tail = co.forward_steps(stream.narrow(t, 0, 0), pad_end=True)
+        if tail is not None:
+            outs.append(tail)
+    return torch.cat(outs, co._info["out_time_axes"]) if outs else None
+
+
+def random_chunks(total: int, rng: random.Random) -> list:
+    sizes = []
+    while total > 0:
+        n = min(total, rng.choice([0, 1, 1, 2, 3, 5]))
+        sizes.append(n)
+        total -= n
+    return sizes
+
+
+def assert_equivalent(co, model, clip):
+    """Guarantee 1: from a clean state, forward_steps(clip, pad_end=True) == forward(clip)."""
+    co.clean_state()
+    with torch.no_grad():
+        ref = clip_output(co, model(clip))
+        out = co.forward_steps(clip, pad_end=True)
+        assert out is not None, "no output for a whole clip"
+        assert out.shape == ref.shape, (out.shape, ref.shape)
+        assert max_err(out, ref) <= tolerance(ref), max_err(out, ref)
+        # the same, frame by frame plus the end flush
+        co.clean_state()
+        by_frame = steps_frame_by_frame(co, clip)
+        assert by_frame.shape == ref.shape and max_err(by_frame, ref) <= tolerance(ref)
+    assert co.forward(clip).shape == model(clip).shape
+    assert torch.equal(co.forward(clip), model(clip))
+
+
+def assert_stream_discipline(co, stream, seed=0):
+    """Guarantees 2 and 3 on a stream longer than the receptive field."""
+    rng = random.Random(seed)
+    t = co._info["time_dim"]
+    with torch.no_grad():
+        co.clean_state()
+        whole = co.forward_steps(stream, pad_end=True)
+        co.clean_state()
+        by_frame = steps_frame_by_frame(co, stream)
+        assert (whole is None) == (by_frame is None)
+        if whole is not None:
+            assert torch.equal(whole, by_frame) or max_err(whole, by_frame) <= tolerance(whole)
+        for _ in range(2):
+            co.clean_state()
+            chunked = steps_in_chunks(co, stream, random_chunks(stream.shape[t], rng))
+            if whole is not None:
+                assert chunked.shape == whole.shape and max_err(chunked, whole) <= tolerance(whole)
+
+        # update_state=False leaves what follows unchanged; get/set_state resumes exactly
+        half = stream.shape[t] // 2
+        co.clean_state()
+        co.forward_steps(stream.narrow(t, 0, half))
+        saved = co.get_state()
+        peek = co.forward_steps(stream.narrow(t, half, 2), update_state=False)
+        peek_flush = co.forward_steps(stream.narrow(t, half, 1), pad_end=True, update_state=False)
+        rest = co.forward_steps(stream.narrow(t, half, stream.shape[t] - half), pad_end=True)
+        co.clean_state()
+        co.set_state(saved)
+        again = co.forward_steps(stream.narrow(t, half, stream.shape[t] - half), pad_end=True)
+        assert (rest is None) == (again is None)
+        if rest is not None:
+            assert torch.equal(rest, again)
+        co.clean_state()
+        co.forward_steps(stream.narrow(t, 0, half))
+        peek2 = co.forward_steps(stream.narrow(t, half, 2), update_state=False)
+        assert (peek is None) == (peek2 is None) and (peek is None or torch.equal(peek, peek2))
+        assert peek_flush is None or peek_flush.shape[co._info["out_time_axes"]] >= 0
+
+        # clean_state restarts: the same stream gives the same outputs
+        co.clean_state()
+        first = co.forward_steps(stream.narrow(t, 0, half))
+        co.forward_steps(stream.narrow(t, half, 3))
+        co.clean_state()
+        second = co.forward_steps(stream.narrow(t, 0, half))
+        assert (first is None) == (second is None) and (first is None or torch.equal(first, second))
+
+        # state memory is fixed: after 10x the receptive field as after 1x
+        co.clean_state()
+        rf = co.receptive_field + co.delay + co.stride
+        frames = stream.narrow(t, 0, 1)
+        for _ in range(rf):
+            co.forward_steps(frames)
+        one = co.state_bytes
+        for _ in range(9 * rf):
+            co.forward_steps(frames)
+        assert co.state_bytes == one
+        co.clean_state()
+
+
+def assert_delay(co, stream):
+    """The first `delay` steps return None, the next one returns a frame."""
+    t = co._info["time_dim"]
+    co.clean_state()
+    with torch.no_grad():
+        results = [co.forward_step(stream.select(t, i)) for i in range(co.delay + 1)]
+    assert all(r is None for r in results[:-1]) and results[-1] is not None
+    co.clean_state()

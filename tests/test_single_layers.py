@@ -1,0 +1,107 @@
+"""Property tests: every single temporal layer, over random configurations, is exact and well-behaved."""
+import math
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings, strategies as st
+from torch import nn
+
+import cofx
+from guarantees import assert_delay, assert_equivalent, assert_stream_discipline
+
+SETTINGS = dict(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def _spatial(nd):
+    return (5,) * (nd - 1)
+
+
+@st.composite
+def conv_layers(draw):
+    nd = draw(st.sampled_from([1, 2, 3]))
+    k = draw(st.integers(1, 5))
+    s = draw(st.integers(1, 3))
+    d = draw(st.integers(1, 3)) if k > 1 else 1
+    p = draw(st.integers(0, d * (k - 1)))
+    groups = draw(st.sampled_from([1, 2]))
+    ks = draw(st.sampled_from([1, 3]))
+    padding_mode = draw(st.sampled_from(["zeros", "zeros", "replicate"]))
+    cin, cout = 2 * groups, 2 * groups
+    conv = getattr(nn, f"Conv{nd}d")(cin, cout, (k,) + (ks,) * (nd - 1), stride=(s,) + (1,) * (nd - 1),
+                                     padding=(p,) + (ks // 2,) * (nd - 1), dilation=(d,) + (1,) * (nd - 1),
+                                     groups=groups, padding_mode=padding_mode)
+    return conv, cin, nd, d * (k - 1) + 1 - 2 * p
+
+
+@st.composite
+def pool_layers(draw):
+    nd = draw(st.sampled_from([1, 2, 3]))
+    kind = draw(st.sampled_from(["avg", "max"]))
+    k = draw(st.integers(1, 5))
+    s = draw(st.integers(1, 3))
+    p = draw(st.integers(0, k // 2))
+    ceil = draw(st.booleans())
+    ks = draw(st.sampled_from([1, 2, 3]))
+    kernel, stride, padding = (k,) + (ks,) * (nd - 1), (s,) + (1,) * (nd - 1), (p,) + (ks // 2,) * (nd - 1)
+    if kind == "avg":
+        pool = getattr(nn, f"AvgPool{nd}d")(kernel, stride, padding, ceil_mode=ceil,
+                                            count_include_pad=draw(st.booleans()))
+        span = k
+    else:
+        d = draw(st.integers(1, 3)) if k > 1 else 1
+        pool = getattr(nn, f"MaxPool{nd}d")(kernel, stride, padding, dilation=(d,) + (1,) * (nd - 1),
+                                            ceil_mode=ceil)
+        span = d * (k - 1) + 1
+    return pool, 3, nd, span  # PyTorch pools need the unpadded input to cover the kernel
+
+
+def _check_layer(layer, channels, nd, min_len, extra):
+    model = layer.double().eval()
+    T = max(min_len, 1) + extra
+    clip = torch.randn(2, channels, T, *_spatial(nd), dtype=torch.float64)
+    co = cofx.convert(model, clip)
+    assert co.is_exact
+    assert_equivalent(co, model, clip)
+    stream = torch.randn(2, channels, 3 * co.receptive_field + 7, *_spatial(nd), dtype=torch.float64)
+    assert_stream_discipline(co, stream)
+    assert_delay(co, stream)
+
+
+@settings(**SETTINGS)
+@given(conv_layers(), st.integers(0, 6))
+def test_conv_layers(layer, extra):
+    _check_layer(*layer, extra)
+
+
+@settings(**SETTINGS)
+@given(pool_layers(), st.integers(0, 6))
+def test_pool_layers(layer, extra):
+    _check_layer(*layer, extra)
+
+
+@pytest.mark.parametrize("k,p,s", [(3, 1, 1), (5, 2, 2), (3, 0, 1), (1, 0, 2)])
+def test_delay_follows_the_paper_rule(k, p, s):
+    """d = f - p - 1 for one op."""
+    co = cofx.convert(nn.Conv1d(1, 1, k, stride=s, padding=p).eval(), torch.randn(1, 1, 12))
+    assert co.delay == k - p - 1
+    assert co.receptive_field == k
+    assert co.stride == s
+
+
+def test_functional_forms_match_modules():
+    class Functional(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(4, 3, 3, 3, 3, dtype=torch.float64))
+
+        def forward(self, x):
+            y = torch.nn.functional.conv3d(x, self.w, None, (1, 1, 1), (1, 1, 1))
+            y = torch.nn.functional.max_pool3d(y, (3, 1, 1), (2, 1, 1), (1, 0, 0))
+            return torch.nn.functional.avg_pool3d(y, (2, 1, 1), (1, 1, 1), count_include_pad=False)
+
+    model = Functional().eval()
+    clip = torch.randn(1, 3, 9, 4, 4, dtype=torch.float64)
+    co = cofx.convert(model, clip)
+    assert [r.kind for r in co.report if r.kind == "sliding"] == ["sliding"] * 3
+    assert_equivalent(co, model, clip)
+    assert_stream_discipline(co, torch.randn(1, 3, 30, 4, 4, dtype=torch.float64))
