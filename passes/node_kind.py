@@ -98,8 +98,9 @@ def _index_entry(idx, ndim: int, dim: int):
 
 
 class _Classifier:
-    def __init__(self, gm: fx.GraphModule, time_dim: int, windows: Mapping[str, int]):
+    def __init__(self, gm: fx.GraphModule, time_dim: int, windows: Mapping[str, int], longer_errors: Mapping):
         self.gm, self.time_dim, self.windows = gm, time_dim, dict(windows)
+        self.longer_errors = dict(longer_errors)
         self.used_windows: set = set()
 
     # -- helpers ------------------------------------------------------------------------------
@@ -172,6 +173,11 @@ class _Classifier:
         if node.op == "call_module" and isinstance(self.module(node), RECURRENT):
             raise ConversionError("recurrent layers over time are not supported yet", node=node,
                                   fix="convert the convolutional part only")
+        if streams and node.meta.get("cofx_longer_failed"):
+            raise ConversionError(f"the model fails on clips longer than the example "
+                                  f"({self.longer_errors.get(node.name) or next(iter(self.longer_errors.values()), '')})",
+                                  node=node, fix="a continual model must accept any number of frames; "
+                                  "remove fixed clip lengths from the model")
         if streams:
             self.stream_op(node, streams, folded)
         else:
@@ -260,7 +266,7 @@ class _Classifier:
                                   fix="only constant slices along time (crops such as x[:, :, 1:-1]) are supported")
         spec = self.crop_from(node, x, entry.start, entry.stop, entry.step)
         self.check_int_args(node, True)
-        self.set(node, "stream", "sliding", time=t_out, spec=spec, check=True, crop_entry=True)
+        self.set(node, "stream", "sliding", time=t_out, spec=spec)
         return True
 
     def narrow(self, node, x, t_out) -> bool:
@@ -396,5 +402,7 @@ class _Classifier:
         return False
 
 
-def classify_nodes(gm: fx.GraphModule, time_dim: int = 2, windows: Mapping[str, int] = None) -> None:
-    _Classifier(gm, time_dim, windows or {}).run()
+def classify_nodes(gm: fx.GraphModule, time_dim: int = 2, windows: Mapping[str, int] = None,
+                   longer_errors: Mapping[str, str] = None) -> None:
+    """`longer_errors`: the errors of the longer run by node name (from `record_runs`)."""
+    _Classifier(gm, time_dim, windows or {}, longer_errors or {}).run()

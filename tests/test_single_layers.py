@@ -9,7 +9,7 @@ from torch import nn
 import cofx
 from guarantees import assert_delay, assert_equivalent, assert_stream_discipline
 
-SETTINGS = dict(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+SETTINGS = dict(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 def _spatial(nd):
