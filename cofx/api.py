@@ -56,6 +56,7 @@ def convert(model: nn.Module, example_input: Optional[torch.Tensor] = None, *, s
             example_input = implied_input(gm, time_dim)
             say(f"input implied by the model: {tuple(example_input.shape)}")
         clip = _check_example(example_input, time_dim)
+        _check_single_input(gm)
         say("recording shapes on the clip, a longer clip and two streams")
         errors = passes.record_runs(gm, _runs(clip, time_dim))
         passes.label_layouts(gm)
@@ -71,6 +72,8 @@ def convert(model: nn.Module, example_input: Optional[torch.Tensor] = None, *, s
     finally:
         model.train(was_training)
     info = _summary(gm, clip, time_dim, out_axes, node_kernels, init)
+    info["options"] = dict(strict=strict, leaf_modules=tuple(leaf_modules), time_dim=time_dim,
+                           window=dict(window or {}), init=init)
     co = ContinualModule(gm, graph, kernels, ctx, info)
     co.train(was_training)
     say(f"done: receptive field {co.receptive_field}, delay {co.delay}, stride {co.stride}, "
@@ -85,6 +88,13 @@ def _check_example(x, time_dim) -> torch.Tensor:
         raise ConversionError(f"example_input of shape {tuple(x.shape)} has no time dimension {time_dim}",
                               fix="pass a clip shaped (B, C, T, ...) or set time_dim=")
     return x[:1].detach()
+
+
+def _check_single_input(gm) -> None:
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    if any(n.users for n in placeholders[1:]):
+        raise ConversionError("the model takes more than one input", node=placeholders[1],
+                              fix="wrap the model so that forward takes the clip only")
 
 
 def _runs(clip: torch.Tensor, time_dim: int) -> dict:

@@ -222,12 +222,13 @@ class Framewise(nn.Module):
     def extra_repr(self) -> str:
         return f"{self.method or getattr(self.op, '__name__', type(self.op).__name__)}"
 
-    def forward(self, x, *args, **kwargs):
-        if x.numel() == 0:
-            return empty_like_labels(self.out_labels, self.ctx.batch, x)
+    def forward(self, *args, **kwargs):
+        frames = next(a for a in args if isinstance(a, torch.Tensor))
+        if frames.numel() == 0:
+            return empty_like_labels(self.out_labels, self.ctx.batch, frames)
         if self.method is not None:
-            return getattr(x, self.method)(*args, **kwargs)
-        return self.op(x, *args, **kwargs)
+            return getattr(args[0], self.method)(*args[1:], **kwargs)
+        return self.op(*args, **kwargs)
 
 
 # ---- layout helpers used by the continual graph -------------------------------------------------

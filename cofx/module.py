@@ -236,9 +236,29 @@ class ContinualModule(fx.GraphModule):
     def step_graph(self) -> fx.Graph:
         return self._step_module.graph
 
+    @property
+    def clip_shape(self) -> tuple:
+        """Shape of the example clip (batch 1) the model was converted with."""
+        return self._info["clip_shape"]
+
+    @property
+    def options(self) -> dict:
+        """The keyword arguments `cofx.convert` was called with (to convert again)."""
+        return dict(self._info["options"])
+
+    def clip_model(self) -> fx.GraphModule:
+        """The original model as a plain GraphModule sharing these weights (picklable; convert it again)."""
+        gm = fx.GraphModule(self, self.graph, class_name=type(self).__name__)
+        adopt_attributes(gm, self)
+        for name, _ in self._named_kernels() + [(n, m) for n, m in self.named_children()
+                                                  if type(m).__name__ == "Framewise"]:
+            del gm._modules[name]
+        gm.meta.update(self.meta)
+        return gm
+
     def __reduce__(self):
-        raise TypeError("a ContinualModule is not pickled directly; save the original model and convert it again "
-                        "(or use the `cofx convert` command line)")
+        raise TypeError("a ContinualModule is not pickled directly; pickle co.clip_model() and convert it again "
+                        "(cofx.save/cofx.load do this)")
 
     def __deepcopy__(self, memo):
         raise TypeError("copy.deepcopy of a ContinualModule is not supported; convert a deep copy of the "

@@ -271,6 +271,11 @@ class PadSpec:
         return F.pad(x, pad, mode=self.mode)
 
 
+def _recorded(v, run: str):
+    """The value an fx argument had in a recorded run (see passes.shape_runs)."""
+    return v.meta["cofx_runs"].get(run) if isinstance(v, fx.Node) else v
+
+
 _PAD_MODULES = (nn.ConstantPad1d, nn.ConstantPad2d, nn.ConstantPad3d, nn.ZeroPad1d, nn.ZeroPad2d, nn.ZeroPad3d,
                 nn.ReplicationPad1d, nn.ReplicationPad2d, nn.ReplicationPad3d,
                 nn.ReflectionPad1d, nn.ReflectionPad2d, nn.ReflectionPad3d, nn.CircularPad1d, nn.CircularPad2d,
@@ -289,8 +294,11 @@ def pad_spec(node: fx.Node, gm: fx.GraphModule, t_axis: int, ndim: int) -> Optio
         pad, value = tuple(int(p) for p in mod.padding), float(getattr(mod, "value", 0.0))
     elif node.op == "call_function" and node.target is F.pad:
         b = _bind(("input", "pad", "mode", "value"), {"mode": "constant", "value": None}, node.args, node.kwargs)
-        pad, mode = tuple(int(p) for p in b["pad"]), b["mode"]
-        value = float(b["value"] or 0.0)
+        pad = tuple(int(_recorded(p, "clip")) for p in b["pad"])
+        if any(isinstance(p, fx.Node) and _recorded(p, "longer") != _recorded(p, "clip") for p in b["pad"]):
+            raise ConversionError("the padding depends on the clip length", node=node,
+                                  fix="pad by a fixed number of frames")
+        mode, value = b["mode"], float(b["value"] or 0.0)
     else:
         return None
     spec = PadSpec(t_axis=t_axis, pad=pad, mode=mode, value=value, ndim=ndim)

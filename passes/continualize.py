@@ -254,11 +254,12 @@ class _Builder:
                                                name=f"{node.name}_per_frame")
                     for d in arg:
                         labels[d] = 1
-            else:
-                value = self.g.create_node("call_function", fn, (value, arg), {}, name=f"{node.name}_per_frame")
+            else:   # adaptive pooling: guarded, it rejects chunks without frames
                 for i, size in enumerate(arg):
                     if size is not None:
                         labels[i + 2] = size
+                value = self.add_kernel(f"{node.name}_per_frame", K.Framewise(self.ctx, fn, None, labels),
+                                        (value, arg), node_name=f"{node.name}_per_frame")
         raw = spec.mode == "raw"
         if raw:
             labels.append(spec.window)

@@ -20,6 +20,7 @@ from torch.utils._pytree import tree_flatten
 from cofx.errors import ConversionError
 
 from .layout import Labels, time_axes
+from .node_kind import attention_hint
 from .shape_runs import RecordingInterpreter
 
 
@@ -64,8 +65,10 @@ def check_framewise(gm: fx.GraphModule, clip: torch.Tensor) -> None:
     gen = torch.Generator().manual_seed(0)
     untraceable = gm.meta.get("cofx_untraceable", {})
 
+    failures = []
+
     def on_node(node, args, kwargs, result):
-        if not node.meta.get("cofx_check"):
+        if failures or not node.meta.get("cofx_check"):
             return
         streams = [a for a in node.all_input_nodes if a.meta.get("cofx_role") == "stream"
                    and isinstance(a.meta.get("cofx_layout"), Labels)]
@@ -80,13 +83,17 @@ def check_framewise(gm: fx.GraphModule, clip: torch.Tensor) -> None:
         p_kwargs = _perturb_args(node.kwargs, kwargs, frame, gen)
         out_p = getattr(interp, node.op)(node.target, p_args, p_kwargs)
         if not _other_frames_equal(node, result, out_p, frame):
-            why = "does not act frame by frame: changing one input frame changed other output frames"
-            fix = "ops that mix frames (softmax/cumsum/norms over time, attention) are not supported"
+            hint = attention_hint(node, gm)
+            why = "does not act frame by frame: changing one input frame changed other output frames." + hint
+            fix = "attention across time is not supported yet" if hint else \
+                "ops that mix frames (softmax/cumsum/norms over time, attention) are not supported"
             if node.op == "call_module" and node.target in untraceable:
                 why += f" (torch.fx could not trace into it: {untraceable[node.target]})"
                 fix = "make the module traceable so cofx can see its temporal ops"
-            raise ConversionError(why, node=node, fix=fix)
+            failures.append(ConversionError(why, node=node, fix=fix))
 
     interp = RecordingInterpreter(gm, "clip", on_node=on_node)
     with torch.no_grad():
         interp.run(clip)
+    if failures:
+        raise failures[0]

@@ -55,6 +55,45 @@ ATTENTION = (nn.MultiheadAttention, nn.TransformerEncoderLayer, nn.TransformerDe
              nn.TransformerEncoder, nn.TransformerDecoder, nn.Transformer)
 
 
+_ATTENTION_FUNCTIONS = {F.scaled_dot_product_attention, torch.matmul, torch.bmm, operator.matmul, torch.einsum,
+                        F.multi_head_attention_forward}
+
+
+def _attention_like(n: fx.Node, gm: fx.GraphModule):
+    """A description of `n` if it is attention (a module, a wrapped function or a product), else None."""
+    if n.op == "call_module":
+        mod = gm.get_submodule(n.target)
+        if "attention" in type(mod).__name__.lower() or isinstance(mod, ATTENTION):
+            return f"module '{n.target}', {type(mod).__name__}"
+    if n.op != "call_function":
+        return None
+    name = getattr(n.target, "__name__", str(n.target))
+    if n.target in _ATTENTION_FUNCTIONS or "attention" in name.lower():
+        owner = next((f"module '{path}', {getattr(cls, '__name__', cls)}"
+                      for path, cls in reversed(list(n.meta.get("nn_module_stack", {}).values()))
+                      if "attention" in str(getattr(cls, "__name__", cls)).lower()), None)
+        return owner or name
+    return None
+
+
+def attention_hint(node: fx.Node, gm: fx.GraphModule) -> str:
+    """' It is/feeds attention at ...' when `node` is or leads to attention, else ''."""
+    own = _attention_like(node, gm)
+    if own:
+        return f" It is attention across time ({own})."
+    todo, seen = list(node.users), set()
+    while todo and len(seen) < 500:
+        n = todo.pop(0)
+        if n in seen:
+            continue
+        seen.add(n)
+        found = _attention_like(n, gm)
+        if found:
+            return f" It feeds attention at node '{n.name}' ({found})."
+        todo.extend(n.users)
+    return ""
+
+
 def node_inputs(node: fx.Node) -> list:
     leaves, _ = tree_flatten((node.args, node.kwargs))
     return [a for a in leaves if isinstance(a, fx.Node)]
@@ -71,6 +110,13 @@ def _time_len(node: fx.Node, run: str) -> int:
 
 def _is_int_label(node: fx.Node, labels=("T", "BT")) -> bool:
     return node.meta.get("cofx_role") == "shape" and node.meta.get("cofx_layout") in labels
+
+
+def _numel(rec) -> int:
+    n = 1
+    for s in rec.shape:
+        n *= s
+    return n
 
 
 def _dims(v, ndim: int) -> Optional[list]:
@@ -173,6 +219,10 @@ class _Classifier:
         if node.op == "call_module" and isinstance(self.module(node), RECURRENT):
             raise ConversionError("recurrent layers over time are not supported yet", node=node,
                                   fix="convert the convolutional part only")
+        if streams and folded and node.meta.get("cofx_longer_failed"):
+            # a clip-wide result merged back into the stream (it cannot run on longer clips)
+            self.set(node, "stream", "merge", time=streams[0].meta["cofx_time"])
+            return
         if streams and node.meta.get("cofx_longer_failed"):
             raise ConversionError(f"the model fails on clips longer than the example "
                                   f"({self.longer_errors.get(node.name) or next(iter(self.longer_errors.values()), '')})",
@@ -246,11 +296,20 @@ class _Classifier:
                 for run in ("clip", "longer"):
                     if a.meta["cofx_runs"].get(run) is None or node.meta["cofx_longer_failed"]:
                         continue
-                    if _time_len(a, run) != clip_value(node, run).shape[t_out]:
-                        raise ConversionError(
-                            f"changes the number of frames ({_time_len(a, run)} in, "
-                            f"{clip_value(node, run).shape[t_out]} out)", node=node,
-                            fix="ops that concatenate, repeat, interpolate or index along time are not supported")
+                    n_in, n_out = _time_len(a, run), clip_value(node, run).shape[t_out]
+                    if n_in == n_out:
+                        continue
+                    merged = len(layout) < len(a.meta["cofx_layout"]) and \
+                        _numel(clip_value(node)) == _numel(clip_value(a))
+                    if merged and len(streams) == 1 and not folded:
+                        # time flattened into features: the whole clip is consumed, as by a global pooling
+                        self.reduction(node, x, streams, folded)
+                        node.meta["cofx_flattens"] = True
+                        return
+                    hint = attention_hint(node, self.gm)
+                    raise ConversionError(f"changes the number of frames ({n_in} in, {n_out} out).{hint}",
+                                          node=node, fix="ops that concatenate, repeat, interpolate or index "
+                                          "along time are not supported")
         self.check_int_args(node, (node.op, node.target) in RESHAPES)
         n_time = len(streams) + len(folded)
         self.set(node, "stream", "merge" if n_time > 1 else "pointwise", time=t_out, check=True)
@@ -261,9 +320,8 @@ class _Classifier:
         entry = _index_entry(node.args[1], ndim, t)
         if isinstance(entry, slice) and entry == slice(None):
             return False
-        if not isinstance(entry, slice):
-            raise ConversionError("indexes single frames along time", node=node,
-                                  fix="only constant slices along time (crops such as x[:, :, 1:-1]) are supported")
+        if t_out is None or not isinstance(entry, slice):
+            return False   # picks fixed frames of the clip (x[:, :, -1]): a global reduction
         spec = self.crop_from(node, x, entry.start, entry.stop, entry.step)
         self.check_int_args(node, True)
         self.set(node, "stream", "sliding", time=t_out, spec=spec)
@@ -309,7 +367,7 @@ class _Classifier:
                                   "(a product over time, as in attention)", node=node,
                                   fix="attention across time is not supported yet")
         labels = node.meta["cofx_layout"]
-        if isinstance(labels, Labels) and "B" not in labels:
+        if isinstance(labels, Labels) and "B" not in labels and "BT" not in labels:
             raise ConversionError("mixes the batch (independent streams) into one value", node=node)
         self.check_int_args(node, (node.op, node.target) in RESHAPES)
         t_in = x.meta["cofx_time"]
@@ -357,6 +415,15 @@ class _Classifier:
     def folded_op(self, node):
         layout = node.meta["cofx_layout"]
         if has_time(layout) and not node.meta.get("cofx_longer_failed"):
+            origin = next((a for a in node_inputs(node) if a.meta.get("cofx_flattens")), None)
+            if origin is not None or any(a.meta.get("cofx_kind") == "pointwise" and
+                                         a.meta.get("cofx_role") == "folded" for a in node_inputs(node)):
+                hint = attention_hint(node, self.gm)
+                raise ConversionError(
+                    "works on time flattened together with other dimensions (as tokens or features) "
+                    f"mid-network.{hint}", node=node,
+                    fix="attention across time is not supported yet" if hint else
+                    "keep time as its own dimension until a global temporal pooling")
             raise ConversionError("brings time back after a global temporal reduction", node=node)
         for a in node_inputs(node):
             if a.meta["cofx_role"] == "shape" and a.meta["cofx_layout"] in ("B", "T", "BT") \
@@ -365,6 +432,7 @@ class _Classifier:
                                       "temporal reduction", node=node,
                                       fix="read sizes from the tensor at hand (x.shape[0]) or use reshape")
         self.set(node, "folded", "pointwise")
+        node.meta["cofx_flattens"] = any(a.meta.get("cofx_flattens") for a in node_inputs(node))
 
     # -- where do reductions end up -------------------------------------------------------------
     def place_reductions(self):

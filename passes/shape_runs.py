@@ -28,6 +28,8 @@ import torch
 import torch.fx as fx
 from torch.utils._pytree import tree_flatten, tree_map
 
+from cofx.errors import ConversionError
+
 
 @dataclass(frozen=True)
 class Rec:
@@ -46,6 +48,17 @@ FAILED = _Failed()
 def _contains_failed(value) -> bool:
     leaves, _ = tree_flatten(value)
     return any(v is FAILED for v in leaves)
+
+
+def _mutable(value):
+    """Plain lists and dicts for fx's immutable containers (some traced helpers mutate their arguments)."""
+    if isinstance(value, list):
+        return [_mutable(v) for v in value]
+    if isinstance(value, tuple):
+        return tuple(_mutable(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _mutable(v) for k, v in value.items()}
+    return value
 
 
 def _summarise(value):
@@ -76,8 +89,9 @@ class RecordingInterpreter(fx.Interpreter):
         self.errors: dict[str, str] = {}
 
     def run_node(self, n: fx.Node) -> Any:
+        self.current_node = n
         with self._set_current_node(n):
-            args, kwargs = self.fetch_args_kwargs_from_env(n)
+            args, kwargs = _mutable(self.fetch_args_kwargs_from_env(n))
             if _contains_failed((args, kwargs)):
                 result = FAILED
             else:
@@ -100,6 +114,14 @@ def record_runs(gm: fx.GraphModule, inputs: Mapping[str, torch.Tensor], tolerant
     with torch.no_grad():
         for run, x in inputs.items():
             interp = RecordingInterpreter(gm, run, tolerate_failures=run in tolerant)
-            interp.run(x)
+            try:
+                interp.run(x)
+            except Exception as e:
+                node = interp.current_node if hasattr(interp, "current_node") else None
+                what = {"clip": "the example clip", "batch": "a batch of two streams"}.get(run, f"the {run} input")
+                raise ConversionError(f"the traced model fails on {what} ({type(e).__name__}: "
+                                      f"{str(e).splitlines()[0]})", node=node,
+                                      fix="each row of the batch must be an independent stream"
+                                      if run == "batch" else "check the example input's shape") from e
             errors[run] = interp.errors
     return errors

@@ -1,0 +1,196 @@
+"""Guarantee 5: every unsupported op and every bad stream gets an error naming the cause and the fix."""
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import cofx
+
+
+def clip(c=3, t=8, hw=4, dtype=torch.float32):
+    return torch.randn(1, c, t, hw, hw, dtype=dtype)
+
+
+class Lambda(nn.Module):
+    def __init__(self, fn):
+        super().__init__()
+        self.conv = nn.Conv3d(3, 4, 3, padding=1)
+        self.fn = fn
+
+    def forward(self, x):
+        return self.fn(self.conv(x))
+
+
+@pytest.mark.parametrize("fn,message", [
+    (lambda x: F.interpolate(x, scale_factor=(2, 1, 1)), "changes the number of frames"),
+    (lambda x: x.flip(2), "does not act frame by frame"),
+    (lambda x: x.cumsum(2), "does not act frame by frame"),
+    (lambda x: torch.sort(x, 2)[0], "does not act frame by frame"),
+    (lambda x: x.softmax(2), "does not act frame by frame"),
+    (lambda x: torch.cat([x, x], 2), "changes the number of frames"),
+    (lambda x: x.flatten(2).transpose(1, 2).softmax(1), "time flattened together with other dimensions"),
+])
+def test_unsupported_ops_are_refused(fn, message):
+    with pytest.raises(cofx.ConversionError, match=message) as err:
+        cofx.convert(Lambda(fn).eval(), clip())
+    text = str(err.value)
+    assert "node '" in text and "fix:" in text
+    assert "test_errors.py" in text  # the user's source line
+
+
+class TemporalAttention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv1d(3, 8, 3, padding=1)
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+
+    def forward(self, x):
+        y = self.conv(x).transpose(1, 2)
+        return self.attn(y, y, y)[0]
+
+
+def test_attention_across_time_is_refused_by_name():
+    with pytest.raises(cofx.ConversionError, match="attention across time is not supported yet") as err:
+        cofx.convert(TemporalAttention().eval(), torch.randn(1, 3, 10))
+    assert "'attn'" in str(err.value)
+
+
+class SelfMadeAttention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.q = nn.Conv1d(3, 8, 1)
+
+    def forward(self, x):
+        q = self.q(x)
+        w = torch.softmax(q.transpose(1, 2) @ q, -1)
+        return q @ w
+
+
+def test_products_over_time_are_named_attention():
+    with pytest.raises(cofx.ConversionError, match="attention") as err:
+        cofx.convert(SelfMadeAttention().eval(), torch.randn(1, 3, 10))
+    assert "matmul" in str(err.value)
+
+
+class GateFromFlattenedClip(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv1d(3, 4, 3, padding=1)
+        self.fc = nn.Linear(4 * 8, 4)
+
+    def forward(self, x):
+        y = self.conv(x)
+        gate = torch.sigmoid(self.fc(y.flatten(1)))[:, :, None]
+        return y * gate
+
+
+def test_flattening_time_into_features_mid_network_is_refused():
+    with pytest.raises(cofx.ConversionError, match="feeds back into the stream"):
+        cofx.convert(GateFromFlattenedClip().eval(), torch.randn(1, 3, 8))
+
+
+def test_recurrent_layers_are_refused_until_supported():
+    class Rnn(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn = nn.GRU(3, 4, batch_first=True)
+
+        def forward(self, x):
+            return self.rnn(x.transpose(1, 2))[0]
+    with pytest.raises(cofx.ConversionError, match="recurrent"):
+        cofx.convert(Rnn().eval(), torch.randn(1, 3, 6))
+
+
+def test_time_derived_numbers_are_refused():
+    class PositionFromClipLength(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv1d(3, 4, 1)
+
+        def forward(self, x):
+            y = self.conv(x)
+            return y + torch.arange(y.shape[2], dtype=y.dtype)
+    with pytest.raises(cofx.ConversionError, match="clip length"):
+        cofx.convert(PositionFromClipLength().eval(), torch.randn(1, 3, 6))
+
+
+def test_models_with_fixed_clip_length_are_refused():
+    class Fixed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv1d(3, 4, 3, padding=1)
+
+        def forward(self, x):
+            return self.conv(x).view(x.shape[0], 4, 8)
+    with pytest.raises(cofx.ConversionError, match="fails on clips longer than the example"):
+        cofx.convert(Fixed().eval(), torch.randn(1, 3, 8))
+
+
+def test_bad_arguments():
+    model = Lambda(torch.relu).eval()
+    with pytest.raises(cofx.ConversionError, match="no time dimension"):
+        cofx.convert(model, torch.randn(3, 4))
+    with pytest.raises(cofx.ConversionError, match="window= names \\['nope'\\]"):
+        cofx.convert(model, clip(), window={"nope": 3})
+    with pytest.raises(ValueError, match="init must be one of"):
+        cofx.convert(model, clip(), init="mirror")
+    with pytest.raises(TypeError, match="takes an nn.Module"):
+        cofx.convert(lambda x: x, clip())
+    with pytest.raises(cofx.ConversionError, match="clip length is not implied"):
+        cofx.convert(model)
+
+
+class TwoInputs(nn.Module):
+    def forward(self, x, y):
+        return x + y
+
+
+def test_more_than_one_input():
+    with pytest.raises(cofx.ConversionError, match="more than one input"):
+        cofx.convert(TwoInputs(), clip())
+
+
+@pytest.fixture
+def co():
+    model = nn.Sequential(nn.Conv3d(3, 4, 3, padding=1), nn.BatchNorm3d(4)).eval()
+    return cofx.convert(model, clip())
+
+
+def test_wrong_frame_shape(co):
+    with pytest.raises(cofx.StreamError, match=r"expected input shaped \(B, 3, 4, 4\), got \(1, 3, 5, 5\)"):
+        co.forward_step(torch.randn(1, 3, 5, 5))
+    with pytest.raises(cofx.StreamError, match="use forward_steps"):
+        co.forward_step(clip())
+    with pytest.raises(cofx.StreamError, match=r"\(B, 3, T, 4, 4\).*use forward_step"):
+        co.forward_steps(torch.randn(1, 3, 4, 4))
+
+
+def test_wrong_dtype_and_device(co):
+    with pytest.raises(cofx.StreamError, match="dtype torch.float64 differs from the model's torch.float32"):
+        co.forward_step(torch.randn(1, 3, 4, 4, dtype=torch.float64))
+    with pytest.raises(cofx.StreamError, match="input is on meta but the model is on cpu"):
+        co.forward_step(torch.randn(1, 3, 4, 4, device="meta"))
+    with pytest.raises(TypeError, match="expected a tensor"):
+        co.forward_step(np.zeros((1, 3, 4, 4)))
+
+
+def test_batch_size_changed_mid_stream(co):
+    co.forward_step(torch.randn(2, 3, 4, 4))
+    with pytest.raises(cofx.StreamError, match="batch size changed mid-stream from 2 to 3.*clean_state"):
+        co.forward_step(torch.randn(3, 3, 4, 4))
+    co.clean_state()
+    co.forward_step(torch.randn(3, 3, 4, 4))
+
+
+def test_training_mode_batchnorm_while_stepping(co):
+    co.train()
+    with pytest.raises(cofx.StreamError, match="training mode.*co.eval\\(\\)"):
+        co.forward_step(torch.randn(1, 3, 4, 4))
+    co.eval()
+    assert co.forward_step(torch.randn(1, 3, 4, 4)) is None
+
+
+def test_state_from_another_model_is_refused(co):
+    with pytest.raises(cofx.StreamError, match="state keys do not match"):
+        co.set_state({"x": 1})

@@ -1,0 +1,226 @@
+"""Models written the many ways people write them: each converts exactly."""
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import cofx
+from guarantees import assert_delay, assert_equivalent, assert_stream_discipline
+
+D = torch.float64
+
+
+def check(model, clip, stream_len=30, **kwargs):
+    model = model.double().eval()
+    co = cofx.convert(model, clip, **kwargs)
+    assert co.is_exact
+    assert_equivalent(co, model, clip)
+    shape = list(clip.shape)
+    shape[kwargs.get("time_dim", 2)] = stream_len
+    stream = torch.randn(shape, dtype=D)
+    assert_stream_discipline(co, stream)
+    assert_delay(co, stream)
+    return co
+
+
+class CausalTCN(nn.Module):
+    """Sensor-style TCN: causal padding with F.pad, dilated convs, residuals, per-frame output."""
+    def __init__(self):
+        super().__init__()
+        self.convs = nn.ModuleList(nn.Conv1d(4, 4, 3, dilation=d) for d in (1, 2, 4))
+        self.inp = nn.Conv1d(3, 4, 1)
+
+    def forward(self, x):
+        x = self.inp(x)
+        for i, conv in enumerate(self.convs):
+            d = 2 ** i
+            x = x + torch.relu(conv(F.pad(x, (2 * d, 0))))
+        return x
+
+
+def test_causal_tcn_has_no_delay():
+    co = check(CausalTCN(), torch.randn(2, 3, 16, dtype=D))
+    assert co.delay == 0 and co.receptive_field == 15
+
+
+class TimeLast(nn.Module):
+    """(B, T, C) input, as sensor and skeleton pipelines often feed it; time_dim=1."""
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv1d(6, 8, 5, padding=2)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x):
+        y = torch.relu(self.conv(x.transpose(1, 2)))
+        return self.fc(y.transpose(1, 2))
+
+
+def test_time_dim_1():
+    co = check(TimeLast(), torch.randn(2, 10, 6, dtype=D), time_dim=1)
+    assert co.forward_step(torch.randn(2, 6, dtype=D)) is None   # delay 2
+
+
+class FramesThrough2DCNN(nn.Module):
+    """TSN-style: frames folded into the batch for a 2D CNN, unfolded, temporal conv, mean over time."""
+    def __init__(self):
+        super().__init__()
+        self.cnn = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+                                 nn.AdaptiveAvgPool2d(1))
+        self.temporal = nn.Conv1d(4, 4, 3, padding=1)
+        self.fc = nn.Linear(4, 5)
+
+    def forward(self, x):
+        b, c, t, h, w = x.shape
+        y = self.cnn(x.transpose(1, 2).reshape(b * t, c, h, w))
+        y = y.view(b, t, -1).transpose(1, 2)
+        y = self.temporal(y)
+        return self.fc(y.mean(2))
+
+
+def test_frames_through_a_2d_cnn():
+    check(FramesThrough2DCNN(), torch.randn(2, 3, 6, 5, 5, dtype=D))
+
+
+class Skeleton(nn.Module):
+    """ST-GCN-style: (B, C, T, V) with Conv2d kernels (9, 1) over time and a joint-mixing matmul."""
+    def __init__(self):
+        super().__init__()
+        self.adj = nn.Parameter(torch.rand(5, 5))
+        self.spatial = nn.Conv2d(3, 8, 1)
+        self.temporal = nn.Conv2d(8, 8, (9, 1), padding=(4, 0), stride=(2, 1))
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        y = torch.einsum("bctv,vw->bctw", self.spatial(x), self.adj)
+        y = torch.relu(self.temporal(y))
+        return self.fc(F.adaptive_avg_pool2d(y, 1).flatten(1))
+
+
+def test_skeleton_model_with_einsum_over_joints():
+    co = check(Skeleton(), torch.randn(2, 3, 12, 5, dtype=D))
+    assert co.stride == 2
+
+
+class FlattenedClipClassifier(nn.Module):
+    """A TCN whose classifier reads the whole clip flattened into features: a window of the clip length."""
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv1d(3, 4, 3, padding=1)
+        self.fc = nn.Linear(4 * 8, 2)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.conv(x)).flatten(1))
+
+
+def test_classifier_over_the_flattened_clip():
+    co = check(FlattenedClipClassifier(), torch.randn(2, 3, 8, dtype=D))
+    assert next(r for r in co.report if r.name == "flatten").kind == "reduction"
+    assert co.delay == 8 and co.receptive_field == 10
+
+
+class LastFrame(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv1d(3, 4, 3, padding=1)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return y[:, :, -1] + y[:, :, 0] + y[:, :, 2:5].amax(2)
+
+
+def test_fixed_frames_of_the_clip_become_windows():
+    check(LastFrame(), torch.randn(2, 3, 7, dtype=D))
+
+
+class MaxOverTime(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv1d(3, 4, 3, padding=1)
+
+    def forward(self, x):
+        values, index = self.conv(x).max(dim=2)
+        return values + index.to(values.dtype)
+
+
+def test_max_with_indices_over_time():
+    check(MaxOverTime(), torch.randn(2, 3, 7, dtype=D))
+
+
+class NumpyKernels(nn.Module):
+    """pytorchvideo keeps kernel sizes as numpy integers."""
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv3d(3, 4, (int(np.int64(3)), 1, 1), padding=(1, 0, 0))
+        self.k = np.int64(3)
+
+    def forward(self, x):
+        return F.avg_pool3d(self.conv(x), kernel_size=(self.k, 1, 1), stride=1)
+
+
+def test_numpy_integers_in_arguments():
+    check(NumpyKernels(), torch.randn(2, 3, 6, 4, 4, dtype=D))
+
+
+class SwishFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x * torch.sigmoid(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g
+
+
+class Swish(nn.Module):
+    def forward(self, x):
+        return SwishFn.apply(x)
+
+
+class NeighbourMix(nn.Module):
+    def forward(self, x):
+        if x.sum() > -1e9:   # data-dependent control flow: untraceable
+            return x + x.roll(1, 2)
+        return x
+
+
+class WithCustomModules(nn.Module):
+    def __init__(self, act):
+        super().__init__()
+        self.conv = nn.Conv3d(3, 4, 3, padding=1)
+        self.act = act
+
+    def forward(self, x):
+        return self.act(self.conv(x))
+
+
+def test_untraceable_frame_by_frame_modules_become_leaves():
+    check(WithCustomModules(Swish()), torch.randn(2, 3, 6, 4, 4, dtype=D))
+
+
+def test_untraceable_modules_that_mix_frames_are_refused():
+    with pytest.raises(cofx.ConversionError, match="'act'.*does not act frame by frame.*could not trace"):
+        cofx.convert(WithCustomModules(NeighbourMix()).eval(), torch.randn(1, 3, 6, 4, 4))
+
+
+def test_leaf_modules_by_type_name_and_instance():
+    swish = Swish()
+    for leaves in ([Swish], ["act"], [swish]):
+        co = cofx.convert(WithCustomModules(swish).eval(), torch.randn(1, 3, 6, 4, 4), leaf_modules=leaves)
+        assert any(n.op == "call_module" and n.target == "act" for n in co.graph.nodes)
+
+
+class Strided(nn.Module):
+    """Temporal subsampling by slicing, then a strided pool."""
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv1d(3, 4, 3, padding=1)
+
+    def forward(self, x):
+        y = self.conv(x)[:, :, 1::2]
+        return F.max_pool1d(y, 2, 2)
+
+
+def test_strided_slices():
+    co = check(Strided(), torch.randn(2, 3, 13, dtype=D), stream_len=40)
+    assert co.stride == 4
