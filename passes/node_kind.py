@@ -25,6 +25,7 @@ Example::
 """
 from __future__ import annotations
 
+import fnmatch
 import operator
 from typing import Mapping, Optional
 
@@ -154,10 +155,18 @@ class _Classifier:
         return self.gm.get_submodule(node.target) if node.op == "call_module" else None
 
     def window_for(self, node, clip_window):
-        for key in (node.target if node.op == "call_module" else None, node.name):
-            if key is not None and key in self.windows:
-                self.used_windows.add(key)
-                return int(self.windows[key])
+        """The user's window for this reduction: keys are glob patterns over the node name, the module
+        path, and the paths and class names of the modules that contain it; the innermost match wins."""
+        names = [node.name]
+        if node.op == "call_module":
+            names += [node.target, type(self.module(node)).__name__]
+        for path, cls in reversed(list(node.meta.get("nn_module_stack", {}).values())):
+            names += [path, getattr(cls, "__name__", str(cls))]
+        for name in names:
+            for key, frames in self.windows.items():
+                if fnmatch.fnmatchcase(name, key):
+                    self.used_windows.add(key)
+                    return int(frames)
         return clip_window
 
     def set(self, node, role, kind, **extra):

@@ -9,7 +9,7 @@ import cofx
 
 
 def max_err(a, b) -> float:
-    return float((a - b).abs().max()) if a.numel() else 0.0
+    return float((a - b).detach().abs().max()) if a.numel() else 0.0
 
 
 def tolerance(ref: torch.Tensor) -> float:

@@ -1,0 +1,153 @@
+"""The converted model's contract: same weights and forward, call modes, options, readable code."""
+import pytest
+import torch
+from torch import nn
+
+import cofx
+from guarantees import assert_equivalent, max_err
+
+D = torch.float64
+
+
+class ClipPool(nn.Module):
+    """An X3D-like head: a temporal conv, a pool spanning the clip, a classifier."""
+    def __init__(self, clip=6):
+        super().__init__()
+        self.conv = nn.Conv3d(3, 4, 3, padding=1)
+        self.bn = nn.BatchNorm3d(4)
+        self.pool = nn.AvgPool3d((clip, 4, 4))
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x):
+        y = self.pool(torch.relu(self.bn(self.conv(x))))
+        return self.fc(y.flatten(1))
+
+
+def model_and_clip(clip=6):
+    torch.manual_seed(0)
+    model = ClipPool(clip).double().eval()
+    with torch.no_grad():
+        model.bn.running_mean.uniform_(-1, 1)
+        model.bn.running_var.uniform_(0.5, 2)
+    return model, torch.randn(2, 3, clip, 4, 4, dtype=D)
+
+
+def test_same_weights_state_dict_and_forward():
+    model, clip = model_and_clip()
+    co = cofx.convert(model, clip)
+    assert list(co.state_dict()) == list(model.state_dict())
+    for (k, a), b in zip(co.state_dict().items(), model.state_dict().values()):
+        assert a is b or torch.equal(a, b), k
+    assert co.conv.weight is model.conv.weight
+    assert torch.equal(co(clip), model(clip))
+    co.load_state_dict(model.state_dict())   # strict: same keys
+
+
+def test_clip_length_is_implied_by_the_pool():
+    model, clip = model_and_clip(5)
+    co = cofx.convert(model)
+    assert co.clip_shape == (1, 3, 5, 4, 4)
+    assert co.delay == 5 and co.receptive_field == 7
+    assert_equivalent(co, model, torch.randn(1, 3, 5, 4, 4, dtype=D))
+
+
+def test_call_modes():
+    model, clip = model_and_clip()
+    co = cofx.convert(model, clip)
+    frames = [clip[:, :, i] for i in range(clip.shape[2])]
+    expected = [co.forward_step(f) for f in frames]
+    co.clean_state()
+    co.call_mode = "forward_step"
+    got = [co(f) for f in frames]
+    assert [g is None for g in got] == [e is None for e in expected]
+    assert all(torch.equal(g, e) for g, e in zip(got, expected) if e is not None)
+    co.call_mode = "forward"
+    co.clean_state()
+    with cofx.call_mode("forward_steps"):
+        steps = co(torch.cat([clip, clip], 2))
+    co.clean_state()
+    assert torch.equal(steps, co.forward_steps(torch.cat([clip, clip], 2)))
+    assert torch.equal(co(clip), model(clip))
+    with pytest.raises(ValueError, match="call_mode must be one of"):
+        co.call_mode = "backward"
+
+
+def test_window_of_the_clip_pool_can_be_extended():
+    """The X3D option: pool over more frames than the trained clip (a sliding window, reported)."""
+    model, clip = model_and_clip(4)
+    co = cofx.convert(model, clip, window={"pool": 9})
+    assert not co.is_exact
+    row = next(r for r in co.report if r.name == "pool")
+    assert row.kind == "windowed" and row.kernel == 9
+    longer = ClipPool(9).double().eval()
+    longer.load_state_dict(model.state_dict())
+    stream = torch.randn(1, 3, 9, 4, 4, dtype=D)
+    out = co.forward_steps(stream, pad_end=True)
+    assert max_err(out[..., -1], longer(stream)) < 1e-12
+    with pytest.raises(cofx.ConversionError, match="strict=True refuses windowed approximations: pool"):
+        cofx.convert(model, clip, window={"pool": 9}, strict=True)
+
+
+def test_replicate_init_has_no_transient_on_a_still_scene():
+    model, clip = model_and_clip()
+    still = torch.randn(1, 3, 1, 4, 4, dtype=D).expand(1, 3, 20, 4, 4)
+    co_zero = cofx.convert(model, clip)
+    co_rep = cofx.convert(model, clip, init="replicate")
+    assert co_zero.is_exact and not co_rep.is_exact
+    z = co_zero.forward_steps(still)
+    r = co_rep.forward_steps(still)
+    assert z.shape == r.shape
+    steady = r[..., -1:]
+    assert max_err(r, steady.expand_as(r)) < 1e-12        # constant from the first output
+    assert max_err(z[..., :1], steady) > 1e-6              # zero padding shows at the start
+    with pytest.raises(cofx.ConversionError, match="init='replicate' is not exact"):
+        cofx.convert(model, clip, init="replicate", strict=True)
+
+
+def test_step_code_is_readable_python():
+    model, clip = model_and_clip()
+    co = cofx.convert(model, clip)
+    code = co.step_code
+    assert "self.co_conv(x, conv_weight, conv_bias)" in code
+    assert "self.bn(" in code and "<" not in code
+    assert "def forward(self, x)" in co.code
+
+
+def test_report_rows_and_table():
+    model, clip = model_and_clip()
+    co = cofx.convert(model, clip)
+    rows = {r.name: r for r in co.report}
+    assert rows["conv"].kind == "sliding" and rows["conv"].kernel == 3 and rows["conv"].padding == (1, 1)
+    assert rows["conv"].delay == 1 and rows["conv"].receptive_field == 3
+    assert rows["conv"].state_bytes == 2 * 3 * 4 * 4 * 8     # two frames of (3, 4, 4) float64
+    assert rows["pool"].kind == "reduction" and rows["pool"].delay == 6
+    assert rows["fc"].kind == "pointwise" and rows["fc"].exact
+    table = str(co.report)
+    assert table.splitlines()[0].split()[:3] == ["node", "op", "kind"]
+    assert len(co.report.to_dicts()) == len(co.report)
+
+
+def test_training_mode_conversion_restores_mode():
+    model, clip = model_and_clip()
+    model.train()
+    co = cofx.convert(model, clip)
+    assert model.training and co.training
+    co.eval()
+    assert_equivalent(co, model.eval(), clip)
+
+
+def test_streams_in_a_batch_are_independent():
+    model, clip = model_and_clip()
+    co = cofx.convert(model, clip)
+    stream = torch.randn(3, 3, 15, 4, 4, dtype=D)
+    together = co.forward_steps(stream, pad_end=True)
+    for b in range(3):
+        alone = co.forward_steps(stream[b:b + 1], pad_end=True)
+        assert torch.allclose(alone, together[b:b + 1], atol=1e-12)
+
+
+def test_float32_within_rounding():
+    model, clip = model_and_clip()
+    model = model.float()
+    co = cofx.convert(model, clip.float())
+    assert_equivalent(co, model, clip.float())
