@@ -18,34 +18,47 @@ _POOLS = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.MaxPool1d, nn.MaxPool2d, 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
-def _sizes_at(gm: fx.GraphModule, target: fx.Node, dim: int, size: int, nd: int) -> int:
-    """Size along `dim` (2 = time) at `target`'s input when the model input has `size` there."""
-    sizes = {}
+def _size_function(gm: fx.GraphModule, target: fx.Node, dim: int):
+    """size(n): the size along `dim` (2 = time) at `target`'s input when the model input has size n there."""
+    steps, index = [], {}
     for node in gm.graph.nodes:
-        if node.op == "placeholder":
-            sizes[node] = size
-            continue
-        ins = [sizes[a] for a in node.all_input_nodes if a in sizes]
-        if not ins:
-            continue
         if node is target:
-            return ins[0]
-        found = sliding_spec(node, gm, dim) if node.op == "call_module" else None
-        if found is None:
-            sizes[node] = ins[0]
-            continue
-        spec = found[0]
-        total = ins[0] + spec.pad_l + spec.pad_r - spec.span
-        sizes[node] = total // spec.s + 1 if total >= 0 else 0
-    raise ConversionError("could not follow sizes to the clip-wide pooling layer")
+            break
+        ins = [index[a] for a in node.all_input_nodes if a in index]
+        if node.op == "placeholder":
+            index[node] = len(steps)
+            steps.append(None)
+        elif ins:
+            found = sliding_spec(node, gm, dim) if node.op == "call_module" else None
+            index[node] = len(steps)
+            steps.append((ins[0], found[0] if found else None))
+    source = next((index[a] for a in target.all_input_nodes if a in index), None)
+    if source is None:
+        raise ConversionError("could not follow sizes to the clip-wide pooling layer")
+
+    def size(n: int) -> int:
+        sizes = []
+        for step in steps:
+            if step is None:
+                sizes.append(n)
+                continue
+            i, spec = step
+            if spec is None:
+                sizes.append(sizes[i])
+            else:
+                total = sizes[i] + spec.pad_l + spec.pad_r - spec.span
+                sizes.append(total // spec.s + 1 if total >= 0 else 0)
+        return sizes[source]
+    return size
 
 
-def _largest_input(gm, pool, dim, want, nd) -> int:
+def _largest_input(gm, pool, dim, want) -> int:
+    size = _size_function(gm, pool, dim)
     best = None
-    for size in range(1, 4096):
-        at = _sizes_at(gm, pool, dim, size, nd)
+    for n in range(1, 4096):
+        at = size(n)
         if at == want:
-            best = size
+            best = n
         elif at > want:
             break
     if best is None:
@@ -76,6 +89,6 @@ def implied_input(gm: fx.GraphModule, time_dim: int = 2) -> torch.Tensor:
     for i in range(nd):
         dim = 2 + i
         k = spec.kernel[i]
-        shape.append(_largest_input(gm, pool, dim, k, nd) if k > 1 or dim == time_dim else 32)
+        shape.append(_largest_input(gm, pool, dim, k) if k > 1 or dim == time_dim else 32)
     param = next(gm.parameters())
     return torch.randn(shape, dtype=param.dtype, device=param.device)

@@ -157,3 +157,19 @@ def assert_delay(co, stream):
         results = [co.forward_step(stream.select(t, i)) for i in range(co.delay + 1)]
     assert all(r is None for r in results[:-1]) and results[-1] is not None
     co.clean_state()
+
+
+def assert_chunk_invariance(co, stream, chunk=5):
+    """Guarantee 2 on a long stream, cheaply: frame by frame == one call == fixed chunks."""
+    t = co._info["time_dim"]
+    with torch.no_grad():
+        co.clean_state()
+        whole = co.forward_steps(stream, pad_end=True)
+        co.clean_state()
+        by_frame = steps_frame_by_frame(co, stream)
+        co.clean_state()
+        chunked = steps_in_chunks(co, stream, [chunk] * (stream.shape[t] // chunk) + [stream.shape[t] % chunk])
+    assert whole is not None and by_frame.shape == whole.shape == chunked.shape
+    assert max_err(by_frame, whole) <= tolerance(whole)
+    assert max_err(chunked, whole) <= tolerance(whole)
+    co.clean_state()
