@@ -20,7 +20,7 @@ INITS = ("zeros", "replicate")
 
 def convert(model: nn.Module, example_input: Optional[torch.Tensor] = None, *, strict: bool = False,
             leaf_modules: Iterable = (), time_dim: int = 2, window: Optional[Mapping[str, int]] = None,
-            init: str = "zeros", verbose: bool = False) -> ContinualModule:
+            init: str = "zeros", tune: bool = True, verbose: bool = False) -> ContinualModule:
     """Convert a clip model into a continual model that shares its weights.
 
     Args:
@@ -37,6 +37,8 @@ def convert(model: nn.Module, example_input: Optional[torch.Tensor] = None, *, s
             pool over 64 frames, or 1 for per-frame squeeze-and-excitation.
         init: start padding of every temporal op: ``"zeros"`` (exact) or
             ``"replicate"`` (the first frame repeated; shorter start-up transient).
+        tune: time the equivalent implementations of each Conv3d step on this
+            machine and use the fastest (results differ by float rounding only).
         verbose: print progress.
 
     Returns:
@@ -66,6 +68,9 @@ def convert(model: nn.Module, example_input: Optional[torch.Tensor] = None, *, s
         passes.check_framewise(gm, clip)
         passes.annotate_timing(gm, replicate=init == "replicate")
         _check_strict(gm, strict, init)
+        if tune:
+            say("timing step implementations of each Conv3d")
+            passes.select_kernels(gm)
         ctx = StreamContext(init)
         say("building the continual graph")
         graph, kernels, out_axes, node_kernels = passes.build_step_graph(gm, ctx)
@@ -73,7 +78,7 @@ def convert(model: nn.Module, example_input: Optional[torch.Tensor] = None, *, s
         model.train(was_training)
     info = _summary(gm, clip, time_dim, out_axes, node_kernels, init)
     info["options"] = dict(strict=strict, leaf_modules=tuple(leaf_modules), time_dim=time_dim,
-                           window=dict(window or {}), init=init)
+                           window=dict(window or {}), init=init, tune=tune)
     co = ContinualModule(gm, graph, kernels, ctx, info)
     co.train(was_training)
     say(f"done: receptive field {co.receptive_field}, delay {co.delay}, stride {co.stride}, "

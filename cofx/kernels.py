@@ -85,9 +85,11 @@ class Sliding(Stateful):
 
     def __init__(self, ctx: StreamContext, compute: Callable, t: int, span: int, stride: int,
                  pad_l: int, pad_r: int, pad_value: float, out_labels: Sequence, *,
-                 replicate: bool = False, ceil_mode: bool = False, avg_count: Optional[tuple] = None):
+                 replicate: bool = False, ceil_mode: bool = False, avg_count: Optional[tuple] = None,
+                 window: Optional[Callable] = None):
         super().__init__(ctx)
         self.__dict__["compute"] = compute
+        self.__dict__["window"] = window   # a faster compute for exactly one output window, if any
         self.t, self.span, self.stride = t, span, stride
         self.pad_l, self.pad_r, self.pad_value = pad_l, pad_r, pad_value
         self.keep = max(span - 1, pad_l, 0)
@@ -152,7 +154,9 @@ class Sliding(Stateful):
         if j1 >= self.next_j:
             start = self.next_j * self.stride - base
             count = j1 - self.next_j + 1
-            out = self.compute(cat.narrow(t, start, (count - 1) * self.stride + self.span), *tensors)
+            frames = cat.narrow(t, start, (count - 1) * self.stride + self.span)
+            out = self.window(frames, *tensors) if count == 1 and self.window is not None \
+                else self.compute(frames, *tensors)
             if self.avg_count is not None:
                 out = self._fix_average(out, self.next_j, j1, real_end)
             self.next_j = j1 + 1
@@ -229,6 +233,23 @@ class Framewise(nn.Module):
         if self.method is not None:
             return getattr(args[0], self.method)(*args[1:], **kwargs)
         return self.op(*args, **kwargs)
+
+
+class FrameConv(nn.Module):
+    """A convolution with temporal kernel 1: one frame takes `single` (chosen by timing), chunks `compute`."""
+
+    def __init__(self, ctx: StreamContext, compute: Callable, single: Callable, t: int, out_labels: Sequence):
+        super().__init__()
+        self.__dict__.update(ctx=ctx, compute=compute, single=single)
+        self.t, self.out_labels = t, tuple(out_labels)
+
+    def forward(self, x, *tensors):
+        n = x.shape[self.t]
+        if n == 1:
+            return self.single(x, *tensors)
+        if n == 0:
+            return empty_like_labels(self.out_labels, self.ctx.batch, x)
+        return self.compute(x, *tensors)
 
 
 # ---- layout helpers used by the continual graph -------------------------------------------------

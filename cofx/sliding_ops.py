@@ -111,20 +111,21 @@ class SlidingSpec:
         kernel = tuple(k if i == self.t else v for i, v in enumerate(self.kernel))
         return replace(self, kernel=kernel)
 
+    def _pad_spatial(self, x: torch.Tensor):
+        """(x, padding argument): symmetric zero padding is left to the op, anything else done here."""
+        spatial = [p if i != self.t else (0, 0) for i, p in enumerate(self.pads)]
+        if all(l == r for l, r in spatial) and self.padding_mode == "zeros":
+            return x, tuple(l for l, _ in spatial)
+        flat = [v for pair in reversed(spatial) for v in pair]
+        if self.family == "max_pool":
+            return F.pad(x, flat, value=float("-inf")), 0
+        if self.padding_mode in ("zeros", "constant"):
+            return F.pad(x, flat), 0
+        return F.pad(x, flat, mode=self.padding_mode), 0
+
     def compute(self, x: torch.Tensor, weight=None, bias=None) -> torch.Tensor:
         """The op on frames `x` (time already padded by the caller), spatial padding as the original."""
-        spatial = [p if i != self.t else (0, 0) for i, p in enumerate(self.pads)]
-        symmetric = all(l == r for l, r in spatial) and self.padding_mode == "zeros"
-        if symmetric:
-            padding = tuple(l for l, _ in spatial)
-        else:
-            flat = [v for pair in reversed(spatial) for v in pair]
-            mode = "constant" if self.padding_mode == "zeros" else self.padding_mode
-            if self.family == "max_pool":
-                x = F.pad(x, flat, value=float("-inf"))
-            else:
-                x = F.pad(x, flat, mode=mode) if mode != "constant" else F.pad(x, flat)
-            padding = 0
+        x, padding = self._pad_spatial(x)
         if self.family == "conv":
             return _CONV_FN[self.nd](x, weight, bias, self.stride, padding, self.dilation, self.groups)
         if self.family == "avg_pool":
@@ -132,6 +133,36 @@ class SlidingSpec:
             return _AVG_FN[self.nd](x, self.kernel, self.stride, padding, self.ceil_mode,
                                     self.count_include_pad, *extra)
         return _MAX_FN[self.nd](x, self.kernel, self.stride, padding, self.dilation, self.ceil_mode)
+
+
+    # -- one output frame: ways to compute it that PyTorch's CPU kernels run at very different speeds --------
+    def window_impls(self) -> tuple:
+        """Implementations of `window` for this op (the first is `compute` itself)."""
+        if self.family == "conv" and self.nd == 3 and self.t == 0:
+            return ("conv3d", "fold2d", "taps2d")
+        return ("conv3d",)
+
+    def window(self, impl: str, x: torch.Tensor, weight=None, bias=None) -> torch.Tensor:
+        """The one output frame of a window of exactly `span` frames (time kept, size 1).
+
+        ``fold2d`` folds the temporal taps into the channels of a 2D convolution,
+        ``taps2d`` sums one 2D convolution per tap; both read the same weights.
+        """
+        if impl == "conv3d":
+            return self.compute(x, weight, bias)
+        x, padding = self._pad_spatial(x)
+        padding = padding[1:] if isinstance(padding, tuple) else 0
+        stride, dilation = self.stride[1:], self.dilation[1:]
+        taps = x if self.d == 1 else x[:, :, ::self.d]
+        if impl == "fold2d":
+            b, c, k = taps.shape[:3]
+            folded = taps.reshape(b, c * k, *taps.shape[3:])
+            w = weight.reshape(weight.shape[0], weight.shape[1] * k, *weight.shape[3:])
+            return F.conv2d(folded, w, bias, stride, padding, dilation, self.groups).unsqueeze(2)
+        out = F.conv2d(taps[:, :, 0], weight[:, :, 0], bias, stride, padding, dilation, self.groups)
+        for i in range(1, self.k):
+            out = out + F.conv2d(taps[:, :, i], weight[:, :, i], None, stride, padding, dilation, self.groups)
+        return out.unsqueeze(2)
 
 
 def _bind(names, defaults, args, kwargs) -> dict:

@@ -8,7 +8,8 @@ from .layout import label_layouts
 from .node_kind import classify_nodes
 from .framewise_check import check_framewise
 from .receptive_field import annotate_timing
+from .select_kernels import select_kernels
 from .continualize import build_step_graph
 
 __all__ = ["record_runs", "label_layouts", "classify_nodes", "check_framewise", "annotate_timing",
-           "build_step_graph"]
+           "select_kernels", "build_step_graph"]

@@ -23,6 +23,7 @@ Example::
 """
 from __future__ import annotations
 
+import functools
 import operator
 from typing import Any
 
@@ -147,6 +148,8 @@ class _Builder:
     def pointwise(self, node, replace=None):
         if (node.op, node.target) in RESHAPES:
             return self.reshape(node, replace)
+        if node.meta.get("cofx_impl") not in (None, "conv3d"):
+            return self.frame_conv(node)
         if node.meta.get("cofx_role") == "stream" and isinstance(node.meta["cofx_layout"], Labels) \
                 and not _empty_safe(node, self.gm):
             return self.guard(node, replace)
@@ -182,8 +185,8 @@ class _Builder:
         return self.g.create_node("call_module", name, tuple(args), fx.node.map_arg(node.kwargs, mapped),
                                   name=node.name)
 
-    def sliding(self, node, spec: SlidingSpec):
-        x = node.args[0]
+    def op_tensors(self, node) -> list:
+        """The weight and bias a conv reads, as nodes of the step graph."""
         tensors = []
         for tensor in node.meta["cofx_tensors"]:
             if isinstance(tensor, str):
@@ -192,11 +195,24 @@ class _Builder:
                 tensors.append(self.env[tensor])
             else:
                 tensors.append(tensor)
+        return tensors
+
+    def frame_conv(self, node):
+        spec, x = node.meta["cofx_frame_spec"], node.args[0]
+        kernel = K.FrameConv(self.ctx, spec.compute, functools.partial(spec.window, node.meta["cofx_impl"]),
+                             x.meta["cofx_time"], co_labels(node))
+        return self.add_kernel(node.name, kernel, (self.env[x], *self.op_tensors(node)), node_name=node.name)
+
+    def sliding(self, node, spec: SlidingSpec):
+        x = node.args[0]
+        tensors = self.op_tensors(node)
+        impl = node.meta.get("cofx_impl")
+        window = functools.partial(spec.window, impl) if impl not in (None, "conv3d") else None
         avg = (spec.k, spec.count_include_pad) if spec.family == "avg_pool" and spec.divisor_override is None \
             else None
         kernel = K.Sliding(self.ctx, spec.compute, x.meta["cofx_time"], spec.span, spec.s, spec.pad_l, spec.pad_r,
                            spec.pad_value, co_labels(node), replicate=spec.padding_mode == "replicate",
-                           ceil_mode=spec.ceil_mode, avg_count=avg)
+                           ceil_mode=spec.ceil_mode, avg_count=avg, window=window)
         return self.add_kernel(node.name, kernel, (self.env[x], *tensors), node_name=node.name)
 
     def pad(self, node, spec: PadSpec):

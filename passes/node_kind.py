@@ -263,7 +263,7 @@ class _Classifier:
                 if any(isinstance(a, fx.Node) and a.meta["cofx_role"] == "stream" for a in node.args[1:]):
                     raise ConversionError("the weights of this op change over time", node=node)
                 if spec.trivial:
-                    self.set(node, "stream", "pointwise", time=t_out)
+                    self.set(node, "stream", "pointwise", time=t_out, frame_spec=spec, tensors=tensors)
                     return
                 if t_out is None:
                     raise ConversionError("temporal op without time in its output", node=node)

@@ -105,3 +105,46 @@ def test_functional_forms_match_modules():
     assert [r.kind for r in co.report if r.kind == "sliding"] == ["sliding"] * 3
     assert_equivalent(co, model, clip)
     assert_stream_discipline(co, torch.randn(1, 3, 30, 4, 4, dtype=torch.float64))
+
+
+@st.composite
+def conv3d_windows(draw):
+    k = draw(st.integers(1, 4))
+    d = draw(st.integers(1, 2)) if k > 1 else 1
+    groups = draw(st.sampled_from([1, 2, 4]))
+    ks = draw(st.sampled_from([1, 2, 3]))
+    padding = draw(st.sampled_from(["same", (0, ks // 2, ks // 2), (1, 0, 1)]))
+    stride = (1, draw(st.integers(1, 2)), 1) if padding != "same" else 1
+    conv = nn.Conv3d(4, 4, (k, ks, ks), stride=stride, padding=padding, dilation=(d, 1, 1), groups=groups,
+                     padding_mode=draw(st.sampled_from(["zeros", "replicate"])))
+    return conv.double()
+
+
+@settings(**SETTINGS)
+@given(conv3d_windows())
+def test_every_step_implementation_of_conv3d_computes_the_same_frame(conv):
+    from cofx.sliding_ops import sliding_spec
+    import torch.fx as fx
+    gm = fx.symbolic_trace(nn.Sequential(conv))
+    node = next(n for n in gm.graph.nodes if n.op == "call_module")
+    spec, _ = sliding_spec(node, gm, 2)
+    frames = torch.randn(2, 4, spec.span, 6, 5, dtype=torch.float64)
+    want = spec.compute(frames, conv.weight, conv.bias)
+    for impl in spec.window_impls():
+        got = spec.window(impl, frames, conv.weight, conv.bias)
+        assert got.shape == want.shape and torch.allclose(got, want, atol=1e-12), impl
+
+
+@pytest.mark.parametrize("impl", ["conv3d", "fold2d", "taps2d"])
+def test_conversion_with_each_step_implementation(impl, monkeypatch):
+    """Whatever the timing picks, the stream is exact."""
+    import importlib
+    sk = importlib.import_module("cofx.passes.select_kernels")
+    monkeypatch.setattr(sk, "_fastest", lambda candidates: impl if impl in candidates else next(iter(candidates)))
+    model = nn.Sequential(nn.Conv3d(3, 4, 3, padding=1, dilation=(2, 1, 1)), nn.ReLU(),
+                          nn.Conv3d(4, 4, (3, 1, 1), groups=4, stride=(2, 1, 1)), nn.Conv3d(4, 2, 1)).double().eval()
+    clip = torch.randn(2, 3, 9, 5, 5, dtype=torch.float64)
+    co = cofx.convert(model, clip)
+    assert {n.meta.get("cofx_impl") for n in co.graph.nodes} - {None} == {impl}
+    assert_equivalent(co, model, clip)
+    assert_stream_discipline(co, torch.randn(2, 3, 25, 5, 5, dtype=torch.float64))

@@ -1,0 +1,86 @@
+"""Choose, per op, the fastest way to compute one step on this machine.
+
+PyTorch's CPU Conv3d picks very different kernels for a clip and for the few
+frames of one step (a depthwise 3x3x3 conv over 3 frames can be 30x slower
+than the same work as 2D convolutions). For every Conv3d of the stream this
+pass times the equivalent implementations of one step on the op's real
+shapes and weights and records the fastest:
+
+``conv3d``, ``fold2d`` (temporal taps folded into channels) or ``taps2d``
+(one 2D conv per tap, summed), for the one output frame of a step of a
+sliding conv, and for the one frame of a temporal-kernel-1 conv.
+
+Implementations are checked to agree before one is chosen; all of them read
+the module's weights at call time, so the choice never goes stale.
+
+Writes ``node.meta["cofx_impl"]``.
+
+Example::
+
+    >>> select_kernels(gm)
+    >>> {n.name: n.meta["cofx_impl"] for n in gm.graph.nodes if "cofx_impl" in n.meta}
+    {'conv1': 'fold2d', 'blocks_1_conv_b': 'taps2d', ...}
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.fx as fx
+
+from cofx.sliding_ops import SlidingSpec
+
+
+def _best_seconds(fn, repeats: int = 5) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def _tensor(gm: fx.GraphModule, ref):
+    if ref is None:
+        return None
+    if isinstance(ref, str):
+        value = gm
+        for part in ref.split("."):
+            value = getattr(value, part)
+        return value
+    if isinstance(ref, fx.Node) and ref.op == "get_attr":
+        return _tensor(gm, ref.target)
+    return None
+
+
+def _sample(node: fx.Node, frames: int) -> torch.Tensor:
+    x = node.args[0]
+    rec = x.meta["cofx_runs"]["clip"]
+    shape = list(rec.shape)
+    shape[0], shape[x.meta["cofx_time"]] = 1, frames
+    return torch.randn(shape, dtype=rec.dtype)
+
+
+def _fastest(candidates: dict):
+    results = {name: fn() for name, fn in candidates.items()}
+    first = next(iter(results.values()))
+    scale = float(first.abs().max()) + 1e-30
+    if not all(torch.allclose(r, first, rtol=0, atol=1e-4 * scale) for r in results.values()):
+        return next(iter(candidates))
+    return min(candidates, key=lambda name: _best_seconds(candidates[name]))
+
+
+def select_kernels(gm: fx.GraphModule) -> None:
+    with torch.no_grad():
+        for node in gm.graph.nodes:
+            spec = node.meta.get("cofx_spec") if node.meta.get("cofx_kind") == "sliding" else \
+                node.meta.get("cofx_frame_spec")
+            if not isinstance(spec, SlidingSpec) or len(spec.window_impls()) < 2:
+                continue
+            weight, bias = (_tensor(gm, t) for t in node.meta["cofx_tensors"])
+            if weight is None:
+                continue
+            x = _sample(node, spec.span)
+            node.meta["cofx_impl"] = _fastest(
+                {impl: (lambda impl=impl: spec.window(impl, x, weight, bias)) for impl in spec.window_impls()})
