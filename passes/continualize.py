@@ -39,6 +39,7 @@ from cofx.sliding_ops import PadSpec, SlidingSpec
 
 from .layout import Labels, time_axes
 from .node_kind import RESHAPES, node_inputs
+from .receptive_field import same_readiness
 from .temporal_geometry import CropSpec, ReductionSpec
 
 _EMPTY_SAFE_MODULES = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU,
@@ -319,6 +320,9 @@ class _Builder:
         origins = {self.origin.get(a) for a in ins if a.meta["cofx_role"] == "stream"}
         if len(origins) == 1 and all(a.meta["cofx_role"] == "stream" for a in ins):
             return self.pointwise(node)
+        if same_readiness(self.gm, ins):   # frames arrive together: no delay buffer needed
+            folded_values = {a: v for a, v in zip(ins, values) if a.meta["cofx_role"] == "folded"}
+            return self.pointwise(node, folded_values)
         aligned = self.add_kernel(f"{node.name}_align", K.Align(self.ctx, axes), values,
                                   node_name=f"{node.name}_align")
         replace = {a: self.g.create_node("call_function", operator.getitem, (aligned, i), {},

@@ -23,7 +23,6 @@ Example::
 """
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 
 import torch.fx as fx
@@ -60,33 +59,47 @@ def geometry_of(node: fx.Node):
 
 
 def _time_inputs(node: fx.Node) -> list:
-    return [a for a in node_inputs(node) if a.meta.get("cofx_role") in ("stream", "folded")
-            and a.meta.get("cofx_timing")]
+    return [a for a in node_inputs(node) if a.meta.get("cofx_role") in ("stream", "folded")]
 
 
 class _Readiness:
-    """ready(node, j): the input frame after which output frame j of `node` is available."""
+    """ready(node, j): the input frame after which output frame j of `node` is available.
 
-    def __init__(self, replicate: bool):
-        self.replicate, self.memo = replicate, {}
+    Tables are filled in topological order, each as long as its consumers need,
+    so deep graphs need no recursion.
+    """
+
+    def __init__(self, gm: fx.GraphModule, horizon: int, replicate: bool):
+        nodes = [n for n in gm.graph.nodes if n.op == "placeholder" and n.meta.get("cofx_role") == "stream"
+                 or n.meta.get("cofx_role") in ("stream", "folded") and _time_inputs(n)]
+        length = {n: horizon for n in nodes}
+        for node in reversed(nodes):
+            g = geometry_of(node)
+            need = length[node] if g is None else \
+                max(0, (length[node] - 1) * g.stride + g.span - g.pad_l)
+            for a in _time_inputs(node):
+                length[a] = max(length.get(a, horizon), need, 1)
+        self.tables = {}
+        for node in nodes:
+            n = length[node]
+            if node.op == "placeholder":
+                self.tables[node] = list(range(n))
+                continue
+            g, ins = geometry_of(node), [self.tables[a] for a in _time_inputs(node)]
+            if g is None:
+                self.tables[node] = [max(t[j] for t in ins) for j in range(n)]
+                continue
+            table = []
+            for j in range(n):
+                last = j * g.stride + g.span - 1 - g.pad_l   # the last input frame the window needs
+                if last < 0:   # a window of start padding only: emitted on the first call
+                    table.append(max(t[0] for t in ins) if replicate and g.pad_l > 0 else 0)
+                else:
+                    table.append(max(t[last] for t in ins))
+            self.tables[node] = table
 
     def __call__(self, node: fx.Node, j: int) -> int:
-        key = (node, j)
-        if key not in self.memo:
-            self.memo[key] = self._compute(node, j)
-        return self.memo[key]
-
-    def _compute(self, node, j):
-        if node.op == "placeholder":
-            return j
-        g = geometry_of(node)
-        ins = _time_inputs(node)
-        if g is None:
-            return max(self(a, j) for a in ins)
-        last = j * g.stride + g.span - 1 - g.pad_l   # the last input frame the window needs
-        if last < 0:   # a window of start padding only: emitted on the first call
-            return max(self(a, 0) for a in ins) if self.replicate and g.pad_l > 0 else 0
-        return max(self(a, last) for a in ins)
+        return self.tables[node][j]
 
 
 def merge_timings(node: fx.Node, timings: list) -> Timing:
@@ -98,22 +111,34 @@ def merge_timings(node: fx.Node, timings: list) -> Timing:
                   ready=max(t.ready for t in timings), stride=timings[0].stride)
 
 
+def same_readiness(gm: fx.GraphModule, nodes: list) -> bool:
+    """True when every node emits frame j at the same step, for every j (their merge needs no delay buffer).
+
+    Readiness is affine in j once no window lies in start padding, which happens
+    within `horizon` frames; equal values up to there mean equal for ever.
+    """
+    ready = gm.meta["cofx_readiness"]
+    timings = [n.meta.get("cofx_timing") for n in nodes]
+    if any(t is None for t in timings) or len({t.stride for t in timings}) > 1:
+        return False
+    horizon = gm.meta["cofx_horizon"]
+    return all(len({ready(n, j) for n in nodes}) == 1 for j in range(horizon))
+
+
 def annotate_timing(gm: fx.GraphModule, replicate: bool = False) -> None:
-    ready = _Readiness(replicate)
-    limit = sys.getrecursionlimit()
-    sys.setrecursionlimit(max(limit, 20 * len(gm.graph.nodes) + 1000))
-    try:
-        for node in gm.graph.nodes:
-            role = node.meta.get("cofx_role")
-            if node.op == "placeholder" and role == "stream":
-                node.meta["cofx_timing"] = Timing(0, 0, 0, 1)
-                continue
-            ins = [a.meta["cofx_timing"] for a in _time_inputs(node)]
-            if not ins or role not in ("stream", "folded", "output"):
-                node.meta["cofx_timing"] = None
-                continue
-            merged = merge_timings(node, ins)
-            g = geometry_of(node)
-            node.meta["cofx_timing"] = merged.through(g, ready(node, 0)) if g is not None else merged
-    finally:
-        sys.setrecursionlimit(limit)
+    geometries = [g for g in map(geometry_of, gm.graph.nodes) if g]
+    gm.meta["cofx_horizon"] = horizon = 2 + sum(g.span + abs(g.pad_l) for g in geometries)
+    ready = _Readiness(gm, horizon, replicate)
+    gm.meta["cofx_readiness"] = ready
+    for node in gm.graph.nodes:
+        role = node.meta.get("cofx_role")
+        if node.op == "placeholder" and role == "stream":
+            node.meta["cofx_timing"] = Timing(0, 0, 0, 1)
+            continue
+        ins = [a.meta["cofx_timing"] for a in _time_inputs(node) if a.meta.get("cofx_timing")]
+        if not ins or role not in ("stream", "folded", "output"):
+            node.meta["cofx_timing"] = None
+            continue
+        merged = merge_timings(node, ins)
+        g = geometry_of(node)
+        node.meta["cofx_timing"] = merged.through(g, ready(node, 0)) if g is not None else merged
