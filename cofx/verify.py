@@ -1,0 +1,247 @@
+"""`cofx.verify`: measure that a continual model keeps the guarantees of DESIGN.md, on given or random input.
+
+The checks a user (or their CI) wants before trusting a converted model:
+
+- clip equivalence: from a clean state, ``forward_steps(clip, pad_end=True)``
+  and frame-by-frame stepping plus the end flush equal the original ``model(clip)``;
+- chunk invariance: any split of a stream into chunks gives the outputs of
+  frame-by-frame stepping;
+- state reset: ``clean_state()`` restarts, ``update_state=False`` changes
+  nothing, ``get_state``/``set_state`` resume exactly.
+
+Errors are measured against the reference's largest magnitude: float64 within
+1e-9 of it proves the logic, float32 within 1e-4 allows only rounding. A
+windowed (not exact) model cannot pass clip equivalence by design: its
+deviation from the original is measured and reported, and only fails with
+``strict=True``.
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+
+@dataclass
+class Check:
+    name: str
+    max_error: float
+    tolerance: float
+    required: bool = True   # False: measured and shown, but not a failure (a windowed model's deviation)
+    note: str = ""
+
+    @property
+    def passed(self) -> bool:
+        return self.max_error <= self.tolerance
+
+
+@dataclass
+class VerifyReport:
+    """The checks with their max errors; `ok` when every required check is within its tolerance."""
+    checks: list = field(default_factory=list)
+    exact: bool = True
+    dtype: str = "float32"
+    input: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return all(c.passed for c in self.checks if c.required)
+
+    def __str__(self) -> str:
+        width = max(len(c.name) for c in self.checks)
+        lines = []
+        for c in self.checks:
+            verdict = "ok" if c.passed else "FAIL" if c.required else "deviates (not exact by design)"
+            lines.append(f"  {c.name:<{width}}  max error {c.max_error:.3g}  tolerance {c.tolerance:.3g}  {verdict}"
+                         + (f"  ({c.note})" if c.note else ""))
+        return "\n".join(lines)
+
+
+def tolerance(ref: torch.Tensor) -> float:
+    """The largest error allowed against `ref`: 1e-9 (float64) or 1e-4 (else) of its largest magnitude."""
+    scale = float(ref.abs().max()) if ref.numel() else 1.0
+    return (1e-9 if ref.dtype == torch.float64 else 1e-4) * max(scale, 1e-30)
+
+
+def verify(co, model=None, *, steps: Optional[int] = None, video: Optional[str] = None, seed: int = 0,
+           strict: bool = False) -> VerifyReport:
+    """Check continual model `co` against `model` (default: `co`'s own clip forward).
+
+    Args:
+        co: a `ContinualModule`.
+        model: the original clip model; `co.forward` is compared with it too.
+        steps: frames in the stream of the chunk and state checks (default:
+            the clip length plus the delay plus 8 strides, so outputs appear).
+        video: a video file whose frames (decoded with PyAV, resized to the
+            model's frame size) replace the random input.
+        seed: of the random input and the random chunk sizes.
+        strict: a windowed model's deviation from the original fails the report.
+
+    The stream state of `co` is cleaned before and after.
+    """
+    time_dim = co.options["time_dim"]
+    clip_len = co.clip_shape[time_dim]
+    steps = steps if steps is not None else clip_len + co.delay + 8 * co.stride
+    if steps < 1:
+        raise ValueError(f"steps must be at least 1, got {steps}")
+    clip, stream, where = _inputs(co, steps, video, seed)
+    model = model if model is not None else co
+    report = VerifyReport(exact=co.is_exact, dtype=str(clip.dtype).removeprefix("torch."), input=where)
+    was_training = co.training
+    co.eval()
+    try:
+        with torch.no_grad():
+            report.checks.append(_clip_equivalence(co, model, clip, strict))
+            whole, chunked = _chunk_invariance(co, stream, random.Random(seed))
+            report.checks.append(chunked)
+            report.checks.append(_state_reset(co, stream, whole))
+    finally:
+        co.clean_state()
+        co.train(was_training)
+    return report
+
+
+def _inputs(co, steps, video, seed):
+    """(clip, stream, description): a clip of the converted length and a stream of `steps` frames."""
+    time_dim = co.options["time_dim"]
+    shape = list(co.clip_shape)
+    clip_len = shape[time_dim]
+    p = next((p for p in co.parameters() if p.is_floating_point()), None)
+    dtype, device = (p.dtype, p.device) if p is not None else (torch.float32, torch.device("cpu"))
+    if video is None:
+        gen = torch.Generator().manual_seed(seed)
+        shape[0] = 2   # two independent streams
+        shape[time_dim] = max(steps, clip_len)
+        frames = torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype=dtype, device=device)
+        desc = f"random input, 2 streams, clip of {clip_len} frames, stream of {steps} frames"
+    else:
+        from .video import read_frames
+        if len(shape) != 5 or time_dim != 2 or shape[1] != 3:
+            raise ValueError(f"--video needs a model that takes RGB clips (B, 3, T, H, W); this one takes "
+                             f"{tuple(shape)} with time at dim {time_dim}")
+        frames = read_frames(video, max(steps, clip_len), shape[3:]).to(dtype=dtype, device=device)
+        have = frames.shape[2]
+        if have < clip_len:
+            raise ValueError(f"'{video}' has {have} frames; the model's clip is {clip_len} frames")
+        steps = min(steps, have)
+        desc = f"frames of {video}, clip of {clip_len} frames, stream of {steps} frames"
+    return frames.narrow(time_dim, 0, clip_len), frames.narrow(time_dim, 0, steps), desc
+
+
+def _max_err(a, b) -> float:
+    if a is None or b is None:
+        return 0.0 if a is b else float("inf")
+    la, _ = tree_flatten(a)
+    lb, _ = tree_flatten(b)
+    if len(la) != len(lb) or any(x.shape != y.shape for x, y in zip(la, lb)):
+        return float("inf")
+    return max((float((x - y).abs().max()) if x.numel() else 0.0 for x, y in zip(la, lb)), default=0.0)
+
+
+def _tolerance(ref) -> float:
+    if ref is None:
+        return 0.0
+    leaves, _ = tree_flatten(ref)
+    return min((tolerance(t) for t in leaves), default=0.0)
+
+
+def _cat(parts):
+    """Outputs of successive calls joined along time (dim 2, the step functions' layout)."""
+    parts = [p for p in parts if p is not None]
+    if not parts:
+        return None
+    if isinstance(parts[0], torch.Tensor):
+        return torch.cat(parts, 2)
+    leaves = [tree_flatten(p) for p in parts]
+    spec = leaves[0][1]
+    return tree_unflatten([torch.cat([ls[i] for ls, _ in leaves], 2) for i in range(len(leaves[0][0]))], spec)
+
+
+def _as_steps(ref, like):
+    """`model(clip)` in the layout of `forward_steps` (a classifier's (B, K) becomes (B, K, 1))."""
+    if isinstance(ref, torch.Tensor) and isinstance(like, torch.Tensor) and like.dim() == ref.dim() + 1:
+        return ref.unsqueeze(min(2, ref.dim()))
+    return ref
+
+
+def _by_frame(co, stream):
+    t = co.options["time_dim"]
+    outs = [co.forward_steps(stream.narrow(t, i, 1)) for i in range(stream.shape[t])]
+    outs.append(co.forward_steps(stream.narrow(t, 0, 0), pad_end=True))
+    return _cat(outs)
+
+
+def _by_chunks(co, stream, rng):
+    t = co.options["time_dim"]
+    outs, at = [], 0
+    while at < stream.shape[t]:
+        n = min(stream.shape[t] - at, rng.choice([0, 1, 2, 3, 5, 8]))
+        outs.append(co.forward_steps(stream.narrow(t, at, n)))
+        at += n
+    outs.append(co.forward_steps(stream.narrow(t, 0, 0), pad_end=True))
+    return _cat(outs)
+
+
+def _clip_equivalence(co, model, clip, strict) -> Check:
+    ref_clip = model(clip)
+    co.clean_state()
+    whole = co.forward_steps(clip, pad_end=True)
+    co.clean_state()
+    frames = _by_frame(co, clip)
+    if whole is None:
+        return Check("clip equivalence", float("inf"), 0.0, note="no output for a whole clip")
+    ref = _as_steps(ref_clip, whole)
+    err = max(_max_err(whole, ref), _max_err(frames, ref), _max_err(co.forward(clip), ref_clip))
+    if co.is_exact:
+        return Check("clip equivalence", err, _tolerance(ref))
+    windows = [r for r in co.report if not r.exact and r.kind == "windowed"]
+    why = f"{len(windows)} windowed reduction{'s' if len(windows) != 1 else ''}" if windows else "not exact"
+    return Check("deviation from the original", err, _tolerance(ref), required=strict, note=why)
+
+
+def _chunk_invariance(co, stream, rng):
+    co.clean_state()
+    whole = co.forward_steps(stream, pad_end=True)
+    co.clean_state()
+    outs = [_by_frame(co, stream)]
+    for _ in range(2):
+        co.clean_state()
+        outs.append(_by_chunks(co, stream, rng))
+    return whole, Check("chunk invariance", max(_max_err(o, whole) for o in outs), _tolerance(whole),
+                        note=_no_output(whole))
+
+
+def _state_reset(co, stream, whole) -> Check:
+    t = co.options["time_dim"]
+    n = stream.shape[t]
+    half = n // 2
+    first, second = stream.narrow(t, 0, half), stream.narrow(t, half, n - half)
+    other = torch.flip(stream, [t])
+    errs = []
+    # clean_state restarts: a stream after another one gives the same outputs as from the start
+    co.clean_state()
+    co.forward_steps(other)
+    co.clean_state()
+    errs.append(_max_err(co.forward_steps(stream, pad_end=True), whole))
+    # update_state=False changes nothing
+    co.clean_state()
+    head = co.forward_steps(first)
+    co.forward_steps(other, update_state=False)
+    co.forward_steps(other, pad_end=True, update_state=False)
+    errs.append(_max_err(_cat([head, co.forward_steps(second, pad_end=True)]), whole))
+    # get_state / set_state resume exactly
+    co.clean_state()
+    head = co.forward_steps(first)
+    saved = co.get_state()
+    co.forward_steps(other)
+    co.set_state(saved)
+    errs.append(_max_err(_cat([head, co.forward_steps(second, pad_end=True)]), whole))
+    return Check("state reset", max(errs), _tolerance(whole), note=_no_output(whole))
+
+
+def _no_output(whole) -> str:
+    return "" if whole is not None else "no outputs: the stream is shorter than the delay; raise steps"
+
