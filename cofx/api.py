@@ -173,7 +173,7 @@ def _steady_state_bytes(co: ContinualModule) -> dict:
     try:
         p = next((p for p in co.parameters() if p.is_floating_point()), None)
         shape = list(info["clip_shape"])
-        shape[info["time_dim"]] = co.delay + co.receptive_field + co.stride
+        shape[info["time_dim"]] = co.warmup_frames
         with torch.no_grad():
             co.forward_steps(torch.zeros(shape, dtype=p.dtype if p is not None else torch.float32,
                                          device=p.device if p is not None else "cpu"))

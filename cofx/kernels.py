@@ -235,6 +235,55 @@ class Framewise(nn.Module):
         return self.op(*args, **kwargs)
 
 
+class Recurrent(Stateful):
+    """An LSTM/GRU/RNN that carries its hidden state from chunk to chunk.
+
+    Returns what the module returns: the output frames, and in place of the
+    final state the state after every frame, frames folded into the batch
+    (t-major), so that what the model computes from its final state is computed
+    once per step.
+    """
+
+    state_names = ("hx", "seen")
+
+    def __init__(self, ctx: StreamContext, module: nn.RNNBase, window: int, per_frame_state: bool):
+        super().__init__(ctx)
+        self.__dict__["module"] = module
+        self.window, self.per_frame_state = window, per_frame_state
+        self.hx, self.seen = None, None
+
+    def forward(self, x):
+        module, t = self.module, 1 if self.module.batch_first else 0
+        n, seen = x.shape[t], self.seen or 0
+        self.seen = seen + n
+        if n == 0:   # no frame: empty output (PyTorch's recurrent layers reject empty sequences)
+            out, hx = module(x.new_zeros(*x.shape[:t], 1, *x.shape[t + 1:]), self.hx)
+            empty = (lambda h: h.narrow(1, 0, 0))
+            return out.narrow(t, 0, 0), tuple(map(empty, hx)) if isinstance(hx, tuple) else empty(hx)
+        if not self.per_frame_state:
+            out, hx = module(x, self.hx)
+            self.hx = _detached(hx)
+            return out, hx
+        outs, states = [], []
+        for i in range(n):
+            out, hx = module(x.narrow(t, i, 1), self.hx)
+            self.hx = _detached(hx)
+            outs.append(out)
+            if seen + i >= self.window - 1:   # the state at the end of a clip position
+                states.append(hx)
+        if not states:
+            _, hx = module(x.narrow(t, 0, 1), self.hx)
+            empty = (lambda h: h.narrow(1, 0, 0))
+            return torch.cat(outs, t), tuple(map(empty, hx)) if isinstance(hx, tuple) else empty(hx)
+        if isinstance(states[0], tuple):
+            return torch.cat(outs, t), tuple(torch.cat([s[k] for s in states], 1) for k in range(len(states[0])))
+        return torch.cat(outs, t), torch.cat(states, 1)
+
+
+def _detached(hx):
+    return tuple(h.detach() for h in hx) if isinstance(hx, tuple) else hx.detach()
+
+
 class FrameConv(nn.Module):
     """A convolution with temporal kernel 1: one frame takes `single` (chosen by timing), chunks `compute`."""
 
@@ -275,26 +324,38 @@ def crop_select(t: int, stride: int, span: int) -> Callable:
     return compute
 
 
-def fold_time(x: torch.Tensor, t: int, raw: bool = False) -> torch.Tensor:
-    """(B, ..., n@t, ...) -> (n*B, ..., 1@t, ...): each output frame becomes a sample of its own.
+def fold_time(x: torch.Tensor, t: int, b: int = 0, raw: bool = False) -> torch.Tensor:
+    """(.., B@b, .., n@t, ..) -> (.., n*B@b, .., 1@t, ..): each output frame becomes a sample of its own.
 
-    With `raw`, the input holds whole windows in a trailing dimension
-    (B, ..., n@t, ..., W) and the window takes the place of time.
+    Frames are folded t-major (sample index = frame * B + stream). With `raw`, the
+    input holds whole windows in a trailing dimension, which takes the place of time.
     """
-    y = x.movedim(t, 0)
-    if raw:
-        y = y.movedim(-1, t + 1)
-    else:
-        y = y.unsqueeze(t + 1)
-    return y.reshape(y.shape[0] * y.shape[1], *y.shape[2:])
+    rest_b = b if b < t else b - 1
+    y = x.movedim(t, 0).movedim(0, rest_b)   # frames right before the batch
+    shape = list(y.shape)
+    y = y.reshape(shape[:rest_b] + [shape[rest_b] * shape[rest_b + 1]] + shape[rest_b + 2:])
+    return y.movedim(-1, t) if raw else y.unsqueeze(t)
 
 
-def unfold_time(x: torch.Tensor, pos: int, batch: int, replace: bool = True) -> torch.Tensor:
-    """(n*B, ...) -> (B, ..., n@pos, ...); `replace` drops the size-1 dimension at `pos`."""
-    y = x.reshape(x.shape[0] // batch, batch, *x.shape[1:])
+def split_frames(x: torch.Tensor, batch: int) -> torch.Tensor:
+    """(n*B, ...) -> (n, B, ...): the frames of a folded tensor on their own axis."""
+    return x.reshape(x.shape[0] // batch, batch, *x.shape[1:])
+
+
+def join_frames(x: torch.Tensor) -> torch.Tensor:
+    """(n, B, ...) -> (n*B, ...)."""
+    return x.reshape(x.shape[0] * x.shape[1], *x.shape[2:])
+
+
+def unfold_time(x: torch.Tensor, pos: int, batch: int, b: int = 0, replace: bool = True) -> torch.Tensor:
+    """(.., n*B@b, ..) -> (.., B@b, .., n@pos, ..); `replace` drops the size-1 dimension at `pos`."""
+    shape = list(x.shape)
+    y = x.reshape(shape[:b] + [shape[b] // batch, batch] + shape[b + 1:])
+    frames = b
     if replace:
-        y = y.squeeze(pos + 1)
-    return y.movedim(0, pos)
+        y = y.squeeze(pos + 1 if pos > b else pos)
+        frames = b if pos > b else b - 1
+    return y.movedim(frames, pos)
 
 
 def reshape(x: torch.Tensor, spec: tuple, batch: int, batch_dims: int, static: int) -> torch.Tensor:

@@ -207,14 +207,22 @@ class ContinualModule(fx.GraphModule):
         return self._info["delay"]
 
     @property
-    def receptive_field(self) -> int:
-        """Input frames that one output frame depends on."""
+    def receptive_field(self):
+        """Input frames that one output frame depends on (math.inf after a recurrent layer)."""
         return self._info["receptive_field"]
 
     @property
     def stride(self) -> int:
         """Input frames per output frame."""
         return self._info["stride"]
+
+    @property
+    def warmup_frames(self) -> int:
+        """Frames after which every state buffer is in steady state (the receptive field, or the clip after
+        a recurrent layer), plus the delay and one stride."""
+        rf = self.receptive_field
+        span = rf if rf != float("inf") else self.clip_shape[self._info["time_dim"]]
+        return int(self.delay + span + self.stride)
 
     @property
     def is_exact(self) -> bool:

@@ -12,6 +12,7 @@ Differences from `torch.fx.symbolic_trace`:
 """
 from __future__ import annotations
 
+import inspect
 from typing import Iterable, Union
 
 import numpy as np
@@ -61,13 +62,16 @@ def trace(model: nn.Module, leaf_modules: Iterable[LeafSpec] = ()) -> fx.GraphMo
     """Trace `model` into a GraphModule whose graph calls the model's own submodules."""
     tracer = CofxTracer(leaf_modules)
     try:
-        graph = tracer.trace(model)
+        graph = tracer.trace(model, concrete_args=_defaults_after_first(model))
     except Exception as e:
         raise ConversionError(
             f"torch.fx could not trace the model ({type(e).__name__}: {e})",
             fix="make the forward traceable (no Python control flow on tensor values), "
             "or pass the offending submodules as leaf_modules=[...] if they act frame by frame",
         ) from e
+    for node in list(graph.nodes):   # the guards fx adds for arguments fixed at their default
+        if node.op == "call_function" and getattr(node.target, "__name__", "") == "_assert_is_none":
+            graph.erase_node(node)
     gm = fx.GraphModule(model, graph, model.__class__.__name__)
     if tracer.untraceable:  # drop what was traced of them before tracing gave up
         gm.graph.eliminate_dead_code()
@@ -77,16 +81,29 @@ def trace(model: nn.Module, leaf_modules: Iterable[LeafSpec] = ()) -> fx.GraphMo
     return gm
 
 
+def _defaults_after_first(model: nn.Module) -> dict:
+    """forward's optional arguments after the clip, fixed at their defaults (a stream has one input)."""
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())[1:]
+    except (TypeError, ValueError):
+        return {}
+    return {p.name: p.default for p in params
+            if p.default is not inspect.Parameter.empty and p.kind is not inspect.Parameter.VAR_KEYWORD} or None
+
+
 def adopt_attributes(gm: nn.Module, model: nn.Module) -> None:
     """Give `gm` the model's own children, parameters and buffers, in the model's order.
 
     fx copies only what the graph uses, into stand-in containers; adopting the
     originals keeps `state_dict()` identical to the model's (keys, order, tensors).
     """
+    constants = {k: v for k, v in gm._buffers.items() if k.startswith("_tensor_constant")}
     gm._modules.clear()
     gm._parameters.clear()
     gm._buffers.clear()
     gm._non_persistent_buffers_set.clear()
+    for name, value in constants.items():   # tensors created in forward: not part of the model's state
+        gm.register_buffer(name, value, persistent=False)
     for name, p in model._parameters.items():
         gm._parameters[name] = p
     for name, b in model._buffers.items():

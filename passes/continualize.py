@@ -70,6 +70,14 @@ def co_labels(node: fx.Node) -> Labels:
     return labels
 
 
+def _batch_axis(node: fx.Node) -> int:
+    """Where the streams (and, folded in, the frames) of a value after a global reduction are."""
+    labels = node.meta["cofx_layout"]
+    if not isinstance(labels, Labels) or "B" not in labels:
+        raise ConversionError("a value computed from a global temporal reduction has no batch dimension", node=node)
+    return labels.index("B")
+
+
 def _empty_safe(node: fx.Node, gm: fx.GraphModule) -> bool:
     if node.op == "call_module":
         return isinstance(gm.get_submodule(node.target), _EMPTY_SAFE_MODULES)
@@ -133,6 +141,8 @@ class _Builder:
                 self.env[node] = self.crop(node, spec)
             elif isinstance(spec, ReductionSpec):
                 self.env[node] = self.reduction(node, spec)
+            elif kind == "recurrent":
+                self.env[node] = self.recurrent(node)
             elif kind == "merge":
                 self.env[node] = self.merge(node)
             else:
@@ -222,6 +232,13 @@ class _Builder:
                            co_labels(node), replicate=spec.mode == "replicate")
         return self.add_kernel(node.name, kernel, (self.env[x],), node_name=node.name)
 
+    def recurrent(self, node):
+        per_frame_state = any(u.op == "call_function" and u.target is operator.getitem and u.args[1] != 0
+                              for u in node.users)
+        window = node.args[0].meta["cofx_runs"]["clip"].shape[node.args[0].meta["cofx_time"]]
+        kernel = K.Recurrent(self.ctx, self.gm.get_submodule(node.target), window, per_frame_state)
+        return self.add_kernel(node.name, kernel, (self.env[node.args[0]],), node_name=node.name)
+
     def crop(self, node, spec: CropSpec):
         x = node.args[0]
         t = x.meta["cofx_time"]
@@ -259,9 +276,9 @@ class _Builder:
         x = next(a for a in node_inputs(node) if a.meta.get("cofx_role") == "stream")
         t = x.meta["cofx_time"]
         labels = list(co_labels(x))
-        if labels[0] != "B":
-            raise ConversionError("global temporal reduction of a tensor whose batch is not its first dimension",
-                                  node=node)
+        if "B" not in labels:
+            raise ConversionError("global temporal reduction of a tensor without a batch dimension", node=node)
+        b = labels.index("B")
         value = self.env[x]
         if spec.partial is not None:
             fn, arg = spec.partial
@@ -285,11 +302,13 @@ class _Builder:
         kernel = K.Sliding(self.ctx, K.window_reduce(spec.mode, t, spec.window), t, g.span, 1, g.pad_l, 0, pad,
                            labels, avg_count=(spec.window, False) if spec.causal and spec.mode == "mean" else None)
         windows = self.add_kernel(f"{node.name}_window", kernel, (value,), node_name=f"{node.name}_window")
-        folded = self.g.create_node("call_function", K.fold_time, (windows, t), {"raw": True} if raw else {},
+        folded = self.g.create_node("call_function", K.fold_time, (windows, t, b), {"raw": True} if raw else {},
                                     name=f"{node.name}_fold")
         return self.pointwise(node, replace={x: folded})
 
     def merge(self, node):
+        if node.meta["cofx_role"] == "folded":
+            return self.folded_merge(node)
         t_out = node.meta.get("cofx_time")
         out_labels = node.meta["cofx_layout"]
         ins, seen = [], set()
@@ -308,7 +327,8 @@ class _Builder:
                     raise ConversionError("merges a globally pooled tensor back into the stream, but the pooled "
                                           "tensor has no size-1 time dimension to broadcast along", node=node,
                                           fix="keep the pooled time dimension (keepdim=True / AdaptiveAvgPool to 1)")
-                values.append(self.g.create_node("call_function", K.unfold_time, (self.env[a], pos, self.batch), {},
+                values.append(self.g.create_node("call_function", K.unfold_time,
+                                                 (self.env[a], pos, self.batch, _batch_axis(a)), {},
                                                  name=f"{a.name}_unfold"))
                 axes.append(pos)
             else:
@@ -329,6 +349,23 @@ class _Builder:
                                          name=f"{a.name}_aligned") for i, a in enumerate(ins)}
         return self.pointwise(node, replace)
 
+    def folded_merge(self, node):
+        """Values computed once per step from different clip-wide reductions: aligned by step."""
+        ins = list(dict.fromkeys(a for a in node_inputs(node) if a.meta.get("cofx_role") == "folded"))
+        if same_readiness(self.gm, ins):
+            return self.pointwise(node)
+        if any(co_labels(a)[0] != "BT" for a in ins):
+            raise ConversionError("merges values of different temporal reductions whose batch is not their "
+                                  "first dimension", node=node)
+        frames = [self.g.create_node("call_function", K.split_frames, (self.env[a], self.batch), {},
+                                     name=f"{a.name}_frames") for a in ins]
+        aligned = self.add_kernel(f"{node.name}_align", K.Align(self.ctx, [0] * len(ins)), frames,
+                                  node_name=f"{node.name}_align")
+        replace = {a: self.g.create_node("call_function", K.join_frames,
+                                         (self.g.create_node("call_function", operator.getitem, (aligned, i), {}),),
+                                         {}, name=f"{a.name}_aligned") for i, a in enumerate(ins)}
+        return self.pointwise(node, replace)
+
     def output(self, node):
         leaves, spec = tree_flatten(node.args[0])
         values, axes, time_axes_out = [], [], []
@@ -339,14 +376,11 @@ class _Builder:
                 continue
             if leaf.meta["cofx_role"] == "folded":
                 labels = leaf.meta["cofx_layout"]
-                if not isinstance(labels, Labels) or labels[0] != "B":
-                    raise ConversionError("the output after a global temporal reduction must be a tensor with the "
-                                          "batch first", node=leaf)
                 replace = len(labels) > 2 and labels[2] == 1
                 pos = 2 if replace else min(2, len(labels))
                 values.append(self.g.create_node("call_function", K.unfold_time,
-                                                 (self.env[leaf], pos, self.batch), {"replace": replace},
-                                                 name=f"{leaf.name}_frames"))
+                                                 (self.env[leaf], pos, self.batch, _batch_axis(leaf)),
+                                                 {"replace": replace}, name=f"{leaf.name}_frames"))
             else:
                 if not isinstance(leaf.meta["cofx_layout"], Labels):
                     raise ConversionError("the output is a tuple of streams inside a container", node=leaf)

@@ -10,7 +10,8 @@ Roles say what a node's value is in the continual graph:
   unchanged.
 
 Kinds: ``time-free``, ``pointwise``, ``sliding``, ``merge``, ``reduction``
-(global, exact), ``windowed`` (global, approximated by a window).
+(global, exact), ``windowed`` (global, approximated by a window),
+``recurrent`` (LSTM/GRU/RNN carrying their state from step to step).
 
 Writes ``node.meta``: ``cofx_role``, ``cofx_kind``, ``cofx_time`` (time axis of a
 stream tensor), ``cofx_spec`` (SlidingSpec/CropSpec/ReductionSpec),
@@ -39,7 +40,7 @@ from cofx.errors import ConversionError
 from cofx.sliding_ops import pad_spec, sliding_spec
 
 from .layout import Labels, has_time, time_axis
-from .temporal_geometry import CropSpec, ReductionSpec
+from .temporal_geometry import CropSpec, RecurrentStateSpec, ReductionSpec
 
 RESHAPES = {("call_method", "view"), ("call_method", "reshape"), ("call_function", torch.reshape)}
 _REDUCE_METHODS = {"mean": "mean", "sum": "sum", "amax": "amax", "amin": "amin"}
@@ -226,8 +227,16 @@ class _Classifier:
             self.set(node, "shape", "time-free")
             return
         if node.op == "call_module" and isinstance(self.module(node), RECURRENT):
-            raise ConversionError("recurrent layers over time are not supported yet", node=node,
-                                  fix="convert the convolutional part only")
+            self.recurrent(node, streams)
+            return
+        if node.op == "call_function" and node.target is operator.getitem and \
+                node.args[0].meta.get("cofx_kind") == "recurrent":
+            if node.args[1] == 0:   # the output sequence
+                self.set(node, "stream", "pointwise", time=time_axis(node))
+            else:                   # the state after each clip position: one value per step
+                window = _time_len(node.args[0].args[0], "clip")
+                self.set(node, "folded", "pointwise", spec=RecurrentStateSpec(window))
+            return
         if streams and folded and node.meta.get("cofx_longer_failed"):
             # a clip-wide result merged back into the stream (it cannot run on longer clips)
             self.set(node, "stream", "merge", time=streams[0].meta["cofx_time"])
@@ -241,6 +250,21 @@ class _Classifier:
             self.stream_op(node, streams, folded)
         else:
             self.folded_op(node)
+
+    def recurrent(self, node, streams):
+        module = self.module(node)
+        x = node.args[0]
+        if module.bidirectional:
+            raise ConversionError("a bidirectional recurrent layer reads future frames", node=node,
+                                  fix="use a unidirectional layer for streaming")
+        if len(node.args) > 1 or node.kwargs or x not in streams:
+            raise ConversionError("the recurrent layer is given an initial state", node=node,
+                                  fix="let it start from zeros; the continual model carries the state itself")
+        want = 1 if module.batch_first else 0
+        if x.meta["cofx_time"] != want:
+            raise ConversionError(f"time reaches the recurrent layer at dim {x.meta['cofx_time']}, not at its "
+                                  f"sequence dim {want}", node=node)
+        self.set(node, "stream", "recurrent", time=None)
 
     def check_int_args(self, node, allowed):
         for a in node_inputs(node):
@@ -440,7 +464,8 @@ class _Classifier:
                 raise ConversionError("uses the batch size or clip length as a number after a global "
                                       "temporal reduction", node=node,
                                       fix="read sizes from the tensor at hand (x.shape[0]) or use reshape")
-        self.set(node, "folded", "pointwise")
+        n_folded = len({a for a in node_inputs(node) if a.meta["cofx_role"] == "folded"})
+        self.set(node, "folded", "merge" if n_folded > 1 else "pointwise")
         node.meta["cofx_flattens"] = any(a.meta.get("cofx_flattens") for a in node_inputs(node))
 
     # -- where do reductions end up -------------------------------------------------------------

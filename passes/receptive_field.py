@@ -35,13 +35,14 @@ from .temporal_geometry import Geometry, sliding_geometry
 
 @dataclass(frozen=True)
 class Timing:
-    lo: int
+    lo: float    # -inf after a recurrent layer
     hi: int
     ready: int
     stride: int
 
     @property
-    def receptive_field(self) -> int:
+    def receptive_field(self):
+        """Frames one output depends on (math.inf after a recurrent layer)."""
         return self.hi - self.lo + 1
 
     def through(self, g: Geometry, ready: int) -> "Timing":
@@ -141,4 +142,6 @@ def annotate_timing(gm: fx.GraphModule, replicate: bool = False) -> None:
             continue
         merged = merge_timings(node, ins)
         g = geometry_of(node)
+        if node.meta.get("cofx_kind") == "recurrent":   # depends on every frame since the stream started
+            merged = Timing(lo=float("-inf"), hi=merged.hi, ready=merged.ready, stride=merged.stride)
         node.meta["cofx_timing"] = merged.through(g, ready(node, 0)) if g is not None else merged

@@ -65,3 +65,18 @@ def sliding_geometry(spec) -> Geometry:
         return Geometry(span=1, stride=1, pad_l=spec.pad_l, pad_r=spec.pad_r, dep_lo=0, dep_hi=0)
     return Geometry(span=spec.span, stride=spec.s, pad_l=spec.pad_l, pad_r=spec.pad_r,
                     dep_lo=0, dep_hi=spec.span - 1)
+
+
+@dataclass(frozen=True)
+class RecurrentStateSpec:
+    """The state of a recurrent layer after each frame, from the end of the first clip on.
+
+    The clip model reads the final state once per clip; the continual model
+    emits the state at the end of every clip position (one per step), so its
+    j-th value pairs with the j-th window of every other clip-wide value.
+    """
+    window: int
+
+    @property
+    def geometry(self) -> Geometry:
+        return Geometry(span=self.window, stride=1, pad_l=0, pad_r=0, dep_lo=0, dep_hi=self.window - 1)

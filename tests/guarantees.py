@@ -131,7 +131,7 @@ def assert_stream_discipline(co, stream, seed=0):
         # state memory is fixed: after 10x the receptive field as after 1x (at the same stride phase)
         co.clean_state()
         period = co.stride
-        steps = period * -(-(co.receptive_field + co.delay + 1) // period)
+        steps = period * -(-co.warmup_frames // period)
         frames = stream.narrow(t, 0, 1)
 
         def sizes_over_a_period():

@@ -90,16 +90,24 @@ def test_flattening_time_into_features_mid_network_is_refused():
         cofx.convert(GateFromFlattenedClip().eval(), torch.randn(1, 3, 8))
 
 
-def test_recurrent_layers_are_refused_until_supported():
-    class Rnn(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.rnn = nn.GRU(3, 4, batch_first=True)
+class Rnn(nn.Module):
+    def __init__(self, **kwargs):
+        super().__init__()
+        self.rnn = nn.GRU(3, 4, batch_first=True, **kwargs)
 
+    def forward(self, x, h0=None):
+        return self.rnn(x.transpose(1, 2))[0] if h0 is None else self.rnn(x.transpose(1, 2), h0)[0]
+
+
+def test_recurrent_layers_that_need_the_future_or_a_given_state_are_refused():
+    with pytest.raises(cofx.ConversionError, match="bidirectional recurrent layer reads future frames"):
+        cofx.convert(Rnn(bidirectional=True).eval(), torch.randn(1, 3, 6))
+
+    class GivenState(Rnn):
         def forward(self, x):
-            return self.rnn(x.transpose(1, 2))[0]
-    with pytest.raises(cofx.ConversionError, match="recurrent"):
-        cofx.convert(Rnn().eval(), torch.randn(1, 3, 6))
+            return self.rnn(x.transpose(1, 2), x.new_zeros(1, x.shape[0], 4))[0]
+    with pytest.raises(cofx.ConversionError, match="given an initial state"):
+        cofx.convert(GivenState().eval(), torch.randn(1, 3, 6))
 
 
 def test_time_derived_numbers_are_refused():

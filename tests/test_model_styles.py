@@ -224,3 +224,42 @@ class Strided(nn.Module):
 def test_strided_slices():
     co = check(Strided(), torch.randn(2, 3, 13, dtype=D), stream_len=40)
     assert co.stride == 4
+
+
+class SensorLSTM(nn.Module):
+    """A sensor classifier: temporal conv, 2-layer LSTM, a head on the final state and the last output."""
+    def __init__(self, cell=nn.LSTM, batch_first=True):
+        super().__init__()
+        self.batch_first, self.lstm = batch_first, cell is nn.LSTM
+        self.conv = nn.Conv1d(3, 8, 3, padding=1)
+        self.rnn = cell(8, 6, num_layers=2, batch_first=batch_first)
+        self.fc = nn.Linear(6, 2)
+
+    def forward(self, x):
+        y = torch.relu(self.conv(x))
+        y = y.transpose(1, 2) if self.batch_first else y.permute(2, 0, 1)
+        out, state = self.rnn(y)
+        h = state[0] if self.lstm else state
+        last = out[:, -1] if self.batch_first else out[-1]
+        return self.fc(h[-1]) + self.fc(last)
+
+
+@pytest.mark.parametrize("cell,batch_first", [(nn.LSTM, True), (nn.GRU, False), (nn.RNN, True)])
+def test_recurrent_layers_carry_their_state(cell, batch_first):
+    co = check(SensorLSTM(cell, batch_first), torch.randn(2, 3, 7, dtype=D))
+    assert co.receptive_field == float("inf")
+    assert next(r for r in co.report if r.name == "rnn").kind == "recurrent"
+
+
+class PerFrameGRU(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.rnn = nn.GRU(3, 5, batch_first=True)
+
+    def forward(self, x):
+        return self.rnn(x.transpose(1, 2))[0].transpose(1, 2)
+
+
+def test_per_frame_recurrent_outputs_have_no_delay():
+    co = check(PerFrameGRU(), torch.randn(2, 3, 6, dtype=D))
+    assert co.delay == 0
