@@ -40,6 +40,13 @@ class Stateful(nn.Module):
         super().__init__()
         self.__dict__["ctx"] = ctx  # shared, not a submodule
 
+    def __setattr__(self, name, value):
+        # state lives in the instance dict: plain attribute speed on every step, and never in state_dict()
+        if name in self.state_names:
+            self.__dict__[name] = value
+        else:
+            super().__setattr__(name, value)
+
     def clean(self) -> None:
         for name in self.state_names:
             setattr(self, name, None)
@@ -95,9 +102,7 @@ class Sliding(Stateful):
         self.keep = max(span - 1, pad_l, 0)
         self.out_labels = tuple(out_labels)
         self.replicate, self.ceil_mode, self.avg_count = replicate, ceil_mode, avg_count
-        self.register_buffer("buf", None, persistent=False)
-        self.m = None
-        self.next_j = None
+        self.buf = self.m = self.next_j = None
 
     def extra_repr(self) -> str:
         return (f"span={self.span}, stride={self.stride}, pad=({self.pad_l}, {self.pad_r}), "
