@@ -21,6 +21,7 @@ Example::
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Optional
 
@@ -111,12 +112,19 @@ class RecordingInterpreter(fx.Interpreter):
 
 def _run_fake(gm: fx.GraphModule, run: str, x: torch.Tensor) -> bool:
     """Record a run on fake tensors (shapes without arithmetic); False when fake tensors cannot run it."""
+    quiet = [logging.getLogger(name) for name in ("torch._subclasses.fake_tensor", "torch.fx.experimental")]
+    levels = [log.level for log in quiet]
+    for log in quiet:   # a failed fake run is expected and handled: not the user's business
+        log.setLevel(logging.CRITICAL)
     try:
         with FakeTensorMode(allow_non_fake_inputs=True) as mode:
             RecordingInterpreter(gm, run).run(mode.from_tensor(x))
         return True
     except Exception:   # data-dependent code, ops without fake kernels, or a genuine failure: run for real
         return False
+    finally:
+        for log, level in zip(quiet, levels):
+            log.setLevel(level)
 
 
 def record_runs(gm: fx.GraphModule, inputs: Mapping[str, torch.Tensor], tolerant: tuple = ("longer",)) -> dict:

@@ -1,0 +1,38 @@
+"""The models the benchmarks measure, built without weights (shared by the benchmark scripts)."""
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import nn
+
+warnings.filterwarnings("ignore", category=UserWarning)
+
+
+class PlainNet(nn.Module):
+    """The plain three-layer 3D CNN of issue 5: 3->16->32->32 channels, 3x3x3 kernels, then a classifier."""
+
+    def __init__(self, classes: int = 10):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv3d(3, 16, 3, padding=1), nn.ReLU(),
+            nn.Conv3d(16, 32, 3, padding=1), nn.ReLU(),
+            nn.Conv3d(32, 32, 3, padding=1), nn.ReLU())
+        self.pool = nn.AdaptiveAvgPool3d(1)
+        self.fc = nn.Linear(32, classes)
+
+    def forward(self, x):
+        return self.fc(self.pool(self.features(x)).flatten(1))
+
+
+def build(name: str):
+    """(model in eval mode, example clip of batch 1) for a benchmark model name."""
+    torch.manual_seed(0)
+    if name == "plain":
+        return PlainNet().eval(), torch.randn(1, 3, 16, 112, 112)
+    if name.startswith("x3d_"):
+        from pytorchvideo.models import hub
+        size = {"x3d_xs": (4, 160), "x3d_s": (13, 160), "x3d_m": (16, 224), "x3d_l": (16, 312)}[name]
+        return getattr(hub, name)(pretrained=False).eval(), torch.randn(1, 3, size[0], size[1], size[1])
+    import torchvision.models.video as tvm
+    return getattr(tvm, name)().eval(), torch.randn(1, 3, 16, 112, 112)

@@ -1,0 +1,76 @@
+"""Per-step latency of continual models against re-running the clip model on a sliding window.
+
+    python benchmarks/step_latency.py                 # all models, batch 1 and 8
+    python benchmarks/step_latency.py --models plain --batches 1 --rounds 10
+
+For each model: median and interquartile range of one `forward_step` in steady
+state and of one clip `forward` on the last clip, interleaved round by round in
+one process (`cofx.bench`), torch.set_num_threads(2); FLOPs per step and per
+clip (torch.utils.flop_counter); state memory. The realised speed-up divided by
+the FLOP reduction says how much of the saving reaches the clock. Writes
+benchmarks/results/step_latency.md and step_latency.png.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+import cofx
+from cofx.barchart import bar_chart
+from cofx.bench import bench
+from cofx.flops import clip_flops, step_flops
+
+sys.path.insert(0, str(Path(__file__).parent))
+from models import build  # noqa: E402
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="*", default=["x3d_s", "x3d_m", "r2plus1d_18", "plain"])
+    parser.add_argument("--batches", nargs="*", type=int, default=[1, 8])
+    parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    rows, bars = [], []
+    for name in args.models:
+        model, clip = build(name)
+        print(f"{name}: converting", file=sys.stderr, flush=True)
+        co = cofx.convert(model, clip)
+        flops_clip, flops_step = clip_flops(co), step_flops(co)
+        reduction = flops_clip / (flops_step * co.stride)
+        for batch in args.batches:
+            print(f"{name} batch {batch}: timing", file=sys.stderr, flush=True)
+            r = bench(co, batch=batch, threads=args.threads, rounds=args.rounds,
+                      progress=lambda done, total: print(f"  round {done}/{total}", end="\r", file=sys.stderr))
+            with torch.no_grad():
+                co.clean_state()
+                co.forward_steps(torch.randn(batch, *clip.shape[1:2], co.warmup_frames, *clip.shape[3:]))
+                state = co.state_bytes
+                co.clean_state()
+            rows.append(f"| {name} | {'x'.join(map(str, clip.shape[2:]))} | {batch} "
+                        f"| {1e3 * r.step.median:.1f} ({1e3 * r.step.q1:.1f}-{1e3 * r.step.q3:.1f}) "
+                        f"| {1e3 * r.clip.median:.1f} ({1e3 * r.clip.q1:.1f}-{1e3 * r.clip.q3:.1f}) "
+                        f"| {r.speedup:.1f}x | {flops_step / 1e9:.3f} | {flops_clip / 1e9:.2f} | {reduction:.1f}x "
+                        f"| {r.speedup / reduction:.2f} | {state / 2**20:.1f} |")
+            print(f"\n  {rows[-1]}", file=sys.stderr, flush=True)
+            bars.append((f"{name} b{batch} step x{co.stride}", 1e3 * r.per_output,
+                         1e3 * r.step.q1 * co.stride, 1e3 * r.step.q3 * co.stride))
+            bars.append((f"{name} b{batch} clip", 1e3 * r.clip.median, 1e3 * r.clip.q1, 1e3 * r.clip.q3))
+    head = ["| model | clip | batch | step ms (IQR) | clip ms (IQR) | speed-up | GFLOPs/step | GFLOPs/clip "
+            "| FLOP reduction | speed-up / FLOP reduction | state MiB |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    text = "\n".join(head + rows) + "\n"
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "step_latency.md").write_text(text)
+    bar_chart(RESULTS / "step_latency.png", bars, "Latency per output: continual step vs clip model", "ms",
+              note=f"median, whiskers: interquartile range; {args.threads} threads")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
