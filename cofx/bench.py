@@ -77,7 +77,7 @@ def bench(co, *, batch: int = 1, threads: Optional[int] = None, rounds: int = 20
     try:
         with torch.no_grad():
             co.clean_state()
-            co.forward_steps(frames(co.delay + co.receptive_field))
+            co.forward_steps(frames(co.warmup_frames))
             for r in range(rounds + 1):
                 start = time.perf_counter()
                 for i in range(n_steps):
