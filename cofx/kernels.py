@@ -140,7 +140,10 @@ class Sliding(Stateful):
 
     def forward(self, x: torch.Tensor, *tensors) -> torch.Tensor:
         t = self.t
-        if self.buf is None and not self._start(x):
+        if self.buf is None:
+            if not self._start(x):
+                return empty_like_labels(self.out_labels, self.ctx.batch, x)
+        elif x.shape[t] == 0 and not self.ctx.flushing:   # nothing new: no window can complete
             return empty_like_labels(self.out_labels, self.ctx.batch, x)
         parts = [self.buf, x]
         real_end = None
@@ -165,9 +168,14 @@ class Sliding(Stateful):
             if self.avg_count is not None:
                 out = self._fix_average(out, self.next_j, j1, real_end)
             self.next_j = j1 + 1
+            if out.untyped_storage().data_ptr() == cat.untyped_storage().data_ptr():
+                out = out.clone()   # a view of the frames (a crop): later in-place ops must not reach the state
         else:
             out = empty_like_labels(self.out_labels, self.ctx.batch, x)
-        self.buf = cat.narrow(t, length - self.keep, self.keep).clone()
+        kept = cat.narrow(t, length - self.keep, self.keep).detach()
+        # a step keeps a view of its fresh concatenation (no copy); a long chunk is copied so that its
+        # frames are not held in memory
+        self.buf = kept if length <= 2 * self.keep + 1 else kept.clone()
         self.m = total
         return out
 
