@@ -5,7 +5,9 @@
 FLOPs are counted by torch.utils.flop_counter (convolutions and matrix products,
 2 per multiply-add): per clip is one forward of the clip model, which a
 sliding-window deployment pays for every prediction; per step is one
-`forward_step` in steady state (averaged over a temporal-stride period).
+`forward_step` in steady state (averaged over a temporal-stride period). A
+model with temporal stride s predicts every s frames, so the reduction per
+prediction is clip / (s * step).
 Models are built without weights.
 """
 from __future__ import annotations
@@ -52,12 +54,12 @@ def row(name, build, shape) -> str:
         co = cofx.convert(model, None if shape is None else torch.randn(shape))
     except cofx.ConversionError as e:
         first = str(e).splitlines()[0].replace("|", "/")
-        return f"| {name} | {shape and 'x'.join(map(str, shape[2:]))} | refused: {first} | | | | | |"
+        return f"| {name} | {shape and 'x'.join(map(str, shape[2:]))} | refused: {first} | | | | | | |"
     clip, step = clip_flops(co), step_flops(co)
     kind = "exact" if co.is_exact else f"windowed ({len(co.report.windowed)} SE gates)"
     size = "x".join(map(str, co.clip_shape[2:]))
-    return (f"| {name} | {size} | {co.receptive_field} | {co.delay} | {kind} | {giga(clip)} | {giga(step)} "
-            f"| {clip / step:.1f}x |")
+    return (f"| {name} | {size} | {co.receptive_field} | {co.delay} | {co.stride} | {kind} | {giga(clip)} "
+            f"| {giga(step)} | {clip / (step * co.stride):.1f}x |")
 
 
 def main(argv=None):
@@ -66,8 +68,8 @@ def main(argv=None):
     parser.add_argument("--only", nargs="*", help="substrings of model names to include")
     args = parser.parse_args(argv)
     torch.set_num_threads(2)
-    lines = ["| model | clip (TxHxW) | receptive field | delay | conversion | GFLOPs per clip "
-             "| GFLOPs per step | reduction |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | clip (TxHxW) | receptive field | delay | stride | conversion | GFLOPs per clip "
+             "| GFLOPs per step | reduction per prediction |", "|---|---|---|---|---|---|---|---|---|"]
     for name, build, shape in models():
         if args.only and not any(s in name for s in args.only):
             continue

@@ -120,8 +120,8 @@ def test_x3d_s_step_flops_are_a_tenth_of_the_clip():
 
 
 @pytest.mark.parametrize("name,shape,where", [
-    ("mvit_v1_b", (1, 3, 16, 224, 224), "'flatten'"),
-    ("swin3d_t", (1, 3, 16, 64, 64), "shifted_window_attention_3d")])
+    ("mvit_v1_b", (1, 3, 16, 224, 224), "module 'blocks.0.attn', MultiscaleAttention"),
+    ("swin3d_t", (1, 3, 16, 64, 64), "module 'features.0.0.attn', ShiftedWindowAttention3d")])
 def test_video_transformers_are_refused_at_their_attention(name, shape, where):
     model = _seeded(lambda: getattr(tvm, name)(num_classes=10))
     with pytest.raises(cofx.ConversionError, match="attention across time is not supported yet") as err:
