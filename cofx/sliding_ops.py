@@ -139,7 +139,9 @@ class SlidingSpec:
     def window_impls(self) -> tuple:
         """Implementations of `window` for this op (the first is `compute` itself)."""
         if self.family == "conv" and self.nd == 3 and self.t == 0:
-            return ("conv3d", "fold2d", "taps2d")
+            pointwise_in_space = all(k == 1 for k in self.kernel[1:]) and all(s == 1 for s in self.stride[1:]) \
+                and all(p == (0, 0) for p in self.pads[1:]) and self.groups == 1
+            return ("conv3d", "fold2d", "taps2d") + (("matmul",) if pointwise_in_space else ())
         return ("conv3d",)
 
     def window(self, impl: str, x: torch.Tensor, weight=None, bias=None) -> torch.Tensor:
@@ -154,6 +156,12 @@ class SlidingSpec:
         padding = padding[1:] if isinstance(padding, tuple) else 0
         stride, dilation = self.stride[1:], self.dilation[1:]
         taps = x if self.d == 1 else x[:, :, ::self.d]
+        if impl == "matmul":   # a 1x1 spatial kernel is a matrix product over channels and taps
+            b, c, k = taps.shape[:3]
+            out = torch.matmul(weight.reshape(weight.shape[0], c * k), taps.reshape(b, c * k, -1))
+            if bias is not None:
+                out = out + bias[:, None]
+            return out.reshape(b, weight.shape[0], 1, *taps.shape[3:])
         if impl == "fold2d":
             b, c, k = taps.shape[:3]
             folded = taps.reshape(b, c * k, *taps.shape[3:])
