@@ -1,0 +1,64 @@
+"""Catching up on a backlog: `forward_steps` on chunks of 16 frames against the clip forward, per frame.
+
+    python benchmarks/backlog.py [--models x3d_s plain] [--chunk 16]
+
+A continual model that fell behind (or processes a recorded video) consumes
+chunks; each chunk should cost no more per frame than the clip model's forward
+does. Interleaved runs, 2 threads. Writes benchmarks/results/backlog.md.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import cofx
+
+sys.path.insert(0, str(Path(__file__).parent))
+from models import build  # noqa: E402
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="*", default=["x3d_s", "plain"])
+    parser.add_argument("--chunk", type=int, default=16)
+    parser.add_argument("--rounds", type=int, default=8)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(2)
+    rows = ["| model | chunk | forward_steps ms/frame | clip forward ms/frame | ratio |", "|---|---|---|---|---|"]
+    for name in args.models:
+        model, clip = build(name)
+        co = cofx.convert(model, clip)
+        T = clip.shape[2]
+        stream = torch.randn(1, 3, co.warmup_frames + args.chunk * (args.rounds + 1), *clip.shape[3:])
+        chunk_times, clip_times = [], []
+        with torch.no_grad():
+            co.forward_steps(stream[:, :, :co.warmup_frames])
+            at = co.warmup_frames
+            for r in range(args.rounds + 1):
+                start = time.perf_counter()
+                co.forward_steps(stream[:, :, at:at + args.chunk])
+                chunk = (time.perf_counter() - start) / args.chunk
+                at += args.chunk
+                start = time.perf_counter()
+                model(stream[:, :, at - T:at])
+                whole = (time.perf_counter() - start) / T
+                if r:
+                    chunk_times.append(chunk)
+                    clip_times.append(whole)
+        a, b = statistics.median(chunk_times), statistics.median(clip_times)
+        rows.append(f"| {name} | {args.chunk} | {1e3 * a:.2f} | {1e3 * b:.2f} | {a / b:.2f} |")
+        print(rows[-1], file=sys.stderr, flush=True)
+    text = "\n".join(rows) + "\n"
+    out = Path(__file__).parent / "results" / "backlog.md"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
