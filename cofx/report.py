@@ -53,6 +53,16 @@ def temporal_params(spec) -> tuple:
     return None, None, None, None, ""
 
 
+def _cell(v) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, bool):
+        return "yes" if v else "NO"
+    if isinstance(v, tuple):
+        return ",".join(str(x) for x in v)
+    return str(v)
+
+
 class Report(list):
     """Rows of `Row`; `str(report)` is a table, `report.to_dicts()` is for JSON."""
 
@@ -67,21 +77,21 @@ class Report(list):
     def windowed(self) -> list:
         return [r for r in self if r.kind == "windowed"]
 
-    def __str__(self) -> str:
-        def cell(v):
-            if v is None:
-                return "-"
-            if isinstance(v, bool):
-                return "yes" if v else "NO"
-            if isinstance(v, tuple):
-                return ",".join(str(x) for x in v)
-            return str(v)
-        rows = [[cell(getattr(r, c)) for c in self.COLUMNS] for r in self]
-        widths = [max([len(h)] + [len(row[i]) for row in rows]) for i, h in enumerate(self.HEAD)]
+    def table(self, extra: dict = None) -> str:
+        """The rows as an aligned text table; `extra` maps a column title to {node name: text}, shown
+        before the note (the command line adds FLOPs per step this way)."""
+        extra = extra or {}
+        head = list(self.HEAD[:-1]) + list(extra) + [self.HEAD[-1]]
+        rows = [[_cell(getattr(r, c)) for c in self.COLUMNS[:-1]] + [str(col.get(r.name, "-")) for col in
+                extra.values()] + [_cell(r.note)] for r in self]
+        widths = [max([len(h)] + [len(row[i]) for row in rows]) for i, h in enumerate(head)]
         fmt = "  ".join(f"{{:<{w}}}" for w in widths)
-        lines = [fmt.format(*self.HEAD), fmt.format(*("-" * w for w in widths))]
+        lines = [fmt.format(*head), fmt.format(*("-" * w for w in widths))]
         lines += [fmt.format(*row).rstrip() for row in rows]
         return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.table()
 
     def _repr_pretty_(self, p, cycle):  # IPython
         p.text(str(self))
