@@ -90,6 +90,9 @@ class ContinualModule(fx.GraphModule):
         if self._stream_batch is not None and x.shape[0] != self._stream_batch:
             raise StreamError(f"the batch size changed mid-stream from {self._stream_batch} to {x.shape[0]}: "
                               "each row of the batch is one stream; call co.clean_state() to start new streams")
+        streams = self._modules.get("cofx_streams")
+        if streams is not None and streams.active:   # streams out of phase (clean_state(streams=...))
+            return streams.run(x, pad_end, update_state)
         saved = None if update_state else self._snapshot()
         ctx = self._ctx
         ctx.batch = x.shape[0]
@@ -108,7 +111,9 @@ class ContinualModule(fx.GraphModule):
                 self._restore(saved)
             elif pad_end:
                 self.clean_state()
-        return self._none_if_empty(out)
+        out = self._none_if_empty(out)
+        self.__dict__["ready"] = torch.full((x.shape[0],), out is not None, device=x.device)
+        return out
 
     def _concat(self, a, b):
         la, spec = tree_flatten(a)
@@ -174,8 +179,18 @@ class ContinualModule(fx.GraphModule):
                 setattr(k, s, v)
         self.__dict__["_stream_batch"] = snap["_stream_batch"]
 
-    def clean_state(self) -> None:
-        """Forget the stream: the next frame starts a new one."""
+    def clean_state(self, streams=None) -> None:
+        """Forget the stream: the next frame starts a new one.
+
+        ``streams``: restart only these rows of the batch (indices, or a (B,) bool
+        mask); the other streams continue. The batch then runs out of phase until
+        ``clean_state()``: see `cofx.streams` (forward_step fills the rows without an
+        output with NaN and sets ``co.ready``).
+        """
+        if streams is not None:
+            from .streams import restart_streams
+            if restart_streams(self, streams):
+                return
         for k in self._kernels():
             k.clean()
         self.__dict__["_stream_batch"] = None

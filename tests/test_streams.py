@@ -1,0 +1,246 @@
+"""Streams of one batch that start at different times (issue 6): co.clean_state(streams=...) in PyTorch.
+
+Each stream of a batch must give exactly what it gives alone (float64: equal to
+rounding), whatever the other rows do and whenever it was restarted.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import HealthCheck, given, settings, strategies as st
+from torch import nn
+
+import cofx
+from cofx.masked_step import MaskedStep
+from random_nets import random_nets, shortest_clip
+
+D = torch.float64
+
+
+class CausalTCN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c = nn.Conv1d(2, 4, 3)
+        self.c2 = nn.Conv1d(4, 4, 3, stride=2, padding=1)
+        self.p = nn.AvgPool1d(3, 1, 1, count_include_pad=False)
+
+    def forward(self, x):
+        y = torch.relu(self.c(F.pad(x, (2, 0))))
+        z = self.c2(y)
+        return (self.p(z) + z[:, :, 1:z.shape[2] - 1].mean(2, keepdim=True)).mean(2)
+
+
+def tcn():
+    torch.manual_seed(0)
+    model = CausalTCN().double().eval()
+    return model, cofx.convert(model, torch.randn(1, 2, 10, dtype=D))
+
+
+def alone(co, stream):
+    """forward_step outputs of one stream (C, T, ...) from a clean state: one (K...) or None per frame."""
+    co.clean_state()
+    with torch.no_grad():
+        outs = [co.forward_step(stream.select(1, i).unsqueeze(0)) for i in range(stream.shape[1])]
+    co.clean_state()
+    return [None if y is None else y[0] for y in outs]
+
+
+def step_batch(co, frames, restarts):
+    """forward_step over a batch (B, C, T, ...), restarting rows {step: rows}; [(output or None, ready)]."""
+    co.clean_state()
+    got = []
+    with torch.no_grad():
+        for i in range(frames.shape[2]):
+            if i in restarts:
+                co.clean_state(streams=restarts[i])
+            y = co.forward_step(frames.select(2, i))
+            got.append((y, co.ready.clone()))
+    return got
+
+
+def expected_per_row(co, frames, restarts):
+    """What each row gives alone, restarted where `restarts` says."""
+    rows = []
+    for b in range(frames.shape[0]):
+        starts = [0] + [i for i, r in sorted(restarts.items()) if b in r]
+        outs = []
+        for s, e in zip(starts, starts[1:] + [frames.shape[2]]):
+            outs += alone(co, frames[b, :, s:e])
+        rows.append(outs)
+    return rows
+
+
+def assert_rows(got, expected, tol=1e-12):
+    for i, (y, ready) in enumerate(got):
+        for b, outs in enumerate(expected):
+            want = outs[i]
+            assert bool(ready[b]) == (want is not None), f"step {i}, stream {b}"
+            if want is None:
+                assert y is None or torch.isnan(y[b]).all(), f"step {i}, stream {b}: a value without an output"
+            else:
+                scale = max(float(want.abs().max()), 1e-30)
+                assert float((y[b] - want).abs().max()) <= tol * scale, f"step {i}, stream {b}"
+
+
+def test_three_streams_one_restarted_halfway():
+    _, co = tcn()
+    frames = torch.randn(3, 2, 3 * co.receptive_field, dtype=D)
+    restarts = {frames.shape[2] // 2 + 1: [1]}
+    got = step_batch(co, frames, restarts)
+    assert_rows(got, expected_per_row(co, frames, restarts))
+    # while stream 1 starts up again, the others keep their outputs: forward_step does not return None
+    half = frames.shape[2] // 2 + 1
+    assert any(y is not None and torch.isnan(y[1]).all() and not torch.isnan(y[0]).any()
+               for y, _ in got[half:half + co.delay])
+
+
+def test_streams_that_start_at_different_times_share_a_batch():
+    _, co = tcn()
+    frames = torch.randn(4, 2, 60, dtype=D)
+    restarts = {3: [1], 8: [2, 3], 9: [3], 30: torch.tensor([True, False, False, True])}
+    restarts_rows = {k: (torch.nonzero(v).flatten().tolist() if isinstance(v, torch.Tensor) else v)
+                     for k, v in restarts.items()}
+    got = step_batch(co, frames, restarts)
+    assert_rows(got, expected_per_row(co, frames, restarts_rows))
+
+
+def test_no_stream_leaks_into_another():
+    _, co = tcn()
+    frames = torch.randn(3, 2, 40, dtype=D)
+    poisoned = frames.clone()
+    poisoned[0, :, 5:9] = float("nan")
+    poisoned[2, :, 12] = float("inf")
+    restarts = {7: [1]}
+    clean = step_batch(co, frames, restarts)
+    dirty = step_batch(co, poisoned, restarts)
+    for (a, ra), (b, rb) in zip(clean, dirty):
+        assert torch.equal(ra, rb)
+        if a is not None:
+            assert torch.equal(a[1], b[1]) or (torch.isnan(a[1]).all() and torch.isnan(b[1]).all())
+
+
+def test_state_functions_while_out_of_phase():
+    _, co = tcn()
+    frames = torch.randn(2, 2, 50, dtype=D)
+    with torch.no_grad():
+        for i in range(20):
+            co.forward_step(frames[:, :, i])
+        co.clean_state(streams=[0])
+        for i in range(20, 30):
+            co.forward_step(frames[:, :, i])
+        assert co.cofx_streams.active
+        saved = co.get_state()
+        peek = co.forward_step(frames[:, :, 30], update_state=False)
+        rest = [co.forward_step(frames[:, :, i]) for i in range(30, 50)]
+        assert (peek is None) == (rest[0] is None)
+        assert peek is None or torch.allclose(peek, rest[0], equal_nan=True)
+        co.clean_state()
+        assert not co.cofx_streams.active
+        co.set_state(saved)
+        again = [co.forward_step(frames[:, :, i]) for i in range(30, 50)]
+        for a, b in zip(rest, again):
+            assert (a is None) == (b is None) and (a is None or torch.allclose(a, b, equal_nan=True))
+        assert co.state_bytes > 0
+        # chunks and the end flush need streams in phase
+        with pytest.raises(cofx.StreamError, match="out of phase"):
+            co.forward_steps(frames[:, :, :3])
+        with pytest.raises(cofx.StreamError, match="out of phase"):
+            co.forward_steps(frames[:, :, :1], pad_end=True)
+        assert co.forward_steps(frames[:, :, :0]) is None
+        # a batch of another size is refused as before
+        with pytest.raises(cofx.StreamError, match="batch size changed"):
+            co.forward_step(frames[:1, :, 0])
+        # clean_state() returns to the in-phase kernels: chunks work again
+        co.clean_state()
+        whole = co.forward_steps(frames, pad_end=True)
+        assert whole is not None and bool(co.ready.all())
+
+
+def test_restart_arguments():
+    _, co = tcn()
+    frames = torch.randn(3, 2, 20, dtype=D)
+    co.clean_state(streams=[1])            # nothing running yet: nothing to do
+    assert "cofx_streams" not in dict(co.named_children())
+    with torch.no_grad():
+        co.forward_steps(frames[:, :, :12])
+        before = co.get_state()
+        co.clean_state(streams=[])         # no row: nothing changes
+        assert co.get_state().keys() == before.keys()
+        with pytest.raises(cofx.StreamError, match="outside the batch"):
+            co.clean_state(streams=[3])
+        with pytest.raises(cofx.StreamError, match="one entry per stream"):
+            co.clean_state(streams=torch.tensor([True, False]))
+        co.clean_state(streams=[0, 1, 2])   # every row: the same as clean_state()
+        assert co._stream_batch is None
+        co.forward_steps(frames[:, :, :12])
+        co.clean_state(streams=-1)          # the last row, like indexing
+        y = co.forward_step(frames[:, :, 12])
+        assert y is None or torch.isnan(y[2]).all()
+        assert co.ready.tolist()[:2] == [bool(y is not None)] * 2 and not bool(co.ready[2])
+
+
+def test_ready_in_phase():
+    _, co = tcn()
+    frames = torch.randn(2, 2, co.delay + 1, dtype=D)
+    with torch.no_grad():
+        for i in range(co.delay):
+            assert co.forward_step(frames[:, :, i]) is None and not bool(co.ready.any())
+        assert co.forward_step(frames[:, :, co.delay]) is not None and bool(co.ready.all())
+
+
+def test_out_of_phase_x3d_like_model():
+    """Squeeze-and-excitation windows, residual merges with delay buffers, a clip-wide head."""
+    from pytorchvideo.models.x3d import create_x3d
+    torch.manual_seed(0)
+    model = create_x3d(input_clip_length=4, input_crop_size=32, model_num_class=5, depth_factor=0.5,
+                       width_factor=1.0, head_activation=None).eval()
+    co = cofx.convert(model, torch.randn(1, 3, 4, 32, 32))
+    frames = torch.randn(2, 3, co.delay + 12, 32, 32)
+    restarts = {5: [0]}
+    got = step_batch(co, frames, restarts)
+    assert_rows(got, expected_per_row(co, frames, restarts), tol=1e-5)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(random_nets(), st.data())
+def test_random_nets_restart_anywhere(net, data):
+    model, nd = net
+    clip = shortest_clip(model, nd, 0)
+    co = cofx.convert(model, clip)
+    steps = 2 * (co.receptive_field + co.delay) + 4
+    frames = torch.randn(3, 2, steps, *clip.shape[3:], dtype=D)
+    at = sorted(data.draw(st.lists(st.integers(1, steps - 1), min_size=1, max_size=3, unique=True)))
+    restarts = {i: [data.draw(st.integers(0, 2))] for i in at}
+    got = step_batch(co, frames, restarts)
+    assert_rows(got, expected_per_row(co, frames, restarts))
+
+
+def test_masked_step_is_forward_step_in_phase():
+    """The fixed-shape step (the one ONNX gets) against the stream kernels, from the first frame."""
+    model, co = tcn()
+    step = MaskedStep(co, D, "cpu")
+    frames = torch.randn(2, 2, 40, dtype=D)
+    state = step.initial_state(2)
+    co.clean_state()
+    for i in range(frames.shape[2]):
+        out, ready, state = step.step(frames[:, :, i:i + 1], None, state)
+        y = co.forward_step(frames[:, :, i])
+        assert bool(ready.any()) == (y is not None) == bool(ready.all())
+        if y is not None:
+            assert torch.equal(out.squeeze(2), y)
+
+
+def test_in_place_ops_after_a_crop_do_not_reach_the_state():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c = nn.Conv1d(2, 2, 3, padding=1)
+            self.act = nn.ReLU(inplace=True)
+
+        def forward(self, x):
+            return self.c(self.act(x[:, :, 2:]))   # a crop (the kernel returns a view of its frames), in place
+    torch.manual_seed(0)
+    model = Net().double().eval()
+    co = cofx.convert(model, torch.randn(1, 2, 8, dtype=D))
+    frames = torch.randn(2, 2, 30, dtype=D)
+    restarts = {4: [0], 11: [1]}
+    assert_rows(step_batch(co, frames, restarts), expected_per_row(co, frames, restarts))
