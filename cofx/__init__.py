@@ -8,9 +8,10 @@ from .api import convert
 from .errors import ConversionError, StreamError
 from .modes import call_mode
 from .module import ContinualModule
+from .onnx_export import export_onnx
 from .saving import load, save
 from .verify import verify
 
 __version__ = "0.1.0"
-__all__ = ["convert", "ConversionError", "StreamError", "call_mode", "ContinualModule", "load", "save", "verify",
-           "__version__"]
+__all__ = ["convert", "ConversionError", "StreamError", "call_mode", "ContinualModule", "export_onnx", "load",
+           "save", "verify", "__version__"]

@@ -114,6 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where to write the continual model (default: MODEL.continual.pt)")
     p.add_argument("--strict", action="store_true",
                    help="refuse any approximation (windowed reductions, replicate init): exit 2 instead")
+    p.add_argument("--onnx", metavar="FILE",
+                   help="also write one step as ONNX with explicit state (inputs frame, reset, state_*; outputs "
+                        "output, ready, next_state_*), for ONNX Runtime and inference servers")
     p.set_defaults(run=run_convert)
 
     p = command("inspect", "show every node's kind, delay, state and FLOPs",
@@ -229,6 +232,11 @@ def run_convert(args) -> int:
     how = f"cofx.load({out!r})" if spec else (f"cofx.load({out!r}, trust=True) (it holds the model's pickled "
                                              "graph, as the model file did)")
     print(f"wrote {out}; load it with {how}")
+    if args.onnx:
+        from cofx.onnx_export import export_onnx
+        info = export_onnx(co, args.onnx)
+        print(f"wrote {args.onnx}: one step with {len(info['state_names'])} state tensors; start each stream "
+              "with zero states and reset=True")
     print(format_summary(summary(co)))
     return 0
 

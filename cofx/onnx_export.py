@@ -1,0 +1,249 @@
+"""`cofx.export_onnx`: one step of a continual model as an ONNX graph with explicit state.
+
+The exported graph is `cofx.masked_step.MaskedStep` traced once:
+
+    inputs   frame (B, C, …)            one frame per stream, no time axis
+             reset (B,) bool            True: this stream starts now (its state inputs are ignored)
+             state_0 … state_N          the state, batch first
+    outputs  output (as forward_step)   defined where ready is True
+             ready (B,) bool            False where forward_step would return None
+             next_state_0 … next_state_N   same order, shapes and dtypes as the state inputs
+
+Streams are independent rows: each may start (reset) at any step. A caller
+starts every stream with zeros for every state and ``reset=True``. The batch
+dimension is dynamic on every input and output; every other dimension is
+static. The file's metadata (``cofx.*`` keys) records the state names, the
+delay, stride and receptive field.
+"""
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from typing import Optional
+
+import torch
+from torch import nn
+from torch.utils._pytree import tree_flatten
+
+from .masked_step import MaskedStep
+
+
+class _StaticShapes:
+    """Sizes that do not depend on the batch are plain ints while tracing, so that they are constants in ONNX.
+
+    A trace records every size read off a tensor (``x.shape``, ``x.size(i)``,
+    ``x.numel()``) as a dynamic value, and some ONNX symbolics (convolution kernels,
+    adaptive pooling, unfold) refuse those. The step is first run untraced for two
+    batch sizes (mode "record"); each size that is the same for both is then a
+    constant while tracing (mode "replay"). Queries are matched by their order
+    within one call of the step, and checked. While active (``with``), the three
+    accessors of `torch.Tensor` are wrapped; the wrappers act only between
+    `start` and `stop` (inside the step) and are removed on exit.
+    """
+
+    def __init__(self):
+        self.logs, self.static, self.mode, self.at, self.inside = [], None, "record", 0, False
+
+    def start(self):
+        self.at, self.inside = 0, True
+        if self.mode == "record":
+            self.logs.append([])
+
+    def stop(self):
+        self.inside = False
+
+    def finish_recording(self) -> bool:
+        a, b = self.logs
+        if len(a) != len(b) or any(_kind(u) != _kind(v) for u, v in zip(a, b)):
+            return False
+        self.static = [_same(u, v) for u, v in zip(a, b)]
+        self.log, self.mode = a, "replay"
+        return True
+
+    def __enter__(self):
+        base = torch._C.TensorBase
+        size, shape, numel = base.size, base.shape.__get__, base.numel
+        hook = self._answer
+        torch.Tensor.size = lambda t, *a, **k: hook(size(t, *a, **k))
+        torch.Tensor.shape = property(lambda t: hook(shape(t)))
+        torch.Tensor.numel = lambda t: hook(numel(t))
+        return self
+
+    def __exit__(self, *exc):
+        for name in ("size", "shape", "numel"):
+            delattr(torch.Tensor, name)
+
+    def _answer(self, out):
+        if not self.inside or self.mode == "off":
+            return out
+        if self.mode == "record":
+            self.logs[-1].append(tuple(out) if isinstance(out, torch.Size) else int(out))
+            return out
+        if self.at >= len(self.static):
+            raise _Misaligned()
+        i = self.at
+        self.at += 1
+        want, static = self.log[i], self.static[i]
+        if isinstance(out, torch.Size):
+            if tuple(int(v) for v in out) != want:
+                raise _Misaligned()
+            return torch.Size([w if s else v for v, w, s in zip(out, want, static)])
+        if int(out) != want:
+            raise _Misaligned()
+        return want if static else out
+
+
+class _Misaligned(RuntimeError):
+    pass
+
+
+def _kind(v):
+    return len(v) if isinstance(v, tuple) else -1
+
+
+def _same(u, v):
+    return [x == y for x, y in zip(u, v)] if isinstance(u, tuple) else u == v
+
+
+class _OnnxStep(nn.Module):
+    """(frame, reset, *state) -> (*outputs, ready, *next_state); `co` is a submodule so its weights are traced."""
+
+    def __init__(self, co, step: MaskedStep):
+        super().__init__()
+        self.co = co
+        self.__dict__["masked"] = step
+        self.__dict__["shapes"] = None
+
+    def forward(self, frame, reset, *state):
+        if self.shapes is None:
+            return self._step(frame, reset, state)
+        self.shapes.start()
+        try:
+            return self._step(frame, reset, state)
+        finally:
+            self.shapes.stop()
+
+    def _step(self, frame, reset, state):
+        step = self.masked
+        out, ready, new = step.step(frame.unsqueeze(step.time_dim), reset, list(state))
+        leaves, _ = tree_flatten(out)
+        axes, _ = tree_flatten(step.out_time_axes, is_leaf=lambda a: a is None)
+        leaves = [v.squeeze(a) if a is not None and v.shape[a] == 1 else v for v, a in zip(leaves, axes)]
+        if ready is None:   # no kernel delays the output: every row is ready every step
+            ready = reset | ~reset
+        return (*leaves, ready, *new)
+
+
+def export_onnx(co, path, opset: Optional[int] = None) -> dict:
+    """Write an ONNX model of one step of `co` with explicit state (see the module docstring).
+
+    Args:
+        co: a `ContinualModule` (`cofx.convert`'s result). Left exactly as it was
+            found: training mode and stream state are restored.
+        path: the .onnx file to write.
+        opset: the ONNX opset (default: the exporter's).
+
+    Returns:
+        A summary: input and output names, state names, shapes (batch as "batch") and dtypes.
+    """
+    from .module import ContinualModule
+    if not isinstance(co, ContinualModule):
+        raise TypeError(f"export_onnx takes a converted model (cofx.convert(...)), got {type(co).__name__}")
+    import onnx
+
+    was_training = co.training
+    snap = co._snapshot()
+    try:
+        co.eval()
+        p = next((q for q in co.parameters() if q.is_floating_point()), None)
+        dtype = p.dtype if p is not None else torch.float32
+        device = p.device if p is not None else torch.device("cpu")
+        step = MaskedStep(co, dtype, device)
+        step.exporting()
+        wrapper = _OnnxStep(co, step)
+        batch = 2
+        frame = torch.randn((batch, *co._info["frame_shape"]), dtype=dtype, device=device)
+        reset = torch.tensor([True, False], device=device)
+        state = step.initial_state(batch)
+        with torch.no_grad():
+            outs = wrapper(frame, reset, *state)
+        n_out = len(outs) - 1 - len(state)
+        out_names = ["output"] if n_out == 1 else [f"output_{i}" for i in range(n_out)]
+        state_in = [f"state_{i}" for i in range(len(state))]
+        state_out = [f"next_state_{i}" for i in range(len(state))]
+        input_names = ["frame", "reset", *state_in]
+        output_names = [*out_names, "ready", *state_out]
+        batch_axes = {"frame": 0, "reset": 0, "ready": 0, **{n: 0 for n in state_in + state_out}}
+        for name, axis in zip(out_names, step.out_batch_axes):
+            if axis is not None:
+                batch_axes[name] = axis
+        shapes = _record_shapes(wrapper, step, co)
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            wrapper.__dict__["shapes"] = shapes
+            try:
+                with shapes:
+                    torch.onnx.export(wrapper, (frame, reset, *state), os.fspath(path), dynamo=False,
+                                      input_names=input_names, output_names=output_names,
+                                      dynamic_axes={n: {a: "batch"} for n, a in batch_axes.items()},
+                                      opset_version=opset, do_constant_folding=True)
+            finally:
+                wrapper.__dict__["shapes"] = None
+        values = dict(zip(input_names, (frame, reset, *state)))
+        values.update(zip(output_names, outs))
+        model = onnx.load(os.fspath(path))
+        _static_shapes(model, values, batch_axes)
+        names = step.state_names
+        meta = {"cofx.state_names": json.dumps(names), "cofx.delay": str(co.delay),
+                "cofx.stride": str(co.stride), "cofx.receptive_field": str(co.receptive_field),
+                "cofx.time_dim": str(co._info["time_dim"]), "cofx.exact": str(co.is_exact)}
+        for key, value in meta.items():
+            entry = model.metadata_props.add()
+            entry.key, entry.value = key, value
+        model.doc_string = (f"cofx continual step: frame, reset, state_0..state_{len(state) - 1} -> "
+                            f"{', '.join(out_names)}, ready, next_state_*; start each stream with zero states "
+                            "and reset=True")
+        onnx.checker.check_model(model, full_check=True)   # with shape inference
+        onnx.save(model, os.fspath(path))
+        return dict(inputs=input_names, outputs=output_names, state_names=names,
+                    shapes={n: _shape(v, batch_axes.get(n)) for n, v in values.items()},
+                    dtypes={n: str(v.dtype).replace("torch.", "") for n, v in values.items()})
+    finally:
+        co._restore(snap)
+        co.train(was_training)
+
+
+def _record_shapes(wrapper, step, co) -> "_StaticShapes":
+    shapes = _StaticShapes()
+    wrapper.__dict__["shapes"] = shapes
+    try:
+        with torch.no_grad(), shapes:
+            for batch in (2, 3):
+                frame = torch.zeros((batch, *co._info["frame_shape"]), dtype=step.dtype, device=step.device)
+                wrapper(frame, torch.zeros(batch, dtype=torch.bool, device=step.device), *step.initial_state(batch))
+    finally:
+        wrapper.__dict__["shapes"] = None
+    if not shapes.finish_recording():
+        shapes.mode = "off"
+    return shapes
+
+
+def _shape(value: torch.Tensor, batch_axis) -> list:
+    return ["batch" if i == batch_axis else s for i, s in enumerate(value.shape)]
+
+
+def _static_shapes(model, values: dict, batch_axes: dict) -> None:
+    """Write every input's and output's shape into the graph: "batch" on the batch axis, numbers elsewhere."""
+    for info in list(model.graph.input) + list(model.graph.output):
+        value = values.get(info.name)
+        if value is None:
+            continue
+        dims = info.type.tensor_type.shape.dim
+        del dims[:]
+        for size in _shape(value, batch_axes.get(info.name)):
+            d = dims.add()
+            if size == "batch":
+                d.dim_param = "batch"
+            else:
+                d.dim_value = size
