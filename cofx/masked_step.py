@@ -284,7 +284,7 @@ class MaskedStep:
                 raise NotSteppable(f"kernel '{node.target}' ({type(mod).__name__}) has no fixed-shape step yet: "
                                    "ONNX export and streams out of phase are not supported for this model")
         self.order = list(self.plans)
-        primed, seen, slots = _prime(co, dtype, self.device, {p.name: p.k for p in self.plans.values()})
+        primed, primed2, seen, slots = _prime(co, dtype, self.device, {p.name: p.k for p in self.plans.values()})
         self.init: List[torch.Tensor] = []
         self.state_names: List[str] = []
         self._slices = {}
@@ -293,7 +293,8 @@ class MaskedStep:
             if isinstance(plan, _AlignPlan):
                 plan.set_slots(slots[plan.name])
             at = len(self.init)
-            self.init += _initial(plan, primed[plan.name], seen[plan.name], dtype, self.device)
+            self.init += _initial(plan, primed[plan.name], primed2[plan.name], seen.get(plan.name), dtype,
+                                  self.device)
             self._slices[node] = (at, len(self.init))
             self.state_names += [f"{plan.name}.{f}" for f in plan.fields]
         self._compact = [_compact(i) for i in self.init]   # what reset_rows broadcasts
@@ -462,12 +463,12 @@ def _warmup(co) -> int:
 
 
 def _prime(co, dtype, device, kernels: dict):
-    """Eager kernel states after a 0-frame chunk (batch 1), and after a short stream of batch 2.
+    """Eager kernel states after a 0-frame chunk for 1 and for 2 streams, and during a short stream.
 
-    Returns (primed states, last seen states of the stream, Align slots). The
-    stream runs past the delay and a few strides, so that every pattern of
-    arrivals at the merges has occurred; the most frames an `Align` input ever
-    holds is its number of slots.
+    Returns (primed states of 1 stream, of 2 streams, last seen states of the
+    stream, Align slots). The stream (1 stream of zeros) runs past the delay and a
+    few strides, so that every pattern of arrivals at the merges has occurred; the
+    most frames an `Align` input ever holds is its number of slots.
     """
     snap = co._snapshot()
     was_training = co.training
@@ -475,34 +476,35 @@ def _prime(co, dtype, device, kernels: dict):
     frame_shape = tuple(co._info["frame_shape"])
     steps = _warmup(co)
     try:
-        co.clean_state()
         co.eval()
+        primed = []
         with torch.no_grad():
-            empty = torch.zeros((1, *frame_shape[:t - 1], 0, *frame_shape[t - 1:]), dtype=dtype, device=device)
-            co.forward_steps(empty)
-            primed = {n: _kernel_state(k) for n, k in kernels.items()}
+            for batch in (1, 2):
+                co.clean_state()
+                co.forward_steps(torch.zeros((batch, *frame_shape[:t - 1], 0, *frame_shape[t - 1:]), dtype=dtype,
+                                             device=device))
+                primed.append({n: _kernel_state(k) for n, k in kernels.items()})
             co.clean_state()
-            frame = torch.zeros((2, *frame_shape), dtype=dtype, device=device)
+            frame = torch.zeros((1, *frame_shape), dtype=dtype, device=device)
             slots = {n: [0] * len(k.axes) for n, k in kernels.items() if isinstance(k, K.Align)}
             seen = {}
             for _ in range(steps):
                 co.forward_step(frame)
                 for n, k in kernels.items():
                     if isinstance(k, K.Sliding):
-                        if k.buf is not None:
+                        if k.buf is not None and n not in seen:
                             seen[n] = _kernel_state(k)
                     elif k.pending is not None:
                         slots[n] = [max(s, p.shape[a]) for s, p, a in zip(slots[n], k.pending, k.axes)]
-                        seen[n] = _kernel_state(k)
     finally:
         co._restore(snap)
         co.train(was_training)
-    for n in kernels:
-        if n not in seen:
+    for n, k in kernels.items():
+        if isinstance(k, K.Sliding) and n not in seen:
             raise NotSteppable(f"kernel '{n}' received no frame in {steps} steps")
-        if primed[n].get("pending") is not None:   # what priming left must fit too
-            slots[n] = [max(s, p.shape[a]) for s, p, a in zip(slots[n], primed[n]["pending"], kernels[n].axes)]
-    return primed, seen, slots
+        if primed[0][n].get("pending") is not None:   # what priming left must fit too
+            slots[n] = [max(s, p.shape[a]) for s, p, a in zip(slots[n], primed[0][n]["pending"], k.axes)]
+    return primed[0], primed[1], seen, slots
 
 
 def _batch_axis(one: torch.Tensor, two: torch.Tensor, what: str) -> int:
@@ -511,8 +513,6 @@ def _batch_axis(one: torch.Tensor, two: torch.Tensor, what: str) -> int:
         diff = [i for i, (u, v) in enumerate(zip(one.shape, two.shape)) if u != v]
         if len(diff) == 1 and (one.shape[diff[0]], two.shape[diff[0]]) == (1, 2):
             return diff[0]
-        if not diff and one.shape[0] == 1:
-            pass
     raise NotSteppable(f"cannot tell the batch dimension of the state of {what} "
                        f"({tuple(one.shape)} for 1 stream, {tuple(two.shape)} for 2)")
 
@@ -528,7 +528,7 @@ def _check_burst(plan: "_SlidingPlan"):
             "that burst (pad with zeros or a constant instead, or convert with init='zeros')")
 
 
-def _initial(plan, primed: dict, seen: dict, dtype, device) -> List[torch.Tensor]:
+def _initial(plan, primed: dict, primed2: dict, seen: Optional[dict], dtype, device) -> List[torch.Tensor]:
     """The plan's state tensors for 1 stream (batch first), equal to the primed eager state."""
     if isinstance(plan, _SlidingPlan):
         k = plan.k
@@ -543,12 +543,12 @@ def _initial(plan, primed: dict, seen: dict, dtype, device) -> List[torch.Tensor
             buf = torch.zeros((1, *ref.shape[1:]), dtype=dtype, device=device)
             pos = torch.tensor([[-1, 0]], device=device)
         else:
-            plan.b = _batch_axis(primed["buf"], seen["buf"], f"'{plan.name}'")
+            plan.b = _batch_axis(primed["buf"], primed2["buf"], f"'{plan.name}'")
             buf = primed["buf"].movedim(plan.b, 0)
             pos = torch.tensor([[primed["m"], primed["next_j"]]], device=device)
         return ([buf] if plan.has_buf else []) + [pos]
     out, counts = [], []
-    for i, (a, slots, p, q) in enumerate(zip(plan.k.axes, plan.slots, primed["pending"], seen["pending"])):
+    for i, (a, slots, p, q) in enumerate(zip(plan.k.axes, plan.slots, primed["pending"], primed2["pending"])):
         one, two = list(p.shape), list(q.shape)
         one[a] = two[a] = 0
         b = _batch_axis(p.new_empty(one), q.new_empty(two), f"input {i} of '{plan.name}'")
