@@ -265,22 +265,7 @@ def run_inspect(args) -> int:
 def node_table(report, flops: dict) -> str:
     """The report as a table, with each node's FLOPs per step before the note."""
     from cofx.summary import human
-    cols = [c for c in report.COLUMNS if c != "note"] + ["flops", "note"]
-    head = list(report.HEAD[:-1]) + ["FLOPs/step", report.HEAD[-1]]
-
-    def cell(v):
-        if v is None:
-            return "-"
-        if isinstance(v, bool):
-            return "yes" if v else "NO"
-        if isinstance(v, tuple):
-            return ",".join(map(str, v))
-        return str(v)
-    rows = [[cell(getattr(r, c)) if c != "flops" else human(flops.get(r.name, 0)) for c in cols] for r in report]
-    widths = [max([len(h)] + [len(row[i]) for row in rows]) for i, h in enumerate(head)]
-    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
-    lines = [fmt.format(*head).rstrip(), fmt.format(*("-" * w for w in widths)).rstrip()]
-    return "\n".join(lines + [fmt.format(*row).rstrip() for row in rows])
+    return report.table({"FLOPs/step": {r.name: human(flops.get(r.name, 0)) for r in report}})
 
 
 def run_verify(args) -> int:
