@@ -222,6 +222,7 @@ class _AlignPlan:
         self.slots = [0] * len(k.axes)
         self.b = [0] * len(k.axes)
         self.fields = ["count"]
+        self.check = True       # verify the slots suffice (off while exporting)
 
     def set_slots(self, slots):
         self.slots = list(slots)
@@ -248,6 +249,9 @@ class _AlignPlan:
         for c1 in counts[1:]:
             emit = emit & (c1 >= 1)
         left = torch.stack(counts, 1) - emit.to(count.dtype).unsqueeze(1)
+        if self.check and bool((left > left.new_tensor(self.slots)).any()):   # never, if the slots are right
+            raise NotSteppable(f"'{self.name}' would hold more frames than its {self.slots} slots; please report "
+                               "this model")
         return tuple(outs), emit, new_bufs + [left]
 
 
@@ -310,6 +314,8 @@ class MaskedStep:
         for plan in self.plans.values():
             if isinstance(plan, _SlidingPlan):
                 plan.plain = on
+            else:
+                plan.check = not on
 
     def _output_batch_axes(self) -> list:
         """Batch axis of each output leaf (None for leaves that are not batched tensors); fills `self.pins`.

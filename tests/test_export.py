@@ -243,7 +243,8 @@ def test_priming_lets_every_frame_complete_at_most_one_window():
             assert torch.equal(out.squeeze(2), y)
 
 
-@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@settings(max_examples=12, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(random_nets())
 def test_random_nets(tmp_path, net):
     model, nd = net
