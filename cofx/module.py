@@ -12,6 +12,7 @@ from . import modes
 from .errors import StreamError
 from .kernels import Stateful, StreamContext
 from .report import Report
+from .streams import restart_streams, set_ready
 from .tracer import adopt_attributes
 
 
@@ -112,7 +113,7 @@ class ContinualModule(fx.GraphModule):
             elif pad_end:
                 self.clean_state()
         out = self._none_if_empty(out)
-        self.__dict__["ready"] = torch.full((x.shape[0],), out is not None, device=x.device)
+        set_ready(self, torch.full((x.shape[0],), out is not None, device=x.device))
         return out
 
     def _concat(self, a, b):
@@ -187,10 +188,8 @@ class ContinualModule(fx.GraphModule):
         ``clean_state()``: see `cofx.streams` (forward_step fills the rows without an
         output with NaN and sets ``co.ready``).
         """
-        if streams is not None:
-            from .streams import restart_streams
-            if restart_streams(self, streams):
-                return
+        if streams is not None and restart_streams(self, streams):
+            return
         for k in self._kernels():
             k.clean()
         self.__dict__["_stream_batch"] = None

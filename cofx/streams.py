@@ -12,7 +12,8 @@ While streams are out of phase:
 - ``co.forward_step(frame)`` returns the output for every row, with NaN in the
   rows that have no output this step (their stream is starting up, or the
   temporal stride skips this frame), or None when no row has one;
-  ``co.ready`` (B,) bool says which rows are real;
+  ``co.ready`` (B,) bool says which rows are real (after every step, in phase
+  too; not set when the model itself has something called ``ready``);
 - ``co.forward_steps`` takes chunks of one frame only, without ``pad_end``;
 - ``co.clean_state()`` (all streams) returns to the fast in-phase kernels;
 - ``get_state``/``set_state``/``update_state=False`` work as usual.
@@ -79,7 +80,7 @@ class OutOfPhase(Stateful):
             self.state = [probe] + [s.detach() for s in new]
         if ready is None:
             ready = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
-        co.__dict__["ready"] = ready
+        set_ready(co, ready)
         if not bool(ready.any()):
             return None
         leaves, spec = tree_flatten(out)
@@ -91,6 +92,13 @@ class OutOfPhase(Stateful):
                 v = torch.where(ready.reshape(shape), v, torch.full_like(v, float("nan")))
             filled.append(v)
         return tree_unflatten(filled, spec)
+
+
+def set_ready(co, ready: torch.Tensor) -> None:
+    """``co.ready = ready`` (which rows the last step's output holds), unless the model has its own `ready`."""
+    taken = "ready" in co._modules or "ready" in co._parameters or "ready" in co._buffers
+    if not taken and isinstance(co.__dict__.get("ready", ready), torch.Tensor):
+        co.__dict__["ready"] = ready
 
 
 def _rows(streams, batch: int, device) -> torch.Tensor:

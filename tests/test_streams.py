@@ -244,3 +244,32 @@ def test_in_place_ops_after_a_crop_do_not_reach_the_state():
     frames = torch.randn(2, 2, 30, dtype=D)
     restarts = {4: [0], 11: [1]}
     assert_rows(step_batch(co, frames, restarts), expected_per_row(co, frames, restarts))
+
+
+def test_a_model_with_its_own_ready_keeps_it():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.ready = nn.Conv1d(2, 2, 3, padding=1)
+
+        def forward(self, x):
+            return self.ready(x)
+    torch.manual_seed(0)
+    co = cofx.convert(Net().double().eval(), torch.randn(1, 2, 8, dtype=D))
+    frames = torch.randn(2, 2, 12, dtype=D)
+    restarts = {5: [1]}
+    assert_rows(step_batch_without_ready(co, frames, restarts), expected_per_row(co, frames, restarts))
+    assert isinstance(co.ready, nn.Conv1d)
+
+
+def step_batch_without_ready(co, frames, restarts):
+    co.clean_state()
+    got = []
+    with torch.no_grad():
+        for i in range(frames.shape[2]):
+            if i in restarts:
+                co.clean_state(streams=restarts[i])
+            y = co.forward_step(frames.select(2, i))
+            ready = torch.zeros(frames.shape[0], dtype=torch.bool) if y is None else ~torch.isnan(y).flatten(1).all(1)
+            got.append((y, ready))
+    return got
