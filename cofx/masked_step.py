@@ -478,6 +478,7 @@ def _prime(co, dtype, device, kernels: dict):
     """
     snap = co._snapshot()
     was_training = co.training
+    had_ready, ready = "ready" in co.__dict__, co.__dict__.get("ready")
     t = co._info["time_dim"]
     frame_shape = tuple(co._info["frame_shape"])
     steps = _warmup(co)
@@ -505,6 +506,10 @@ def _prime(co, dtype, device, kernels: dict):
     finally:
         co._restore(snap)
         co.train(was_training)
+        if had_ready:
+            co.__dict__["ready"] = ready
+        else:
+            co.__dict__.pop("ready", None)
     for n, k in kernels.items():
         if isinstance(k, K.Sliding) and n not in seen:
             raise NotSteppable(f"kernel '{n}' received no frame in {steps} steps")

@@ -81,13 +81,24 @@ def assert_matches(results, expected, rows=None):
     return worst
 
 
-def export_and_compare(co, tmp_path, frames, name="model"):
+def export_and_compare(co, tmp_path, frames, name="model", restart=None):
+    """Export, run `frames` through ONNX Runtime and compare with each stream run alone by forward_step.
+
+    `restart` = (step, row): that stream restarts at that step (in ONNX with reset, alone from a clean state).
+    """
     path = tmp_path / f"{name}.onnx"
     info = cofx.export_onnx(co, path)
     model = onnx.load(str(path))
     onnx.checker.check_model(model)
-    results = run_onnx(session(path), frames)
-    expected = [run_alone(co, frames[b]) for b in range(frames.shape[0])]
+    resets = {restart[0]: [restart[1]]} if restart else None
+    results = run_onnx(session(path), frames, resets=resets)
+    expected = []
+    for b in range(frames.shape[0]):
+        if restart and b == restart[1]:
+            at = restart[0]
+            expected.append(run_alone(co, frames[b, :, :at]) + run_alone(co, frames[b, :, at:]))
+        else:
+            expected.append(run_alone(co, frames[b]))
     assert_matches(results, expected)
     return info, model, results, expected
 
@@ -193,9 +204,10 @@ def test_export_leaves_the_model_as_it_found_it(tmp_path):
     with torch.no_grad():
         co.forward_steps(stream)
         co.train()
-        before = co.get_state()
+        before, ready = co.get_state(), co.ready
         cofx.export_onnx(co, tmp_path / "tcn.onnx")
         assert co.training and all(m.training for m in co.modules())
+        assert co.ready is ready
         after = co.get_state()
         assert before.keys() == after.keys()
         for name in before:
@@ -302,7 +314,8 @@ def test_x3d_xs(tmp_path):
     model = _real(lambda: create_x3d(input_clip_length=4, input_crop_size=64, model_num_class=10,
                                      head_activation=None))
     co = cofx.convert(model, torch.randn(1, 3, 4, 64, 64))
-    export_and_compare(co, tmp_path, torch.randn(1, 3, 3 * co.receptive_field, 64, 64), "x3d")
+    steps = 3 * co.receptive_field
+    export_and_compare(co, tmp_path, torch.randn(3, 3, steps, 64, 64), "x3d", restart=(steps // 2, 1))
 
 
 @pytest.mark.slow
@@ -310,7 +323,8 @@ def test_r2plus1d_18(tmp_path):
     tvm = pytest.importorskip("torchvision.models.video")
     co = cofx.convert(_real(lambda: tvm.r2plus1d_18(num_classes=10)), torch.randn(1, 3, 8, 32, 32))
     assert co.stride == 8
-    export_and_compare(co, tmp_path, torch.randn(1, 3, 3 * co.receptive_field, 32, 32), "r2plus1d")
+    steps = 3 * co.receptive_field
+    export_and_compare(co, tmp_path, torch.randn(2, 3, steps, 32, 32), "r2plus1d", restart=(steps // 2 + 3, 1))
 
 
 @pytest.mark.slow
@@ -319,7 +333,8 @@ def test_slow_r50_structure(tmp_path):
     model = _real(lambda: create_resnet(stem_conv_kernel_size=(1, 7, 7), head_pool_kernel_size=(8, 2, 2),
                                         model_depth=50, model_num_class=10, stem_dim_out=16))
     co = cofx.convert(model, torch.randn(1, 3, 8, 64, 64))
-    export_and_compare(co, tmp_path, torch.randn(1, 3, 3 * co.receptive_field, 64, 64), "slow_r50")
+    steps = 3 * co.receptive_field
+    export_and_compare(co, tmp_path, torch.randn(2, 3, steps, 64, 64), "slow_r50", restart=(steps // 2, 0))
 
 
 def test_command_line_convert_writes_onnx(tmp_path, capsys):
