@@ -12,7 +12,7 @@ from . import modes
 from .errors import StreamError
 from .kernels import Stateful, StreamContext
 from .report import Report
-from .streams import restart_streams, set_ready
+from .streams import CHILD as STREAMS_CHILD, restart_streams, set_ready
 from .tracer import adopt_attributes
 
 
@@ -202,11 +202,15 @@ class ContinualModule(fx.GraphModule):
 
     def set_state(self, state: dict) -> None:
         names = {n for n, _ in self._named_kernels()} | {"_stream_batch"}
-        if set(state) != names:
-            raise StreamError(f"state keys do not match this model: missing {sorted(names - set(state))}, "
-                              f"unexpected {sorted(set(state) - names)}")
+        optional = {STREAMS_CHILD}   # added on the first partial restart; absent from states saved before
+        if not set(state) <= names or names - optional - set(state):
+            raise StreamError(f"state keys do not match this model: missing {sorted(names - optional - set(state))}"
+                              f", unexpected {sorted(set(state) - names)}")
         for n, k in self._named_kernels():
-            k.set_state(state[n])
+            if n in state:
+                k.set_state(state[n])
+            else:
+                k.clean()
         self.__dict__["_stream_batch"] = state["_stream_batch"]
 
     @property

@@ -273,3 +273,15 @@ def step_batch_without_ready(co, frames, restarts):
             ready = torch.zeros(frames.shape[0], dtype=torch.bool) if y is None else ~torch.isnan(y).flatten(1).all(1)
             got.append((y, ready))
     return got
+
+
+def test_a_state_saved_before_a_partial_restart_still_restores():
+    _, co = tcn()
+    frames = torch.randn(2, 2, 3 * co.warmup_frames, dtype=torch.float64)
+    half = frames.shape[2] // 2
+    co.forward_steps(frames[:, :, :half])
+    saved = co.get_state()
+    expected = co.forward_steps(frames[:, :, half:], update_state=False)
+    co.clean_state(streams=[0])            # adds the out-of-phase state
+    co.set_state(saved)                    # a state from before it: in phase again
+    assert expected is not None and torch.equal(co.forward_steps(frames[:, :, half:]), expected)
