@@ -114,7 +114,6 @@ def _runs(clip: torch.Tensor, time_dim: int) -> dict:
 def _exactness(gm) -> dict:
     exact = {}
     for node in gm.graph.nodes:
-        spec = node.meta.get("cofx_spec")
         own = node.meta.get("cofx_kind") != "windowed"
         exact[node] = own and all(exact.get(a, True) for a in node.all_input_nodes)
     return exact

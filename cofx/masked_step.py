@@ -542,7 +542,6 @@ def _check_burst(plan: "_SlidingPlan"):
 def _initial(plan, primed: dict, primed2: dict, seen: Optional[dict], dtype, device) -> List[torch.Tensor]:
     """The plan's state tensors for 1 stream (batch first), equal to the primed eager state."""
     if isinstance(plan, _SlidingPlan):
-        k = plan.k
         if primed["buf"] is None:   # waits for its first frame (replicate start padding)
             if not plan.replicate_start:
                 raise NotSteppable(f"kernel '{plan.name}' did not start on an empty chunk")

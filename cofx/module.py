@@ -1,8 +1,6 @@
 """`ContinualModule`: the converted model. Same weights and `forward`; adds step functions."""
 from __future__ import annotations
 
-from typing import Any, Optional
-
 import torch
 import torch.fx as fx
 from torch import nn

@@ -16,7 +16,6 @@ import inspect
 from typing import Iterable, Union
 
 import numpy as np
-import torch
 import torch.fx as fx
 from torch import nn
 

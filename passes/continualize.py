@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import functools
 import operator
-from typing import Any
-
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
@@ -37,7 +35,7 @@ from cofx import kernels as K
 from cofx.errors import ConversionError
 from cofx.sliding_ops import PadSpec, SlidingSpec
 
-from .layout import Labels, time_axes
+from .layout import Labels
 from .node_kind import RESHAPES, node_inputs
 from .receptive_field import same_readiness
 from .temporal_geometry import CropSpec, ReductionSpec

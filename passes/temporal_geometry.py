@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from cofx.sliding_ops import PadSpec, SlidingSpec
+from cofx.sliding_ops import PadSpec
 
 
 @dataclass(frozen=True)

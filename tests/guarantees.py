@@ -5,7 +5,6 @@ import random
 
 import torch
 
-import cofx
 
 
 def max_err(a, b) -> float:

@@ -16,7 +16,7 @@ from torch import nn
 
 import cofx
 from cofx.masked_step import MaskedStep, NotSteppable
-from random_nets import random_nets, shortest_clip
+from random_nets import CausalTCN, random_nets, shortest_clip
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
@@ -104,21 +104,6 @@ def export_and_compare(co, tmp_path, frames, name="model", restart=None):
 
 
 # ---- small nets -------------------------------------------------------------------------------------
-
-class CausalTCN(nn.Module):
-    """Causal padding that covers whole windows (a burst on the first call), a strided conv, a count-excluding
-    average, a crop merged back and a global mean: every timing case of the kernels."""
-
-    def __init__(self):
-        super().__init__()
-        self.c = nn.Conv1d(2, 4, 3)
-        self.c2 = nn.Conv1d(4, 4, 3, stride=2, padding=1)
-        self.p = nn.AvgPool1d(3, 1, 1, count_include_pad=False)
-
-    def forward(self, x):
-        y = torch.relu(self.c(F.pad(x, (2, 0))))
-        z = self.c2(y)
-        return (self.p(z) + z[:, :, 1:z.shape[2] - 1].mean(2, keepdim=True)).mean(2)
 
 
 def _seeded(model):

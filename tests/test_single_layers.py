@@ -1,5 +1,4 @@
 """Property tests: every single temporal layer, over random configurations, is exact and well-behaved."""
-import math
 
 import pytest
 import torch

@@ -5,28 +5,14 @@ rounding), whatever the other rows do and whenever it was restarted.
 """
 import pytest
 import torch
-import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings, strategies as st
 from torch import nn
 
 import cofx
 from cofx.masked_step import MaskedStep
-from random_nets import random_nets, shortest_clip
+from random_nets import CausalTCN, random_nets, shortest_clip
 
 D = torch.float64
-
-
-class CausalTCN(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.c = nn.Conv1d(2, 4, 3)
-        self.c2 = nn.Conv1d(4, 4, 3, stride=2, padding=1)
-        self.p = nn.AvgPool1d(3, 1, 1, count_include_pad=False)
-
-    def forward(self, x):
-        y = torch.relu(self.c(F.pad(x, (2, 0))))
-        z = self.c2(y)
-        return (self.p(z) + z[:, :, 1:z.shape[2] - 1].mean(2, keepdim=True)).mean(2)
 
 
 def tcn():
