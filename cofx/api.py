@@ -71,6 +71,7 @@ def convert(model: nn.Module, example_input: Optional[torch.Tensor] = None, *, s
         if tune:
             say("timing step implementations of each Conv3d")
             passes.select_kernels(gm)
+        passes.mark_batchnorm_folds(gm)
         ctx = StreamContext(init)
         say("building the continual graph")
         graph, kernels, out_axes, node_kernels = passes.build_step_graph(gm, ctx)

@@ -162,7 +162,8 @@ class Sliding(Stateful):
         if j1 >= self.next_j:
             start = self.next_j * self.stride - base
             count = j1 - self.next_j + 1
-            frames = cat.narrow(t, start, (count - 1) * self.stride + self.span)
+            used = (count - 1) * self.stride + self.span
+            frames = cat if start == 0 and used == length else cat.narrow(t, start, used)
             out = self.window(frames, *tensors) if count == 1 and self.window is not None \
                 else self.compute(frames, *tensors)
             if self.avg_count is not None:
@@ -172,7 +173,9 @@ class Sliding(Stateful):
                 out = out.clone()   # a view of the frames (a crop): later in-place ops must not reach the state
         else:
             out = empty_like_labels(self.out_labels, self.ctx.batch, x)
-        kept = cat.narrow(t, length - self.keep, self.keep).detach()
+        kept = cat.narrow(t, length - self.keep, self.keep)
+        if kept.requires_grad:   # the state never carries an autograd graph from step to step
+            kept = kept.detach()
         # a step keeps a view of its fresh concatenation (no copy); a long chunk is copied so that its
         # frames are not held in memory
         self.buf = kept if length <= 2 * self.keep + 1 else kept.clone()
@@ -215,11 +218,29 @@ class Align(Stateful):
     def forward(self, *xs):
         if self.pending is None:
             self.pending = [x.narrow(a, 0, 0) for x, a in zip(xs, self.axes)]
-        full = [torch.cat([p, x], a) if p.shape[a] else x for p, x, a in zip(self.pending, xs, self.axes)]
-        k = min(f.shape[a] for f, a in zip(full, self.axes))
-        out = tuple(f.narrow(a, 0, k) for f, a in zip(full, self.axes))
-        self.pending = [f.narrow(a, k, f.shape[a] - k).clone() for f, a in zip(full, self.axes)]
-        return out
+        k = min(p.shape[a] + x.shape[a] for p, x, a in zip(self.pending, xs, self.axes))
+        out, pending = [], []
+        for p, x, a in zip(self.pending, xs, self.axes):
+            out_i, rest = _split_after(p, x, a, k)
+            out.append(out_i)
+            pending.append(rest)
+        self.pending = pending
+        return tuple(out)
+
+
+def _split_after(p: torch.Tensor, x: torch.Tensor, a: int, k: int):
+    """(first k frames of p ++ x, a copy of the frames after them): no copy of what is returned, and copies
+    only the frames kept (a step that keeps its new frame copies that frame alone)."""
+    held, n = p.shape[a], x.shape[a]
+    if held == 0:
+        first = x if k == n else x.narrow(a, 0, k)
+        return first, (p if k == n else x.narrow(a, k, n - k).clone())
+    if held == k:
+        return p, x.clone()
+    if held > k:
+        return p.narrow(a, 0, k), torch.cat([p.narrow(a, k, held - k), x], a)
+    full = torch.cat([p, x], a)
+    return full.narrow(a, 0, k), full.narrow(a, k, held + n - k).clone()
 
 
 class Framewise(nn.Module):
@@ -343,6 +364,8 @@ def fold_time(x: torch.Tensor, t: int, b: int = 0, raw: bool = False) -> torch.T
     Frames are folded t-major (sample index = frame * B + stream). With `raw`, the
     input holds whole windows in a trailing dimension, which takes the place of time.
     """
+    if x.shape[t] == 1 and not raw:   # one frame: folding it into the batch changes nothing
+        return x
     rest_b = b if b < t else b - 1
     y = x.movedim(t, 0).movedim(0, rest_b)   # frames right before the batch
     shape = list(y.shape)
@@ -362,6 +385,8 @@ def join_frames(x: torch.Tensor) -> torch.Tensor:
 
 def unfold_time(x: torch.Tensor, pos: int, batch: int, b: int = 0, replace: bool = True) -> torch.Tensor:
     """(.., n*B@b, ..) -> (.., B@b, .., n@pos, ..); `replace` drops the size-1 dimension at `pos`."""
+    if x.shape[b] == batch:   # one frame: it is already where it goes
+        return x if replace else x.unsqueeze(pos)
     shape = list(x.shape)
     y = x.reshape(shape[:b] + [shape[b] // batch, batch] + shape[b + 1:])
     frames = b

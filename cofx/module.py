@@ -8,6 +8,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from . import modes
 from .errors import StreamError
+from .flat_step import flat_step_module
 from .kernels import Stateful, StreamContext
 from .report import Report
 from .streams import CHILD as STREAMS_CHILD, restart_streams, set_ready
@@ -36,7 +37,8 @@ class ContinualModule(fx.GraphModule):
             self.add_module(name, kernel)
         self.__dict__["_ctx"] = ctx
         self.__dict__["_info"] = info
-        self.__dict__["_step_module"] = fx.GraphModule(self, step_graph, class_name="ContinualStep")
+        self.__dict__["_step_graph"] = step_graph
+        self.__dict__["_step_module"] = flat_step_module(self, step_graph)
         self.__dict__["_stream_batch"] = None
         self.__dict__["_report"] = None
         self.__dict__["_call_mode"] = "forward"
@@ -254,11 +256,11 @@ class ContinualModule(fx.GraphModule):
     @property
     def step_code(self) -> str:
         """The continual graph as Python."""
-        return self._step_module.code
+        return fx.GraphModule(self, self._step_graph, class_name="ContinualStep").code
 
     @property
     def step_graph(self) -> fx.Graph:
-        return self._step_module.graph
+        return self._step_graph
 
     @property
     def clip_shape(self) -> tuple:

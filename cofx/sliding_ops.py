@@ -158,9 +158,13 @@ class SlidingSpec:
         taps = x if self.d == 1 else x[:, :, ::self.d]
         if impl == "matmul":   # a 1x1 spatial kernel is a matrix product over channels and taps
             b, c, k = taps.shape[:3]
-            out = torch.matmul(weight.reshape(weight.shape[0], c * k), taps.reshape(b, c * k, -1))
-            if bias is not None:
-                out = out + bias[:, None]
+            w = weight.reshape(weight.shape[0], c * k)
+            if b == 1 and bias is not None:
+                out = torch.addmm(bias[:, None], w, taps.reshape(c * k, -1))
+            else:
+                out = torch.matmul(w, taps.reshape(b, c * k, -1))
+                if bias is not None:
+                    out = out + bias[:, None]
             return out.reshape(b, weight.shape[0], 1, *taps.shape[3:])
         if impl == "fold2d":
             b, c, k = taps.shape[:3]

@@ -9,7 +9,8 @@ from .node_kind import classify_nodes
 from .framewise_check import check_framewise
 from .receptive_field import annotate_timing
 from .select_kernels import select_kernels
+from .fold_batchnorm import mark_batchnorm_folds
 from .continualize import build_step_graph
 
 __all__ = ["record_runs", "label_layouts", "classify_nodes", "check_framewise", "annotate_timing",
-           "select_kernels", "build_step_graph"]
+           "select_kernels", "mark_batchnorm_folds", "build_step_graph"]

@@ -32,6 +32,7 @@ from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from cofx import kernels as K
+from cofx.bn_fold import BatchNormFold, FoldedConv
 from cofx.errors import ConversionError
 from cofx.sliding_ops import PadSpec, SlidingSpec
 
@@ -130,6 +131,11 @@ class _Builder:
             if role in ("static", "shape"):
                 self.env[node] = self.copy(node)
                 continue
+            folded_into = node.meta.get("cofx_folded_into")
+            if folded_into is not None:   # the convolution before it computes it (see fold_batchnorm)
+                self.env[node] = self.env[folded_into]
+                self.origin[node] = self.origin[folded_into]
+                continue
             spec = node.meta.get("cofx_spec")
             if isinstance(spec, SlidingSpec):
                 self.env[node] = self.sliding(node, spec)
@@ -162,7 +168,18 @@ class _Builder:
         if node.meta.get("cofx_role") == "stream" and isinstance(node.meta["cofx_layout"], Labels) \
                 and not _empty_safe(node, self.gm):
             return self.guard(node, replace)
+        if "cofx_bn" in node.meta:
+            return self.folded_conv(node, replace)
         return self.copy(node, replace)
+
+    def batchnorm_fold(self, node) -> BatchNormFold:
+        return BatchNormFold(self.gm.get_submodule(node.meta["cofx_bn"]))
+
+    def folded_conv(self, node, replace=None):
+        """A convolution module that computes the BatchNorm after it too."""
+        kernel = FoldedConv(self.gm.get_submodule(node.target), self.batchnorm_fold(node))
+        args = fx.node.map_arg(node.args, lambda a: (replace or {}).get(a, self.env.get(a)))
+        return self.add_kernel(node.name, kernel, args, node_name=node.name)
 
     def reshape(self, node, replace=None):
         replace = replace or {}
@@ -182,6 +199,8 @@ class _Builder:
         mapped = lambda a: replace.get(a, self.env.get(a))  # noqa: E731
         if node.op == "call_module":
             op, method = self.gm.get_submodule(node.target), None
+            if "cofx_bn" in node.meta:
+                op = FoldedConv(op, self.batchnorm_fold(node))
         elif node.op == "call_method":
             op, method = None, node.target
         else:
@@ -204,6 +223,10 @@ class _Builder:
                 tensors.append(self.env[tensor])
             else:
                 tensors.append(tensor)
+        if "cofx_bn" in node.meta:
+            fold = self.add_kernel(f"{node.name}_bn", self.batchnorm_fold(node), tensors[:2],
+                                   node_name=f"{node.name}_bn")
+            tensors = [self.g.create_node("call_function", operator.getitem, (fold, i), {}) for i in (0, 1)]
         return tensors
 
     def frame_conv(self, node):

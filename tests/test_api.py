@@ -108,8 +108,9 @@ def test_step_code_is_readable_python():
     model, clip = model_and_clip()
     co = cofx.convert(model, clip)
     code = co.step_code
-    assert "self.co_conv(x, conv_weight, conv_bias)" in code
-    assert "self.bn(" in code and "<" not in code
+    assert "self.co_conv_bn(conv_weight, conv_bias)" in code   # the BatchNorm folded into the conv
+    assert "self.co_conv(x, getitem, getitem_1)" in code
+    assert "self.bn(" not in code and "<" not in code
     assert "def forward(self, x)" in co.code
 
 

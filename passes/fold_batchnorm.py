@@ -1,0 +1,42 @@
+"""Mark the BatchNorms a step can fold into the convolution before them.
+
+A BatchNorm folds when it normalises with running statistics, reads a
+convolution module's output and nothing else reads that output. The continual
+graph then runs the convolution with folded weights (`cofx.bn_fold`) and drops
+the BatchNorm; the clip graph (``co.forward``) is untouched.
+
+Writes ``conv.meta["cofx_bn"]`` (the BatchNorm's module path) and
+``bn.meta["cofx_folded_into"]`` (the convolution node).
+
+Example::
+
+    >>> mark_batchnorm_folds(gm)
+    >>> [(n.name, n.meta["cofx_bn"]) for n in gm.graph.nodes if "cofx_bn" in n.meta]
+    [('blocks_1_res_blocks_0_branch2_conv_a', 'blocks.1.res_blocks.0.branch2.norm_a'), ...]
+"""
+from __future__ import annotations
+
+import torch.fx as fx
+from torch import nn
+
+
+def mark_batchnorm_folds(gm: fx.GraphModule) -> None:
+    for node in gm.graph.nodes:
+        if node.op != "call_module" or len(node.args) != 1 or node.kwargs:
+            continue
+        bn = gm.get_submodule(node.target)
+        conv = node.args[0]
+        if not _folds(bn) or not isinstance(conv, fx.Node) or conv.op != "call_module" or len(conv.users) != 1:
+            continue
+        mod = gm.get_submodule(conv.target)
+        if not isinstance(mod, nn.modules.conv._ConvNd) or mod.transposed or mod.out_channels != bn.num_features:
+            continue
+        if conv.meta.get("cofx_role") not in ("stream", "folded") or node.meta.get("cofx_role") != conv.meta["cofx_role"]:
+            continue
+        conv.meta["cofx_bn"] = node.target
+        node.meta["cofx_folded_into"] = conv
+
+
+def _folds(bn) -> bool:
+    return isinstance(bn, nn.modules.batchnorm._BatchNorm) and bn.track_running_stats and \
+        bn.running_mean is not None and bn.running_var is not None
