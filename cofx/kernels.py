@@ -58,6 +58,11 @@ class Stateful(nn.Module):
         for name in self.state_names:
             setattr(self, name, _clone(state[name]))
 
+    def detach_state(self) -> None:
+        """Cut the state from the autograd graph of the call that made it (gradients flow within a call)."""
+        for name in self.state_names:
+            setattr(self, name, _detached(getattr(self, name)))
+
     def state_tensors(self):
         for name in self.state_names:
             v = getattr(self, name)
@@ -65,6 +70,14 @@ class Stateful(nn.Module):
                 yield v
             elif isinstance(v, (list, tuple)):
                 yield from (t for t in v if isinstance(t, torch.Tensor))
+
+
+def _detached(v):
+    if isinstance(v, torch.Tensor):
+        return v.detach()
+    if isinstance(v, (list, tuple)):
+        return type(v)(_detached(x) for x in v)
+    return v
 
 
 def _clone(v):
@@ -174,8 +187,6 @@ class Sliding(Stateful):
         else:
             out = empty_like_labels(self.out_labels, self.ctx.batch, x)
         kept = cat.narrow(t, length - self.keep, self.keep)
-        if kept.requires_grad:   # the state never carries an autograd graph from step to step
-            kept = kept.detach()
         # a step keeps a view of its fresh concatenation (no copy); a long chunk is copied so that its
         # frames are not held in memory
         self.buf = kept if length <= 2 * self.keep + 1 else kept.clone()
@@ -296,12 +307,12 @@ class Recurrent(Stateful):
             return out.narrow(t, 0, 0), tuple(map(empty, hx)) if isinstance(hx, tuple) else empty(hx)
         if not self.per_frame_state:
             out, hx = module(x, self.hx)
-            self.hx = _detached(hx)
+            self.hx = hx
             return out, hx
         outs, states = [], []
         for i in range(n):
             out, hx = module(x.narrow(t, i, 1), self.hx)
-            self.hx = _detached(hx)
+            self.hx = hx
             outs.append(out)
             if seen + i >= self.window - 1:   # the state at the end of a clip position
                 states.append(hx)
@@ -312,10 +323,6 @@ class Recurrent(Stateful):
         if isinstance(states[0], tuple):
             return torch.cat(outs, t), tuple(torch.cat([s[k] for s in states], 1) for k in range(len(states[0])))
         return torch.cat(outs, t), torch.cat(states, 1)
-
-
-def _detached(hx):
-    return tuple(h.detach() for h in hx) if isinstance(hx, tuple) else hx.detach()
 
 
 class FrameConv(nn.Module):

@@ -112,6 +112,9 @@ class ContinualModule(fx.GraphModule):
                 self._restore(saved)
             elif pad_end:
                 self.clean_state()
+            elif torch.is_grad_enabled():   # the next call must not backpropagate into this one
+                for k in self._kernels():
+                    k.detach_state()
         out = self._none_if_empty(out)
         set_ready(self, torch.full((x.shape[0],), out is not None, device=x.device))
         return out

@@ -72,6 +72,29 @@ def test_conv_layers(layer, extra):
     _check_layer(*layer, extra)
 
 
+@st.composite
+def conv_batchnorm_layers(draw):
+    """A conv followed by a BatchNorm with random statistics: the step folds the BatchNorm into the conv."""
+    conv, cin, nd, min_len = draw(conv_layers())
+    bn = getattr(nn, f"BatchNorm{nd}d")(conv.out_channels, affine=draw(st.booleans()))
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2 ** 16)))
+    with torch.no_grad():
+        bn.running_mean.uniform_(-1, 1, generator=g)
+        bn.running_var.uniform_(0.5, 2, generator=g)
+        if bn.affine:
+            bn.weight.uniform_(-2, 2, generator=g)
+            bn.bias.uniform_(-1, 1, generator=g)
+    if draw(st.booleans()):
+        conv.bias = None
+    return nn.Sequential(conv, bn), cin, nd, min_len
+
+
+@settings(**SETTINGS)
+@given(conv_batchnorm_layers(), st.integers(0, 6))
+def test_conv_batchnorm_layers(layer, extra):
+    _check_layer(*layer, extra)
+
+
 @settings(**SETTINGS)
 @given(pool_layers(), st.integers(0, 6))
 def test_pool_layers(layer, extra):

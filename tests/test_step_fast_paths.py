@@ -1,0 +1,99 @@
+"""What makes steps fast never changes what they compute: folded BatchNorms follow their weights,
+delay buffers own what they keep."""
+import pytest
+import torch
+from torch import nn
+
+import cofx
+from guarantees import assert_equivalent, clip_output, max_err, steps_frame_by_frame, tolerance
+
+D = torch.float64
+
+
+def conv_bn_net():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv3d(3, 4, 3, padding=1), nn.BatchNorm3d(4), nn.ReLU(),
+                        nn.Conv3d(4, 4, (3, 1, 1), padding=(1, 0, 0), groups=2, bias=False), nn.BatchNorm3d(4))
+    with torch.no_grad():
+        for m in net:
+            if isinstance(m, nn.BatchNorm3d):
+                m.running_mean.uniform_(-1, 1)
+                m.running_var.uniform_(0.5, 2)
+    return net.double().eval()
+
+
+def stream(T=9):
+    return torch.randn(2, 3, T, 4, 4, dtype=D)
+
+
+def assert_steps_match_forward(co, x):
+    co.clean_state()
+    with torch.no_grad():
+        got = steps_frame_by_frame(co, x)
+        want = clip_output(co, co(x))
+    assert max_err(got, want) <= tolerance(want)
+
+
+def test_batchnorms_after_convs_are_folded():
+    co = cofx.convert(conv_bn_net(), stream())
+    assert co.step_code.count("BatchNorm") == 0 and "self.co_1_bn" not in co.step_code
+    assert sum(type(m).__name__ == "BatchNormFold" for m in co.children()) == 2
+    assert_steps_match_forward(co, stream())
+
+
+def test_folded_batchnorm_follows_changed_weights():
+    co = cofx.convert(conv_bn_net(), stream())
+    x = stream()
+    assert_steps_match_forward(co, x)
+    with torch.no_grad():
+        co.get_submodule("1").running_var.mul_(3)           # in place, as a training step would
+        co.get_submodule("0").weight.add_(0.5)
+        co.get_submodule("4").running_mean.add_(1)
+    assert_steps_match_forward(co, x)
+    other = conv_bn_net()
+    with torch.no_grad():
+        for p in other.parameters():
+            p.uniform_(-1, 1)
+    co.load_state_dict(other.state_dict())
+    assert_steps_match_forward(co, x)
+    co.get_submodule("1").weight = nn.Parameter(torch.rand(4, dtype=D))   # replaced, not changed in place
+    assert_steps_match_forward(co, x)
+
+
+def test_folded_batchnorm_passes_gradients():
+    co = cofx.convert(conv_bn_net(), stream())
+    x = stream()
+    co.forward_steps(x, pad_end=True).square().sum().backward()
+    stepped = [p.grad.clone() for p in co.parameters()]
+    co.zero_grad()
+    co(x).square().sum().backward()
+    for a, p in zip(stepped, co.parameters()):
+        assert max_err(a, p.grad) <= tolerance(p.grad)
+
+
+def test_batchnorm_switched_to_training_alone_is_refused():
+    co = cofx.convert(conv_bn_net(), stream())
+    co.get_submodule("1").train()
+    with pytest.raises(cofx.StreamError, match="BatchNorm is in training mode"):
+        co.forward_step(stream()[:, :, 0])
+
+
+class MutatesAfterMerge(nn.Module):
+    """A residual whose inputs are changed in place after the merge read them."""
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv3d(3, 3, 3, padding=1)
+        self.act = nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        skip = x * 2
+        y = self.conv(x) + skip          # delay buffer on the skip path
+        return y + self.act(skip - 1).sum(1, keepdim=True) + self.act(skip)   # the last relu_ rewrites skip
+
+
+def test_delay_buffers_own_what_they_keep():
+    model = MutatesAfterMerge().double().eval()
+    co = cofx.convert(model, stream())
+    x = stream(11)
+    assert_equivalent(co, model, x)
+    assert_steps_match_forward(co, x)
