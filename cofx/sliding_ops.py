@@ -10,6 +10,7 @@ op's own spatial padding.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from functools import partial
 from typing import Optional
 
 import torch
@@ -141,17 +142,24 @@ class SlidingSpec:
         if self.family == "conv" and self.nd == 3 and self.t == 0:
             pointwise_in_space = all(k == 1 for k in self.kernel[1:]) and all(s == 1 for s in self.stride[1:]) \
                 and all(p == (0, 0) for p in self.pads[1:]) and self.groups == 1
-            return ("conv3d", "fold2d", "taps2d") + (("matmul",) if pointwise_in_space else ())
+            return ("conv3d", "conv3d_cl", "fold2d", "taps2d") + (("matmul",) if pointwise_in_space else ())
         return ("conv3d",)
+
+    def chunk_compute(self, impl: Optional[str]):
+        """`compute` for any number of frames in the way `impl` lays them out: channels-last if chosen."""
+        return partial(self.window, impl) if impl == "conv3d_cl" else self.compute
 
     def window(self, impl: str, x: torch.Tensor, weight=None, bias=None) -> torch.Tensor:
         """The one output frame of a window of exactly `span` frames (time kept, size 1).
 
+        ``conv3d_cl`` runs it on channels-last frames (oneDNN's fast depthwise kernels),
         ``fold2d`` folds the temporal taps into the channels of a 2D convolution,
-        ``taps2d`` sums one 2D convolution per tap; both read the same weights.
+        ``taps2d`` sums one 2D convolution per tap; all read the same weights.
         """
         if impl == "conv3d":
             return self.compute(x, weight, bias)
+        if impl == "conv3d_cl":
+            return self.compute(x.contiguous(memory_format=torch.channels_last_3d), weight, bias)
         x, padding = self._pad_spatial(x)
         padding = padding[1:] if isinstance(padding, tuple) else 0
         stride, dilation = self.stride[1:], self.dilation[1:]

@@ -231,7 +231,8 @@ class _Builder:
 
     def frame_conv(self, node):
         spec, x = node.meta["cofx_frame_spec"], node.args[0]
-        kernel = K.FrameConv(self.ctx, spec.compute, functools.partial(spec.window, node.meta["cofx_impl"]),
+        impl = node.meta["cofx_impl"]
+        kernel = K.FrameConv(self.ctx, spec.chunk_compute(impl), functools.partial(spec.window, impl),
                              x.meta["cofx_time"], co_labels(node))
         return self.add_kernel(node.name, kernel, (self.env[x], *self.op_tensors(node)), node_name=node.name)
 
@@ -239,11 +240,11 @@ class _Builder:
         x = node.args[0]
         tensors = self.op_tensors(node)
         impl = node.meta.get("cofx_impl")
-        window = functools.partial(spec.window, impl) if impl not in (None, "conv3d") else None
+        window = functools.partial(spec.window, impl) if impl not in (None, "conv3d", "conv3d_cl") else None
         avg = (spec.k, spec.count_include_pad) if spec.family == "avg_pool" and spec.divisor_override is None \
             else None
-        kernel = K.Sliding(self.ctx, spec.compute, x.meta["cofx_time"], spec.span, spec.s, spec.pad_l, spec.pad_r,
-                           spec.pad_value, co_labels(node), replicate=spec.padding_mode == "replicate",
+        kernel = K.Sliding(self.ctx, spec.chunk_compute(impl), x.meta["cofx_time"], spec.span, spec.s, spec.pad_l,
+                           spec.pad_r, spec.pad_value, co_labels(node), replicate=spec.padding_mode == "replicate",
                            ceil_mode=spec.ceil_mode, avg_count=avg, window=window)
         return self.add_kernel(node.name, kernel, (self.env[x], *tensors), node_name=node.name)
 

@@ -6,9 +6,10 @@ than the same work as 2D convolutions). For every Conv3d of the stream this
 pass times the equivalent implementations of one step on the op's real
 shapes and weights and records the fastest:
 
-``conv3d``, ``fold2d`` (temporal taps folded into channels) or ``taps2d``
-(one 2D conv per tap, summed), for the one output frame of a step of a
-sliding conv, and for the one frame of a temporal-kernel-1 conv.
+``conv3d``, ``conv3d_cl`` (on channels-last frames), ``fold2d`` (temporal
+taps folded into channels), ``taps2d`` (one 2D conv per tap, summed) or, for
+1x1 kernels, ``matmul``, for the one output frame of a step of a sliding
+conv, and for the one frame of a temporal-kernel-1 conv.
 
 Implementations are checked to agree before one is chosen; all of them read
 the module's weights at call time, so the choice never goes stale.

@@ -157,14 +157,17 @@ def test_every_step_implementation_of_conv3d_computes_the_same_frame(conv):
         assert got.shape == want.shape and torch.allclose(got, want, atol=1e-12), impl
 
 
-@pytest.mark.parametrize("impl", ["conv3d", "fold2d", "taps2d"])
+@pytest.mark.parametrize("impl", ["conv3d", "conv3d_cl", "fold2d", "taps2d"])
 def test_conversion_with_each_step_implementation(impl, monkeypatch):
     """Whatever the timing picks, the stream is exact."""
     import importlib
     sk = importlib.import_module("cofx.passes.select_kernels")
     monkeypatch.setattr(sk, "_fastest", lambda candidates: impl if impl in candidates else next(iter(candidates)))
-    model = nn.Sequential(nn.Conv3d(3, 4, 3, padding=1, dilation=(2, 1, 1)), nn.ReLU(),
+    model = nn.Sequential(nn.Conv3d(3, 4, 3, padding=1, dilation=(2, 1, 1)), nn.BatchNorm3d(4), nn.ReLU(),
                           nn.Conv3d(4, 4, (3, 1, 1), groups=4, stride=(2, 1, 1)), nn.Conv3d(4, 2, 1)).double().eval()
+    with torch.no_grad():
+        model[1].running_mean.uniform_(-1, 1)
+        model[1].running_var.uniform_(0.5, 2)
     clip = torch.randn(2, 3, 9, 5, 5, dtype=torch.float64)
     co = cofx.convert(model, clip)
     assert {n.meta.get("cofx_impl") for n in co.graph.nodes} - {None} == {impl}
