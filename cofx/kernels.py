@@ -99,6 +99,8 @@ class Sliding(Stateful):
 
     `avg_count` = (kernel, count_include_pad) makes averages divide by the number
     of frames that count near the start and end of a stream, as PyTorch does.
+    `layout` (a memory format) keeps the frames in the layout `compute` is fastest
+    in, so that only each new frame is converted, never the whole window.
     """
 
     state_names = ("buf", "m", "next_j")
@@ -106,8 +108,9 @@ class Sliding(Stateful):
     def __init__(self, ctx: StreamContext, compute: Callable, t: int, span: int, stride: int,
                  pad_l: int, pad_r: int, pad_value: float, out_labels: Sequence, *,
                  replicate: bool = False, ceil_mode: bool = False, avg_count: Optional[tuple] = None,
-                 window: Optional[Callable] = None):
+                 window: Optional[Callable] = None, layout: Optional[torch.memory_format] = None):
         super().__init__(ctx)
+        self.__dict__["layout"] = layout
         self.__dict__["compute"] = compute
         self.__dict__["window"] = window   # a faster compute for exactly one output window, if any
         self.t, self.span, self.stride = t, span, stride
@@ -125,6 +128,9 @@ class Sliding(Stateful):
         shape = list(like.shape)
         shape[self.t] = n
         if value is None:
+            if self.layout is not None:
+                return torch.empty(shape, dtype=like.dtype, device=like.device,
+                                   memory_format=self.layout).fill_(self.pad_value)
             return like.new_full(shape, self.pad_value)
         return value.expand(shape).clone() if n else like.new_empty(shape)
 
@@ -153,6 +159,8 @@ class Sliding(Stateful):
 
     def forward(self, x: torch.Tensor, *tensors) -> torch.Tensor:
         t = self.t
+        if self.layout is not None:
+            x = x.contiguous(memory_format=self.layout)
         if self.buf is None:
             if not self._start(x):
                 return empty_like_labels(self.out_labels, self.ctx.batch, x)

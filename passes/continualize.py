@@ -245,7 +245,8 @@ class _Builder:
             else None
         kernel = K.Sliding(self.ctx, spec.chunk_compute(impl), x.meta["cofx_time"], spec.span, spec.s, spec.pad_l,
                            spec.pad_r, spec.pad_value, co_labels(node), replicate=spec.padding_mode == "replicate",
-                           ceil_mode=spec.ceil_mode, avg_count=avg, window=window)
+                           ceil_mode=spec.ceil_mode, avg_count=avg, window=window,
+                           layout=torch.channels_last_3d if impl == "conv3d_cl" else None)
         return self.add_kernel(node.name, kernel, (self.env[x], *tensors), node_name=node.name)
 
     def pad(self, node, spec: PadSpec):
