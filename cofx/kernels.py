@@ -41,9 +41,10 @@ class Stateful(nn.Module):
         self.__dict__["ctx"] = ctx  # shared, not a submodule
 
     def __setattr__(self, name, value):
-        # state lives in the instance dict: plain attribute speed on every step, and never in state_dict()
+        # state lives in the instance dict (or a property of the kernel): plain attribute speed on every
+        # step, and never in state_dict()
         if name in self.state_names:
-            self.__dict__[name] = value
+            object.__setattr__(self, name, value)
         else:
             super().__setattr__(name, value)
 
@@ -101,6 +102,13 @@ class Sliding(Stateful):
     of frames that count near the start and end of a stream, as PyTorch does.
     `layout` (a memory format) keeps the frames in the layout `compute` is fastest
     in, so that only each new frame is converted, never the whole window.
+
+    `ring=True` (a convolution without temporal dilation, weight first among its
+    tensors) makes single-frame steps copy nothing but the new frame: the window
+    lives in a ring of `span` frames, the new frame overwrites the oldest, and the
+    convolution runs with its temporal taps rolled to match (one rolled copy of
+    the weight per ring position, cached until the weight changes). Reading `buf`
+    gives the frames in order, as every other path expects.
     """
 
     state_names = ("buf", "m", "next_j")
@@ -108,9 +116,10 @@ class Sliding(Stateful):
     def __init__(self, ctx: StreamContext, compute: Callable, t: int, span: int, stride: int,
                  pad_l: int, pad_r: int, pad_value: float, out_labels: Sequence, *,
                  replicate: bool = False, ceil_mode: bool = False, avg_count: Optional[tuple] = None,
-                 window: Optional[Callable] = None, layout: Optional[torch.memory_format] = None):
+                 window: Optional[Callable] = None, layout: Optional[torch.memory_format] = None,
+                 ring: bool = False):
         super().__init__(ctx)
-        self.__dict__["layout"] = layout
+        self.__dict__.update(layout=layout, _ring=None, _oldest=0, _rolled={}, _buf=None)
         self.__dict__["compute"] = compute
         self.__dict__["window"] = window   # a faster compute for exactly one output window, if any
         self.t, self.span, self.stride = t, span, stride
@@ -118,7 +127,26 @@ class Sliding(Stateful):
         self.keep = max(span - 1, pad_l, 0)
         self.out_labels = tuple(out_labels)
         self.replicate, self.ceil_mode, self.avg_count = replicate, ceil_mode, avg_count
+        self.ring = ring and self.keep == span - 1 and span > 1
         self.buf = self.m = self.next_j = None
+
+    @property
+    def buf(self) -> Optional[torch.Tensor]:
+        """The last `keep` frames of the padded stream, in order."""
+        ring = self._ring
+        if ring is not None:   # leave the ring: later paths read and write ordered frames
+            t, oldest = self.t, self._oldest
+            ordered = ring if oldest == 0 else torch.cat([ring.narrow(t, oldest, self.span - oldest),
+                                                           ring.narrow(t, 0, oldest)], t)
+            self.__dict__.update(_buf=ordered.narrow(t, 1, self.keep), _ring=None)
+        return self._buf
+
+    @buf.setter
+    def buf(self, value: Optional[torch.Tensor]) -> None:
+        self.__dict__.update(_buf=value, _ring=None)
+
+    def state_tensors(self):
+        yield from (t for t in (self._ring, self._buf) if t is not None)
 
     def extra_repr(self) -> str:
         return (f"span={self.span}, stride={self.stride}, pad=({self.pad_l}, {self.pad_r}), "
@@ -159,6 +187,9 @@ class Sliding(Stateful):
 
     def forward(self, x: torch.Tensor, *tensors) -> torch.Tensor:
         t = self.t
+        if self.ring and x.shape[t] == 1 and (self._ring is not None or self._buf is not None) \
+                and not self.ctx.flushing:
+            return self._ring_step(x, tensors)
         if self.layout is not None:
             x = x.contiguous(memory_format=self.layout)
         if self.buf is None:
@@ -200,6 +231,41 @@ class Sliding(Stateful):
         self.buf = kept if length <= 2 * self.keep + 1 else kept.clone()
         self.m = total
         return out
+
+    def _ring_step(self, x: torch.Tensor, tensors: tuple) -> torch.Tensor:
+        """One frame in, the window's output (if a window completes) out; copies the new frame only."""
+        t, ring = self.t, self._ring
+        if ring is None:   # enter the ring from ordered frames: slot i holds tap i
+            if self.layout is not None:
+                x = x.contiguous(memory_format=self.layout)
+            ring, oldest = torch.cat([self._buf, x], t), 0
+            self.__dict__.update(_ring=ring, _buf=None)
+        else:
+            oldest = self._oldest
+            ring.select(t, oldest).copy_(x.select(t, 0))
+            oldest = (oldest + 1) % self.span
+        self.__dict__["_oldest"] = oldest
+        self.m += 1
+        j1 = (self.m - self.span) // self.stride
+        if j1 < self.next_j:
+            return empty_like_labels(self.out_labels, self.ctx.batch, x)
+        self.next_j = j1 + 1
+        weight, rest = tensors[0], tensors[1:]
+        compute = self.window or self.compute
+        return compute(ring, self._rolled_weight(weight, oldest), *rest)
+
+    def _rolled_weight(self, weight: torch.Tensor, shift: int) -> torch.Tensor:
+        """The weight with its temporal taps rolled by `shift` (cached per shift until the weight changes)."""
+        if shift == 0:
+            return weight
+        if weight.requires_grad and torch.is_grad_enabled():
+            return weight.roll(shift, self.t)
+        key = (weight.data_ptr(), weight._version, weight.dtype, shift)
+        rolled = self._rolled.get(shift)
+        if rolled is None or rolled[0] != key:
+            rolled = (key, weight.roll(shift, self.t))
+            self._rolled[shift] = rolled
+        return rolled[1]
 
     def _fix_average(self, out: torch.Tensor, j0: int, j1: int, real_end: Optional[int]) -> torch.Tensor:
         """Rescale averages whose window covers frames PyTorch would not count."""

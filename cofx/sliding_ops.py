@@ -158,8 +158,9 @@ class SlidingSpec:
         """
         if impl == "conv3d":
             return self.compute(x, weight, bias)
-        if impl == "conv3d_cl":
-            return self.compute(x.contiguous(memory_format=torch.channels_last_3d), weight, bias)
+        if impl == "conv3d_cl":   # a layout only: an exported graph (traced) has none
+            cl = x if torch.jit.is_tracing() else x.contiguous(memory_format=torch.channels_last_3d)
+            return self.compute(cl, weight, bias)
         x, padding = self._pad_spatial(x)
         padding = padding[1:] if isinstance(padding, tuple) else 0
         stride, dilation = self.stride[1:], self.dilation[1:]

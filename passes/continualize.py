@@ -243,10 +243,11 @@ class _Builder:
         window = functools.partial(spec.window, impl) if impl not in (None, "conv3d", "conv3d_cl") else None
         avg = (spec.k, spec.count_include_pad) if spec.family == "avg_pool" and spec.divisor_override is None \
             else None
-        kernel = K.Sliding(self.ctx, spec.chunk_compute(impl), x.meta["cofx_time"], spec.span, spec.s, spec.pad_l,
+        kernel = K.Sliding(self.ctx, spec.compute, x.meta["cofx_time"], spec.span, spec.s, spec.pad_l,
                            spec.pad_r, spec.pad_value, co_labels(node), replicate=spec.padding_mode == "replicate",
                            ceil_mode=spec.ceil_mode, avg_count=avg, window=window,
-                           layout=torch.channels_last_3d if impl == "conv3d_cl" else None)
+                           layout=torch.channels_last_3d if impl == "conv3d_cl" else None,
+                           ring=spec.family == "conv" and spec.d == 1 and bool(tensors) and tensors[0] is not None)
         return self.add_kernel(node.name, kernel, (self.env[x], *tensors), node_name=node.name)
 
     def pad(self, node, spec: PadSpec):

@@ -252,6 +252,20 @@ def test_random_nets(tmp_path, net):
     export_and_compare(co, tmp_path, frames)
 
 
+@pytest.mark.parametrize("impl", ["conv3d_cl", "fold2d", "taps2d", "matmul"])
+def test_every_step_implementation_exports(tmp_path, impl, monkeypatch):
+    """Whatever the timing picks, the exported step computes the same."""
+    import importlib
+    sk = importlib.import_module("cofx.passes.select_kernels")
+    monkeypatch.setattr(sk, "_fastest", lambda candidates: impl if impl in candidates else next(iter(candidates)))
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv3d(3, 4, 3, padding=1), nn.BatchNorm3d(4), nn.ReLU(),
+                          nn.Conv3d(4, 4, (3, 3, 3), padding=(1, 1, 1), groups=4), nn.Conv3d(4, 2, 1)).eval()
+    co = cofx.convert(model, torch.randn(1, 3, 6, 5, 5))
+    assert impl in {n.meta.get("cofx_impl") for n in co.graph.nodes}
+    export_and_compare(co, tmp_path, torch.randn(2, 3, 12, 5, 5))
+
+
 def test_replicate_init(tmp_path):
     class Net(nn.Module):
         def __init__(self):

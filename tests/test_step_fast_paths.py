@@ -1,11 +1,13 @@
 """What makes steps fast never changes what they compute: folded BatchNorms follow their weights,
-delay buffers own what they keep."""
+delay buffers own what they keep, ring buffers read in order."""
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings, strategies as st
 from torch import nn
 
 import cofx
 from guarantees import assert_equivalent, clip_output, max_err, steps_frame_by_frame, tolerance
+from test_single_layers import conv_layers
 
 D = torch.float64
 
@@ -97,3 +99,34 @@ def test_delay_buffers_own_what_they_keep():
     x = stream(11)
     assert_equivalent(co, model, x)
     assert_steps_match_forward(co, x)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(conv_layers(), st.lists(st.sampled_from(["frame", "frame", "frame", "chunk", "save", "peek"]),
+                               min_size=8, max_size=30))
+def test_single_frame_ring_buffers_survive_any_interleaving(layer, moves):
+    """Steps of one frame run on a ring buffer; chunks, peeks and saved states read it in order."""
+    conv, channels, nd, min_len = layer
+    model = conv.double().eval()
+    stream = torch.randn(2, channels, len(moves) * 4 + max(min_len, 1), *(5,) * (nd - 1), dtype=D)
+    co = cofx.convert(model, stream.narrow(2, 0, max(min_len, 1) + 2))
+    with torch.no_grad():
+        co.clean_state()
+        want = co.forward_steps(stream, pad_end=True)
+        outs, at = [], 0
+        for move in moves:
+            if move == "save":
+                co.set_state(co.get_state())
+                continue
+            n = 1 if move in ("frame", "peek") else 3
+            chunk = stream.narrow(2, at, n)
+            if move == "peek":
+                co.forward_steps(chunk, update_state=False)
+                co.forward_steps(chunk, pad_end=True, update_state=False)
+            y = co.forward_steps(chunk)
+            at += n
+            if y is not None:
+                outs.append(y)
+        tail = co.forward_steps(stream.narrow(2, at, stream.shape[2] - at), pad_end=True)
+        got = torch.cat(outs + ([tail] if tail is not None else []), 2)
+    assert got.shape == want.shape and max_err(got, want) <= tolerance(want)
