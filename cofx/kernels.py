@@ -236,9 +236,9 @@ class Sliding(Stateful):
         """One frame in, the window's output (if a window completes) out; copies the new frame only."""
         t, ring = self.t, self._ring
         if ring is None:   # enter the ring from ordered frames: slot i holds tap i
-            if self.layout is not None:
-                x = x.contiguous(memory_format=self.layout)
             ring, oldest = torch.cat([self._buf, x], t), 0
+            if self.layout is not None:   # (a concatenation with an empty chunk loses the layout)
+                ring = ring.contiguous(memory_format=self.layout)
             self.__dict__.update(_ring=ring, _buf=None)
         else:
             oldest = self._oldest
