@@ -14,9 +14,10 @@ import torch
 from torch import nn
 
 from .errors import StreamError
+from .kernels import Kernel
 
 
-class BatchNormFold(nn.Module):
+class BatchNormFold(Kernel):
     """``forward(weight, bias) -> (weight', bias')`` of a convolution followed by `bn` (read at call time)."""
 
     def __init__(self, bn: nn.modules.batchnorm._BatchNorm):
@@ -36,7 +37,9 @@ class BatchNormFold(nn.Module):
         tensors = (weight, bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)
         if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
             return self._fold(*tensors)   # differentiable, never cached
-        key = tuple((t.data_ptr(), t._version, t.dtype) if t is not None else None for t in tensors)
+        key = [weight.dtype]
+        for t in tensors:
+            key += (None, None) if t is None else (t.data_ptr(), t._version)
         if key != self._key:
             self.__dict__["_folded"] = self._fold(*tensors)
             self.__dict__["_key"] = key
@@ -52,7 +55,7 @@ class BatchNormFold(nn.Module):
         return weight * scale.reshape(-1, *[1] * (weight.dim() - 1)), shift
 
 
-class FoldedConv(nn.Module):
+class FoldedConv(Kernel):
     """A convolution module run with a `BatchNormFold` applied to its weights (same padding, stride, groups)."""
 
     def __init__(self, conv: nn.modules.conv._ConvNd, fold: BatchNormFold):
@@ -62,4 +65,4 @@ class FoldedConv(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         conv = self.conv
-        return conv._conv_forward(x, *self.fold(conv.weight, conv.bias))
+        return conv._conv_forward(x, *self.fold.forward(conv.weight, conv.bias))

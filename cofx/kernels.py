@@ -31,7 +31,12 @@ def empty_like_labels(labels: Sequence, batch: int, ref: torch.Tensor) -> torch.
     return ref.new_empty(shape)
 
 
-class Stateful(nn.Module):
+class Kernel(nn.Module):
+    """A module cofx adds to the continual graph. The step program calls its `forward` directly: no hooks
+    are run on it (the model's own modules are called as modules, hooks and all)."""
+
+
+class Stateful(Kernel):
     """Base of kernels with state: lists its state, clears it, saves and restores it."""
 
     state_names: tuple = ()
@@ -328,7 +333,7 @@ def _split_after(p: torch.Tensor, x: torch.Tensor, a: int, k: int):
     return full.narrow(a, 0, k), full.narrow(a, k, held + n - k).clone()
 
 
-class Framewise(nn.Module):
+class Framewise(Kernel):
     """Runs an op that acts frame by frame, skipping it when the chunk holds no frames.
 
     Many PyTorch kernels reject tensors with an empty time dimension; the output
@@ -339,6 +344,7 @@ class Framewise(nn.Module):
         super().__init__()
         self.__dict__["ctx"] = ctx
         self.__dict__["op"] = op
+        self.__dict__["call"] = op.forward if isinstance(op, Kernel) else op
         self.method = method
         self.out_labels = tuple(out_labels)
 
@@ -346,12 +352,14 @@ class Framewise(nn.Module):
         return f"{self.method or getattr(self.op, '__name__', type(self.op).__name__)}"
 
     def forward(self, *args, **kwargs):
-        frames = next(a for a in args if isinstance(a, torch.Tensor))
-        if frames.numel() == 0:
-            return empty_like_labels(self.out_labels, self.ctx.batch, frames)
+        for frames in args:
+            if isinstance(frames, torch.Tensor):
+                if frames.numel() == 0:
+                    return empty_like_labels(self.out_labels, self.ctx.batch, frames)
+                break
         if self.method is not None:
             return getattr(args[0], self.method)(*args[1:], **kwargs)
-        return self.op(*args, **kwargs)
+        return self.call(*args, **kwargs)
 
 
 class Recurrent(Stateful):
@@ -399,7 +407,7 @@ class Recurrent(Stateful):
         return torch.cat(outs, t), torch.cat(states, 1)
 
 
-class FrameConv(nn.Module):
+class FrameConv(Kernel):
     """A convolution with temporal kernel 1: one frame takes `single` (chosen by timing), chunks `compute`."""
 
     def __init__(self, ctx: StreamContext, compute: Callable, single: Callable, t: int, out_labels: Sequence):

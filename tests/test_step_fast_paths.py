@@ -130,3 +130,29 @@ def test_single_frame_ring_buffers_survive_any_interleaving(layer, moves):
         tail = co.forward_steps(stream.narrow(2, at, stream.shape[2] - at), pad_end=True)
         got = torch.cat(outs + ([tail] if tail is not None else []), 2)
     assert got.shape == want.shape and max_err(got, want) <= tolerance(want)
+
+
+def test_steps_read_parametrized_and_replaced_weights_at_call_time():
+    """A TCN with weight normalisation, its weights changed after conversion: the steps follow."""
+    torch.manual_seed(0)
+    from torch.nn.utils.parametrizations import weight_norm
+    model = nn.Sequential(weight_norm(nn.Conv1d(3, 4, 3, padding=2)), nn.ReLU(), nn.Conv1d(4, 2, 1)).double().eval()
+    x = torch.randn(2, 3, 9, dtype=D)
+    co = cofx.convert(model, x)
+    assert_steps_match_forward(co, x)
+    with torch.no_grad():
+        co.get_submodule("0").parametrizations.weight.original0.mul_(2)   # the norm g, in place
+    co.get_submodule("2").weight = nn.Parameter(torch.randn(2, 4, 1, dtype=D))   # replaced
+    assert_steps_match_forward(co, x)
+    assert max_err(steps_frame_by_frame(co, x), model(x)) <= tolerance(model(x))
+
+
+def test_hooks_on_the_models_modules_run_in_steps():
+    model = conv_bn_net()
+    calls = []
+    model[2].register_forward_hook(lambda m, i, o: calls.append(o.shape))
+    co = cofx.convert(model, stream())
+    calls.clear()
+    with torch.no_grad():
+        co.forward_step(stream()[:, :, 0])
+    assert calls
