@@ -141,7 +141,7 @@ class SlidingSpec:
         """Implementations of `window` for this op (the first is `compute` itself)."""
         if self.family == "conv" and self.nd == 3 and self.t == 0:
             pointwise_in_space = all(k == 1 for k in self.kernel[1:]) and all(s == 1 for s in self.stride[1:]) \
-                and all(p == (0, 0) for p in self.pads[1:]) and self.groups == 1
+                and all(p == (0, 0) for p in self.pads[1:])
             return ("conv3d", "conv3d_cl", "fold2d", "taps2d") + (("matmul",) if pointwise_in_space else ())
         return ("conv3d",)
 
@@ -154,7 +154,8 @@ class SlidingSpec:
 
         ``conv3d_cl`` runs it on channels-last frames (oneDNN's fast depthwise kernels),
         ``fold2d`` folds the temporal taps into the channels of a 2D convolution,
-        ``taps2d`` sums one 2D convolution per tap; all read the same weights.
+        ``taps2d`` sums one 2D convolution per tap, ``matmul`` (1x1 spatial kernels) is one
+        matrix product per group; all read the same weights.
         """
         if impl == "conv3d":
             return self.compute(x, weight, bias)
@@ -165,16 +166,16 @@ class SlidingSpec:
         padding = padding[1:] if isinstance(padding, tuple) else 0
         stride, dilation = self.stride[1:], self.dilation[1:]
         taps = x if self.d == 1 else x[:, :, ::self.d]
-        if impl == "matmul":   # a 1x1 spatial kernel is a matrix product over channels and taps
+        if impl == "matmul":   # a 1x1 spatial kernel is a matrix product over channels and taps, per group
             b, c, k = taps.shape[:3]
-            w = weight.reshape(weight.shape[0], c * k)
-            if b == 1 and bias is not None:
-                out = torch.addmm(bias[:, None], w, taps.reshape(c * k, -1))
+            g, out_c = self.groups, weight.shape[0]
+            if b == 1 and g == 1 and bias is not None:
+                out = torch.addmm(bias[:, None], weight.reshape(out_c, c * k), taps.reshape(c * k, -1))
             else:
-                out = torch.matmul(w, taps.reshape(b, c * k, -1))
+                out = torch.matmul(weight.reshape(g, out_c // g, c // g * k), taps.reshape(b, g, c // g * k, -1))
                 if bias is not None:
-                    out = out + bias[:, None]
-            return out.reshape(b, weight.shape[0], 1, *taps.shape[3:])
+                    out = out + bias.reshape(g, out_c // g, 1)
+            return out.reshape(b, out_c, 1, *taps.shape[3:])
         if impl == "fold2d":
             b, c, k = taps.shape[:3]
             folded = taps.reshape(b, c * k, *taps.shape[3:])
