@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .derived import Derived
 from .errors import StreamError
 from .kernels import Kernel
 
@@ -23,8 +24,7 @@ class BatchNormFold(Kernel):
     def __init__(self, bn: nn.modules.batchnorm._BatchNorm):
         super().__init__()
         self.__dict__["bn"] = bn   # the model's own module, not a child of this one
-        self.__dict__["_key"] = None
-        self.__dict__["_folded"] = None
+        self.__dict__["_cached"] = Derived(self._fold)
 
     def extra_repr(self) -> str:
         return f"{type(self.bn).__name__}({self.bn.num_features})"
@@ -37,13 +37,7 @@ class BatchNormFold(Kernel):
         tensors = (weight, bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)
         if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
             return self._fold(*tensors)   # differentiable, never cached
-        key = [weight.dtype]
-        for t in tensors:
-            key += (None, None) if t is None else (t.data_ptr(), t._version)
-        if key != self._key:
-            self.__dict__["_folded"] = self._fold(*tensors)
-            self.__dict__["_key"] = key
-        return self._folded
+        return self._cached(tensors)
 
     def _fold(self, weight, bias, gamma, beta, mean, var):
         scale = torch.rsqrt(var + self.bn.eps)

@@ -15,6 +15,8 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import nn
 
+from .derived import Derived
+
 
 class StreamContext:
     """Per-call facts every kernel may need (set by the continual module before each call)."""
@@ -265,12 +267,10 @@ class Sliding(Stateful):
             return weight
         if weight.requires_grad and torch.is_grad_enabled():
             return weight.roll(shift, self.t)
-        key = (weight.data_ptr(), weight._version, weight.dtype, shift)
         rolled = self._rolled.get(shift)
-        if rolled is None or rolled[0] != key:
-            rolled = (key, weight.roll(shift, self.t))
-            self._rolled[shift] = rolled
-        return rolled[1]
+        if rolled is None:
+            rolled = self._rolled[shift] = Derived(lambda w, shift=shift: w.roll(shift, self.t))
+        return rolled((weight,))
 
     def _fix_average(self, out: torch.Tensor, j0: int, j1: int, real_end: Optional[int]) -> torch.Tensor:
         """Rescale averages whose window covers frames PyTorch would not count."""

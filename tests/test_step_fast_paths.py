@@ -156,3 +156,19 @@ def test_hooks_on_the_models_modules_run_in_steps():
     with torch.no_grad():
         co.forward_step(stream()[:, :, 0])
     assert calls
+
+
+def test_derived_weights_are_rebuilt_when_their_sources_change():
+    from cofx.derived import Derived
+    calls = []
+    double = Derived(lambda t, u: calls.append(1) or t * 2 + (0 if u is None else u))
+    a = torch.ones(3)
+    assert torch.equal(double((a, None)), torch.full((3,), 2.0))
+    assert torch.equal(double((a, None)), torch.full((3,), 2.0)) and len(calls) == 1   # cached
+    a.add_(1)                                       # written in place
+    assert torch.equal(double((a, None)), torch.full((3,), 4.0))
+    a.data = torch.zeros(3)                         # other memory, same object
+    assert torch.equal(double((a, None)), torch.zeros(3))
+    del a                                           # a new tensor where the old one was: still rebuilt
+    b = torch.zeros(3)
+    assert torch.equal(double((b, torch.ones(3))), torch.ones(3)) and len(calls) == 4
