@@ -50,7 +50,8 @@ def main(argv=None):
                       progress=lambda done, total: print(f"  round {done}/{total}", end="\r", file=sys.stderr))
             with torch.no_grad():
                 co.clean_state()
-                co.forward_steps(torch.randn(batch, *clip.shape[1:2], co.warmup_frames, *clip.shape[3:]))
+                for _ in range(0, co.warmup_frames, 8):
+                    co.forward_steps(torch.randn(batch, *clip.shape[1:2], 8, *clip.shape[3:]))
                 state = co.state_bytes
                 co.clean_state()
             rows.append(f"| {name} | {'x'.join(map(str, clip.shape[2:]))} | {batch} "

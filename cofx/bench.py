@@ -77,7 +77,8 @@ def bench(co, *, batch: int = 1, threads: Optional[int] = None, rounds: int = 20
     try:
         with torch.no_grad():
             co.clean_state()
-            co.forward_steps(frames(co.warmup_frames))
+            for _ in range(0, co.warmup_frames, 8):   # in short chunks: a long one at batch 8 takes gigabytes
+                co.forward_steps(frames(8))
             for r in range(rounds + 1):
                 start = time.perf_counter()
                 for i in range(n_steps):
