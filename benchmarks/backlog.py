@@ -19,7 +19,7 @@ import torch
 import cofx
 
 sys.path.insert(0, str(Path(__file__).parent))
-from models import build  # noqa: E402
+from models import build, write_result  # noqa: E402
 
 
 def main(argv=None):
@@ -54,10 +54,7 @@ def main(argv=None):
         rows.append(f"| {name} | {args.chunk} | {1e3 * a:.2f} | {1e3 * b:.2f} | {a / b:.2f} |")
         print(rows[-1], file=sys.stderr, flush=True)
     text = "\n".join(rows) + "\n"
-    out = Path(__file__).parent / "results" / "backlog.md"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(text)
-    print(text)
+    write_result("backlog.md", text)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ import torch
 import cofx
 
 sys.path.insert(0, str(Path(__file__).parent))
-from models import build  # noqa: E402
+from models import build, write_result  # noqa: E402
 
 
 def _seconds(fn, repeats: int = 5) -> float:
@@ -90,10 +90,7 @@ def main(argv=None):
     rows.append(f"| all | {sum(count.values())} | {1e3 * total_c:.2f} | {1e3 * total_s:.2f} "
                 f"| {total_s / total_c:.2f} |")
     text = f"{args.model}, batch {args.batch}, {args.threads} threads\n\n" + "\n".join(rows) + "\n"
-    out = Path(__file__).parent / "results" / "conv_efficiency.md"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(text)
-    print(text)
+    write_result("conv_efficiency.md", text)
 
 
 if __name__ == "__main__":

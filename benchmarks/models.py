@@ -1,7 +1,9 @@
-"""The models the benchmarks measure, built without weights (shared by the benchmark scripts)."""
+"""The models the benchmarks measure, built without weights, and where their tables go (shared by the
+benchmark scripts)."""
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -36,3 +38,13 @@ def build(name: str):
         return getattr(hub, name)(pretrained=False).eval(), torch.randn(1, 3, size[0], size[1], size[1])
     import torchvision.models.video as tvm
     return getattr(tvm, name)().eval(), torch.randn(1, 3, 16, 112, 112)
+
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def write_result(filename: str, text: str) -> None:
+    """Write a benchmark's table to benchmarks/results/<filename> and print it."""
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / filename).write_text(text)
+    print(text)

@@ -25,7 +25,7 @@ from torch.profiler import ProfilerActivity, profile
 import cofx
 
 sys.path.insert(0, str(Path(__file__).parent))
-from models import build  # noqa: E402
+from models import build, write_result  # noqa: E402
 
 
 def main(argv=None):
@@ -58,10 +58,7 @@ def main(argv=None):
             "| step ms (profiled) | overhead |\n|---|---|---|---|---|---|---|\n"
             f"| {args.model} | {args.threads} | {len(top) / args.steps:.0f} | {1e3 * in_ops:.2f} | {1e3 * step:.2f} "
             f"| {1e3 * profiled:.2f} | {100 * max(0.0, 1 - in_ops / step):.0f}% to {100 * (1 - in_ops / profiled):.0f}% |\n")
-    out = Path(__file__).parent / "results" / "overhead.md"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(text)
-    print(text)
+    write_result("overhead.md", text)
 
 
 if __name__ == "__main__":

@@ -24,9 +24,7 @@ from cofx.bench import bench
 from cofx.flops import clip_flops, step_flops
 
 sys.path.insert(0, str(Path(__file__).parent))
-from models import build  # noqa: E402
-
-RESULTS = Path(__file__).parent / "results"
+from models import RESULTS, build, write_result  # noqa: E402
 
 
 def main(argv=None):
@@ -66,11 +64,9 @@ def main(argv=None):
     head = ["| model | clip | batch | step ms (IQR) | clip ms (IQR) | speed-up | GFLOPs/step | GFLOPs/clip "
             "| FLOP reduction | speed-up / FLOP reduction | state MiB |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     text = "\n".join(head + rows) + "\n"
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "step_latency.md").write_text(text)
+    write_result("step_latency.md", text)
     bar_chart(RESULTS / "step_latency.png", bars, "Latency per output: continual step vs clip model", "ms",
               note=f"median, whiskers: interquartile range; {args.threads} threads")
-    print(text)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ Writes benchmarks/results/vs_continual_inference.md.
 """
 from __future__ import annotations
 
+import argparse
 import statistics
 import sys
 import time
@@ -21,7 +22,7 @@ from torch import nn
 import cofx
 
 sys.path.insert(0, str(Path(__file__).parent))
-from models import build  # noqa: E402
+from models import build, write_result  # noqa: E402
 
 
 def reference_net(model):
@@ -40,7 +41,8 @@ def reference_net(model):
     return net.eval()
 
 
-def main():
+def main(argv=None):
+    argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args(argv)
     try:
         import continual  # noqa: F401
     except ImportError:
@@ -69,10 +71,7 @@ def main():
     text = ("| library | step ms (median) | outputs compared | max abs difference |\n|---|---|---|---|\n"
             + "".join(f"| {k} | {1e3 * med[k]:.2f} | {n} | {diff:.2e} |\n" for k in med)
             + f"\ncofx step is {med['continual-inference'] / med['cofx']:.1f}x faster.\n")
-    out = Path(__file__).parent / "results" / "vs_continual_inference.md"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(text)
-    print(text)
+    write_result("vs_continual_inference.md", text)
 
 
 if __name__ == "__main__":

@@ -60,16 +60,16 @@ class Stateful(Kernel):
             setattr(self, name, None)
 
     def get_state(self) -> dict:
-        return {name: _clone(getattr(self, name)) for name in self.state_names}
+        return {name: _map_tensors(getattr(self, name), torch.Tensor.clone) for name in self.state_names}
 
     def set_state(self, state: dict) -> None:
         for name in self.state_names:
-            setattr(self, name, _clone(state[name]))
+            setattr(self, name, _map_tensors(state[name], torch.Tensor.clone))
 
     def detach_state(self) -> None:
         """Cut the state from the autograd graph of the call that made it (gradients flow within a call)."""
         for name in self.state_names:
-            setattr(self, name, _detached(getattr(self, name)))
+            setattr(self, name, _map_tensors(getattr(self, name), torch.Tensor.detach))
 
     def state_tensors(self):
         for name in self.state_names:
@@ -80,19 +80,12 @@ class Stateful(Kernel):
                 yield from (t for t in v if isinstance(t, torch.Tensor))
 
 
-def _detached(v):
+def _map_tensors(v, fn):
+    """`fn` applied to the tensors of a state value (a tensor, a list or tuple of them, or a plain value)."""
     if isinstance(v, torch.Tensor):
-        return v.detach()
+        return fn(v)
     if isinstance(v, (list, tuple)):
-        return type(v)(_detached(x) for x in v)
-    return v
-
-
-def _clone(v):
-    if isinstance(v, torch.Tensor):
-        return v.clone()
-    if isinstance(v, (list, tuple)):
-        return type(v)(_clone(x) for x in v)
+        return type(v)(_map_tensors(x, fn) for x in v)
     return v
 
 
