@@ -101,7 +101,8 @@ class Sliding(Stateful):
     `avg_count` = (kernel, count_include_pad) makes averages divide by the number
     of frames that count near the start and end of a stream, as PyTorch does.
     `layout` (a memory format) keeps the frames in the layout `compute` is fastest
-    in, so that only each new frame is converted, never the whole window.
+    in, so that only each new frame is converted, never the whole window; outputs
+    leave in the default layout (code downstream may `.view` them).
 
     `ring=True` (a convolution without temporal dilation, weight first among its
     tensors) makes single-frame steps copy nothing but the new frame: the window
@@ -218,6 +219,8 @@ class Sliding(Stateful):
             frames = cat if start == 0 and used == length else cat.narrow(t, start, used)
             out = self.window(frames, *tensors) if count == 1 and self.window is not None \
                 else self.compute(frames, *tensors)
+            if self.layout is not None:
+                out = out.contiguous()
             if self.avg_count is not None:
                 out = self._fix_average(out, self.next_j, j1, real_end)
             self.next_j = j1 + 1
@@ -252,7 +255,8 @@ class Sliding(Stateful):
         self.next_j = j1 + 1
         weight, rest = tensors[0], tensors[1:]
         compute = self.window or self.compute
-        return compute(ring, self._rolled_weight(weight, oldest), *rest)
+        out = compute(ring, self._rolled_weight(weight, oldest), *rest)
+        return out if self.layout is None else out.contiguous()
 
     def _rolled_weight(self, weight: torch.Tensor, shift: int) -> torch.Tensor:
         """The weight with its temporal taps rolled by `shift` (cached per shift until the weight changes)."""

@@ -152,16 +152,18 @@ class SlidingSpec:
     def window(self, impl: str, x: torch.Tensor, weight=None, bias=None) -> torch.Tensor:
         """The one output frame of a window of exactly `span` frames (time kept, size 1).
 
-        ``conv3d_cl`` runs it on channels-last frames (oneDNN's fast depthwise kernels),
+        ``conv3d_cl`` runs it on channels-last frames (oneDNN's fast depthwise kernels) and
+        returns the usual layout (user code downstream may `.view` it),
         ``fold2d`` folds the temporal taps into the channels of a 2D convolution,
         ``taps2d`` sums one 2D convolution per tap, ``matmul`` (1x1 spatial kernels) is one
         matrix product per group; all read the same weights.
         """
         if impl == "conv3d":
             return self.compute(x, weight, bias)
-        if impl == "conv3d_cl":   # a layout only: an exported graph (traced) has none
-            cl = x if torch.jit.is_tracing() else x.contiguous(memory_format=torch.channels_last_3d)
-            return self.compute(cl, weight, bias)
+        if impl == "conv3d_cl":   # a layout inside the op only (an exported graph, traced, has none)
+            if torch.jit.is_tracing():
+                return self.compute(x, weight, bias)
+            return self.compute(x.contiguous(memory_format=torch.channels_last_3d), weight, bias).contiguous()
         x, padding = self._pad_spatial(x)
         padding = padding[1:] if isinstance(padding, tuple) else 0
         stride, dilation = self.stride[1:], self.dilation[1:]

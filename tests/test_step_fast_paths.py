@@ -172,3 +172,25 @@ def test_derived_weights_are_rebuilt_when_their_sources_change():
     del a                                           # a new tensor where the old one was: still rebuilt
     b = torch.zeros(3)
     assert torch.equal(double((b, torch.ones(3))), torch.ones(3)) and len(calls) == 4
+
+
+class ViewsAcrossChannelsAndTime(nn.Module):
+    """Frame-by-frame code that views its input across channels and time (valid on the default layout)."""
+    def forward(self, x):
+        b, c, t, h, w = x.shape
+        return x.view(b, c * t, h, w).view(b, c, t, h, w) * 2
+
+
+@pytest.mark.parametrize("impl", ["conv3d_cl", "fold2d", "taps2d", "matmul"])
+def test_fast_layouts_never_leak_to_the_models_code(impl, monkeypatch):
+    import importlib
+    sk = importlib.import_module("cofx.passes.select_kernels")
+    monkeypatch.setattr(sk, "_fastest", lambda candidates: impl if impl in candidates else next(iter(candidates)))
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv3d(3, 4, 3, padding=1), ViewsAcrossChannelsAndTime(),
+                          nn.Conv3d(4, 4, 1), ViewsAcrossChannelsAndTime()).eval()
+    x = stream(10).float()   # float32: the layouts are oneDNN's, which has no float64 kernels
+    co = cofx.convert(model, x, leaf_modules=[ViewsAcrossChannelsAndTime])
+    assert impl in {n.meta.get("cofx_impl") for n in co.graph.nodes}
+    assert_equivalent(co, model, x)
+    assert_steps_match_forward(co, x)
