@@ -94,5 +94,10 @@ def _select(gm: fx.GraphModule) -> None:
             if weight is None:
                 continue
             x = _sample(node, spec.span)
+            # a sliding kernel that runs channels-last keeps its window in that layout (one new frame converted
+            # per step): time that implementation on a window already converted
+            kept = {"conv3d_cl": x.contiguous(memory_format=torch.channels_last_3d)} \
+                if node.meta.get("cofx_kind") == "sliding" else {}
             node.meta["cofx_impl"] = _fastest(
-                {impl: (lambda impl=impl: spec.window(impl, x, weight, bias)) for impl in spec.window_impls()})
+                {impl: (lambda impl=impl: spec.window(impl, kept.get(impl, x), weight, bias))
+                 for impl in spec.window_impls()})
