@@ -1,6 +1,7 @@
 """`cofx.convert`: a clip model in, a continual model out."""
 from __future__ import annotations
 
+import math
 import sys
 from typing import Iterable, Mapping, Optional
 
@@ -144,7 +145,9 @@ def _summary(gm, clip, time_dim, out_axes, node_kernels, init) -> dict:
     return dict(
         time_dim=time_dim, frame_shape=frame, out_time_axes=out_axes, clip_shape=tuple(clip.shape),
         delay=max(t.ready for t in timings), receptive_field=max(t.receptive_field for t in timings),
-        stride=timings[0].stride, exact=all(exact[a] for a in out.all_input_nodes) and init == "zeros",
+        stride=timings[0].stride, period=math.lcm(*(n.meta["cofx_timing"].stride for n in gm.graph.nodes
+                                                   if n.meta.get("cofx_timing"))),
+        exact=all(exact[a] for a in out.all_input_nodes) and init == "zeros",
         make_report=lambda co: _report(gm, co, node_kernels, exact))
 
 

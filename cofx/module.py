@@ -1,12 +1,15 @@
 """`ContinualModule`: the converted model. Same weights and `forward`; adds step functions."""
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.fx as fx
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from . import modes
+from .compiled_step import CompiledSteps
 from .errors import StreamError
 from .flat_step import flat_step_module
 from .kernels import Stateful, StreamContext
@@ -40,6 +43,8 @@ class ContinualModule(fx.GraphModule):
         self.__dict__["_step_graph"] = step_graph
         self.__dict__["_step_module"] = flat_step_module(self, step_graph)
         self.__dict__["_stream_batch"] = None
+        self.__dict__["_frames"] = 0         # frames since the stream started (None: unknown)
+        self.__dict__["_compiled"] = None    # CompiledSteps, see compile_steps()
         self.__dict__["_report"] = None
         self.__dict__["_call_mode"] = "forward"
         self.__dict__["_uses_batch_stats"] = any(
@@ -93,13 +98,20 @@ class ContinualModule(fx.GraphModule):
                               "each row of the batch is one stream; call co.clean_state() to start new streams")
         streams = self._modules.get("cofx_streams")
         if streams is not None and streams.active:   # streams out of phase (clean_state(streams=...))
+            self.__dict__["_frames"] = None
             return streams.run(x, pad_end, update_state)
         saved = None if update_state else self._snapshot()
         ctx = self._ctx
         ctx.batch = x.shape[0]
         self.__dict__["_stream_batch"] = x.shape[0]
+        frames, n = self._frames, x.shape[self._info["time_dim"]]
+        compiled = self._compiled
         try:
-            out = self._step_module(x)
+            if compiled is not None and n == 1 and update_state and not pad_end and frames is not None \
+                    and frames >= compiled.start and not torch.is_grad_enabled():
+                out = compiled(x, frames)
+            else:
+                out = self._step_module(x)
             if pad_end:
                 ctx.flushing = True
                 try:
@@ -112,9 +124,11 @@ class ContinualModule(fx.GraphModule):
                 self._restore(saved)
             elif pad_end:
                 self.clean_state()
-            elif torch.is_grad_enabled():   # the next call must not backpropagate into this one
-                for k in self._kernels():
-                    k.detach_state()
+            else:
+                self.__dict__["_frames"] = None if frames is None else frames + n
+                if torch.is_grad_enabled():   # the next call must not backpropagate into this one
+                    for k in self._kernels():
+                        k.detach_state()
         out = self._none_if_empty(out)
         set_ready(self, torch.full((x.shape[0],), out is not None, device=x.device))
         return out
@@ -165,6 +179,32 @@ class ContinualModule(fx.GraphModule):
             raise StreamError(f"the stream state is {state.dtype} on {state.device} but the input is {x.dtype} "
                               f"on {x.device}; call co.clean_state() before changing dtype or device")
 
+    def compile_steps(self, backend: Optional[str] = "inductor", *, batch: int = 1,
+                      options: Optional[dict] = None, verbose: bool = False) -> "ContinualModule":
+        """Run steady-state steps as one compiled program per phase (`cofx.compiled_step`); returns self.
+
+        Records and compiles now, for `batch` streams in the model's dtype and on its
+        device (other batch sizes, dtypes and devices are recorded when first met,
+        mid-stream). A call takes the compiled program when it is one frame, with
+        gradients off (``torch.no_grad()``/``torch.inference_mode()``),
+        ``update_state=True``, no ``pad_end``, and the stream is in steady state
+        (``co.warmup_frames`` in); every other call runs eagerly, from the same state.
+
+        backend: ``"inductor"`` (``options``: inductor's; by default a C++ wrapper and
+        frozen weights), another ``torch.compile`` backend (``"eager"`` runs the recorded
+        program without compiling it: quick to build, for checks), or None to stop
+        compiling steps. Results differ from eager steps by float rounding.
+        """
+        if backend is None:
+            self.__dict__["_compiled"] = None
+            return self
+        if not isinstance(batch, int) or batch < 1:
+            raise ValueError(f"batch must be a positive int, got {batch!r}")
+        compiled = CompiledSteps(self, backend, options, verbose)
+        self.__dict__["_compiled"] = compiled
+        compiled.prepare(batch)
+        return self
+
     # -- state -------------------------------------------------------------------------------------
     def _kernels(self):
         return [m for m in self.children() if isinstance(m, Stateful)]
@@ -175,6 +215,7 @@ class ContinualModule(fx.GraphModule):
     def _snapshot(self) -> dict:
         snap = {n: {s: getattr(k, s) for s in k.state_names} for n, k in self._named_kernels()}
         snap["_stream_batch"] = self._stream_batch
+        snap["_stream_frames"] = self._frames
         return snap
 
     def _restore(self, snap: dict) -> None:
@@ -182,6 +223,7 @@ class ContinualModule(fx.GraphModule):
             for s, v in snap[n].items():
                 setattr(k, s, v)
         self.__dict__["_stream_batch"] = snap["_stream_batch"]
+        self.__dict__["_frames"] = snap["_stream_frames"]
 
     def clean_state(self, streams=None) -> None:
         """Forget the stream: the next frame starts a new one.
@@ -192,20 +234,25 @@ class ContinualModule(fx.GraphModule):
         output with NaN and sets ``co.ready``).
         """
         if streams is not None and restart_streams(self, streams):
+            self.__dict__["_frames"] = None
             return
         for k in self._kernels():
             k.clean()
         self.__dict__["_stream_batch"] = None
+        self.__dict__["_frames"] = 0
 
     def get_state(self) -> dict:
         """A copy of the whole stream state; `set_state` resumes from it exactly."""
         state = {n: k.get_state() for n, k in self._named_kernels()}
         state["_stream_batch"] = self._stream_batch
+        state["_stream_frames"] = self._frames
         return state
 
     def set_state(self, state: dict) -> None:
-        names = {n for n, _ in self._named_kernels()} | {"_stream_batch"}
-        optional = {STREAMS_CHILD}   # added on the first partial restart; absent from states saved before
+        names = {n for n, _ in self._named_kernels()} | {"_stream_batch", "_stream_frames"}
+        # the streams kernel is added on the first partial restart: absent from states saved before; states
+        # of earlier versions of cofx do not count frames
+        optional = {STREAMS_CHILD, "_stream_frames"}
         if not set(state) <= names or names - optional - set(state):
             raise StreamError(f"state keys do not match this model: missing {sorted(names - optional - set(state))}"
                               f", unexpected {sorted(set(state) - names)}")
@@ -215,6 +262,7 @@ class ContinualModule(fx.GraphModule):
             else:
                 k.clean()
         self.__dict__["_stream_batch"] = state["_stream_batch"]
+        self.__dict__["_frames"] = state.get("_stream_frames")
 
     @property
     def state_bytes(self) -> int:

@@ -1,0 +1,246 @@
+"""Compiled steps: the steady-state step recorded as one straight-line tensor program, then compiled.
+
+Once a stream is in steady state, a step does the same thing every `period`
+frames: the same windows complete, the same buffers shift, the same frames come
+out. The eager step still decides all of that in Python at every frame, and
+calls hundreds of small ops one by one (an X3D-S frame: ~520 ops, a fifth of
+the step spent outside them). A `CompiledSteps` runs the step of each phase
+once under `make_fx`, which records the tensor ops alone (frame and state in;
+output and new state out), and hands that graph to `torch.compile`: inductor
+fuses the pointwise ops and calls oneDNN for the convolutions.
+
+What the recording fixes, and how it stays right:
+
+- the weights (and BatchNorm folds) are baked in; before every step the
+  parameters and buffers are checked (same tensor, memory and version) and any
+  change makes the phases be recorded again;
+- the state stays in the kernels: each step reads it, and writes back the new
+  state and the counters the eager kernels keep, so eager calls (chunks,
+  flushes, get_state, ...) continue from a compiled step exactly;
+- Python side effects are not recorded: a model with forward hooks is refused.
+
+Example::
+
+    >>> co = cofx.convert(model, clip)
+    >>> co.compile_steps()                 # records and compiles every phase now, for batch 1
+    >>> with torch.no_grad():
+    ...     y = co.forward_step(frame)     # the compiled program, once the stream is in steady state
+"""
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+from torch.fx.experimental.proxy_tensor import make_fx
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+from .errors import StreamError
+from .kernels import FrameConv, Sliding
+
+INDUCTOR_OPTIONS = {"cpp_wrapper": True, "freezing": True}
+
+
+@dataclass
+class Phase:
+    """The recorded step of one phase: `run(frame, *state) -> (*outputs, *new state)`."""
+    run: Callable
+    slots: list           # (kernel, state name, None for a tensor or the type of a list/tuple of tensors, length)
+    layouts: list         # (shape, strides, memory format) of every state tensor the program takes and returns
+    counters: list        # (kernel, counter name, increase per step)
+    out_spec: object      # pytree of the step's output
+    n_out: int
+    frame_strides: tuple  # of the (contiguous) frame the program takes
+
+    def read_state(self) -> list:
+        return read_slots(self.slots)
+
+    def laid_out(self, state: list) -> list:
+        """The state in the layouts the program was compiled for (a compiled program recompiles on others)."""
+        if [t.shape for t in state] != [shape for shape, _, _ in self.layouts]:
+            raise StreamError("the stream state does not have the shapes the compiled step was recorded with; "
+                              "this is a bug in cofx: please report it, and call co.compile_steps(None) to "
+                              "step without compiling meanwhile")
+        return [t if t.stride() == strides else t.clone(memory_format=fmt)
+                for t, (_, strides, fmt) in zip(state, self.layouts)]
+
+    def write_state(self, flat) -> None:
+        write_slots(self.slots, flat)
+        for kernel, name, step in self.counters:
+            kernel.__dict__[name] += step
+
+
+def read_slots(slots) -> list:
+    flat = []
+    for kernel, name, kind, _ in slots:
+        if kind is None:
+            flat.append(getattr(kernel, name))
+        else:
+            flat.extend(getattr(kernel, name))
+    return flat
+
+
+def write_slots(slots, flat) -> None:
+    i = 0
+    for kernel, name, kind, n in slots:
+        setattr(kernel, name, flat[i] if kind is None else kind(flat[i:i + n]))
+        i += n
+
+
+class CompiledSteps:
+    """The compiled phases of a continual module's step, recorded on demand (see the module docstring)."""
+
+    def __init__(self, co, backend: str, options: Optional[dict], verbose: bool):
+        if options is None and backend == "inductor":
+            options = dict(INDUCTOR_OPTIONS)
+        self.co, self.backend, self.options = co, backend, options
+        self.say = (lambda msg: print(f"cofx: {msg}", file=sys.stderr, flush=True)) if verbose else (lambda m: None)
+        self.period = co._info["period"]
+        self.start = co.warmup_frames
+        self.phases: dict = {}   # (phase, batch, dtype, device) -> Phase
+        self.weights: list = []
+        self.written: list = []  # the state tensors the last compiled step wrote (already laid out)
+        self.runs = 0            # compiled steps taken
+
+    def prepare(self, batch: int) -> None:
+        """Record and compile every phase on a stream of zeros; the module's own stream is left as it was."""
+        co = self.co
+        p = next((p for p in co.parameters() if p.is_floating_point()), None)
+        shape = list(co.clip_shape)
+        shape[0], shape[co._info["time_dim"]] = batch, 1
+        frame = torch.zeros(shape, dtype=p.dtype if p is not None else torch.get_default_dtype(),
+                            device=p.device if p is not None else "cpu")
+        saved = co._snapshot()
+        co.clean_state()
+        try:
+            with torch.no_grad():
+                for _ in range(self.start + self.period):
+                    co._run(frame, False, True)
+        finally:
+            co._restore(saved)
+
+    def __call__(self, x: torch.Tensor, frames: int):
+        """The step output for chunk `x` of one frame, `frames` frames into the stream (>= `start`)."""
+        if torch.nn.modules.module._global_forward_hooks or torch.nn.modules.module._global_forward_pre_hooks:
+            raise StreamError("a global module forward hook is registered: compiled steps record tensor ops "
+                              "only and would skip it; remove the hook or call co.compile_steps(None)")
+        if not self._weights_unchanged():
+            self.phases.clear()
+            self.weights = _weight_marks(self.co)
+        key = (frames % self.period, x.shape[0], x.dtype, x.device)
+        phase = self.phases.get(key)
+        if phase is None:
+            phase = self.phases[key] = self._record(x, key)
+        state = phase.read_state()
+        if len(state) != len(self.written) or any(a is not b for a, b in zip(state, self.written)):
+            state = phase.laid_out(state)   # an eager call or set_state came in between
+        if x.stride() != phase.frame_strides:   # a view of a longer tensor (strides of size-1 dims count too)
+            x = x.clone(memory_format=torch.contiguous_format)
+        res = phase.run(x, *state)
+        self.written = res[phase.n_out:]
+        phase.write_state(self.written)
+        self.runs += 1
+        return tree_unflatten(list(res[:phase.n_out]), phase.out_spec)
+
+    def _weights_unchanged(self) -> bool:
+        return bool(self.weights) and all(d.get(name) is t and t._version == v and t.data_ptr() == p
+                                          for d, name, t, v, p in self.weights)
+
+    def _record(self, x: torch.Tensor, key: tuple) -> Phase:
+        co = self.co
+        for m in co.modules():
+            if m._forward_hooks or m._forward_pre_hooks:
+                raise StreamError(f"module {type(m).__name__} has a forward hook: compiled steps record tensor "
+                                  "ops only and would skip it; remove the hook or call co.compile_steps(None)")
+        began = time.perf_counter()
+        self.say(f"recording the step of phase {key[0] + 1}/{self.period} (batch {key[1]}, {key[2]})")
+        saved = co._snapshot()
+        co._step_module(x)   # one eager step refreshes the caches (BatchNorm folds) the recording bakes in
+        co._restore(saved)
+        slots, flat, counters = _state_slots(co)
+        layouts = [_canonical_layout(t, fmt) for t, fmt in zip(flat, _memory_formats(slots))]
+        out_spec = []
+
+        def step(frame, *state):
+            write_slots(slots, state)
+            leaves, spec = tree_flatten(co._step_module(frame))
+            out_spec.append(spec)
+            new = [t if t.stride() == strides else t.clone(memory_format=fmt)
+                   for t, (_, strides, fmt) in zip(read_slots(slots), layouts)]
+            return (*leaves, *new)
+
+        sliding = [k for k in co._kernels() if isinstance(k, Sliding)]
+        frame_convs = [k for k in co._modules.values() if isinstance(k, FrameConv)]
+        eager = [(k.ring, k.window) for k in sliding] + [k.single for k in frame_convs]
+        try:
+            for k in sliding:
+                k.ring = False   # the recorded program shifts its buffers: no position to track between steps
+                k.__dict__["window"] = None   # plain convolutions: the compiler calls oneDNN for those
+            for k in frame_convs:
+                k.__dict__["single"] = k.compute
+            flat = [t.clone(memory_format=fmt) for t, (_, _, fmt) in zip(flat, layouts)]
+            graph = make_fx(step)(x.clone(memory_format=torch.contiguous_format), *flat)
+            after = {(id(k), name): getattr(k, name) for k, name, _ in counters}
+            counters = [(k, name, after[id(k), name] - v) for k, name, v in counters]
+            n_out = len(graph.graph.find_nodes(op="output")[0].args[0]) - len(flat)
+        finally:
+            for k, (ring, window) in zip(sliding, eager):
+                k.ring = ring
+                k.__dict__["window"] = window
+            for k, single in zip(frame_convs, eager[len(sliding):]):
+                k.__dict__["single"] = single
+            co._restore(saved)
+        run = torch.compile(graph, backend=self.backend, options=self.options, fullgraph=True, dynamic=False)
+        x = x.clone(memory_format=torch.contiguous_format)
+        phase = Phase(run, slots, layouts, [c for c in counters if c[2]], out_spec[0], n_out, x.stride())
+        phase.run(x, *flat)   # compile now, on the recorded state (nothing is written back)
+        self.say(f"phase {key[0] + 1}/{self.period}: {len(graph.graph.nodes)} nodes, "
+                 f"{time.perf_counter() - began:.1f} s")
+        return phase
+
+
+def _state_slots(co):
+    """The state of every kernel: tensor slots, their tensors, and the integer counters the kernels keep."""
+    slots, flat, counters = [], [], []
+    for k in co._kernels():
+        for name in k.state_names:
+            value = getattr(k, name)
+            if isinstance(value, torch.Tensor):
+                slots.append((k, name, None, 1))
+                flat.append(value)
+            elif isinstance(value, (list, tuple)) and all(isinstance(v, torch.Tensor) for v in value):
+                slots.append((k, name, type(value), len(value)))
+                flat.extend(value)
+            elif isinstance(value, int) and not isinstance(value, bool):
+                counters.append((k, name, value))
+            elif value is not None:
+                raise StreamError(f"cannot record the step: state {name!r} of {type(k).__name__} holds a "
+                                  f"{type(value).__name__}; call co.compile_steps(None) to step without compiling")
+    return slots, flat, counters
+
+
+def _memory_formats(slots) -> list:
+    """Per state tensor, the memory format its kernel keeps it in (`Sliding.layout`), else the default one."""
+    formats = []
+    for kernel, _, kind, n in slots:
+        layout = getattr(kernel, "layout", None) if kind is None else None
+        formats.extend([layout or torch.contiguous_format] * n)
+    return formats
+
+
+def _canonical_layout(t: torch.Tensor, fmt: torch.memory_format) -> tuple:
+    dims = {torch.channels_last: 4, torch.channels_last_3d: 5}
+    if dims.get(fmt, t.dim()) != t.dim():
+        fmt = torch.contiguous_format
+    return t.shape, torch.empty(t.shape, memory_format=fmt, device="meta").stride(), fmt
+
+
+def _weight_marks(co) -> list:
+    """(container, name, tensor, version, memory) of every parameter and buffer: what the recording baked in."""
+    marks = []
+    for m in co.modules():
+        for d in (m._parameters, m._buffers):
+            marks.extend((d, name, t, t._version, t.data_ptr()) for name, t in d.items() if t is not None)
+    return marks

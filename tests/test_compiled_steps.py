@@ -1,0 +1,204 @@
+"""Compiled steps compute what eager steps compute, through any mix of calls, and follow the weights."""
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings, strategies as st
+from torch import nn
+
+import cofx
+from guarantees import max_err, tolerance
+from random_nets import CausalTCN, random_nets, shortest_clip
+
+D = torch.float64
+MOVES = ["frame", "frame", "frame", "frame", "chunk", "save", "peek", "view"]
+
+
+def compiled_and_eager(model, clip, backend="eager"):
+    return cofx.convert(model, clip).compile_steps(backend, batch=clip.shape[0]), cofx.convert(model, clip)
+
+
+def same(a, b, tol_of=None):
+    if a is None or b is None:
+        return a is None and b is None
+    return a.shape == b.shape and max_err(a, b) <= tolerance(b if tol_of is None else tol_of)
+
+
+def run(co, stream, moves, at=0):
+    """Feed `stream` to `co` by `moves`; returns the outputs of every call (None where there was none)."""
+    t = co._info["time_dim"]
+    outs = []
+    for move in moves:
+        if move == "save":
+            co.set_state(co.get_state())
+            continue
+        n = 3 if move == "chunk" else 1
+        chunk = stream.narrow(t, at, n)
+        if move == "peek":
+            outs.append(co.forward_steps(chunk, update_state=False))
+        if move == "view":        # a frame that is a view of a longer tensor
+            outs.append(co.forward_step(stream.select(t, at)))
+        elif n == 1:
+            outs.append(co.forward_step(chunk.squeeze(t).clone()))
+        else:
+            outs.append(co.forward_steps(chunk))
+        at += n
+    outs.append(co.forward_steps(stream.narrow(t, at, 0), pad_end=True))
+    return outs
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(random_nets(), st.lists(st.sampled_from(MOVES), min_size=6, max_size=16))
+def test_compiled_steps_equal_eager_steps_on_random_nets(net, moves):
+    """Past the warm-up, every phase of every net runs compiled, mixed with chunks, peeks and saved states."""
+    model, nd = net
+    clip = shortest_clip(model, nd, extra=2)
+    co, ref = compiled_and_eager(model, clip)
+    warm = co.warmup_frames + co._info["period"]
+    stream = torch.randn(*clip.shape[:2], warm + 3 * len(moves), *clip.shape[3:], dtype=D)
+    with torch.no_grad():
+        head = ["frame"] * warm
+        got, want = run(co, stream, head + moves), run(ref, stream, head + moves)
+    assert all(same(a, b) for a, b in zip(got, want))
+    assert co._compiled.runs >= moves.count("frame") + moves.count("view") - 1
+
+
+def test_strided_nets_compile_every_phase_and_skip_frames_as_eager():
+    torch.manual_seed(0)
+    model = CausalTCN().double().eval()
+    clip = torch.randn(2, 2, 12, dtype=D)
+    co, ref = compiled_and_eager(model, clip)
+    assert co._info["period"] == 2 and len(co._compiled.phases) == 2
+    stream = torch.randn(2, 2, co.warmup_frames + 20, dtype=D)
+    runs = co._compiled.runs
+    with torch.no_grad():
+        got = [co.forward_step(stream[:, :, i]) for i in range(stream.shape[2])]
+        want = [ref.forward_step(stream[:, :, i]) for i in range(stream.shape[2])]
+    assert [g is None for g in got] == [w is None for w in want]
+    assert all(same(a, b) for a, b in zip(got, want))
+    assert co._compiled.runs - runs == 20
+
+
+@pytest.mark.parametrize("cell", [nn.LSTM, nn.GRU])
+def test_recurrent_layers_compile_with_their_hidden_state(cell):
+    from test_model_styles import SensorLSTM
+    torch.manual_seed(0)
+    model = SensorLSTM(cell).double().eval()
+    clip = torch.randn(2, 3, 7, dtype=D)
+    co, ref = compiled_and_eager(model, clip)
+    stream = torch.randn(2, 3, co.warmup_frames + 10, dtype=D)
+    runs = co._compiled.runs
+    with torch.no_grad():
+        got = run(co, stream, ["frame"] * (stream.shape[2] - 4) + ["chunk", "frame"])
+        want = run(ref, stream, ["frame"] * (stream.shape[2] - 4) + ["chunk", "frame"])
+    assert all(same(a, b) for a, b in zip(got, want))
+    assert co._compiled.runs - runs == 10 - 4 + 1   # the steady frames, not the chunk
+
+
+def conv_bn_net():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv3d(2, 4, 3, padding=1), nn.BatchNorm3d(4), nn.ReLU(),
+                        nn.Conv3d(4, 4, (3, 1, 1), padding=(1, 0, 0), groups=4), nn.BatchNorm3d(4))
+    with torch.no_grad():
+        for m in net:
+            if isinstance(m, nn.BatchNorm3d):
+                m.running_mean.uniform_(-1, 1)
+                m.running_var.uniform_(0.5, 2)
+    return net.double().eval()
+
+
+def steady_steps(co, ref, stream):
+    with torch.no_grad():
+        return all(same(co.forward_step(stream[:, :, i]), ref.forward_step(stream[:, :, i]))
+                   for i in range(stream.shape[2]))
+
+
+def test_compiled_steps_follow_changed_weights():
+    """Weights are baked into the compiled program: any change to them records it again."""
+    model = conv_bn_net()
+    clip = torch.randn(1, 2, 5, 3, 3, dtype=D)
+    co, ref = compiled_and_eager(model, clip)
+    ref.load_state_dict(co.state_dict())
+    stream = torch.randn(1, 2, co.warmup_frames + 4, 3, 3, dtype=D)
+
+    def change(fn):
+        with torch.no_grad():
+            fn(co)
+            fn(ref)
+        runs = co._compiled.runs
+        assert steady_steps(co, ref, stream)
+        assert co._compiled.runs > runs
+    assert steady_steps(co, ref, stream)
+    change(lambda m: m.get_submodule("0").weight.add_(0.5))              # in place (an optimizer step)
+    change(lambda m: m.get_submodule("1").running_var.mul_(3))          # a BatchNorm statistic
+    change(lambda m: setattr(m.get_submodule("3"), "bias", nn.Parameter(torch.ones(4, dtype=D))))   # replaced
+    change(lambda m: m.get_submodule("4").weight.data.copy_(torch.rand(4, dtype=D)))   # through .data
+    change(lambda m: setattr(m.get_submodule("0").weight, "data", torch.rand_like(m.get_submodule("0").weight)))
+
+
+def test_gradients_and_single_calls_run_eagerly_from_the_same_state():
+    model = conv_bn_net()
+    clip = torch.randn(1, 2, 5, 3, 3, dtype=D)
+    co, ref = compiled_and_eager(model, clip)
+    stream = torch.randn(1, 2, co.warmup_frames + 6, 3, 3, dtype=D)
+    with torch.no_grad():
+        co.forward_steps(stream[:, :, :-6])
+        ref.forward_steps(stream[:, :, :-6])
+        assert same(co.forward_step(stream[:, :, -6]), ref.forward_step(stream[:, :, -6]))
+    runs = co._compiled.runs
+    y = co.forward_step(stream[:, :, -5])           # gradients on: eager, and differentiable
+    assert y.requires_grad and co._compiled.runs == runs
+    with torch.no_grad():
+        assert same(y, ref.forward_step(stream[:, :, -5]))
+        assert same(co.forward_step(stream[:, :, -4], update_state=False),
+                    ref.forward_step(stream[:, :, -4], update_state=False))
+        assert co._compiled.runs == runs
+        assert same(co.forward_steps(stream[:, :, -4:], pad_end=True), ref.forward_steps(stream[:, :, -4:],
+                                                                                           pad_end=True))
+
+
+def test_other_batch_sizes_are_recorded_when_met_and_nothing_recompiles_behind_the_scenes():
+    torch._dynamo.utils.counters.clear()
+    model = conv_bn_net()
+    clip = torch.randn(1, 2, 5, 3, 3, dtype=D)
+    co, ref = compiled_and_eager(model, clip)
+    assert len(co._compiled.phases) == 1
+    for batch in (1, 3):
+        co.clean_state()
+        ref.clean_state()
+        stream = torch.randn(batch, 2, co.warmup_frames + 8, 3, 3, dtype=D)
+        assert steady_steps(co, ref, stream)
+        with torch.no_grad():   # eager calls in between hand the compiled program differently laid-out state
+            co.forward_steps(stream[:, :, :2])
+            ref.forward_steps(stream[:, :, :2])
+        assert steady_steps(co, ref, stream)
+    assert len(co._compiled.phases) == 2
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2
+
+
+def test_hooks_are_refused_and_compiling_can_be_turned_off():
+    model = conv_bn_net()
+    clip = torch.randn(1, 2, 5, 3, 3, dtype=D)
+    co = cofx.convert(model, clip)
+    handle = co.get_submodule("2").register_forward_hook(lambda m, i, o: None)
+    with pytest.raises(cofx.StreamError, match="forward hook"):
+        co.compile_steps("eager")
+    handle.remove()
+    co.compile_steps("eager")
+    assert co.compile_steps(None) is co and co._compiled is None
+    with pytest.raises(ValueError, match="batch"):
+        co.compile_steps("eager", batch=0)
+
+
+@pytest.mark.slow
+def test_inductor_compiles_a_conv_net_to_the_eager_results():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv3d(3, 8, 3, padding=1), nn.BatchNorm3d(8), nn.ReLU(),
+                          nn.Conv3d(8, 8, 3, padding=1, groups=8), nn.SiLU(), nn.Conv3d(8, 4, 1)).eval()
+    clip = torch.randn(1, 3, 6, 8, 8)
+    co, ref = compiled_and_eager(model, clip, backend="inductor")
+    stream = torch.randn(1, 3, co.warmup_frames + 6, 8, 8)
+    runs = co._compiled.runs
+    with torch.no_grad():
+        got = [co.forward_step(stream[:, :, i]) for i in range(stream.shape[2])]
+        want = [ref.forward_step(stream[:, :, i]) for i in range(stream.shape[2])]
+    assert co._compiled.runs - runs == 6
+    assert all(same(a, b) for a, b in zip(got, want))
