@@ -5,8 +5,9 @@
 
 For each model: median and interquartile range of one `forward_step` in steady
 state and of one clip `forward` on the last clip, interleaved round by round in
-one process (`cofx.bench`), torch.set_num_threads(2); FLOPs per step and per
-clip (torch.utils.flop_counter); state memory. The realised speed-up divided by
+one process (`cofx.bench`), torch.set_num_threads(2), with eager steps and with
+compiled steps (`co.compile_steps()`; `--no-compile` skips those); FLOPs per step
+and per clip (torch.utils.flop_counter); state memory. The realised speed-up divided by
 the FLOP reduction says how much of the saving reaches the clock. Writes
 benchmarks/results/step_latency.md and step_latency.png.
 """
@@ -33,6 +34,7 @@ def main(argv=None):
     parser.add_argument("--batches", nargs="*", type=int, default=[1, 8])
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--no-compile", dest="compile", action="store_false", help="eager steps only")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     rows, bars = [], []
@@ -42,8 +44,9 @@ def main(argv=None):
         co = cofx.convert(model, clip)
         flops_clip, flops_step = clip_flops(co), step_flops(co)
         reduction = flops_clip / (flops_step * co.stride)
-        for batch in args.batches:
-            print(f"{name} batch {batch}: timing", file=sys.stderr, flush=True)
+        for batch, steps in [(b, s) for b in args.batches for s in ("eager", "compiled")[:1 + args.compile]]:
+            print(f"{name} batch {batch}, {steps} steps: timing", file=sys.stderr, flush=True)
+            co.compile_steps("inductor" if steps == "compiled" else None, batch=batch)
             r = bench(co, batch=batch, threads=args.threads, rounds=args.rounds,
                       progress=lambda done, total: print(f"  round {done}/{total}", end="\r", file=sys.stderr))
             with torch.no_grad():
@@ -52,17 +55,17 @@ def main(argv=None):
                     co.forward_steps(torch.randn(batch, *clip.shape[1:2], 8, *clip.shape[3:]))
                 state = co.state_bytes
                 co.clean_state()
-            rows.append(f"| {name} | {'x'.join(map(str, clip.shape[2:]))} | {batch} "
+            rows.append(f"| {name} | {'x'.join(map(str, clip.shape[2:]))} | {batch} | {steps} "
                         f"| {1e3 * r.step.median:.1f} ({1e3 * r.step.q1:.1f}-{1e3 * r.step.q3:.1f}) "
                         f"| {1e3 * r.clip.median:.1f} ({1e3 * r.clip.q1:.1f}-{1e3 * r.clip.q3:.1f}) "
                         f"| {r.speedup:.1f}x | {flops_step / 1e9:.3f} | {flops_clip / 1e9:.2f} | {reduction:.1f}x "
                         f"| {r.speedup / reduction:.2f} | {state / 2**20:.1f} |")
             print(f"\n  {rows[-1]}", file=sys.stderr, flush=True)
-            bars.append((f"{name} b{batch} step x{co.stride}", 1e3 * r.per_output,
+            bars.append((f"{name} b{batch} {steps} step x{co.stride}", 1e3 * r.per_output,
                          1e3 * r.step.q1 * co.stride, 1e3 * r.step.q3 * co.stride))
             bars.append((f"{name} b{batch} clip", 1e3 * r.clip.median, 1e3 * r.clip.q1, 1e3 * r.clip.q3))
-    head = ["| model | clip | batch | step ms (IQR) | clip ms (IQR) | speed-up | GFLOPs/step | GFLOPs/clip "
-            "| FLOP reduction | speed-up / FLOP reduction | state MiB |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    head = ["| model | clip | batch | steps | step ms (IQR) | clip ms (IQR) | speed-up | GFLOPs/step | GFLOPs/clip "
+            "| FLOP reduction | speed-up / FLOP reduction | state MiB |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     text = "\n".join(head + rows) + "\n"
     write_result("step_latency.md", text)
     bar_chart(RESULTS / "step_latency.png", bars, "Latency per output: continual step vs clip model", "ms",

@@ -158,6 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=positive, metavar="N", help="torch intra-op threads (default: torch's)")
     p.add_argument("--rounds", type=positive, default=20, metavar="N", help="timed rounds (default 20)")
     p.add_argument("--plot", metavar="FILE.png", help="draw latency per step and per clip as a bar chart")
+    p.add_argument("--compile", action="store_true",
+                   help="time compiled steps (co.compile_steps(): inductor, compiles for a while first)")
     p.set_defaults(run=run_bench)
     return parser
 
@@ -303,11 +305,14 @@ def run_bench(args) -> int:
 
     def progress(done, total):
         print(f"\rbench: round {done}/{total}", end="\n" if done == total else "", file=sys.stderr, flush=True)
+    if args.compile:
+        print("bench: compiling the step...", file=sys.stderr, flush=True)
+        co.compile_steps(batch=args.batch, verbose=True)
     print(f"bench: {args.rounds} rounds, batch {args.batch}...", file=sys.stderr, flush=True)
     result = bench(co, batch=args.batch, threads=args.threads, rounds=args.rounds, progress=progress)
     clip_len = co.clip_shape[co.options["time_dim"]]
     ms = 1e3
-    rows = [("forward_step (continual, per step)", result.step),
+    rows = [(f"forward_step ({'compiled' if args.compile else 'continual'}, per step)", result.step),
             (f"forward on a {clip_len}-frame clip (per output)", result.clip)]
     width = max(len(name) for name, _ in rows)
     print(f"cofx bench {args.model}: batch {result.batch}, {result.threads} thread(s), {args.rounds} rounds")

@@ -6,8 +6,11 @@ out. The eager step still decides all of that in Python at every frame, and
 calls hundreds of small ops one by one (an X3D-S frame: ~520 ops, a fifth of
 the step spent outside them). A `CompiledSteps` runs the step of each phase
 once under `make_fx`, which records the tensor ops alone (frame and state in;
-output and new state out), and hands that graph to `torch.compile`: inductor
-fuses the pointwise ops and calls oneDNN for the convolutions.
+output and new state out), and compiles that graph ahead of time with
+AOTInductor (inductor fuses the pointwise ops and calls oneDNN for the
+convolutions; the compiled library is called without `torch.compile`'s
+guards and wrappers, which cost a fifth of an X3D-S step with its ~100 state
+tensors), or with another `torch.compile` backend.
 
 What the recording fixes, and how it stays right:
 
@@ -29,6 +32,7 @@ Example::
 from __future__ import annotations
 
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -38,9 +42,9 @@ from torch.fx.experimental.proxy_tensor import make_fx
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .errors import StreamError
-from .kernels import FrameConv, Sliding
+from .kernels import Sliding
 
-INDUCTOR_OPTIONS = {"cpp_wrapper": True, "freezing": True}
+INDUCTOR_OPTIONS = {"freezing": True}
 
 
 @dataclass
@@ -172,33 +176,36 @@ class CompiledSteps:
             return (*leaves, *new)
 
         sliding = [k for k in co._kernels() if isinstance(k, Sliding)]
-        frame_convs = [k for k in co._modules.values() if isinstance(k, FrameConv)]
-        eager = [(k.ring, k.window) for k in sliding] + [k.single for k in frame_convs]
+        rings = [k.ring for k in sliding]
         try:
             for k in sliding:
                 k.ring = False   # the recorded program shifts its buffers: no position to track between steps
-                k.__dict__["window"] = None   # plain convolutions: the compiler calls oneDNN for those
-            for k in frame_convs:
-                k.__dict__["single"] = k.compute
             flat = [t.clone(memory_format=fmt) for t, (_, _, fmt) in zip(flat, layouts)]
             graph = make_fx(step)(x.clone(memory_format=torch.contiguous_format), *flat)
             after = {(id(k), name): getattr(k, name) for k, name, _ in counters}
             counters = [(k, name, after[id(k), name] - v) for k, name, v in counters]
             n_out = len(graph.graph.find_nodes(op="output")[0].args[0]) - len(flat)
         finally:
-            for k, (ring, window) in zip(sliding, eager):
+            for k, ring in zip(sliding, rings):
                 k.ring = ring
-                k.__dict__["window"] = window
-            for k, single in zip(frame_convs, eager[len(sliding):]):
-                k.__dict__["single"] = single
             co._restore(saved)
-        run = torch.compile(graph, backend=self.backend, options=self.options, fullgraph=True, dynamic=False)
         x = x.clone(memory_format=torch.contiguous_format)
+        run = _ahead_of_time(graph, (x, *flat), self.options) if self.backend == "inductor" else \
+            torch.compile(graph, backend=self.backend, options=self.options, fullgraph=True, dynamic=False)
         phase = Phase(run, slots, layouts, [c for c in counters if c[2]], out_spec[0], n_out, x.stride())
         phase.run(x, *flat)   # compile now, on the recorded state (nothing is written back)
         self.say(f"phase {key[0] + 1}/{self.period}: {len(graph.graph.nodes)} nodes, "
                  f"{time.perf_counter() - began:.1f} s")
         return phase
+
+
+def _ahead_of_time(graph, args: tuple, options: Optional[dict]) -> Callable:
+    """AOTInductor: a compiled library called with no guards or wrappers (the caller lays the inputs out)."""
+    with tempfile.TemporaryDirectory() as folder:
+        package = torch._inductor.aoti_compile_and_package(torch.export.export(graph, args),
+                                                           package_path=f"{folder}/step.pt2",
+                                                           inductor_configs=options)
+        return torch._inductor.aoti_load_package(package)
 
 
 def _state_slots(co):

@@ -190,10 +190,10 @@ class ContinualModule(fx.GraphModule):
         ``update_state=True``, no ``pad_end``, and the stream is in steady state
         (``co.warmup_frames`` in); every other call runs eagerly, from the same state.
 
-        backend: ``"inductor"`` (``options``: inductor's; by default a C++ wrapper and
-        frozen weights), another ``torch.compile`` backend (``"eager"`` runs the recorded
-        program without compiling it: quick to build, for checks), or None to stop
-        compiling steps. Results differ from eager steps by float rounding.
+        backend: ``"inductor"`` (AOTInductor, ahead of time; ``options``: inductor's configs,
+        by default frozen weights), another ``torch.compile`` backend (``"eager"`` runs the
+        recorded program without compiling it: quick to build, for checks), or None to
+        stop compiling steps. Results differ from eager steps by float rounding.
         """
         if backend is None:
             self.__dict__["_compiled"] = None
