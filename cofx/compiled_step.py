@@ -149,7 +149,7 @@ class CompiledSteps:
         return tree_unflatten(list(res[:phase.n_out]), phase.out_spec)
 
     def _weights_unchanged(self) -> bool:
-        return bool(self.weights) and all(d.get(name) is t and t._version == v and t.data_ptr() == p
+        return bool(self.weights) and all(d.get(name) is t and (t is None or t._version == v and t.data_ptr() == p)
                                           for d, name, t, v, p in self.weights)
 
     def _record(self, x: torch.Tensor, key: tuple) -> Phase:
@@ -249,5 +249,6 @@ def _weight_marks(co) -> list:
     marks = []
     for m in co.modules():
         for d in (m._parameters, m._buffers):
-            marks.extend((d, name, t, t._version, t.data_ptr()) for name, t in d.items() if t is not None)
+            marks.extend((d, name, t, None, None) if t is None else (d, name, t, t._version, t.data_ptr())
+                         for name, t in d.items())
     return marks

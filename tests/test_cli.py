@@ -418,6 +418,13 @@ def test_bench_batch_and_threads(cli):
     assert torch.get_num_threads() == 1    # restored (the module runs on one thread)
 
 
+@pytest.mark.slow
+def test_bench_times_compiled_steps(cli):
+    code, out, err = cli("bench", "cli_models:tiny", "--rounds", "2", "--compile")
+    assert code == 0 and "forward_step (compiled, per step)" in out
+    assert "compiling the step" in err and "phase 1/1" in err
+
+
 def test_save_without_source_needs_a_picklable_model(tmp_path):
     co = cofx.convert(cli_models.unpicklable())
     with pytest.raises(ValueError, match="cannot be pickled.*source="):

@@ -7,6 +7,7 @@ from torch import nn
 import cofx
 from guarantees import max_err, tolerance
 from random_nets import CausalTCN, random_nets, shortest_clip
+from test_step_fast_paths import conv_bn_net
 
 D = torch.float64
 MOVES = ["frame", "frame", "frame", "frame", "chunk", "save", "peek", "view"]
@@ -93,18 +94,6 @@ def test_recurrent_layers_compile_with_their_hidden_state(cell):
     assert co._compiled.runs - runs == 10 - 4 + 1   # the steady frames, not the chunk
 
 
-def conv_bn_net():
-    torch.manual_seed(0)
-    net = nn.Sequential(nn.Conv3d(2, 4, 3, padding=1), nn.BatchNorm3d(4), nn.ReLU(),
-                        nn.Conv3d(4, 4, (3, 1, 1), padding=(1, 0, 0), groups=4), nn.BatchNorm3d(4))
-    with torch.no_grad():
-        for m in net:
-            if isinstance(m, nn.BatchNorm3d):
-                m.running_mean.uniform_(-1, 1)
-                m.running_var.uniform_(0.5, 2)
-    return net.double().eval()
-
-
 def steady_steps(co, ref, stream):
     with torch.no_grad():
         return all(same(co.forward_step(stream[:, :, i]), ref.forward_step(stream[:, :, i]))
@@ -114,10 +103,10 @@ def steady_steps(co, ref, stream):
 def test_compiled_steps_follow_changed_weights():
     """Weights are baked into the compiled program: any change to them records it again."""
     model = conv_bn_net()
-    clip = torch.randn(1, 2, 5, 3, 3, dtype=D)
+    clip = torch.randn(1, 3, 5, 3, 3, dtype=D)
     co, ref = compiled_and_eager(model, clip)
     ref.load_state_dict(co.state_dict())
-    stream = torch.randn(1, 2, co.warmup_frames + 4, 3, 3, dtype=D)
+    stream = torch.randn(1, 3, co.warmup_frames + 4, 3, 3, dtype=D)
 
     def change(fn):
         with torch.no_grad():
@@ -129,16 +118,17 @@ def test_compiled_steps_follow_changed_weights():
     assert steady_steps(co, ref, stream)
     change(lambda m: m.get_submodule("0").weight.add_(0.5))              # in place (an optimizer step)
     change(lambda m: m.get_submodule("1").running_var.mul_(3))          # a BatchNorm statistic
-    change(lambda m: setattr(m.get_submodule("3"), "bias", nn.Parameter(torch.ones(4, dtype=D))))   # replaced
+    change(lambda m: setattr(m.get_submodule("3"), "bias", nn.Parameter(torch.ones(4, dtype=D))))   # added
+    change(lambda m: setattr(m.get_submodule("0"), "bias", nn.Parameter(torch.ones(4, dtype=D))))   # replaced
     change(lambda m: m.get_submodule("4").weight.data.copy_(torch.rand(4, dtype=D)))   # through .data
     change(lambda m: setattr(m.get_submodule("0").weight, "data", torch.rand_like(m.get_submodule("0").weight)))
 
 
 def test_gradients_and_single_calls_run_eagerly_from_the_same_state():
     model = conv_bn_net()
-    clip = torch.randn(1, 2, 5, 3, 3, dtype=D)
+    clip = torch.randn(1, 3, 5, 3, 3, dtype=D)
     co, ref = compiled_and_eager(model, clip)
-    stream = torch.randn(1, 2, co.warmup_frames + 6, 3, 3, dtype=D)
+    stream = torch.randn(1, 3, co.warmup_frames + 6, 3, 3, dtype=D)
     with torch.no_grad():
         co.forward_steps(stream[:, :, :-6])
         ref.forward_steps(stream[:, :, :-6])
@@ -158,13 +148,13 @@ def test_gradients_and_single_calls_run_eagerly_from_the_same_state():
 def test_other_batch_sizes_are_recorded_when_met_and_nothing_recompiles_behind_the_scenes():
     torch._dynamo.utils.counters.clear()
     model = conv_bn_net()
-    clip = torch.randn(1, 2, 5, 3, 3, dtype=D)
+    clip = torch.randn(1, 3, 5, 3, 3, dtype=D)
     co, ref = compiled_and_eager(model, clip)
     assert len(co._compiled.phases) == 1
     for batch in (1, 3):
         co.clean_state()
         ref.clean_state()
-        stream = torch.randn(batch, 2, co.warmup_frames + 8, 3, 3, dtype=D)
+        stream = torch.randn(batch, 3, co.warmup_frames + 8, 3, 3, dtype=D)
         assert steady_steps(co, ref, stream)
         with torch.no_grad():   # eager calls in between hand the compiled program differently laid-out state
             co.forward_steps(stream[:, :, :2])
@@ -176,7 +166,7 @@ def test_other_batch_sizes_are_recorded_when_met_and_nothing_recompiles_behind_t
 
 def test_hooks_are_refused_and_compiling_can_be_turned_off():
     model = conv_bn_net()
-    clip = torch.randn(1, 2, 5, 3, 3, dtype=D)
+    clip = torch.randn(1, 3, 5, 3, 3, dtype=D)
     co = cofx.convert(model, clip)
     handle = co.get_submodule("2").register_forward_hook(lambda m, i, o: None)
     with pytest.raises(cofx.StreamError, match="forward hook"):
