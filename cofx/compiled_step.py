@@ -31,6 +31,7 @@ Example::
 """
 from __future__ import annotations
 
+import operator
 import sys
 import tempfile
 import time
@@ -104,7 +105,7 @@ class CompiledSteps:
         self.period = co._info["period"]
         self.start = co.warmup_frames
         self.phases: dict = {}   # (phase, batch, dtype, device) -> Phase
-        self.weights: list = []
+        self.weights: Optional[WeightMarks] = None
         self.written: list = []  # the state tensors the last compiled step wrote (already laid out)
         self.runs = 0            # compiled steps taken
 
@@ -132,7 +133,7 @@ class CompiledSteps:
                               "only and would skip it; remove the hook or call co.compile_steps(None)")
         if not self._weights_unchanged():
             self.phases.clear()
-            self.weights = _weight_marks(self.co)
+            self.weights = WeightMarks(self.co)
         key = (frames % self.period, x.shape[0], x.dtype, x.device)
         phase = self.phases.get(key)
         if phase is None:
@@ -149,8 +150,7 @@ class CompiledSteps:
         return tree_unflatten(list(res[:phase.n_out]), phase.out_spec)
 
     def _weights_unchanged(self) -> bool:
-        return bool(self.weights) and all(d.get(name) is t and (t is None or t._version == v and t.data_ptr() == p)
-                                          for d, name, t, v, p in self.weights)
+        return self.weights is not None and self.weights.unchanged()
 
     def _record(self, x: torch.Tensor, key: tuple) -> Phase:
         co = self.co
@@ -244,11 +244,31 @@ def _canonical_layout(t: torch.Tensor, fmt: torch.memory_format) -> tuple:
     return t.shape, torch.empty(t.shape, memory_format=fmt, device="meta").stride(), fmt
 
 
-def _weight_marks(co) -> list:
-    """(container, name, tensor, version, memory) of every parameter and buffer: what the recording baked in."""
-    marks = []
-    for m in co.modules():
-        for d in (m._parameters, m._buffers):
-            marks.extend((d, name, t, None, None) if t is None else (d, name, t, t._version, t.data_ptr())
-                         for name, t in d.items())
-    return marks
+class WeightMarks:
+    """Every parameter and buffer slot of a module (what a recording baked in), checked in one pass.
+
+    A slot has changed when it holds another tensor (replaced, or added where there was
+    None), or its tensor was written in place (version) or given other memory (`.data =`).
+    The loops run in C (`map`): this check runs before every compiled step.
+    """
+
+    def __init__(self, co):
+        self.slots, self.names = [], []
+        for m in co.modules():
+            for d in (m._parameters, m._buffers):
+                self.slots.extend([d] * len(d))
+                self.names.extend(d)
+        self.tensors = list(map(dict.get, self.slots, self.names))
+        present = [t for t in self.tensors if t is not None]
+        self.present = present
+        self.versions = list(map(_version, present))
+        self.memory = list(map(_data_ptr, present))
+
+    def unchanged(self) -> bool:
+        return (all(map(operator.is_, map(dict.get, self.slots, self.names), self.tensors))
+                and list(map(_version, self.present)) == self.versions
+                and list(map(_data_ptr, self.present)) == self.memory)
+
+
+_version = operator.attrgetter("_version")
+_data_ptr = operator.methodcaller("data_ptr")

@@ -207,10 +207,15 @@ class ContinualModule(fx.GraphModule):
 
     # -- state -------------------------------------------------------------------------------------
     def _kernels(self):
-        return [m for m in self.children() if isinstance(m, Stateful)]
+        return [m for _, m in self._named_kernels()]
 
     def _named_kernels(self):
-        return [(n, m) for n, m in self.named_children() if isinstance(m, Stateful)]
+        # every step reads this list; children change only when a kernel is added (cofx_streams)
+        cached = self.__dict__.get("_kernel_list")
+        if cached is None or cached[0] != len(self._modules):
+            cached = (len(self._modules), [(n, m) for n, m in self.named_children() if isinstance(m, Stateful)])
+            self.__dict__["_kernel_list"] = cached
+        return cached[1]
 
     def _snapshot(self) -> dict:
         snap = {n: {s: getattr(k, s) for s in k.state_names} for n, k in self._named_kernels()}
