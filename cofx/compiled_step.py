@@ -58,12 +58,13 @@ class Phase:
     out_spec: object      # pytree of the step's output
     n_out: int
     frame_strides: tuple  # of the (contiguous) frame the program takes
+    keeps_layouts: bool = True   # its new state comes out in `layouts` (checked once, after compiling)
 
     def read_state(self) -> list:
         return read_slots(self.slots)
 
     def laid_out(self, state: list) -> list:
-        """The state in the layouts the program was compiled for (a compiled program recompiles on others)."""
+        """The state in the layouts the program was compiled for (it assumes them: it checks no strides)."""
         if [t.shape for t in state] != [shape for shape, _, _ in self.layouts]:
             raise StreamError("the stream state does not have the shapes the compiled step was recorded with; "
                               "this is a bug in cofx: please report it, and call co.compile_steps(None) to "
@@ -139,7 +140,8 @@ class CompiledSteps:
         if phase is None:
             phase = self.phases[key] = self._record(x, key)
         state = phase.read_state()
-        if len(state) != len(self.written) or any(a is not b for a, b in zip(state, self.written)):
+        if not phase.keeps_layouts or len(state) != len(self.written) or \
+                any(a is not b for a, b in zip(state, self.written)):
             state = phase.laid_out(state)   # an eager call or set_state came in between
         if x.stride() != phase.frame_strides:   # a view of a longer tensor (strides of size-1 dims count too)
             x = x.clone(memory_format=torch.contiguous_format)
@@ -193,7 +195,8 @@ class CompiledSteps:
         run = _ahead_of_time(graph, (x, *flat), self.options) if self.backend == "inductor" else \
             torch.compile(graph, backend=self.backend, options=self.options, fullgraph=True, dynamic=False)
         phase = Phase(run, slots, layouts, [c for c in counters if c[2]], out_spec[0], n_out, x.stride())
-        phase.run(x, *flat)   # compile now, on the recorded state (nothing is written back)
+        new = phase.run(x, *flat)[n_out:]   # compiles now, with a torch.compile backend (nothing is written back)
+        phase.keeps_layouts = all(t.stride() == strides for t, (_, strides, _) in zip(new, layouts))
         self.say(f"phase {key[0] + 1}/{self.period}: {len(graph.graph.nodes)} nodes, "
                  f"{time.perf_counter() - began:.1f} s")
         return phase
