@@ -10,6 +10,7 @@ from torch import nn
 
 from cofx import passes
 from .clip_length import implied_input
+from .dtype_device import dtype_device
 from .errors import ConversionError
 from .kernels import StreamContext
 from .module import ContinualModule
@@ -174,12 +175,11 @@ def _steady_state_bytes(co: ContinualModule) -> dict:
     snap = co._snapshot()
     co.clean_state()
     try:
-        p = next((p for p in co.parameters() if p.is_floating_point()), None)
+        dtype, device = dtype_device(co)
         shape = list(info["clip_shape"])
         shape[info["time_dim"]] = co.warmup_frames
         with torch.no_grad():
-            co.forward_steps(torch.zeros(shape, dtype=p.dtype if p is not None else torch.float32,
-                                         device=p.device if p is not None else "cpu"))
+            co.forward_steps(torch.zeros(shape, dtype=dtype, device=device))
         return {n: sum(t.numel() * t.element_size() for t in k.state_tensors()) for n, k in co._named_kernels()}
     finally:
         co._restore(snap)

@@ -14,6 +14,8 @@ from typing import Callable, Optional
 
 import torch
 
+from .dtype_device import dtype_device
+
 
 @dataclass
 class Timing:
@@ -60,8 +62,8 @@ def bench(co, *, batch: int = 1, threads: Optional[int] = None, rounds: int = 20
     if batch < 1 or rounds < 1:
         raise ValueError("batch and rounds must be at least 1")
     time_dim = co.options["time_dim"]
-    p = next((p for p in co.parameters() if p.is_floating_point()), None)
-    kw = dict(dtype=p.dtype, device=p.device) if p is not None else {}
+    dtype, device = dtype_device(co)
+    kw = dict(dtype=dtype, device=device)
     shape = [batch] + list(co.clip_shape[1:])
 
     def frames(n):

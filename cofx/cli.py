@@ -180,6 +180,7 @@ def _load(args):
     import cofx
     from cofx import model_source, saving
     from cofx.clip_length import implied_input
+    from cofx.dtype_device import dtype_device
     from cofx.tracer import trace
 
     if os.path.isfile(args.model) and saving.is_continual_file(args.model):
@@ -200,9 +201,8 @@ def _load(args):
     if args.weights:
         model_source.load_weights(model, args.weights)
     model.eval()
-    p = next((p for p in model.parameters() if p.is_floating_point()), None)
     if args.input_shape:
-        example = torch.randn(args.input_shape, dtype=p.dtype if p is not None else torch.float32)
+        example = torch.randn(args.input_shape, dtype=dtype_device(model)[0])
     else:
         gm = trace(model)
         try:

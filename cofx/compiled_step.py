@@ -43,6 +43,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .errors import StreamError
+from .dtype_device import dtype_device
 from .kernels import Sliding
 
 INDUCTOR_OPTIONS = {"freezing": True}
@@ -113,11 +114,10 @@ class CompiledSteps:
     def prepare(self, batch: int) -> None:
         """Record and compile every phase on a stream of zeros; the module's own stream is left as it was."""
         co = self.co
-        p = next((p for p in co.parameters() if p.is_floating_point()), None)
+        dtype, device = dtype_device(co)
         shape = list(co.clip_shape)
         shape[0], shape[co._info["time_dim"]] = batch, 1
-        frame = torch.zeros(shape, dtype=p.dtype if p is not None else torch.get_default_dtype(),
-                            device=p.device if p is not None else "cpu")
+        frame = torch.zeros(shape, dtype=dtype, device=device)
         saved = co._snapshot()
         co.clean_state()
         try:

@@ -14,15 +14,16 @@ import torch
 import torch.fx as fx
 from torch.utils.flop_counter import FlopCounterMode
 
+from .dtype_device import dtype_device
+
 
 def _example(co, time_dim_size=None) -> torch.Tensor:
     """Zeros shaped like the clip `co` was converted with (dtype and device of its parameters)."""
-    p = next((p for p in co.parameters() if p.is_floating_point()), None)
+    dtype, device = dtype_device(co)
     shape = list(co.clip_shape)
     if time_dim_size is not None:
         shape[co.options["time_dim"]] = time_dim_size
-    return torch.zeros(shape, dtype=p.dtype if p is not None else torch.float32,
-                       device=p.device if p is not None else "cpu")
+    return torch.zeros(shape, dtype=dtype, device=device)
 
 
 def clip_flops(co) -> int:

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten
 
+from .dtype_device import dtype_device
 from .masked_step import MaskedStep
 
 
@@ -156,9 +157,7 @@ def export_onnx(co, path, opset: Optional[int] = None) -> dict:
     snap = co._snapshot()
     try:
         co.eval()
-        p = next((q for q in co.parameters() if q.is_floating_point()), None)
-        dtype = p.dtype if p is not None else torch.float32
-        device = p.device if p is not None else torch.device("cpu")
+        dtype, device = dtype_device(co)
         step = MaskedStep(co, dtype, device)
         step.exporting()
         wrapper = _OnnxStep(co, step)

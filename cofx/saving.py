@@ -25,6 +25,7 @@ import warnings
 import torch
 from torch import nn
 
+from .dtype_device import dtype_device
 from .model_source import from_spec
 
 FORMAT = "cofx.continual"
@@ -127,8 +128,7 @@ def _read(path) -> dict:
 def _facts(co) -> dict:
     """The facts a file records: versions, the input it was converted for, and its timing."""
     from . import __version__
-    p = next((p for p in co.parameters() if p.is_floating_point()), None)
-    dtype = p.dtype if p is not None else torch.float32
+    dtype, _ = dtype_device(co)
     return {"cofx": __version__, "torch": str(torch.__version__), "clip_shape": list(co.clip_shape),
             "dtype": str(dtype).removeprefix("torch."), "delay": co.delay, "receptive_field": co.receptive_field,
             "stride": co.stride, "exact": co.is_exact}

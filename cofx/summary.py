@@ -1,19 +1,19 @@
 """The one-screen summary of a continual model: is it exact, when does it answer, what does it cost."""
 from __future__ import annotations
 
+from .dtype_device import dtype_device
 from .flops import clip_flops, step_flops
 
 
 def summary(co) -> dict:
     """Facts a user decides on: exactness, receptive field, delay, stride, FLOPs per step and clip, state bytes."""
-    p = next((p for p in co.parameters() if p.is_floating_point()), None)
     windowed = [f"{r.name}: {r.note}" for r in co.report if r.kind == "windowed"]
     return {
         "exact": co.is_exact,
         "windowed": windowed,
         "init": co.options["init"],
         "clip_shape": list(co.clip_shape),
-        "dtype": str(p.dtype).removeprefix("torch.") if p is not None else "float32",
+        "dtype": str(dtype_device(co)[0]).removeprefix("torch."),
         "receptive_field": co.receptive_field,
         "delay": co.delay,
         "stride": co.stride,

@@ -24,6 +24,8 @@ from typing import Optional
 import torch
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from .dtype_device import dtype_device
+
 
 @dataclass
 class Check:
@@ -109,8 +111,7 @@ def _inputs(co, steps, video, seed):
     time_dim = co.options["time_dim"]
     shape = list(co.clip_shape)
     clip_len = shape[time_dim]
-    p = next((p for p in co.parameters() if p.is_floating_point()), None)
-    dtype, device = (p.dtype, p.device) if p is not None else (torch.float32, torch.device("cpu"))
+    dtype, device = dtype_device(co)
     if video is None:
         gen = torch.Generator().manual_seed(seed)
         shape[0] = 2   # two independent streams
