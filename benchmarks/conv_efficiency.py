@@ -21,10 +21,8 @@ from pathlib import Path
 
 import torch
 
-import cofx
-
 sys.path.insert(0, str(Path(__file__).parent))
-from models import build, write_result  # noqa: E402
+from models import converted, write_result  # noqa: E402
 
 
 def _seconds(fn, repeats: int = 5) -> float:
@@ -45,14 +43,9 @@ def _kind(weight: torch.Tensor, groups: int) -> str:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="x3d_s")
-    parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=7)
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    model, clip = build(args.model)
-    co = cofx.convert(model, clip)
+    args, clip, co = converted(parser, argv)
     clip_s, step_s, count = defaultdict(float), defaultdict(float), defaultdict(int)
     with torch.no_grad():
         for node in co.graph.nodes:

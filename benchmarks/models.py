@@ -40,6 +40,18 @@ def build(name: str):
     return getattr(tvm, name)().eval(), torch.randn(1, 3, 16, 112, 112)
 
 
+def converted(parser, argv=None):
+    """(args, clip, continual model) for a benchmark of one model: adds --model and --threads to `parser`,
+    sets the threads, builds and converts the model."""
+    import cofx
+    parser.add_argument("--model", default="x3d_s")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    model, clip = build(args.model)
+    return args, clip, cofx.convert(model, clip)
+
+
 RESULTS = Path(__file__).parent / "results"
 
 

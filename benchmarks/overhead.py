@@ -23,21 +23,14 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-import cofx
-
 sys.path.insert(0, str(Path(__file__).parent))
-from models import build, write_result  # noqa: E402
+from models import converted, write_result  # noqa: E402
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="x3d_s")
     parser.add_argument("--steps", type=int, default=60)
-    parser.add_argument("--threads", type=int, default=2)
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    model, clip = build(args.model)
-    co = cofx.convert(model, clip)
+    args, clip, co = converted(parser, argv)
     rows = [measure(co, clip, "eager", args.steps)]
     co.compile_steps(options={"freezing": True, "cpp.enable_kernel_profile": True})
     rows.append(measure(co, clip, "compiled", args.steps))

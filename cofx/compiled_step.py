@@ -70,13 +70,18 @@ class Phase:
             raise StreamError("the stream state does not have the shapes the compiled step was recorded with; "
                               "this is a bug in cofx: please report it, and call co.compile_steps(None) to "
                               "step without compiling meanwhile")
-        return [t if t.stride() == strides else t.clone(memory_format=fmt)
-                for t, (_, strides, fmt) in zip(state, self.layouts)]
+        return lay_out(state, self.layouts)
 
     def write_state(self, flat) -> None:
         write_slots(self.slots, flat)
         for kernel, name, step in self.counters:
             kernel.__dict__[name] += step
+
+
+def lay_out(tensors: list, layouts: list) -> list:
+    """Each tensor with the strides of its layout: as it is when it has them, else a copy."""
+    return [t if t.stride() == strides else t.clone(memory_format=fmt)
+            for t, (_, strides, fmt) in zip(tensors, layouts)]
 
 
 def read_slots(slots) -> list:
@@ -141,7 +146,7 @@ class CompiledSteps:
             phase = self.phases[key] = self._record(x, key)
         state = phase.read_state()
         if not phase.keeps_layouts or len(state) != len(self.written) or \
-                any(a is not b for a, b in zip(state, self.written)):
+                not all(map(operator.is_, state, self.written)):
             state = phase.laid_out(state)   # an eager call or set_state came in between
         if x.stride() != phase.frame_strides:   # a view of a longer tensor (strides of size-1 dims count too)
             x = x.clone(memory_format=torch.contiguous_format)
@@ -173,9 +178,7 @@ class CompiledSteps:
             write_slots(slots, state)
             leaves, spec = tree_flatten(co._step_module(frame))
             out_spec.append(spec)
-            new = [t if t.stride() == strides else t.clone(memory_format=fmt)
-                   for t, (_, strides, fmt) in zip(read_slots(slots), layouts)]
-            return (*leaves, *new)
+            return (*leaves, *lay_out(read_slots(slots), layouts))
 
         sliding = [k for k in co._kernels() if isinstance(k, Sliding)]
         rings = [k.ring for k in sliding]
