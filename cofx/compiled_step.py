@@ -115,6 +115,13 @@ class CompiledSteps:
         self.weights: Optional[WeightMarks] = None
         self.written: list = []  # the state tensors the last compiled step wrote (already laid out)
         self.runs = 0            # compiled steps taken
+        # modules whose training mode changes what they compute: the recording baked in eval mode
+        self.moded = [m for m in co.modules()
+                      if isinstance(m, (torch.nn.modules.batchnorm._BatchNorm, torch.nn.modules.dropout._DropoutNd))]
+
+    def applies(self) -> bool:
+        """False while a BatchNorm or Dropout is in training mode: eager steps then say what happens."""
+        return not any(map(_training, self.moded))
 
     def prepare(self, batch: int) -> None:
         """Record and compile every phase on a stream of zeros; the module's own stream is left as it was."""
@@ -276,5 +283,6 @@ class WeightMarks:
                 and list(map(_data_ptr, self.present)) == self.memory)
 
 
+_training = operator.attrgetter("training")
 _version = operator.attrgetter("_version")
 _data_ptr = operator.methodcaller("data_ptr")

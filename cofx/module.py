@@ -108,7 +108,7 @@ class ContinualModule(fx.GraphModule):
         compiled = self._compiled
         try:
             if compiled is not None and n == 1 and update_state and not pad_end and frames is not None \
-                    and frames >= compiled.start and not torch.is_grad_enabled():
+                    and frames >= compiled.start and not torch.is_grad_enabled() and compiled.applies():
                 out = compiled(x, frames)
             else:
                 out = self._step_module(x)

@@ -5,7 +5,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from torch import nn
 
 import cofx
-from guarantees import max_err, tolerance
+from guarantees import clip_output, max_err, steps_frame_by_frame, tolerance
 from random_nets import CausalTCN, random_nets, shortest_clip
 from test_step_fast_paths import conv_bn_net
 
@@ -162,6 +162,32 @@ def test_other_batch_sizes_are_recorded_when_met_and_nothing_recompiles_behind_t
         assert steady_steps(co, ref, stream)
     assert len(co._compiled.phases) == 2
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2
+
+
+def test_compiled_streams_keep_the_guarantees():
+    """Equivalence with the clip model, untouched state on peeks, and the stream errors, with steps compiled."""
+    model = conv_bn_net()
+    clip = torch.randn(2, 3, 5, 3, 3, dtype=D)
+    co = cofx.convert(model, clip).compile_steps("eager", batch=2)
+    stream = torch.randn(2, 3, co.warmup_frames + 6, 3, 3, dtype=D)
+    with torch.no_grad():
+        got = steps_frame_by_frame(co, stream)
+        want = clip_output(co, model(stream))
+    assert co._compiled.runs > 6 and got.shape == want.shape and max_err(got, want) <= tolerance(want)
+    with torch.no_grad():
+        co.forward_steps(stream[:, :, :-1])
+        before = co.get_state()
+        co.forward_step(stream[:, :, -1], update_state=False)
+        after = co.get_state()
+    assert before["_stream_frames"] == after["_stream_frames"] == stream.shape[2] - 1
+    leaves = [torch.utils._pytree.tree_leaves(s) for s in (before, after)]
+    assert len(leaves[0]) == len(leaves[1]) and all(
+        torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b for a, b in zip(*leaves))
+    with torch.no_grad(), pytest.raises(cofx.StreamError, match="dtype"):
+        co.forward_step(stream[:, :, -1].float())
+    co.get_submodule("1").train()
+    with torch.no_grad(), pytest.raises(cofx.StreamError, match="training mode"):
+        co.forward_step(stream[:, :, -1])
 
 
 def test_hooks_are_refused_and_compiling_can_be_turned_off():
