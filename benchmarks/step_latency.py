@@ -7,7 +7,8 @@ For each model: median and interquartile range of one `forward_step` in steady
 state and of one clip `forward` on the last clip, interleaved round by round in
 one process (`cofx.bench`), torch.set_num_threads(2), with eager steps and with
 compiled steps (`co.compile_steps()`; `--no-compile` skips those); FLOPs per step
-and per clip (torch.utils.flop_counter); state memory. The realised speed-up divided by
+and per clip (torch.utils.flop_counter); state memory of the batch (compiled steps keep
+the windows of temporal ops in double rings: more memory, no copies). The realised speed-up divided by
 the FLOP reduction says how much of the saving reaches the clock. Writes
 benchmarks/results/step_latency.md and step_latency.png.
 """
@@ -53,6 +54,7 @@ def main(argv=None):
                 co.clean_state()
                 for _ in range(0, co.warmup_frames, 8):
                     co.forward_steps(torch.randn(batch, *clip.shape[1:2], 8, *clip.shape[3:]))
+                co.forward_step(torch.randn(batch, *clip.shape[1:2], *clip.shape[3:]))   # enters the rings
                 state = co.state_bytes
                 co.clean_state()
             rows.append(f"| {name} | {'x'.join(map(str, clip.shape[2:]))} | {batch} | {steps} "

@@ -51,9 +51,11 @@ INDUCTOR_OPTIONS = {"freezing": True}
 
 @dataclass
 class Phase:
-    """The recorded step of one phase: `run(frame, *state) -> (*outputs, *new state)`."""
+    """The recorded step of one phase: `run(frame, *state, *ring views) -> (*outputs, *new state)`; it writes
+    the new frame of every double ring (`Sliding.program_views`) in place."""
     run: Callable
     slots: list           # (kernel, state name, None for a tensor or the type of a list/tuple of tensors, length)
+    rings: list           # the Sliding kernels whose frames live in a double ring
     layouts: list         # (shape, strides, memory format) of every state tensor the program takes and returns
     counters: list        # (kernel, counter name, increase per step)
     out_spec: object      # pytree of the step's output
@@ -63,6 +65,9 @@ class Phase:
 
     def read_state(self) -> list:
         return read_slots(self.slots)
+
+    def ring_views(self) -> list:
+        return [v for k in self.rings for v in k.program_views()]
 
     def laid_out(self, state: list) -> list:
         """The state in the layouts the program was compiled for (it assumes them: it checks no strides)."""
@@ -157,7 +162,7 @@ class CompiledSteps:
             state = phase.laid_out(state)   # an eager call or set_state came in between
         if x.stride() != phase.frame_strides:   # a view of a longer tensor (strides of size-1 dims count too)
             x = x.clone(memory_format=torch.contiguous_format)
-        res = phase.run(x, *state)
+        res = phase.run(x, *state, *phase.ring_views())
         self.written = res[phase.n_out:]
         phase.write_state(self.written)
         self.runs += 1
@@ -177,35 +182,37 @@ class CompiledSteps:
         saved = co._snapshot()
         co._step_module(x)   # one eager step refreshes the caches (BatchNorm folds) the recording bakes in
         co._restore(saved)
-        slots, flat, counters = _state_slots(co)
-        layouts = [_canonical_layout(t, fmt) for t, fmt in zip(flat, _memory_formats(slots))]
-        out_spec = []
-
-        def step(frame, *state):
-            write_slots(slots, state)
-            leaves, spec = tree_flatten(co._step_module(frame))
-            out_spec.append(spec)
-            return (*leaves, *lay_out(read_slots(slots), layouts))
-
-        sliding = [k for k in co._kernels() if isinstance(k, Sliding)]
-        rings = [k.ring for k in sliding]
+        rings = []
         try:
-            for k in sliding:
-                k.ring = False   # the recorded program shifts its buffers: no position to track between steps
+            slots, flat, counters, rings = _state_slots(co)
+            layouts = [_canonical_layout(t, fmt) for t, fmt in zip(flat, _memory_formats(slots))]
             flat = [t.clone(memory_format=fmt) for t, (_, _, fmt) in zip(flat, layouts)]
-            graph = make_fx(step)(x.clone(memory_format=torch.contiguous_format), *flat)
+            views = [_copy_strided(v) for k in rings for v in k.program_views()]
+            out_spec = []
+
+            def step(frame, *args):
+                state, views = args[:len(flat)], args[len(flat):]
+                write_slots(slots, state)
+                for i, k in enumerate(rings):
+                    k.__dict__["_program"] = views[2 * i:2 * i + 2]
+                leaves, spec = tree_flatten(co._step_module(frame))
+                out_spec.append(spec)
+                return (*leaves, *lay_out(read_slots(slots), layouts))
+
+            graph = make_fx(step)(x.clone(memory_format=torch.contiguous_format), *flat, *views)
             after = {(id(k), name): getattr(k, name) for k, name, _ in counters}
             counters = [(k, name, after[id(k), name] - v) for k, name, v in counters]
             n_out = len(graph.graph.find_nodes(op="output")[0].args[0]) - len(flat)
         finally:
-            for k, ring in zip(sliding, rings):
-                k.ring = ring
+            for k in rings:
+                k.__dict__["_program"] = None
             co._restore(saved)
         x = x.clone(memory_format=torch.contiguous_format)
-        run = _ahead_of_time(graph, (x, *flat), self.options) if self.backend == "inductor" else \
+        args = (x, *flat, *map(_copy_strided, views))
+        run = _ahead_of_time(graph, args, self.options) if self.backend == "inductor" else \
             torch.compile(graph, backend=self.backend, options=self.options, fullgraph=True, dynamic=False)
-        phase = Phase(run, slots, layouts, [c for c in counters if c[2]], out_spec[0], n_out, x.stride())
-        new = phase.run(x, *flat)[n_out:]   # compiles now, with a torch.compile backend (nothing is written back)
+        phase = Phase(run, slots, rings, layouts, [c for c in counters if c[2]], out_spec[0], n_out, x.stride())
+        new = phase.run(*args)[n_out:]   # compiles now, with a torch.compile backend (nothing is written back)
         phase.keeps_layouts = all(t.stride() == strides for t, (_, strides, _) in zip(new, layouts))
         self.say(f"phase {key[0] + 1}/{self.period}: {len(graph.graph.nodes)} nodes, "
                  f"{time.perf_counter() - began:.1f} s")
@@ -222,11 +229,17 @@ def _ahead_of_time(graph, args: tuple, options: Optional[dict]) -> Callable:
 
 
 def _state_slots(co):
-    """The state of every kernel: tensor slots, their tensors, and the integer counters the kernels keep."""
-    slots, flat, counters = [], [], []
+    """The state of every kernel: tensor slots, their tensors, the integer counters the kernels keep, and the
+    kernels whose frames a compiled step keeps in a double ring (their tensor state is not a slot)."""
+    slots, flat, counters, rings = [], [], [], []
     for k in co._kernels():
+        ring = isinstance(k, Sliding) and k.double_ring
+        if ring:
+            k.program_views()   # enters the double ring
+            rings.append(k)
+            counters.append((k, "_dpos", k._dpos))
         for name in k.state_names:
-            value = getattr(k, name)
+            value = getattr(k, name) if not (ring and name == "buf") else None
             if isinstance(value, torch.Tensor):
                 slots.append((k, name, None, 1))
                 flat.append(value)
@@ -238,7 +251,12 @@ def _state_slots(co):
             elif value is not None:
                 raise StreamError(f"cannot record the step: state {name!r} of {type(k).__name__} holds a "
                                   f"{type(value).__name__}; call co.compile_steps(None) to step without compiling")
-    return slots, flat, counters
+    return slots, flat, counters, rings
+
+
+def _copy_strided(t: torch.Tensor) -> torch.Tensor:
+    """A copy with the strides of `t` (a view into a double ring), in memory of its own."""
+    return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device).copy_(t)
 
 
 def _memory_formats(slots) -> list:

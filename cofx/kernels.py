@@ -110,6 +110,9 @@ class Sliding(Stateful):
     convolution runs with its temporal taps rolled to match (one rolled copy of
     the weight per ring position, cached until the weight changes). Reading `buf`
     gives the frames in order, as every other path expects.
+
+    Compiled steps keep the window in a double ring instead (`program_views`),
+    as their recorded weights cannot be rolled.
     """
 
     state_names = ("buf", "m", "next_j")
@@ -120,7 +123,8 @@ class Sliding(Stateful):
                  window: Optional[Callable] = None, layout: Optional[torch.memory_format] = None,
                  ring: bool = False):
         super().__init__(ctx)
-        self.__dict__.update(layout=layout, _ring=None, _oldest=0, _rolled={}, _buf=None)
+        self.__dict__.update(layout=layout, _ring=None, _oldest=0, _rolled={}, _buf=None,
+                             _dring=None, _dpos=0, _dviews=None, _program=None)
         self.__dict__["compute"] = compute
         self.__dict__["window"] = window   # a faster compute for exactly one output window, if any
         self.t, self.span, self.stride = t, span, stride
@@ -134,6 +138,9 @@ class Sliding(Stateful):
     @property
     def buf(self) -> Optional[torch.Tensor]:
         """The last `keep` frames of the padded stream, in order."""
+        if self._dring is not None:   # leave the double ring: its last `keep` frames
+            p = self._dpos % self.span
+            self.__dict__.update(_buf=self._dring.narrow(self.t, p + 1, self.keep), _dring=None, _dviews=None)
         ring = self._ring
         if ring is not None:   # leave the ring: later paths read and write ordered frames
             t, oldest = self.t, self._oldest
@@ -144,10 +151,58 @@ class Sliding(Stateful):
 
     @buf.setter
     def buf(self, value: Optional[torch.Tensor]) -> None:
-        self.__dict__.update(_buf=value, _ring=None)
+        self.__dict__.update(_buf=value, _ring=None, _dring=None, _dviews=None)
 
     def state_tensors(self):
-        yield from (t for t in (self._ring, self._buf) if t is not None)
+        yield from (t for t in (self._ring, self._dring, self._buf) if t is not None)
+
+    @property
+    def double_ring(self) -> bool:
+        """Whether compiled steps can keep this kernel's frames in a double ring (see `program_views`)."""
+        return self.keep == self.span - 1 and self.span > 1 and self.buf is not None
+
+    def program_views(self) -> tuple:
+        """(window, mirror): where the next single-frame step of a compiled program writes and reads.
+
+        The double ring holds 2 * span frames; frame n goes to slots p and p + span
+        (p = n mod span), so the window of the last span frames is always the
+        contiguous slots p + 1 ... p + span: a compiled step writes the new frame
+        into the window's last slot and into the mirror slot p, then reads the
+        window in place. No frame is concatenated or shifted; the layout keeps
+        time outermost, so a window of a single stream is one dense block.
+        """
+        if self._dring is None:   # enter from the ordered frames: they go where the last window put them
+            buf, t, span = self.buf, self.t, self.span
+            shape = list(buf.shape)
+            shape[t] = 2 * span
+            ring = _time_outer(buf, shape, t)
+            ring.narrow(t, 1, self.keep).copy_(buf)
+            views = [(ring.narrow(t, p + 1, span), ring.narrow(t, p, 1)) for p in range(span)]
+            self.__dict__.update(_dring=ring, _dpos=0, _dviews=views, _buf=None)
+        return self._dviews[self._dpos % self.span]
+
+    def _program_step(self, x: torch.Tensor, tensors: tuple) -> torch.Tensor:
+        """The step (of one frame or none) a compiled program records: the window and mirror views are its
+        inputs."""
+        if x.shape[self.t] == 0:
+            return empty_like_labels(self.out_labels, self.ctx.batch, x)
+        window, mirror = self._program
+        window.narrow(self.t, self.keep, 1).copy_(x)
+        mirror.copy_(x)
+        self.__dict__["_dpos"] += 1
+        self.m += 1
+        j1 = (self.m - self.span) // self.stride
+        if j1 < self.next_j:
+            return empty_like_labels(self.out_labels, self.ctx.batch, x)
+        # read through an alias: inductor (2.14) cannot reinplace the frame's write when it feeds a
+        # convolution fused with its activation directly
+        out = (self.window or self.compute)(window.as_strided(window.shape, window.stride()), *tensors)
+        if self.avg_count is not None:
+            out = self._fix_average(out, self.next_j, j1, None)
+        self.next_j = j1 + 1
+        if out.untyped_storage().data_ptr() == window.untyped_storage().data_ptr():
+            out = out.clone()   # a view of the window (a crop): the next step overwrites it
+        return out.contiguous()
 
     def extra_repr(self) -> str:
         return (f"span={self.span}, stride={self.stride}, pad=({self.pad_l}, {self.pad_r}), "
@@ -188,6 +243,8 @@ class Sliding(Stateful):
 
     def forward(self, x: torch.Tensor, *tensors) -> torch.Tensor:
         t = self.t
+        if self._program is not None:   # a compiled step is being recorded
+            return self._program_step(x, tensors)
         if self.ring and x.shape[t] == 1 and (self._ring is not None or self._buf is not None) \
                 and not self.ctx.flushing:
             return self._ring_step(x, tensors)
@@ -283,6 +340,16 @@ class Sliding(Stateful):
         shape[self.t] = len(counts)
         factor = torch.tensor([k / max(c, 1) for c in counts], dtype=out.dtype, device=out.device)
         return out * factor.view(shape)
+
+
+def _time_outer(like: torch.Tensor, shape: list, t: int) -> torch.Tensor:
+    """An empty tensor of `shape` whose time dim `t` is outermost but for the batch: channels-last for
+    (B, C, T, ...) tensors of 4 or 5 dims (the layout convolutions run fastest in), else time first."""
+    if t == 2 and len(shape) in (4, 5):
+        fmt = torch.channels_last if len(shape) == 4 else torch.channels_last_3d
+        return torch.empty(shape, dtype=like.dtype, device=like.device, memory_format=fmt)
+    order = ([0] if t else []) + [t] + [d for d in range(1, len(shape)) if d != t]
+    return like.new_empty([shape[d] for d in order]).permute(*sorted(range(len(order)), key=order.__getitem__))
 
 
 class Align(Stateful):

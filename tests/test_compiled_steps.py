@@ -220,3 +220,54 @@ def test_inductor_compiles_a_conv_net_to_the_eager_results():
     assert all(same(a, b) for a, b in zip(got, want))
     # the compiled library hands back its state in the layouts it takes: no copies between steps
     assert all(phase.keeps_layouts for phase in co._compiled.phases.values())
+
+
+def dense(t: torch.Tensor) -> bool:
+    """Whether the elements of `t` fill one block of memory (in any order of dims)."""
+    expected = 1
+    for stride, size in sorted((st, s) for s, st in zip(t.shape, t.stride()) if s > 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+@pytest.mark.parametrize("shape, t", [((1, 4, 7), 2), ((1, 7, 4), 1), ((1, 3, 7, 5), 2), ((1, 3, 7, 5, 6), 2),
+                                      ((1, 3, 5, 7, 6), 3), ((7, 1, 4), 0), ((2, 3, 7, 5, 6), 2)])
+def test_double_rings_hold_the_last_frames_in_order(shape, t):
+    """The window a compiled step reads is the last `span` frames in order, one dense block for one stream,
+    across several turns of the ring; leaving the ring gives eager code the ordered frames."""
+    from cofx.kernels import Sliding, StreamContext
+    span = 3
+    k = Sliding(StreamContext(), lambda frames: frames * 1, t, span, 1, span - 1, 0, 0.0, ["?"] * len(shape))
+    stream = torch.randn(shape)
+    k(stream.narrow(t, 0, 2))   # eager frames first: the ring starts from them
+    for n in range(2, shape[t]):
+        k.__dict__["_program"] = window, _ = k.program_views()
+        out = k(stream.narrow(t, n, 1))
+        assert torch.equal(out, stream.narrow(t, n - span + 1, span))
+        assert dense(window) or shape[0] > 1 and t != 0
+    k.__dict__["_program"] = None
+    assert torch.equal(k.buf, stream.narrow(t, shape[t] - span + 1, span - 1))
+    assert k._dring is None
+
+
+def test_compiled_steps_write_each_frame_into_its_ring_in_place():
+    """A temporal convolution's window is never concatenated or shifted: the compiled step writes the new frame
+    into the same ring memory, step after step, and computes what eager steps compute."""
+    model = conv_bn_net()
+    clip = torch.randn(1, 3, 6, 5, 5, dtype=D)
+    co, ref = compiled_and_eager(model, clip)
+    stream = torch.randn(1, 3, co.warmup_frames + 8, 5, 5, dtype=D)
+    runs = co._compiled.runs
+    with torch.no_grad():
+        warm = co.warmup_frames + 1
+        for i in range(warm):
+            assert same(co.forward_step(stream[:, :, i]), ref.forward_step(stream[:, :, i]))
+        phase, = co._compiled.phases.values()
+        assert len(phase.rings) == 2 and not phase.slots   # both convolutions' frames live in rings
+        memory = [k._dring.data_ptr() for k in phase.rings]
+        for i in range(warm, stream.shape[2]):
+            assert same(co.forward_step(stream[:, :, i]), ref.forward_step(stream[:, :, i]))
+            assert [k._dring.data_ptr() for k in phase.rings] == memory
+    assert co._compiled.runs - runs == stream.shape[2] - co.warmup_frames
