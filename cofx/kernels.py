@@ -168,14 +168,13 @@ class Sliding(Stateful):
         (p = n mod span), so the window of the last span frames is always the
         contiguous slots p + 1 ... p + span: a compiled step writes the new frame
         into the window's last slot and into the mirror slot p, then reads the
-        window in place. No frame is concatenated or shifted; the layout keeps
-        time outermost, so a window of a single stream is one dense block.
+        window in place. No frame is concatenated or shifted. The ring is in the
+        layout `compute` wants (`layout`): with channels-last frames, a window of
+        a single stream is one dense block.
         """
         if self._dring is None:   # enter from the ordered frames: they go where the last window put them
             buf, t, span = self.buf, self.t, self.span
-            shape = list(buf.shape)
-            shape[t] = 2 * span
-            ring = _time_outer(buf, shape, t)
+            ring = self._frames(buf, 2 * span)
             ring.narrow(t, 1, self.keep).copy_(buf)
             views = [(ring.narrow(t, p + 1, span), ring.narrow(t, p, 1)) for p in range(span)]
             self.__dict__.update(_dring=ring, _dpos=0, _dviews=views, _buf=None)
@@ -340,16 +339,6 @@ class Sliding(Stateful):
         shape[self.t] = len(counts)
         factor = torch.tensor([k / max(c, 1) for c in counts], dtype=out.dtype, device=out.device)
         return out * factor.view(shape)
-
-
-def _time_outer(like: torch.Tensor, shape: list, t: int) -> torch.Tensor:
-    """An empty tensor of `shape` whose time dim `t` is outermost but for the batch: channels-last for
-    (B, C, T, ...) tensors of 4 or 5 dims (the layout convolutions run fastest in), else time first."""
-    if t == 2 and len(shape) in (4, 5):
-        fmt = torch.channels_last if len(shape) == 4 else torch.channels_last_3d
-        return torch.empty(shape, dtype=like.dtype, device=like.device, memory_format=fmt)
-    order = ([0] if t else []) + [t] + [d for d in range(1, len(shape)) if d != t]
-    return like.new_empty([shape[d] for d in order]).permute(*sorted(range(len(order)), key=order.__getitem__))
 
 
 class Align(Stateful):
