@@ -19,7 +19,9 @@ What the recording fixes, and how it stays right:
   change makes the phases be recorded again;
 - the state stays in the kernels: each step reads it, and writes back the new
   state and the counters the eager kernels keep, so eager calls (chunks,
-  flushes, get_state, ...) continue from a compiled step exactly;
+  flushes, get_state, ...) continue from a compiled step exactly; the windows
+  of temporal ops live in double rings (`Sliding.program_views`) that the
+  program writes in place, so no window is concatenated or shifted;
 - Python side effects are not recorded: a model with forward hooks is refused.
 
 Example::
