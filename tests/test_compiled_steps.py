@@ -275,3 +275,35 @@ def test_compiled_steps_write_each_frame_into_its_ring_in_place():
             assert same(co.forward_step(stream[:, :, i]), ref.forward_step(stream[:, :, i]))
             assert [k._dring.data_ptr() for k in phase.rings] == memory
     assert co._compiled.runs - runs == stream.shape[2] - co.warmup_frames
+
+
+class PixelGate(nn.Module):
+    """A squeeze-and-excitation gate over each frame's pooled pixel (1x1x1 convolutions of one pixel)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv3d(3, 6, 3, padding=1)
+        self.fc1, self.fc2 = nn.Conv3d(6, 2, 1), nn.Conv3d(2, 6, 1, bias=False)
+
+    def forward(self, x):
+        x = self.conv(x)
+        gate = self.fc2(self.fc1(x.mean((3, 4), keepdim=True)).relu()).sigmoid()
+        return x * gate
+
+
+def test_pixel_convolutions_compile_as_matrix_products_to_the_eager_results():
+    import cofx.compiled_step as compiled_step
+    rewritten = []
+    original = compiled_step.pixel_convs_as_matmuls
+    compiled_step.pixel_convs_as_matmuls = lambda gm: rewritten.append(original(gm))
+    try:
+        torch.manual_seed(0)
+        model = PixelGate().double().eval()
+        co, ref = compiled_and_eager(model, torch.randn(1, 3, 4, 5, 5, dtype=D))
+        stream = torch.randn(1, 3, co.warmup_frames + 5, 5, 5, dtype=D)
+        with torch.no_grad():
+            got, want = run(co, stream, ["frame"] * stream.shape[2]), run(ref, stream, ["frame"] * stream.shape[2])
+    finally:
+        compiled_step.pixel_convs_as_matmuls = original
+    assert rewritten == [2] and co._compiled.runs > 0
+    assert all(same(a, b) for a, b in zip(got, want))
