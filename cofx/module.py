@@ -193,7 +193,9 @@ class ContinualModule(fx.GraphModule):
         backend: ``"inductor"`` (AOTInductor, ahead of time; ``options``: inductor's configs,
         by default frozen weights), another ``torch.compile`` backend (``"eager"`` runs the
         recorded program without compiling it: quick to build, for checks), or None to
-        stop compiling steps. Results differ from eager steps by float rounding.
+        stop compiling steps. Results differ from eager steps by float rounding. The
+        windows of temporal ops then live in double rings (a step writes the new frame
+        in place and copies nothing else): state memory doubles, see ``co.state_bytes``.
         """
         if backend is None:
             self.__dict__["_compiled"] = None
