@@ -58,7 +58,7 @@ class Phase:
     the new frame of every double ring (`Sliding.program_views`) in place."""
     run: Callable
     slots: list           # (kernel, state name, None for a tensor or the type of a list/tuple of tensors, length)
-    rings: list           # (Sliding kernel, its ring views now): the kernels whose frames live in a ring
+    rings: list           # the Sliding kernels whose frames live in a double ring
     layouts: list         # (shape, strides, memory format) of every state tensor the program takes and returns
     counters: list        # (kernel, counter name, increase per step)
     out_spec: object      # pytree of the step's output
@@ -70,7 +70,7 @@ class Phase:
         return read_slots(self.slots)
 
     def ring_views(self) -> list:
-        return [v for _, views in self.rings for v in views()]
+        return [v for k in self.rings for v in k.program_views()]
 
     def laid_out(self, state: list) -> list:
         """The state in the layouts the program was compiled for (it assumes them: it checks no strides)."""
@@ -190,17 +190,14 @@ class CompiledSteps:
             slots, flat, counters, rings = _state_slots(co)
             layouts = [_canonical_layout(t, fmt) for t, fmt in zip(flat, _memory_formats(slots))]
             flat = [t.clone(memory_format=fmt) for t, (_, _, fmt) in zip(flat, layouts)]
-            now = [views() for _, views in rings]
-            views = [_copy_strided(v) for vs in now for v in vs]
+            views = [_copy_strided(v) for k in rings for v in k.program_views()]
             out_spec = []
 
             def step(frame, *args):
                 state, views = args[:len(flat)], args[len(flat):]
                 write_slots(slots, state)
-                at = 0
-                for (k, _), vs in zip(rings, now):
-                    k.__dict__["_program"] = views[at:at + len(vs)]
-                    at += len(vs)
+                for i, k in enumerate(rings):
+                    k.__dict__["_program"] = views[2 * i:2 * i + 2]
                 leaves, spec = tree_flatten(co._step_module(frame))
                 out_spec.append(spec)
                 return (*leaves, *lay_out(read_slots(slots), layouts))
@@ -211,7 +208,7 @@ class CompiledSteps:
             counters = [(k, name, after[id(k), name] - v) for k, name, v in counters]
             n_out = len(graph.graph.find_nodes(op="output")[0].args[0]) - len(flat)
         finally:
-            for k, _ in rings:
+            for k in rings:
                 k.__dict__["_program"] = None
             co._restore(saved)
         x = x.clone(memory_format=torch.contiguous_format)
@@ -240,17 +237,11 @@ def _state_slots(co):
     kernels whose frames a compiled step keeps in a double ring (their tensor state is not a slot)."""
     slots, flat, counters, rings = [], [], [], []
     for k in co._kernels():
-        kind = isinstance(k, Sliding) and k.program_ring
-        ring = bool(kind)
-        if kind == "double":
+        ring = isinstance(k, Sliding) and k.double_ring
+        if ring:
             k.program_views()   # enters the double ring
-            rings.append((k, k.program_views))
+            rings.append(k)
             counters.append((k, "_dpos", k._dpos))
-        elif kind == "rolled":
-            views = RolledRing(k)
-            views()   # enters the ring
-            rings.append((k, views))
-            counters.append((k, "_oldest", k._oldest))
         for name in k.state_names:
             value = getattr(k, name) if not (ring and name == "buf") else None
             if isinstance(value, torch.Tensor):
@@ -265,22 +256,6 @@ def _state_slots(co):
                 raise StreamError(f"cannot record the step: state {name!r} of {type(k).__name__} holds a "
                                   f"{type(value).__name__}; call co.compile_steps(None) to step without compiling")
     return slots, flat, counters, rings
-
-
-class RolledRing:
-    """The inputs a compiled step takes for a rolled ring (`Sliding.rolled_ring`): the ring, the index of the
-    slot the frame goes to, and the weight of the last eager step (baked, as the recording bakes every weight)
-    rolled for that slot."""
-
-    def __init__(self, kernel: Sliding):
-        span, t, weight = kernel.span, kernel.t, kernel._weight
-        self.kernel = kernel
-        self.slots = [torch.tensor([p], device=weight.device) for p in range(span)]
-        self.weights = [weight.detach().roll((p + 1) % span, t) for p in range(span)]
-
-    def __call__(self) -> tuple:
-        ring, slot = self.kernel.rolled_ring()
-        return ring, self.slots[slot], self.weights[slot]
 
 
 def _copy_strided(t: torch.Tensor) -> torch.Tensor:
