@@ -58,7 +58,7 @@ class Phase:
     the new frame of every double ring (`Sliding.program_views`) in place."""
     run: Callable
     slots: list           # (kernel, state name, None for a tensor or the type of a list/tuple of tensors, length)
-    rings: list           # the Sliding kernels whose frames live in a double ring
+    rings: list           # (Sliding kernel, its ring views now): the kernels whose frames live in a ring
     layouts: list         # (shape, strides, memory format) of every state tensor the program takes and returns
     counters: list        # (kernel, counter name, increase per step)
     out_spec: object      # pytree of the step's output
@@ -70,7 +70,7 @@ class Phase:
         return read_slots(self.slots)
 
     def ring_views(self) -> list:
-        return [v for k in self.rings for v in k.program_views()]
+        return [v for _, views in self.rings for v in views()]
 
     def laid_out(self, state: list) -> list:
         """The state in the layouts the program was compiled for (it assumes them: it checks no strides)."""
@@ -182,22 +182,36 @@ class CompiledSteps:
                                   "ops only and would skip it; remove the hook or call co.compile_steps(None)")
         began = time.perf_counter()
         self.say(f"recording the step of phase {key[0] + 1}/{self.period} (batch {key[1]}, {key[2]})")
+        if not any(isinstance(k, Sliding) and k.program_ring == "rolled" for k in co._kernels()):
+            return self._record_with(x, key, began, rolled=False)
+        try:
+            return self._record_with(x, key, began, rolled=True)
+        except Exception as error:  # noqa: BLE001 -- a compiler's failure on the rolled rings' inputs
+            self.say(f"compiling with rolled rings failed ({type(error).__name__}); recording with double rings")
+            return self._record_with(x, key, began, rolled=False)
+
+    def _record_with(self, x: torch.Tensor, key: tuple, began: float, rolled: bool) -> Phase:
+        """Record and compile one phase; `rolled`: may keep convolutions in rolled rings (see `_state_slots`)."""
+        co = self.co
         saved = co._snapshot()
         co._step_module(x)   # one eager step refreshes the caches (BatchNorm folds) the recording bakes in
         co._restore(saved)
         rings = []
         try:
-            slots, flat, counters, rings = _state_slots(co)
+            slots, flat, counters, rings = _state_slots(co, rolled)
             layouts = [_canonical_layout(t, fmt) for t, fmt in zip(flat, _memory_formats(slots))]
             flat = [t.clone(memory_format=fmt) for t, (_, _, fmt) in zip(flat, layouts)]
-            views = [_copy_strided(v) for k in rings for v in k.program_views()]
+            now = [views() for _, views in rings]
+            views = [_copy_strided(v) for vs in now for v in vs]
             out_spec = []
 
             def step(frame, *args):
                 state, views = args[:len(flat)], args[len(flat):]
                 write_slots(slots, state)
-                for i, k in enumerate(rings):
-                    k.__dict__["_program"] = views[2 * i:2 * i + 2]
+                at = 0
+                for (k, _), vs in zip(rings, now):
+                    k.__dict__["_program"] = views[at:at + len(vs)]
+                    at += len(vs)
                 leaves, spec = tree_flatten(co._step_module(frame))
                 out_spec.append(spec)
                 return (*leaves, *lay_out(read_slots(slots), layouts))
@@ -208,7 +222,7 @@ class CompiledSteps:
             counters = [(k, name, after[id(k), name] - v) for k, name, v in counters]
             n_out = len(graph.graph.find_nodes(op="output")[0].args[0]) - len(flat)
         finally:
-            for k in rings:
+            for k, _ in rings:
                 k.__dict__["_program"] = None
             co._restore(saved)
         x = x.clone(memory_format=torch.contiguous_format)
@@ -232,16 +246,24 @@ def _ahead_of_time(graph, args: tuple, options: Optional[dict]) -> Callable:
         return torch._inductor.aoti_load_package(package)
 
 
-def _state_slots(co):
+def _state_slots(co, rolled: bool):
     """The state of every kernel: tensor slots, their tensors, the integer counters the kernels keep, and the
-    kernels whose frames a compiled step keeps in a double ring (their tensor state is not a slot)."""
+    kernels whose frames a compiled step keeps in a ring, with their ring views (their tensor state is not a
+    slot): double rings, and rolled rings where `rolled` allows them (`Sliding.program_ring`)."""
     slots, flat, counters, rings = [], [], [], []
     for k in co._kernels():
-        ring = isinstance(k, Sliding) and k.double_ring
-        if ring:
+        kind = isinstance(k, Sliding) and k.program_ring
+        kind = "double" if kind == "rolled" and not rolled else kind
+        ring = bool(kind)
+        if kind == "double":
             k.program_views()   # enters the double ring
-            rings.append(k)
+            rings.append((k, k.program_views))
             counters.append((k, "_dpos", k._dpos))
+        elif kind == "rolled":
+            views = RolledRing(k)
+            views()   # enters the ring
+            rings.append((k, views))
+            counters.append((k, "_oldest", k._oldest))
         for name in k.state_names:
             value = getattr(k, name) if not (ring and name == "buf") else None
             if isinstance(value, torch.Tensor):
@@ -256,6 +278,22 @@ def _state_slots(co):
                 raise StreamError(f"cannot record the step: state {name!r} of {type(k).__name__} holds a "
                                   f"{type(value).__name__}; call co.compile_steps(None) to step without compiling")
     return slots, flat, counters, rings
+
+
+class RolledRing:
+    """The inputs a compiled step takes for a rolled ring (`Sliding.rolled_ring`): the ring, the index of the
+    slot the frame goes to, and the weight of the last eager step (baked, as the recording bakes every weight)
+    rolled for that slot."""
+
+    def __init__(self, kernel: Sliding):
+        span, t, weight = kernel.span, kernel.t, kernel._weight
+        self.kernel = kernel
+        self.slots = [torch.tensor([p], device=weight.device) for p in range(span)]
+        self.weights = [weight.detach().roll((p + 1) % span, t) for p in range(span)]
+
+    def __call__(self) -> tuple:
+        ring, slot = self.kernel.rolled_ring()
+        return ring, self.slots[slot], self.weights[slot]
 
 
 def _copy_strided(t: torch.Tensor) -> torch.Tensor:

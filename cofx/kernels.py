@@ -124,7 +124,7 @@ class Sliding(Stateful):
                  ring: bool = False):
         super().__init__(ctx)
         self.__dict__.update(layout=layout, _ring=None, _oldest=0, _rolled={}, _buf=None,
-                             _dring=None, _dpos=0, _dviews=None, _program=None)
+                             _dring=None, _dpos=0, _dviews=None, _program=None, _weight=None)
         self.__dict__["compute"] = compute
         self.__dict__["window"] = window   # a faster compute for exactly one output window, if any
         self.t, self.span, self.stride = t, span, stride
@@ -143,7 +143,7 @@ class Sliding(Stateful):
             self.__dict__.update(_buf=self._dring.narrow(self.t, p + 1, self.keep), _dring=None, _dviews=None)
         ring = self._ring
         if ring is not None:   # leave the ring: later paths read and write ordered frames
-            t, oldest = self.t, self._oldest
+            t, oldest = self.t, self._oldest % self.span
             ordered = ring if oldest == 0 else torch.cat([ring.narrow(t, oldest, self.span - oldest),
                                                            ring.narrow(t, 0, oldest)], t)
             self.__dict__.update(_buf=ordered.narrow(t, 1, self.keep), _ring=None)
@@ -157,9 +157,29 @@ class Sliding(Stateful):
         yield from (t for t in (self._ring, self._dring, self._buf) if t is not None)
 
     @property
-    def double_ring(self) -> bool:
-        """Whether compiled steps can keep this kernel's frames in a double ring (see `program_views`)."""
-        return self.keep == self.span - 1 and self.span > 1 and self.buf is not None
+    def program_ring(self) -> Optional[str]:
+        """How compiled steps keep this kernel's frames: "double" (`program_views`: its window is one dense
+        block), "rolled" (`rolled_ring`: a convolution whose double-ring window would not be), or None."""
+        if self.keep != self.span - 1 or self.span < 2 or self.buf is None:
+            return None
+        outer = self.buf.shape[:1] if self.layout is not None else self.buf.shape[:self.t]
+        return "rolled" if self.ring and any(size > 1 for size in outer) else "double"
+
+    def rolled_ring(self) -> tuple:
+        """(ring, slot): the ring of `span` frames eager steps keep, and the slot the next frame overwrites.
+
+        A compiled step writes the frame there (`index_copy_`) and convolves the
+        whole ring with the weight rolled by slot + 1: one frame copied, and the
+        window is the ring itself, dense for any batch.
+        """
+        if self._ring is None:   # enter from the ordered frames: they follow the slot the next frame takes
+            buf, t = self.buf, self.t
+            ring = self._frames(buf, self.span)
+            ring.narrow(t, 1, self.keep).copy_(buf)
+            self.__dict__.update(_ring=ring, _oldest=0, _buf=None)
+        slot = self._oldest % self.span
+        self.__dict__["_oldest"] = slot
+        return self._ring, slot
 
     def program_views(self) -> tuple:
         """(window, mirror): where the next single-frame step of a compiled program writes and reads.
@@ -185,10 +205,16 @@ class Sliding(Stateful):
         inputs."""
         if x.shape[self.t] == 0:
             return empty_like_labels(self.out_labels, self.ctx.batch, x)
-        window, mirror = self._program
-        window.narrow(self.t, self.keep, 1).copy_(x)
-        mirror.copy_(x)
-        self.__dict__["_dpos"] += 1
+        if len(self._program) == 3:   # rolled: (ring, slot index, rolled weight)
+            window, slot, weight = self._program
+            window.index_copy_(self.t, slot, x)
+            tensors = (weight, *tensors[1:])
+            self.__dict__["_oldest"] += 1
+        else:
+            window, mirror = self._program
+            window.narrow(self.t, self.keep, 1).copy_(x)
+            mirror.copy_(x)
+            self.__dict__["_dpos"] += 1
         self.m += 1
         j1 = (self.m - self.span) // self.stride
         if j1 < self.next_j:
@@ -242,6 +268,8 @@ class Sliding(Stateful):
 
     def forward(self, x: torch.Tensor, *tensors) -> torch.Tensor:
         t = self.t
+        if self.ring:   # the weight a compiled step's rolled ring bakes, rolled (see `rolled_ring`)
+            self.__dict__["_weight"] = tensors[0]
         if self._program is not None:   # a compiled step is being recorded
             return self._program_step(x, tensors)
         if self.ring and x.shape[t] == 1 and (self._ring is not None or self._buf is not None) \
@@ -300,7 +328,7 @@ class Sliding(Stateful):
                 ring = ring.contiguous(memory_format=self.layout)
             self.__dict__.update(_ring=ring, _buf=None)
         else:
-            oldest = self._oldest
+            oldest = self._oldest % self.span
             ring.select(t, oldest).copy_(x.select(t, 0))
             oldest = (oldest + 1) % self.span
         self.__dict__["_oldest"] = oldest

@@ -257,6 +257,7 @@ def test_double_rings_hold_the_last_frames_in_order(shape, t, layout):
 
 
 def test_compiled_steps_write_each_frame_into_its_ring_in_place():
+    from cofx.compiled_step import RolledRing
     """A temporal convolution's window is never concatenated or shifted: the compiled step writes the new frame
     into the same ring memory, step after step, and computes what eager steps compute."""
     model = conv_bn_net()
@@ -270,10 +271,13 @@ def test_compiled_steps_write_each_frame_into_its_ring_in_place():
             assert same(co.forward_step(stream[:, :, i]), ref.forward_step(stream[:, :, i]))
         phase, = co._compiled.phases.values()
         assert len(phase.rings) == 2 and not phase.slots   # both convolutions' frames live in rings
-        memory = [k._dring.data_ptr() for k in phase.rings]
+        # rolled rings: contiguous frames of several channels would give a double ring no dense window
+        assert all(isinstance(views, RolledRing) for _, views in phase.rings)
+        memory = [t.data_ptr() for k, _ in phase.rings for t in k.state_tensors()]
+        assert len(memory) == 2
         for i in range(warm, stream.shape[2]):
             assert same(co.forward_step(stream[:, :, i]), ref.forward_step(stream[:, :, i]))
-            assert [k._dring.data_ptr() for k in phase.rings] == memory
+            assert [t.data_ptr() for k, _ in phase.rings for t in k.state_tensors()] == memory
     assert co._compiled.runs - runs == stream.shape[2] - co.warmup_frames
 
 
@@ -306,4 +310,26 @@ def test_pixel_convolutions_compile_as_matrix_products_to_the_eager_results():
     finally:
         compiled_step.pixel_convs_as_matmuls = original
     assert rewritten == [2] and co._compiled.runs > 0
+    assert all(same(a, b) for a, b in zip(got, want))
+
+
+def test_a_compiler_that_fails_on_rolled_rings_gets_double_rings():
+    """Rolled rings give the compiler a slot index and a weight as inputs; if it cannot compile that (as
+    AOTInductor 2.14 could not for X3D-S at batch 8), the phase is recorded with double rings instead."""
+    from cofx.compiled_step import RolledRing
+    failed = []
+
+    def picky(gm, example_inputs):
+        if any("index_copy" in str(node.target) for node in gm.graph.nodes):
+            failed.append(True)
+            raise RuntimeError("cannot compile a written slot index")
+        return gm.forward
+
+    model, clip = conv_bn_net(), torch.randn(1, 3, 6, 5, 5, dtype=D)
+    co, ref = compiled_and_eager(model, clip, backend=picky)
+    stream = torch.randn(1, 3, co.warmup_frames + 5, 5, 5, dtype=D)
+    with torch.no_grad():
+        got, want = run(co, stream, ["frame"] * stream.shape[2]), run(ref, stream, ["frame"] * stream.shape[2])
+    phase, = co._compiled.phases.values()
+    assert failed and len(phase.rings) == 2 and not any(isinstance(v, RolledRing) for _, v in phase.rings)
     assert all(same(a, b) for a, b in zip(got, want))
