@@ -111,8 +111,9 @@ class Sliding(Stateful):
     the weight per ring position, cached until the weight changes). Reading `buf`
     gives the frames in order, as every other path expects.
 
-    Compiled steps keep the window in a double ring instead (`program_views`),
-    as their recorded weights cannot be rolled.
+    Compiled steps keep the window in a double ring (`program_views`), or, for a
+    convolution whose double-ring window would not be one dense block, in this
+    ring with the rolled weight given to the program as an input (`rolled_ring`).
     """
 
     state_names = ("buf", "m", "next_j")
@@ -201,8 +202,8 @@ class Sliding(Stateful):
         return self._dviews[self._dpos % self.span]
 
     def _program_step(self, x: torch.Tensor, tensors: tuple) -> torch.Tensor:
-        """The step (of one frame or none) a compiled program records: the window and mirror views are its
-        inputs."""
+        """The step (of one frame or none) a compiled program records; its inputs are the ring views (a double
+        ring's window and mirror, or a rolled ring, the slot index and the rolled weight)."""
         if x.shape[self.t] == 0:
             return empty_like_labels(self.out_labels, self.ctx.batch, x)
         if len(self._program) == 3:   # rolled: (ring, slot index, rolled weight)
