@@ -20,8 +20,9 @@ What the recording fixes, and how it stays right:
 - the state stays in the kernels: each step reads it, and writes back the new
   state and the counters the eager kernels keep, so eager calls (chunks,
   flushes, get_state, ...) continue from a compiled step exactly; the windows
-  of temporal ops live in double rings (`Sliding.program_views`) that the
-  program writes in place, so no window is concatenated or shifted;
+  of temporal ops live in rings the program writes in place (double rings,
+  `Sliding.program_views`, or rolled rings, `Sliding.rolled_ring`), so no
+  window is concatenated or shifted;
 - Python side effects are not recorded: a model with forward hooks is refused.
 
 Example::
@@ -55,7 +56,7 @@ INDUCTOR_OPTIONS = {"freezing": True}
 @dataclass
 class Phase:
     """The recorded step of one phase: `run(frame, *state, *ring views) -> (*outputs, *new state)`; it writes
-    the new frame of every double ring (`Sliding.program_views`) in place."""
+    the new frame of every ring in place."""
     run: Callable
     slots: list           # (kernel, state name, None for a tensor or the type of a list/tuple of tensors, length)
     rings: list           # (Sliding kernel, its ring views now): the kernels whose frames live in a ring

@@ -194,8 +194,9 @@ class ContinualModule(fx.GraphModule):
         by default frozen weights), another ``torch.compile`` backend (``"eager"`` runs the
         recorded program without compiling it: quick to build, for checks), or None to
         stop compiling steps. Results differ from eager steps by float rounding. The
-        windows of temporal ops then live in double rings (a step writes the new frame
-        in place and copies nothing else): state memory doubles, see ``co.state_bytes``.
+        windows of temporal ops then live in rings a step writes the new frame into, in
+        place (a double ring holds twice a window): state memory grows, see
+        ``co.state_bytes``.
         """
         if backend is None:
             self.__dict__["_compiled"] = None
