@@ -333,3 +333,38 @@ def test_a_compiler_that_fails_on_rolled_rings_gets_double_rings():
     phase, = co._compiled.phases.values()
     assert failed and len(phase.rings) == 2 and not any(isinstance(v, RolledRing) for _, v in phase.rings)
     assert all(same(a, b) for a, b in zip(got, want))
+
+
+class Residual(nn.Module):
+    """A depthwise temporal convolution with a skip connection: the skip's frames wait in a delay buffer."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv3d(4, 4, 3, padding=1, groups=4)
+
+    def forward(self, x):
+        return self.conv(x).relu() + x
+
+
+def test_delay_buffers_take_the_layout_of_channels_last_convolutions():
+    """Inductor computes the feature maps around a channels-last convolution channels-last: the delay buffer
+    of its skip connection is taken and returned in that layout (no transposes in and out at every step)."""
+    from cofx.kernels import Align, Sliding
+    torch.manual_seed(0)
+    clip = torch.randn(1, 4, 5, 3, 3, dtype=D)
+    model = Residual().double().eval()
+    co, ref = cofx.convert(model, clip), cofx.convert(model, clip)
+    conv, = [k for k in co._kernels() if isinstance(k, Sliding)]
+    conv.__dict__["layout"] = torch.channels_last_3d   # as select_kernels sets it where that runs fastest
+    co.compile_steps("eager")
+    align, = [k for k in co._kernels() if isinstance(k, Align)]
+    stream = torch.randn(1, 4, co.warmup_frames + 6, 3, 3, dtype=D)
+    runs = co._compiled.runs
+    with torch.no_grad():
+        for i in range(stream.shape[2]):
+            assert same(co.forward_step(stream[:, :, i]), ref.forward_step(stream[:, :, i]))
+        phase, = co._compiled.phases.values()
+        held = [p for p in align.pending if p.numel()]
+        assert held and all(p.is_contiguous(memory_format=torch.channels_last_3d) and not p.is_contiguous()
+                            for p in held)
+        assert phase.keeps_layouts and co._compiled.runs - runs == stream.shape[2] - co.warmup_frames
