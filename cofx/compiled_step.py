@@ -48,7 +48,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from .errors import StreamError
 from .dtype_device import dtype_device
 from .kernels import Sliding
-from .pixel_convs import pixel_convs_as_matmuls
+from .pixel_convs import pixel_convs_as_sums
 
 INDUCTOR_OPTIONS = {"freezing": True}
 
@@ -219,7 +219,7 @@ class CompiledSteps:
                 return (*leaves, *lay_out(read_slots(slots), layouts))
 
             graph = make_fx(step)(x.clone(memory_format=torch.contiguous_format), *flat, *views)
-            pixel_convs_as_matmuls(graph)
+            pixel_convs_as_sums(graph)
             after = {(id(k), name): getattr(k, name) for k, name, _ in counters}
             counters = [(k, name, after[id(k), name] - v) for k, name, v in counters]
             n_out = len(graph.graph.find_nodes(op="output")[0].args[0]) - len(flat)

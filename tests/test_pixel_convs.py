@@ -1,11 +1,11 @@
-"""Convolutions of one pixel become matrix products in recorded step graphs, with the same values; others stay."""
+"""Convolutions of one pixel become sums of products in recorded step graphs, with the same values; others stay."""
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 from torch import nn
 from torch.fx.experimental.proxy_tensor import make_fx
 
-from cofx.pixel_convs import pixel_convs_as_matmuls
+from cofx.pixel_convs import pixel_convs_as_sums
 
 CONVS = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 
@@ -22,7 +22,7 @@ def test_pixel_convolutions_become_matrix_products_with_the_same_values(nd, batc
     conv = CONVS[nd](cin, cout, 1, stride=stride, bias=bias).double()
     x = torch.randn(batch, cin, *(1,) * nd, dtype=torch.float64)
     gm = make_fx(lambda v: torch.sigmoid(conv(torch.relu(v))))(x)
-    assert pixel_convs_as_matmuls(gm) == 1 and convolutions(gm) == 0
+    assert pixel_convs_as_sums(gm) == 1 and convolutions(gm) == 0
     got, want = gm(x), torch.sigmoid(conv(torch.relu(x)))
     assert got.shape == want.shape and torch.allclose(got, want, rtol=1e-12, atol=1e-12)
 
@@ -37,5 +37,5 @@ def test_pixel_convolutions_become_matrix_products_with_the_same_values(nd, batc
 def test_other_convolutions_stay(conv, shape):
     x = torch.randn(shape)
     gm = make_fx(conv)(x)
-    assert pixel_convs_as_matmuls(gm) == 0 and convolutions(gm) == 1
+    assert pixel_convs_as_sums(gm) == 0 and convolutions(gm) == 1
     assert torch.allclose(gm(x), conv(x))
