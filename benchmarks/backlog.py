@@ -4,7 +4,9 @@
 
 A continual model that fell behind (or processes a recorded video) consumes
 chunks; each chunk should cost no more per frame than the clip model's forward
-does. Interleaved runs, 2 threads. Writes benchmarks/results/backlog.md.
+does. Interleaved runs, 2 threads; the ratio is the median of the rounds' own
+(that round's chunk against that round's clip: this machine's speed drifts
+between rounds), with its interquartile range. Writes benchmarks/results/backlog.md.
 """
 from __future__ import annotations
 
@@ -29,7 +31,7 @@ def main(argv=None):
     parser.add_argument("--rounds", type=int, default=8)
     args = parser.parse_args(argv)
     torch.set_num_threads(2)
-    rows = ["| model | chunk | forward_steps ms/frame | clip forward ms/frame | ratio |", "|---|---|---|---|---|"]
+    rows = ["| model | chunk | forward_steps ms/frame | clip forward ms/frame | ratio (IQR) |", "|---|---|---|---|---|"]
     for name in args.models:
         model, clip = build(name)
         co = cofx.convert(model, clip)
@@ -51,7 +53,8 @@ def main(argv=None):
                     chunk_times.append(chunk)
                     clip_times.append(whole)
         a, b = statistics.median(chunk_times), statistics.median(clip_times)
-        rows.append(f"| {name} | {args.chunk} | {1e3 * a:.2f} | {1e3 * b:.2f} | {a / b:.2f} |")
+        q1, ratio, q3 = statistics.quantiles([c / w for c, w in zip(chunk_times, clip_times)], n=4)
+        rows.append(f"| {name} | {args.chunk} | {1e3 * a:.2f} | {1e3 * b:.2f} | {ratio:.2f} ({q1:.2f}-{q3:.2f}) |")
         print(rows[-1], file=sys.stderr, flush=True)
     text = "\n".join(rows) + "\n"
     write_result("backlog.md", text)

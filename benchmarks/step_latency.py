@@ -6,7 +6,9 @@
 For each model: median and interquartile range of one `forward_step` in steady
 state and of one clip `forward` on the last clip, interleaved round by round in
 one process (`cofx.bench`), torch.set_num_threads(2), with eager steps and with
-compiled steps (`co.compile_steps()`; `--no-compile` skips those); FLOPs per step
+compiled steps (`co.compile_steps()`; `--no-compile` skips those); the speed-up
+per output is the median of the rounds' own (clip time over the time of `stride`
+steps in the same round: this machine's speed drifts between rounds); FLOPs per step
 and per clip (torch.utils.flop_counter); state memory of the batch (compiled steps keep
 the windows of temporal ops in double rings: more memory, no copies). The realised speed-up divided by
 the FLOP reduction says how much of the saving reaches the clock. Writes
@@ -60,7 +62,7 @@ def main(argv=None):
             rows.append(f"| {name} | {'x'.join(map(str, clip.shape[2:]))} | {batch} | {steps} "
                         f"| {1e3 * r.step.median:.1f} ({1e3 * r.step.q1:.1f}-{1e3 * r.step.q3:.1f}) "
                         f"| {1e3 * r.clip.median:.1f} ({1e3 * r.clip.q1:.1f}-{1e3 * r.clip.q3:.1f}) "
-                        f"| {r.speedup:.1f}x | {flops_step / 1e9:.3f} | {flops_clip / 1e9:.2f} | {reduction:.1f}x "
+                        f"| {r.speedup:.1f}x ({r.speedups.q1:.1f}-{r.speedups.q3:.1f}) | {flops_step / 1e9:.3f} | {flops_clip / 1e9:.2f} | {reduction:.1f}x "
                         f"| {r.speedup / reduction:.2f} | {state / 2**20:.1f} |")
             print(f"\n  {rows[-1]}", file=sys.stderr, flush=True)
             bars.append((f"{name} b{batch} {steps} step x{co.stride}", 1e3 * r.per_output,
@@ -73,7 +75,7 @@ def main(argv=None):
 
 
 def write_table(rows: list) -> None:
-    head = ["| model | clip | batch | steps | step ms (IQR) | clip ms (IQR) | speed-up | GFLOPs/step | GFLOPs/clip "
+    head = ["| model | clip | batch | steps | step ms (IQR) | clip ms (IQR) | speed-up (IQR) | GFLOPs/step | GFLOPs/clip "
             "| FLOP reduction | speed-up / FLOP reduction | state MiB |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     write_result("step_latency.md", "\n".join(head + rows) + "\n")
 

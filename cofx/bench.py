@@ -3,7 +3,9 @@
 Without cofx, a streaming application re-runs the clip model on the last T
 frames for every output. `bench` times that (`forward` on a clip) and one
 `forward_step` in steady state, interleaved round by round so that load on the
-machine hits both alike, and reports the median and interquartile range.
+machine hits both alike, and reports the median and interquartile range. The
+speed-up is taken round by round (that round's clip against that round's
+steps): a machine whose speed drifts between rounds moves both alike.
 """
 from __future__ import annotations
 
@@ -19,16 +21,17 @@ from .dtype_device import dtype_device
 
 @dataclass
 class Timing:
-    """Seconds per call: median and interquartile range of the samples."""
+    """Median and interquartile range of samples (seconds per call, or a ratio), and the samples."""
     median: float
     q1: float
     q3: float
     samples: int
+    values: tuple
 
     @classmethod
     def of(cls, samples: list) -> "Timing":
         q1, _, q3 = statistics.quantiles(samples, n=4) if len(samples) > 1 else (samples[0],) * 3
-        return cls(statistics.median(samples), q1, q3, len(samples))
+        return cls(statistics.median(samples), q1, q3, len(samples), tuple(samples))
 
 
 @dataclass
@@ -38,6 +41,7 @@ class BenchResult:
     stride: int
     batch: int
     threads: int
+    speedups: Timing   # per round: the clip's time over the time of `stride` steps
 
     @property
     def per_output(self) -> float:
@@ -46,7 +50,8 @@ class BenchResult:
 
     @property
     def speedup(self) -> float:
-        return self.clip.median / self.per_output if self.per_output else float("inf")
+        """The median of the rounds' speed-ups."""
+        return self.speedups.median
 
 
 def bench(co, *, batch: int = 1, threads: Optional[int] = None, rounds: int = 20,
@@ -98,5 +103,6 @@ def bench(co, *, batch: int = 1, threads: Optional[int] = None, rounds: int = 20
         co.clean_state()
         co.train(was_training)
         torch.set_num_threads(old_threads)
+    speedups = [whole / (step * co.stride) if step else float("inf") for step, whole in zip(step_times, clip_times)]
     return BenchResult(Timing.of(step_times), Timing.of(clip_times), co.stride, batch,
-                       threads if threads is not None else old_threads)
+                       threads if threads is not None else old_threads, Timing.of(speedups))

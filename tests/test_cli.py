@@ -411,6 +411,17 @@ def test_converted_file_as_model_refuses_conversion_flags(cli):
     assert code == 0 and "PASS" in out
 
 
+def test_bench_takes_the_speed_up_round_by_round():
+    """A round's speed-up is its clip's time over its steps' (a machine that drifts moves both alike); the
+    result is their median, between the extremes of the rounds."""
+    from cofx.bench import bench
+    co = cofx.convert(cli_models.tiny(), torch.randn(1, 3, 6, 8, 8))
+    r = bench(co, rounds=5)
+    rounds = [clip / (step * co.stride) for step, clip in zip(r.step.values, r.clip.values)]
+    assert len(rounds) == 5 and r.speedups.samples == 5
+    assert r.speedup == sorted(rounds)[2] and r.speedups.q1 <= r.speedup <= r.speedups.q3
+
+
 def test_bench_batch_and_threads(cli):
     code, out, err = cli("bench", "cli_models:tiny", "--rounds", "2", "--batch", "2", "--threads", "1")
     assert code == 0 and "batch 2, 1 thread(s), 2 rounds" in out and "round 2/2" in err
