@@ -49,6 +49,7 @@ from .errors import StreamError
 from .dtype_device import dtype_device
 from .kernels import Sliding
 from .pixel_convs import pixel_convs_as_sums
+from .whole_pools import whole_pools_as_means
 
 INDUCTOR_OPTIONS = {"freezing": True}
 
@@ -220,6 +221,7 @@ class CompiledSteps:
 
             graph = make_fx(step)(x.clone(memory_format=torch.contiguous_format), *flat, *views)
             pixel_convs_as_sums(graph)
+            whole_pools_as_means(graph)
             after = {(id(k), name): getattr(k, name) for k, name, _ in counters}
             counters = [(k, name, after[id(k), name] - v) for k, name, v in counters]
             n_out = len(graph.graph.find_nodes(op="output")[0].args[0]) - len(flat)
