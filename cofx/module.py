@@ -196,7 +196,11 @@ class ContinualModule(fx.GraphModule):
         stop compiling steps. Results differ from eager steps by float rounding. The
         windows of temporal ops then live in rings a step writes the new frame into, in
         place (a double ring holds twice a window): state memory grows, see
-        ``co.state_bytes``.
+        ``co.state_bytes``. The weights are baked in and checked before every compiled
+        step: a parameter or buffer replaced, written in place or given other memory
+        makes the phases be recorded again. A write that bypasses PyTorch's version
+        counting (through ``.data`` or a ``.detach()``-ed alias) cannot be seen: call
+        ``compile_steps`` again after one.
         """
         if backend is None:
             self.__dict__["_compiled"] = None

@@ -112,16 +112,22 @@ def test_compiled_steps_follow_changed_weights():
         with torch.no_grad():
             fn(co)
             fn(ref)
-        runs = co._compiled.runs
+        runs, marks = co._compiled.runs, co._compiled.weights
         assert steady_steps(co, ref, stream)
-        assert co._compiled.runs > runs
+        assert co._compiled.runs > runs and co._compiled.weights is not marks   # recorded again
     assert steady_steps(co, ref, stream)
     change(lambda m: m.get_submodule("0").weight.add_(0.5))              # in place (an optimizer step)
     change(lambda m: m.get_submodule("1").running_var.mul_(3))          # a BatchNorm statistic
     change(lambda m: setattr(m.get_submodule("3"), "bias", nn.Parameter(torch.ones(4, dtype=D))))   # added
     change(lambda m: setattr(m.get_submodule("0"), "bias", nn.Parameter(torch.ones(4, dtype=D))))   # replaced
-    change(lambda m: m.get_submodule("4").weight.data.copy_(torch.rand(4, dtype=D)))   # through .data
     change(lambda m: setattr(m.get_submodule("0").weight, "data", torch.rand_like(m.get_submodule("0").weight)))
+    change(lambda m: m.get_submodule("4").weight.add_(1))
+    # a write through `.data` bypasses version counting: compiling again takes it in
+    with torch.no_grad():
+        for m in (co, ref):
+            m.get_submodule("4").weight.data.copy_(torch.rand(4, dtype=D))
+    co.compile_steps("eager")
+    assert steady_steps(co, ref, stream)
 
 
 def test_gradients_and_single_calls_run_eagerly_from_the_same_state():
