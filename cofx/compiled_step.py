@@ -307,13 +307,14 @@ def _copy_strided(t: torch.Tensor) -> torch.Tensor:
 
 def _memory_formats(slots, flat, kernels) -> list:
     """Per state tensor, the memory format its kernel keeps it in (`Sliding.layout`); the other state tensors
-    of a rank whose convolutions (any of `kernels`) run channels-last take that layout too. Inductor computes
+    of a rank whose convolutions (any of `kernels`) run channels-last in compiled steps
+    (`Sliding.program_layout`) take that layout too. Inductor computes
     the feature maps around such convolutions channels-last, while eager steps hand them on contiguous: a
     delay buffer taken and returned contiguous would be transposed in and out at every step (X3D-S: ~0.3 ms
     of a ~7 ms step)."""
     declared = [getattr(kernel, "layout", None) if kind is None else None for kernel, _, kind, n in slots
                 for _ in range(n)]
-    by_rank = {_RANKS[k.layout]: k.layout for k in kernels if getattr(k, "layout", None) in _RANKS}
+    by_rank = {_RANKS[fmt]: fmt for fmt in (getattr(k, "program_layout", None) for k in kernels) if fmt in _RANKS}
     return [fmt or by_rank.get(t.dim(), torch.contiguous_format) for fmt, t in zip(declared, flat)]
 
 

@@ -388,3 +388,26 @@ def test_delay_buffers_take_the_layout_of_channels_last_convolutions():
         assert held and all(p.is_contiguous(memory_format=torch.channels_last_3d) and not p.is_contiguous()
                             for p in held)
         assert phase.keeps_layouts and co._compiled.runs - runs == stream.shape[2] - co.warmup_frames
+
+
+def test_depthwise_convolutions_keep_channels_last_rings_in_compiled_steps():
+    """A convolution with one input channel per group runs channels-last in compiled steps, whatever eager steps
+    chose (X3D's temporal stem): its double ring is channels-last, and leaving and re-entering it for eager
+    calls keeps every result equal to eager steps."""
+    from cofx.kernels import Sliding
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv3d(3, 4, (1, 3, 3), padding=(0, 1, 1)),
+                          nn.Conv3d(4, 4, (5, 1, 1), padding=(2, 0, 0), groups=4), nn.ReLU(),
+                          nn.Conv3d(4, 6, (3, 1, 1), padding=(1, 0, 0))).double().eval()
+    clip = torch.randn(1, 3, 6, 4, 4, dtype=D)
+    co, ref = compiled_and_eager(model, clip)
+    stream = torch.randn(1, 3, co.warmup_frames + 12, 4, 4, dtype=D)
+    with torch.no_grad():
+        got = run(co, stream, ["frame"] * (co.warmup_frames + 4) + ["chunk", "save", "frame", "frame", "peek"])
+        want = run(ref, stream, ["frame"] * (ref.warmup_frames + 4) + ["chunk", "save", "frame", "frame", "peek"])
+        assert all(same(a, b) for a, b in zip(got, want)) and co._compiled.runs > 0
+        depthwise, dense = [k for k in co._kernels() if isinstance(k, Sliding) and k.span > 1]
+        assert depthwise.program_layout == torch.channels_last_3d and dense.program_layout is None
+        for i in range(co.warmup_frames + 2):
+            co.forward_step(stream[:, :, i])
+        assert depthwise._dring is not None and depthwise._dring.is_contiguous(memory_format=torch.channels_last_3d)
