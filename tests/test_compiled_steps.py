@@ -130,6 +130,26 @@ def test_compiled_steps_follow_changed_weights():
     assert steady_steps(co, ref, stream)
 
 
+def test_frozen_weights_are_not_checked_until_compiled_again():
+    """`check_weights=False` says the weights stay frozen: a change is not looked for (the step keeps what it
+    baked, here a BatchNorm fold) until `compile_steps` runs again."""
+    import copy
+    model = conv_bn_net()
+    clip = torch.randn(1, 3, 5, 3, 3, dtype=D)
+    co = cofx.convert(model, clip).compile_steps("eager", check_weights=False)
+    ref = cofx.convert(copy.deepcopy(model), clip)   # weights of its own
+    stream = torch.randn(1, 3, co.warmup_frames + 12, 3, 3, dtype=D)
+    marks, warm = co._compiled.weights, co.warmup_frames + 2
+    assert steady_steps(co, ref, stream[:, :, :warm])
+    with torch.no_grad():
+        co.get_submodule("1").running_var.mul_(3)
+    assert steady_steps(co, ref, stream[:, :, warm:warm + 4]) and co._compiled.weights is marks
+    with torch.no_grad():
+        ref.get_submodule("1").running_var.mul_(3)
+    co.compile_steps("eager", check_weights=False)
+    assert steady_steps(co, ref, stream[:, :, warm + 4:])
+
+
 def test_gradients_and_single_calls_run_eagerly_from_the_same_state():
     model = conv_bn_net()
     clip = torch.randn(1, 3, 5, 3, 3, dtype=D)
