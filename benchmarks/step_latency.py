@@ -5,13 +5,15 @@
 
 For each model: median and interquartile range of one `forward_step` in steady
 state and of one clip `forward` on the last clip, interleaved round by round in
-one process (`cofx.bench`), torch.set_num_threads(2), with eager steps and with
-compiled steps (`co.compile_steps()`; `--no-compile` skips those); the speed-up
-per output is the median of the rounds' own (clip time over the time of `stride`
-steps in the same round: this machine's speed drifts between rounds); FLOPs per step
-and per clip (torch.utils.flop_counter); state memory of the batch (compiled steps keep
-the windows of temporal ops in double rings: more memory, no copies). The realised speed-up divided by
-the FLOP reduction says how much of the saving reaches the clock. Writes
+one process (`cofx.bench`), torch.set_num_threads(2), with eager steps, compiled
+steps (`co.compile_steps()`) and the same compiled steps with frozen weights
+(`check_weights=False`: no check of the weights before each step); `--no-compile`
+skips the compiled ones. The speed-up per output is the median of the rounds'
+own (clip time over the time of `stride` steps in the same round: this machine's
+speed drifts between rounds). FLOPs per step and per clip
+(torch.utils.flop_counter); state memory of the batch (compiled steps keep the
+windows of temporal ops in rings). The realised speed-up divided by the FLOP
+reduction says how much of the saving reaches the clock. Writes
 benchmarks/results/step_latency.md and step_latency.png.
 """
 from __future__ import annotations
@@ -47,23 +49,22 @@ def main(argv=None):
         co = cofx.convert(model, clip)
         flops_clip, flops_step = clip_flops(co), step_flops(co)
         reduction = flops_clip / (flops_step * co.stride)
-        for batch, steps in [(b, s) for b in args.batches for s in ("eager", "compiled")[:1 + args.compile]]:
+        kinds = ("eager", "compiled", "frozen") if args.compile else ("eager",)
+        for batch, steps in [(b, k) for b in args.batches for k in kinds]:
             print(f"{name} batch {batch}, {steps} steps: timing", file=sys.stderr, flush=True)
-            co.compile_steps("inductor" if steps == "compiled" else None, batch=batch)
+            if steps == "frozen":   # the same compiled phases, without the check of the weights before each step
+                co._compiled.check_weights = False
+            else:
+                co.compile_steps("inductor" if steps == "compiled" else None, batch=batch)
+                state = state_bytes(co, clip, batch)
             r = bench(co, batch=batch, threads=args.threads, rounds=args.rounds,
                       progress=lambda done, total: print(f"  round {done}/{total}", end="\r", file=sys.stderr))
-            with torch.no_grad():
-                co.clean_state()
-                for _ in range(0, co.warmup_frames, 8):
-                    co.forward_steps(torch.randn(batch, *clip.shape[1:2], 8, *clip.shape[3:]))
-                co.forward_step(torch.randn(batch, *clip.shape[1:2], *clip.shape[3:]))   # enters the rings
-                state = co.state_bytes
-                co.clean_state()
             rows.append(f"| {name} | {'x'.join(map(str, clip.shape[2:]))} | {batch} | {steps} "
                         f"| {1e3 * r.step.median:.1f} ({1e3 * r.step.q1:.1f}-{1e3 * r.step.q3:.1f}) "
                         f"| {1e3 * r.clip.median:.1f} ({1e3 * r.clip.q1:.1f}-{1e3 * r.clip.q3:.1f}) "
-                        f"| {r.speedup:.1f}x ({r.speedups.q1:.1f}-{r.speedups.q3:.1f}) | {flops_step / 1e9:.3f} | {flops_clip / 1e9:.2f} | {reduction:.1f}x "
-                        f"| {r.speedup / reduction:.2f} | {state / 2**20:.1f} |")
+                        f"| {r.speedup:.1f}x ({r.speedups.q1:.1f}-{r.speedups.q3:.1f}) | {flops_step / 1e9:.3f} "
+                        f"| {flops_clip / 1e9:.2f} | {reduction:.1f}x | {r.speedup / reduction:.2f} "
+                        f"| {state / 2**20:.1f} |")
             print(f"\n  {rows[-1]}", file=sys.stderr, flush=True)
             bars.append((f"{name} b{batch} {steps} step x{co.stride}", 1e3 * r.per_output,
                          1e3 * r.step.q1 * co.stride, 1e3 * r.step.q3 * co.stride))
@@ -72,6 +73,19 @@ def main(argv=None):
         write_table(rows)   # after every model: a long run that fails late keeps what it measured
     bar_chart(RESULTS / "step_latency.png", bars, "Latency per output: continual step vs clip model", "ms",
               note=f"median, whiskers: interquartile range; {args.threads} threads")
+
+
+def state_bytes(co, clip, batch: int) -> int:
+    """State memory of a stream of `batch` in steady state, after one single-frame step (which enters the rings
+    of compiled steps)."""
+    with torch.no_grad():
+        co.clean_state()
+        for _ in range(0, co.warmup_frames, 8):
+            co.forward_steps(torch.randn(batch, *clip.shape[1:2], 8, *clip.shape[3:]))
+        co.forward_step(torch.randn(batch, *clip.shape[1:2], *clip.shape[3:]))
+        state = co.state_bytes
+        co.clean_state()
+    return state
 
 
 def write_table(rows: list) -> None:
