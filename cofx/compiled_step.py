@@ -37,10 +37,10 @@ Example::
 from __future__ import annotations
 
 import operator
-from collections import deque
 import sys
 import tempfile
 import time
+from collections import deque
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -323,10 +323,9 @@ def _copy_strided(t: torch.Tensor) -> torch.Tensor:
 def _memory_formats(slots, flat, kernels) -> list:
     """Per state tensor, the memory format its kernel keeps it in (`Sliding.layout`); the other state tensors
     of a rank whose convolutions (any of `kernels`) run channels-last in compiled steps
-    (`Sliding.program_layout`) take that layout too. Inductor computes
-    the feature maps around such convolutions channels-last, while eager steps hand them on contiguous: a
-    delay buffer taken and returned contiguous would be transposed in and out at every step (X3D-S: ~0.3 ms
-    of a ~7 ms step)."""
+    (`Sliding.program_layout`) take that layout too. Inductor computes the feature maps around such
+    convolutions channels-last, while eager steps hand them on contiguous: a delay buffer taken and returned
+    contiguous would be transposed in and out at every step (X3D-S: ~0.3 ms of a ~7 ms step)."""
     declared = [getattr(kernel, "layout", None) if kind is None else None for kernel, _, kind, n in slots
                 for _ in range(n)]
     by_rank = {_RANKS[fmt]: fmt for fmt in (getattr(k, "program_layout", None) for k in kernels) if fmt in _RANKS}

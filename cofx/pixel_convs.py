@@ -22,9 +22,12 @@ Example::
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 from torch import fx
+
+from .graph_rewrite import rewrite_nodes
 
 aten = torch.ops.aten
 
@@ -32,26 +35,20 @@ aten = torch.ops.aten
 def pixel_convs_as_sums(gm: fx.GraphModule) -> int:
     """Rewrite every convolution of a single pixel by a full kernel-1 weight as a product summed over input
     channels; returns how many."""
-    graph, count = gm.graph, 0
-    for node in list(graph.find_nodes(op="call_function", target=aten.convolution.default)):
-        x, weight, bias, stride, padding, dilation, transposed, output_padding, groups = node.args
-        x_val, w_val = x.meta.get("val"), weight.meta.get("val")
-        if x_val is None or w_val is None or transposed or groups != 1 or any(padding) \
-                or math.prod(x_val.shape[2:]) != 1 or math.prod(w_val.shape[2:]) != 1:
-            continue
-        batch, channels = x_val.shape[:2]
-        with graph.inserting_before(node):
-            rows = graph.call_function(aten.view.default, (x, [batch, 1, channels]))
-            matrix = graph.call_function(aten.view.default, (weight, [w_val.shape[0], channels]))
-            terms = graph.call_function(aten.mul.Tensor, (rows, matrix))    # [batch, out, in]
-            out = graph.call_function(aten.sum.dim_IntList, (terms, [2]))
-            if bias is not None:
-                out = graph.call_function(aten.add.Tensor, (out, bias))
-            out = graph.call_function(aten.view.default, (out, list(node.meta["val"].shape)))
-        out.meta.update(node.meta)
-        node.replace_all_uses_with(out)
-        graph.erase_node(node)
-        count += 1
-    if count:
-        gm.recompile()
-    return count
+    return rewrite_nodes(gm, gm.graph.find_nodes(op="call_function", target=aten.convolution.default), _as_sum)
+
+
+def _as_sum(graph: fx.Graph, node: fx.Node) -> Optional[fx.Node]:
+    x, weight, bias, stride, padding, dilation, transposed, output_padding, groups = node.args
+    x_val, w_val = x.meta.get("val"), weight.meta.get("val")
+    if x_val is None or w_val is None or transposed or groups != 1 or any(padding) \
+            or math.prod(x_val.shape[2:]) != 1 or math.prod(w_val.shape[2:]) != 1:
+        return None
+    batch, channels = x_val.shape[:2]
+    rows = graph.call_function(aten.view.default, (x, [batch, 1, channels]))
+    matrix = graph.call_function(aten.view.default, (weight, [w_val.shape[0], channels]))
+    terms = graph.call_function(aten.mul.Tensor, (rows, matrix))    # [batch, out, in]
+    out = graph.call_function(aten.sum.dim_IntList, (terms, [2]))
+    if bias is not None:
+        out = graph.call_function(aten.add.Tensor, (out, bias))
+    return graph.call_function(aten.view.default, (out, list(node.meta["val"].shape)))

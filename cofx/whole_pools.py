@@ -20,9 +20,13 @@ Example::
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import fx
 from torch.fx.operator_schemas import normalize_function
+
+from .graph_rewrite import rewrite_nodes
 
 aten = torch.ops.aten
 POOLS = {aten.avg_pool1d.default: 1, aten.avg_pool2d.default: 2, aten.avg_pool3d.default: 3}
@@ -31,24 +35,18 @@ POOLS = {aten.avg_pool1d.default: 1, aten.avg_pool2d.default: 2, aten.avg_pool3d
 def whole_pools_as_means(gm: fx.GraphModule) -> int:
     """Rewrite every average pool with no padding whose window is its whole input as a mean; returns how
     many."""
-    graph, count = gm.graph, 0
-    for node in [n for n in graph.nodes if n.op == "call_function" and n.target in POOLS]:
-        dims = POOLS[node.target]
-        args = normalize_function(node.target, node.args, node.kwargs, normalize_to_only_use_kwargs=True).kwargs
-        x, x_val = args["input"], args["input"].meta.get("val")
-        kernel, padding = (_per_dim(args[name], dims) for name in ("kernel_size", "padding"))
-        if x_val is None or args["divisor_override"] is not None or any(padding) \
-                or list(x_val.shape[-dims:]) != kernel:
-            continue
-        with graph.inserting_before(node):
-            out = graph.call_function(aten.mean.dim, (x, list(range(-dims, 0)), True))
-        out.meta.update(node.meta)
-        node.replace_all_uses_with(out)
-        graph.erase_node(node)
-        count += 1
-    if count:
-        gm.recompile()
-    return count
+    return rewrite_nodes(gm, [n for n in gm.graph.nodes if n.op == "call_function" and n.target in POOLS],
+                         _as_mean)
+
+
+def _as_mean(graph: fx.Graph, node: fx.Node) -> Optional[fx.Node]:
+    dims = POOLS[node.target]
+    args = normalize_function(node.target, node.args, node.kwargs, normalize_to_only_use_kwargs=True).kwargs
+    x, x_val = args["input"], args["input"].meta.get("val")
+    kernel, padding = (_per_dim(args[name], dims) for name in ("kernel_size", "padding"))
+    if x_val is None or args["divisor_override"] is not None or any(padding) or list(x_val.shape[-dims:]) != kernel:
+        return None
+    return graph.call_function(aten.mean.dim, (x, list(range(-dims, 0)), True))
 
 
 def _per_dim(value, dims: int) -> list:
