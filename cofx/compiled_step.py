@@ -2,7 +2,7 @@
 
 Once a stream is in steady state, a step does the same thing every `period`
 frames: the same windows complete, the same buffers shift, the same frames come
-out. The eager step still decides all of that in Python at every frame, and
+out (and so does a chunk of a fixed number of frames, `chunks`). The eager step still decides all of that in Python at every frame, and
 calls hundreds of small ops one by one (an X3D-S frame: ~520 ops, a fifth of
 the step spent outside them). A `CompiledSteps` runs the step of each phase
 once under `make_fx`, which records the tensor ops alone (frame and state in;
@@ -123,14 +123,16 @@ def write_slots(slots, flat) -> None:
 class CompiledSteps:
     """The compiled phases of a continual module's step, recorded on demand (see the module docstring)."""
 
-    def __init__(self, co, backend: str, options: Optional[dict], verbose: bool, check_weights: bool = True):
+    def __init__(self, co, backend: str, options: Optional[dict], verbose: bool, check_weights: bool = True,
+                 chunks: tuple = ()):
         if options is None and backend == "inductor":
             options = dict(INDUCTOR_OPTIONS)
         self.co, self.backend, self.options, self.check_weights = co, backend, options, check_weights
+        self.chunks = frozenset(chunks)   # chunk lengths besides single frames that run compiled
         self.say = (lambda msg: print(f"cofx: {msg}", file=sys.stderr, flush=True)) if verbose else (lambda m: None)
         self.period = co._info["period"]
         self.start = co.warmup_frames
-        self.phases: dict = {}   # (phase, batch, dtype, device) -> Phase
+        self.phases: dict = {}   # (phase, frames in the chunk, batch, dtype, device) -> Phase
         self.weights: Optional[WeightMarks] = None
         self.written: list = []  # the state tensors the last compiled step wrote (already laid out)
         self.runs = 0            # compiled steps taken
@@ -142,31 +144,43 @@ class CompiledSteps:
         """False while a BatchNorm or Dropout is in training mode: eager steps then say what happens."""
         return not any(map(_training, self.moded))
 
+    def applies_to(self, frames: int) -> bool:
+        """Whether a chunk of `frames` frames runs compiled (in steady state, without gradients, ...)."""
+        return frames == 1 or frames in self.chunks
+
     def prepare(self, batch: int) -> None:
-        """Record and compile every phase on a stream of zeros; the module's own stream is left as it was."""
+        """Record and compile every phase of single frames, and the phases a stream of each chunk length meets
+        from there, on a stream of zeros; the module's own stream is left as it was."""
         co = self.co
         dtype, device = dtype_device(co)
+        t = co._info["time_dim"]
         shape = list(co.clip_shape)
-        shape[0], shape[co._info["time_dim"]] = batch, 1
-        frame = torch.zeros(shape, dtype=dtype, device=device)
+        shape[0], shape[t] = batch, 1
         saved = co._snapshot()
         co.clean_state()
         try:
             with torch.no_grad():
+                frame = torch.zeros(shape, dtype=dtype, device=device)
                 for _ in range(self.start + self.period):
                     co._run(frame, False, True)
+                for n in sorted(self.chunks):
+                    shape[t] = n
+                    chunk = torch.zeros(shape, dtype=dtype, device=device)
+                    for _ in range(self.period):
+                        co._run(chunk, False, True)
         finally:
             co._restore(saved)
 
     def __call__(self, x: torch.Tensor, frames: int):
-        """The step output for chunk `x` of one frame, `frames` frames into the stream (>= `start`)."""
+        """The step output for chunk `x` (one frame, or a length of `chunks`), `frames` frames into the stream
+        (>= `start`)."""
         if torch.nn.modules.module._global_forward_hooks or torch.nn.modules.module._global_forward_pre_hooks:
             raise StreamError("a global module forward hook is registered: compiled steps record tensor ops "
                               "only and would skip it; remove the hook or call co.compile_steps(None)")
         if not self._weights_unchanged():
             self.phases.clear()
             self.weights = WeightMarks(self.co)
-        key = (frames % self.period, x.shape[0], x.dtype, x.device)
+        key = (frames % self.period, x.shape[self.co._info["time_dim"]], x.shape[0], x.dtype, x.device)
         phase = self.phases.get(key)
         if phase is None:
             phase = self.phases[key] = self._record(x, key)
@@ -192,7 +206,10 @@ class CompiledSteps:
                 raise StreamError(f"module {type(m).__name__} has a forward hook: compiled steps record tensor "
                                   "ops only and would skip it; remove the hook or call co.compile_steps(None)")
         began = time.perf_counter()
-        self.say(f"recording the step of phase {key[0] + 1}/{self.period} (batch {key[1]}, {key[2]})")
+        self.say(f"recording the step of phase {key[0] + 1}/{self.period} ({key[1]} frame(s), batch {key[2]}, "
+                 f"{key[3]})")
+        if key[1] > 1:   # a chunk: the ordered frames of the kernels' state in, the new ones out (no rings)
+            return self._record_with(x, key, began, rolled=False, ringed=False)
         if not any(isinstance(k, Sliding) and k.program_ring == "rolled" for k in co._kernels()):
             return self._record_with(x, key, began, rolled=False)
         try:
@@ -201,15 +218,16 @@ class CompiledSteps:
             self.say(f"compiling with rolled rings failed ({type(error).__name__}); recording with double rings")
             return self._record_with(x, key, began, rolled=False)
 
-    def _record_with(self, x: torch.Tensor, key: tuple, began: float, rolled: bool) -> Phase:
-        """Record and compile one phase; `rolled`: may keep convolutions in rolled rings (see `_state_slots`)."""
+    def _record_with(self, x: torch.Tensor, key: tuple, began: float, rolled: bool, ringed: bool = True) -> Phase:
+        """Record and compile one phase; `rolled`: may keep convolutions in rolled rings, `ringed`: may keep
+        frames in rings at all (see `_state_slots`)."""
         co = self.co
         saved = co._snapshot()
         co._step_module(x)   # one eager step refreshes the caches (BatchNorm folds) the recording bakes in
         co._restore(saved)
         rings = []
         try:
-            slots, flat, counters, rings = _state_slots(co, rolled)
+            slots, flat, counters, rings = _state_slots(co, rolled, ringed)
             formats = _memory_formats(slots, flat, co._kernels())
             layouts = [_canonical_layout(t, fmt) for t, fmt in zip(flat, formats)]
             flat = [t.clone(memory_format=fmt) for t, (_, _, fmt) in zip(flat, layouts)]
@@ -245,7 +263,7 @@ class CompiledSteps:
         phase = Phase(run, slots, rings, layouts, [c for c in counters if c[2]], out_spec[0], n_out, x.stride())
         new = phase.run(*args)[n_out:]   # compiles now, with a torch.compile backend (nothing is written back)
         phase.keeps_layouts = all(t.stride() == strides for t, (_, strides, _) in zip(new, layouts))
-        self.say(f"phase {key[0] + 1}/{self.period}: {len(graph.graph.nodes)} nodes, "
+        self.say(f"phase {key[0] + 1}/{self.period} ({key[1]} frame(s)): {len(graph.graph.nodes)} nodes, "
                  f"{time.perf_counter() - began:.1f} s")
         return phase
 
@@ -265,13 +283,14 @@ def _ahead_of_time(graph, args: tuple, options: Optional[dict]) -> Callable:
         return lambda *inputs: boxed(list(inputs))
 
 
-def _state_slots(co, rolled: bool):
+def _state_slots(co, rolled: bool, ringed: bool = True):
     """The state of every kernel: tensor slots, their tensors, the integer counters the kernels keep, and the
     kernels whose frames a compiled step keeps in a ring, with their ring views (their tensor state is not a
-    slot): double rings, and rolled rings where `rolled` allows them (`Sliding.program_ring`)."""
+    slot): double rings, and rolled rings where `rolled` allows them (`Sliding.program_ring`); none unless
+    `ringed` (a chunk of several frames reads and writes the ordered frames)."""
     slots, flat, counters, rings = [], [], [], []
     for k in co._kernels():
-        kind = isinstance(k, Sliding) and k.program_ring
+        kind = ringed and isinstance(k, Sliding) and k.program_ring
         kind = "double" if kind == "rolled" and not rolled else kind
         ring = bool(kind)
         if kind == "double":

@@ -107,8 +107,9 @@ class ContinualModule(fx.GraphModule):
         frames, n = self._frames, x.shape[self._info["time_dim"]]
         compiled = self._compiled
         try:
-            if compiled is not None and n == 1 and update_state and not pad_end and frames is not None \
-                    and frames >= compiled.start and not torch.is_grad_enabled() and compiled.applies():
+            if compiled is not None and compiled.applies_to(n) and update_state and not pad_end \
+                    and frames is not None and frames >= compiled.start and not torch.is_grad_enabled() \
+                    and compiled.applies():
                 out = compiled(x, frames)
             else:
                 out = self._step_module(x)
@@ -181,16 +182,18 @@ class ContinualModule(fx.GraphModule):
                               f"on {x.device}; call co.clean_state() before changing dtype or device")
 
     def compile_steps(self, backend: Optional[str] = "inductor", *, batch: int = 1,
-                      options: Optional[dict] = None, check_weights: bool = True,
+                      options: Optional[dict] = None, check_weights: bool = True, chunks: tuple = (),
                       verbose: bool = False) -> "ContinualModule":
         """Run steady-state steps as one compiled program per phase (`cofx.compiled_step`); returns self.
 
         Records and compiles now, for `batch` streams in the model's dtype and on its
         device (other batch sizes, dtypes and devices are recorded when first met,
-        mid-stream). A call takes the compiled program when it is one frame, with
-        gradients off (``torch.no_grad()``/``torch.inference_mode()``),
-        ``update_state=True``, no ``pad_end``, and the stream is in steady state
-        (``co.warmup_frames`` in); every other call runs eagerly, from the same state.
+        mid-stream). A call takes the compiled program when it is one frame, or a chunk
+        of one of the lengths in ``chunks`` (catching up on a backlog: ``chunks=(16,)``
+        compiles ``forward_steps`` on 16 frames too), with gradients off
+        (``torch.no_grad()``/``torch.inference_mode()``), ``update_state=True``, no
+        ``pad_end``, and the stream is in steady state (``co.warmup_frames`` in); every
+        other call runs eagerly, from the same state.
 
         backend: ``"inductor"`` (AOTInductor, ahead of time; ``options``: inductor's configs,
         by default frozen weights), another ``torch.compile`` backend (``"eager"`` runs the
@@ -213,7 +216,9 @@ class ContinualModule(fx.GraphModule):
             return self
         if not isinstance(batch, int) or batch < 1:
             raise ValueError(f"batch must be a positive int, got {batch!r}")
-        compiled = CompiledSteps(self, backend, options, verbose, check_weights)
+        if any(not isinstance(n, int) or n < 2 for n in chunks):
+            raise ValueError(f"chunks must be chunk lengths of at least 2 frames, got {chunks!r}")
+        compiled = CompiledSteps(self, backend, options, verbose, check_weights, chunks)
         self.__dict__["_compiled"] = compiled
         compiled.prepare(batch)
         return self

@@ -13,8 +13,9 @@ D = torch.float64
 MOVES = ["frame", "frame", "frame", "frame", "chunk", "save", "peek", "view"]
 
 
-def compiled_and_eager(model, clip, backend="eager"):
-    return cofx.convert(model, clip).compile_steps(backend, batch=clip.shape[0]), cofx.convert(model, clip)
+def compiled_and_eager(model, clip, backend="eager", chunks=()):
+    return cofx.convert(model, clip).compile_steps(backend, batch=clip.shape[0], chunks=chunks), \
+        cofx.convert(model, clip)
 
 
 def same(a, b, tol_of=None):
@@ -49,17 +50,18 @@ def run(co, stream, moves, at=0):
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(random_nets(), st.lists(st.sampled_from(MOVES), min_size=6, max_size=16))
 def test_compiled_steps_equal_eager_steps_on_random_nets(net, moves):
-    """Past the warm-up, every phase of every net runs compiled, mixed with chunks, peeks and saved states."""
+    """Past the warm-up, every phase of every net runs compiled, frames and chunks of 3 (`chunks=(3,)`), mixed
+    with peeks and saved states."""
     model, nd = net
     clip = shortest_clip(model, nd, extra=2)
-    co, ref = compiled_and_eager(model, clip)
+    co, ref = compiled_and_eager(model, clip, chunks=(3,))
     warm = co.warmup_frames + co._info["period"]
     stream = torch.randn(*clip.shape[:2], warm + 3 * len(moves), *clip.shape[3:], dtype=D)
     with torch.no_grad():
         head = ["frame"] * warm
         got, want = run(co, stream, head + moves), run(ref, stream, head + moves)
     assert all(same(a, b) for a, b in zip(got, want))
-    assert co._compiled.runs >= moves.count("frame") + moves.count("view") - 1
+    assert co._compiled.runs >= moves.count("frame") + moves.count("view") + moves.count("chunk") - 1
 
 
 def test_strided_nets_compile_every_phase_and_skip_frames_as_eager():
@@ -250,13 +252,16 @@ def test_inductor_compiles_a_conv_net_to_the_eager_results():
     model = nn.Sequential(nn.Conv3d(3, 8, 3, padding=1), nn.BatchNorm3d(8), nn.ReLU(),
                           GatedBlock(), nn.SiLU(), nn.Conv3d(8, 4, 1)).eval()
     clip = torch.randn(1, 3, 6, 8, 8)
-    co, ref = compiled_and_eager(model, clip, backend="inductor")
-    stream = torch.randn(1, 3, co.warmup_frames + 6, 8, 8)
+    co, ref = compiled_and_eager(model, clip, backend="inductor", chunks=(3,))
+    stream = torch.randn(1, 3, co.warmup_frames + 12, 8, 8)
     runs = co._compiled.runs
     with torch.no_grad():
-        got = [co.forward_step(stream[:, :, i]) for i in range(stream.shape[2])]
-        want = [ref.forward_step(stream[:, :, i]) for i in range(stream.shape[2])]
-    assert co._compiled.runs - runs == 6
+        got = [co.forward_step(stream[:, :, i]) for i in range(stream.shape[2] - 6)]
+        want = [ref.forward_step(stream[:, :, i]) for i in range(stream.shape[2] - 6)]
+        for at in (stream.shape[2] - 6, stream.shape[2] - 3):   # chunks of 3 frames, compiled too
+            got.append(co.forward_steps(stream[:, :, at:at + 3]))
+            want.append(ref.forward_steps(stream[:, :, at:at + 3]))
+    assert co._compiled.runs - runs == 8
     assert all(same(a, b) for a, b in zip(got, want))
     # the compiled library hands back its state in the layouts it takes: no copies between steps
     assert all(phase.keeps_layouts for phase in co._compiled.phases.values())
@@ -431,3 +436,21 @@ def test_depthwise_convolutions_keep_channels_last_rings_in_compiled_steps():
         for i in range(co.warmup_frames + 2):
             co.forward_step(stream[:, :, i])
         assert depthwise._dring is not None and depthwise._dring.is_contiguous(memory_format=torch.channels_last_3d)
+
+
+def test_compiled_chunks_continue_any_stream_exactly():
+    """Chunks of a length given to `compile_steps(chunks=...)` run compiled in every phase a stream meets (here
+    of a net with temporal stride 2), between single frames, peeks and saved states, equal to eager calls."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv3d(3, 4, 3, padding=1), nn.BatchNorm3d(4), nn.ReLU(),
+                          nn.Conv3d(4, 4, 3, stride=(2, 1, 1), padding=1, groups=4), nn.SiLU()).double().eval()
+    clip = torch.randn(1, 3, 6, 4, 4, dtype=D)
+    co, ref = compiled_and_eager(model, clip, chunks=(3,))
+    assert {key[:2] for key in co._compiled.phases} == {(0, 1), (1, 1), (0, 3), (1, 3)}
+    moves = ["frame"] * co.warmup_frames + ["chunk", "frame", "chunk", "chunk", "save", "chunk", "peek", "frame"]
+    stream = torch.randn(1, 3, co.warmup_frames + 20, 4, 4, dtype=D)
+    runs = co._compiled.runs
+    with torch.no_grad():
+        got, want = run(co, stream, moves), run(ref, stream, moves)
+    assert all(same(a, b) for a, b in zip(got, want))
+    assert co._compiled.runs - runs >= 5
