@@ -98,7 +98,7 @@ def direct(co, clip, steps: int):
             start = time.perf_counter()
             co.forward_step(frame)
             whole.append(time.perf_counter() - start)
-            phase = co._compiled.phases[(co._frames % co._compiled.period, 1, frame.dtype, frame.device)]
+            phase = co._compiled.phases[(co._frames % co._compiled.period, 1, 1, frame.dtype, frame.device)]
             inputs = (frame.unsqueeze(2), *phase.read_state(), *phase.ring_views())
             co.forward_step(frame)   # the library's inputs out of cache again, as in a step
             start = time.perf_counter()
