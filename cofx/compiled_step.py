@@ -385,6 +385,9 @@ class WeightMarks:
         self.present = present
         self.versions = list(map(_version, present))
         self.memory = list(map(_data_ptr, present))
+        # held, so that no tensor can be given this memory while it is marked: a `.data =` swap could
+        # otherwise land a later tensor at the address it left, and look unchanged
+        self.storages = [t.untyped_storage() for t in present]
 
     def unchanged(self) -> bool:
         return (all(map(operator.is_, map(dict.get, self.slots, self.names), self.tensors))
