@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 import cofx
-from cofx.barchart import bar_chart
+from cofx.barchart import bar_rows
 from cofx.bench import bench
 from cofx.flops import clip_flops, step_flops
 
@@ -71,8 +71,8 @@ def main(argv=None):
             if steps == "eager":
                 bars.append((f"{name} b{batch} clip", 1e3 * r.clip.median, 1e3 * r.clip.q1, 1e3 * r.clip.q3))
         write_table(rows)   # after every model: a long run that fails late keeps what it measured
-    bar_chart(RESULTS / "step_latency.png", bars, "Latency per output: continual step vs clip model", "ms",
-              note=f"median, whiskers: interquartile range; {args.threads} threads")
+    bar_rows(RESULTS / "step_latency.png", bars, "Latency per output: continual step vs clip model", "ms",
+             note=f"median, whiskers: interquartile range; {args.threads} threads")
 
 
 def state_bytes(co, clip, batch: int) -> int:
