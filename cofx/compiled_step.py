@@ -2,8 +2,9 @@
 
 Once a stream is in steady state, a step does the same thing every `period`
 frames: the same windows complete, the same buffers shift, the same frames come
-out (and so does a chunk of a fixed number of frames, `chunks`). The eager step still decides all of that in Python at every frame, and
-calls hundreds of small ops one by one (an X3D-S frame: ~520 ops, a fifth of
+out (and so does a chunk of a fixed number of frames, `chunks`). The eager step
+still decides all of that in Python at every frame, and calls hundreds of small
+ops one by one (an X3D-S frame: ~520 ops, a fifth of
 the step spent outside them). A `CompiledSteps` runs the step of each phase
 once under `make_fx`, which records the tensor ops alone (frame and state in;
 output and new state out), and compiles that graph ahead of time with

@@ -457,3 +457,10 @@ def test_compiled_chunks_continue_any_stream_exactly():
         got, want = run(co, stream, moves), run(ref, stream, moves)
     assert all(same(a, b) for a, b in zip(got, want))
     assert co._compiled.runs - runs >= 5
+
+
+@pytest.mark.parametrize("chunks", [(1,), (0,), (2.5,), ("16",)])
+def test_chunk_lengths_are_checked(chunks):
+    co = cofx.convert(conv_bn_net(), torch.randn(1, 3, 5, 3, 3, dtype=D))
+    with pytest.raises(ValueError, match="chunks must be chunk lengths of at least 2 frames"):
+        co.compile_steps("eager", chunks=chunks)
