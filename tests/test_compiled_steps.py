@@ -196,12 +196,21 @@ def test_compiled_streams_keep_the_guarantees():
     """Equivalence with the clip model, untouched state on peeks, and the stream errors, with steps compiled."""
     model = conv_bn_net()
     clip = torch.randn(2, 3, 5, 3, 3, dtype=D)
-    co = cofx.convert(model, clip).compile_steps("eager", batch=2)
+    co = cofx.convert(model, clip).compile_steps("eager", batch=2, chunks=(2,))
     stream = torch.randn(2, 3, co.warmup_frames + 6, 3, 3, dtype=D)
     with torch.no_grad():
         got = steps_frame_by_frame(co, stream)
         want = clip_output(co, model(stream))
     assert co._compiled.runs > 6 and got.shape == want.shape and max_err(got, want) <= tolerance(want)
+    # chunk invariance: the same stream in chunks of 2 (compiled past the warm-up) and a flush
+    co.clean_state()
+    runs, t = co._compiled.runs, co.warmup_frames + co.warmup_frames % 2
+    with torch.no_grad():
+        parts = [co.forward_steps(stream[:, :, :t])]
+        parts += [co.forward_steps(stream[:, :, i:i + 2]) for i in range(t, stream.shape[2] - 1, 2)]
+        parts.append(co.forward_steps(stream[:, :, stream.shape[2] - (stream.shape[2] - t) % 2:], pad_end=True))
+    chunked = torch.cat([y for y in parts if y is not None], 2)
+    assert co._compiled.runs - runs >= 2 and chunked.shape == got.shape and max_err(chunked, got) <= tolerance(got)
     with torch.no_grad():
         co.forward_steps(stream[:, :, :-1])
         before = co.get_state()
