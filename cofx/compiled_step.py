@@ -70,6 +70,9 @@ class Phase:
     out_spec: object      # pytree of the step's output
     n_out: int
     frame_strides: tuple  # of the (contiguous) frame the program takes
+    empty: bool           # no output frame comes out (the step returns None)
+    time_axes: list       # per output, the time axis a single frame's program took off, or None
+    ready: torch.Tensor   # `co.ready` after the step: (batch,) of `not empty`
     keeps_layouts: bool = True   # its new state comes out in `layouts` (checked once, after compiling)
 
     def read_state(self) -> list:
@@ -136,6 +139,8 @@ class CompiledSteps:
         self.phases: dict = {}   # (phase, frames in the chunk, batch, dtype, device) -> Phase
         self.weights: Optional[WeightMarks] = None
         self.written: list = []  # the state tensors the last compiled step wrote (already laid out)
+        self.written_as: tuple = ()   # their (dtype, device)
+        self.ready: Optional[torch.Tensor] = None   # `co.ready` after the last compiled step
         self.runs = 0            # compiled steps taken
         # modules whose training mode changes what they compute: the recording baked in eval mode
         self.moded = [m for m in co.modules()
@@ -156,14 +161,14 @@ class CompiledSteps:
         dtype, device = dtype_device(co)
         t = co._info["time_dim"]
         shape = list(co.clip_shape)
-        shape[0], shape[t] = batch, 1
+        shape[0] = batch
         saved = co._snapshot()
         co.clean_state()
         try:
             with torch.no_grad():
-                frame = torch.zeros(shape, dtype=dtype, device=device)
+                frame = torch.zeros(shape[:t] + shape[t + 1:], dtype=dtype, device=device)
                 for _ in range(self.start + self.period):
-                    co._run(frame, False, True)
+                    co._run(frame, False, True, framewise=True)
                 for n in sorted(self.chunks):
                     shape[t] = n
                     chunk = torch.zeros(shape, dtype=dtype, device=device)
@@ -172,30 +177,43 @@ class CompiledSteps:
         finally:
             co._restore(saved)
 
-    def __call__(self, x: torch.Tensor, frames: int):
-        """The step output for chunk `x` (one frame, or a length of `chunks`), `frames` frames into the stream
-        (>= `start`)."""
+    def __call__(self, x: torch.Tensor, frames: int, framewise: bool):
+        """The output of `x`, `frames` frames into the stream (>= `start`), or None when no frame comes out:
+        one frame without its time axis when `framewise` (the output as `forward_step` returns it), else a
+        chunk of one frame or a length of `chunks` (as `forward_steps` returns it)."""
         if torch.nn.modules.module._global_forward_hooks or torch.nn.modules.module._global_forward_pre_hooks:
             raise StreamError("a global module forward hook is registered: compiled steps record tensor ops "
                               "only and would skip it; remove the hook or call co.compile_steps(None)")
         if not self._weights_unchanged():
             self.phases.clear()
             self.weights = WeightMarks(self.co)
-        key = (frames % self.period, x.shape[self.co._info["time_dim"]], x.shape[0], x.dtype, x.device)
+        t = self.co._info["time_dim"]
+        one = not framewise and x.shape[t] == 1   # a chunk of one frame runs the program of a frame
+        if one:
+            x = x.select(t, 0)
+        key = (frames % self.period, 1 if framewise or one else x.shape[t], x.shape[0], x.dtype, x.device)
         phase = self.phases.get(key)
         if phase is None:
+            self.co._check_state(x)
             phase = self.phases[key] = self._record(x, key)
         state = phase.read_state()
-        if not phase.keeps_layouts or len(state) != len(self.written) or \
-                not all(map(operator.is_, state, self.written)):
-            state = phase.laid_out(state)   # an eager call or set_state came in between
+        if not phase.keeps_layouts or self.written_as != key[3:] or len(state) != len(self.written) or \
+                not all(map(operator.is_, state, self.written)):   # an eager call or set_state came in between
+            self.co._check_state(x)
+            state = phase.laid_out(state)
         if x.stride() != phase.frame_strides:   # a view of a longer tensor (strides of size-1 dims count too)
             x = x.clone(memory_format=torch.contiguous_format)
         res = phase.run(x, *state, *phase.ring_views())
-        self.written = res[phase.n_out:]
+        self.written, self.written_as = res[phase.n_out:], key[3:]
         phase.write_state(self.written)
         self.runs += 1
-        return tree_unflatten(list(res[:phase.n_out]), phase.out_spec)
+        self.ready = phase.ready
+        if phase.empty:
+            return None
+        out = res[:phase.n_out]
+        if one:
+            out = [v if a is None else v.unsqueeze(a) for v, a in zip(out, phase.time_axes)]
+        return tree_unflatten(list(out), phase.out_spec)
 
     def _weights_unchanged(self) -> bool:
         return self.weights is not None and (not self.check_weights or self.weights.unchanged())
@@ -223,8 +241,10 @@ class CompiledSteps:
         """Record and compile one phase; `rolled`: may keep convolutions in rolled rings, `ringed`: may keep
         frames in rings at all (see `_state_slots`)."""
         co = self.co
+        framewise = key[1] == 1   # a frame without its time axis in, outputs as forward_step returns them
+        t = co._info["time_dim"]
         saved = co._snapshot()
-        co._step_module(x)   # one eager step refreshes the caches (BatchNorm folds) the recording bakes in
+        co._step_module(x.unsqueeze(t) if framewise else x)   # refreshes the caches (BatchNorm folds) it bakes
         co._restore(saved)
         rings = []
         try:
@@ -234,7 +254,7 @@ class CompiledSteps:
             flat = [t.clone(memory_format=fmt) for t, (_, _, fmt) in zip(flat, layouts)]
             now = [views() for _, views in rings]
             views = [_copy_strided(v) for vs in now for v in vs]
-            out_spec = []
+            outputs = []   # (pytree spec, empty, time axes taken off)
 
             def step(frame, *args):
                 state, views = args[:len(flat)], args[len(flat):]
@@ -243,8 +263,13 @@ class CompiledSteps:
                 for (k, _), vs in zip(rings, now):
                     k.__dict__["_program"] = views[at:at + len(vs)]
                     at += len(vs)
-                leaves, spec = tree_flatten(co._step_module(frame))
-                out_spec.append(spec)
+                out = co._step_module(frame.unsqueeze(t) if framewise else frame)
+                empty = co._none_if_empty(out) is None
+                axes = co._frame_axes(out) if framewise and not empty else []
+                if axes:
+                    out = co._frame_output(out)
+                leaves, spec = tree_flatten(out)
+                outputs.append((spec, empty, axes))
                 return (*leaves, *lay_out(read_slots(slots), layouts))
 
             graph = make_fx(step)(x.clone(memory_format=torch.contiguous_format), *flat, *views)
@@ -261,7 +286,10 @@ class CompiledSteps:
         args = (x, *flat, *map(_copy_strided, views))
         run = _ahead_of_time(graph, args, self.options) if self.backend == "inductor" else \
             torch.compile(graph, backend=self.backend, options=self.options, fullgraph=True, dynamic=False)
-        phase = Phase(run, slots, rings, layouts, [c for c in counters if c[2]], out_spec[0], n_out, x.stride())
+        spec, empty, axes = outputs[0]
+        ready = torch.full((key[2],), not empty, device=x.device)
+        phase = Phase(run, slots, rings, layouts, [c for c in counters if c[2]], spec, n_out, x.stride(), empty,
+                      axes, ready)
         new = phase.run(*args)[n_out:]   # compiles now, with a torch.compile backend (nothing is written back)
         phase.keeps_layouts = all(t.stride() == strides for t, (_, strides, _) in zip(new, layouts))
         self.say(f"phase {key[0] + 1}/{self.period} ({key[1]} frame(s)): {len(graph.graph.nodes)} nodes, "

@@ -81,42 +81,43 @@ class ContinualModule(fx.GraphModule):
     def forward_step(self, x: torch.Tensor, update_state: bool = True):
         """Process one frame (no time axis); returns the next output frame, or None."""
         self._check_input(x, with_time=False)
-        out = self._run(x.unsqueeze(self._info["time_dim"]), False, update_state)
-        if out is None:
-            return None
-        leaves, spec = tree_flatten(out)
-        axes, _ = tree_flatten(self._info["out_time_axes"], is_leaf=lambda a: a is None)
-        return tree_unflatten([v.squeeze(a) if a is not None and v.shape[a] == 1 else v
-                               for v, a in zip(leaves, axes)], spec)
+        return self._run(x, False, update_state, framewise=True)
 
-    def _run(self, x, pad_end, update_state):
+    def _run(self, x, pad_end, update_state, framewise=False):
+        """A chunk, or one frame without its time axis (`framewise`, whose output is `_frame_output`'s)."""
         if self.training and self._uses_batch_stats:
             raise StreamError("the model is in training mode: BatchNorm would normalise each chunk by its own "
                               "statistics and Dropout would drop frames at random; call co.eval() before stepping")
         if self._stream_batch is not None and x.shape[0] != self._stream_batch:
             raise StreamError(f"the batch size changed mid-stream from {self._stream_batch} to {x.shape[0]}: "
                               "each row of the batch is one stream; call co.clean_state() to start new streams")
-        streams = self._modules.get("cofx_streams")
-        if streams is not None and streams.active:   # streams out of phase (clean_state(streams=...))
+        t = self._info["time_dim"]
+        frames, n = self._frames, 1 if framewise else x.shape[t]
+        compiled = self._compiled
+        if compiled is not None and compiled.applies_to(n) and update_state and not pad_end \
+                and frames is not None and frames >= compiled.start and not torch.is_grad_enabled() \
+                and compiled.applies() and not self._streams_out_of_phase():
+            out = compiled(x, frames, framewise)   # the output as returned (None when empty), state advanced
+            self.__dict__["_frames"] = frames + n
+            set_ready(self, compiled.ready)
+            return out
+        self._check_state(x)
+        if framewise:
+            x = x.unsqueeze(t)
+        if self._streams_out_of_phase():   # streams restarted apart (clean_state(streams=...))
             self.__dict__["_frames"] = None
-            return streams.run(x, pad_end, update_state)
+            out = self._modules[STREAMS_CHILD].run(x, pad_end, update_state)
+            return self._frame_output(out) if framewise else out
         saved = None if update_state else self._snapshot()
         ctx = self._ctx
         ctx.batch = x.shape[0]
         self.__dict__["_stream_batch"] = x.shape[0]
-        frames, n = self._frames, x.shape[self._info["time_dim"]]
-        compiled = self._compiled
         try:
-            if compiled is not None and compiled.applies_to(n) and update_state and not pad_end \
-                    and frames is not None and frames >= compiled.start and not torch.is_grad_enabled() \
-                    and compiled.applies():
-                out = compiled(x, frames)
-            else:
-                out = self._step_module(x)
+            out = self._step_module(x)
             if pad_end:
                 ctx.flushing = True
                 try:
-                    tail = self._step_module(x.narrow(self._info["time_dim"], 0, 0))
+                    tail = self._step_module(x.narrow(t, 0, 0))
                 finally:
                     ctx.flushing = False
                 out = self._concat(out, tail)
@@ -132,7 +133,26 @@ class ContinualModule(fx.GraphModule):
                         k.detach_state()
         out = self._none_if_empty(out)
         set_ready(self, torch.full((x.shape[0],), out is not None, device=x.device))
-        return out
+        return self._frame_output(out) if framewise else out
+
+    def _streams_out_of_phase(self) -> bool:
+        streams = self._modules.get(STREAMS_CHILD)
+        return streams is not None and streams.active
+
+    def _frame_axes(self, out) -> list:
+        """Per output of a step on one frame, the time axis `forward_step` takes off (that of a timed output of
+        one frame), or None."""
+        leaves, _ = tree_flatten(out)
+        axes, _ = tree_flatten(self._info["out_time_axes"], is_leaf=lambda a: a is None)
+        return [a if a is not None and v.shape[a] == 1 else None for v, a in zip(leaves, axes)]
+
+    def _frame_output(self, out):
+        """A step's output of one frame as `forward_step` returns it: each timed output without its time axis."""
+        if out is None:
+            return None
+        leaves, spec = tree_flatten(out)
+        return tree_unflatten([v if a is None else v.squeeze(a) for v, a in zip(leaves, self._frame_axes(out))],
+                              spec)
 
     def _concat(self, a, b):
         la, spec = tree_flatten(a)
@@ -170,12 +190,30 @@ class ContinualModule(fx.GraphModule):
                 hint = "for a chunk with a time axis use forward_steps" if x.dim() == len(frame) + 2 else \
                     "convert with an example_input of this frame size"
             raise StreamError(f"expected input shaped {want}, got {tuple(x.shape)}; {hint}")
-        p = next((p for p in self.parameters() if p.is_floating_point()), None)
+        p = self._first_float_parameter()
         if p is not None and x.dtype != p.dtype:
             raise StreamError(f"input dtype {x.dtype} differs from the model's {p.dtype}; "
                               f"convert the input (x.to({p.dtype})) or the model (co.to({x.dtype}))")
         if p is not None and x.device != p.device:
             raise StreamError(f"input is on {x.device} but the model is on {p.device}; move one of them")
+
+    def _first_float_parameter(self) -> Optional[torch.Tensor]:
+        """The model's first floating-point parameter, whose dtype and device inputs must have. Its slot (the
+        dict of its module and its name) is kept: walking the modules before each step costs ~50 us."""
+        slot = self.__dict__.get("_dtype_slot")
+        p = slot[0].get(slot[1]) if slot is not None else None
+        if p is None or not p.is_floating_point():
+            name = next((n for n, p in self.named_parameters() if p.is_floating_point()), None)
+            if name is None:
+                return None
+            owner, _, leaf = name.rpartition(".")
+            self.__dict__["_dtype_slot"] = slot = (self.get_submodule(owner)._parameters, leaf)
+            p = slot[0][slot[1]]
+        return p
+
+    def _check_state(self, x) -> None:
+        """The stream state must be in the dtype and on the device of the input (a compiled step checks this
+        itself when it does not continue from its own state)."""
         state = next((s for k in self._kernels() for s in k.state_tensors()), None)
         if state is not None and (state.dtype != x.dtype or state.device != x.device):
             raise StreamError(f"the stream state is {state.dtype} on {state.device} but the input is {x.dtype} "

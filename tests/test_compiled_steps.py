@@ -10,7 +10,7 @@ from random_nets import CausalTCN, random_nets, shortest_clip
 from test_step_fast_paths import conv_bn_net
 
 D = torch.float64
-MOVES = ["frame", "frame", "frame", "frame", "chunk", "save", "peek", "view"]
+MOVES = ["frame", "frame", "frame", "frame", "chunk", "save", "peek", "view", "one"]
 
 
 def compiled_and_eager(model, clip, backend="eager", chunks=()):
@@ -38,6 +38,8 @@ def run(co, stream, moves, at=0):
             outs.append(co.forward_steps(chunk, update_state=False))
         if move == "view":        # a frame that is a view of a longer tensor
             outs.append(co.forward_step(stream.select(t, at)))
+        elif move == "one":       # a chunk of one frame: the frame's program, time axes put back
+            outs.append(co.forward_steps(chunk))
         elif n == 1:
             outs.append(co.forward_step(chunk.squeeze(t).clone()))
         else:
@@ -61,7 +63,7 @@ def test_compiled_steps_equal_eager_steps_on_random_nets(net, moves):
         head = ["frame"] * warm
         got, want = run(co, stream, head + moves), run(ref, stream, head + moves)
     assert all(same(a, b) for a, b in zip(got, want))
-    assert co._compiled.runs >= moves.count("frame") + moves.count("view") + moves.count("chunk") - 1
+    assert co._compiled.runs >= moves.count("frame") + moves.count("view") + moves.count("chunk") + moves.count("one") - 1
 
 
 def test_strided_nets_compile_every_phase_and_skip_frames_as_eager():
@@ -73,8 +75,11 @@ def test_strided_nets_compile_every_phase_and_skip_frames_as_eager():
     stream = torch.randn(2, 2, co.warmup_frames + 20, dtype=D)
     runs = co._compiled.runs
     with torch.no_grad():
-        got = [co.forward_step(stream[:, :, i]) for i in range(stream.shape[2])]
-        want = [ref.forward_step(stream[:, :, i]) for i in range(stream.shape[2])]
+        got, want = [], []
+        for i in range(stream.shape[2]):
+            got.append(co.forward_step(stream[:, :, i]))
+            want.append(ref.forward_step(stream[:, :, i]))
+            assert torch.equal(co.ready, ref.ready)
     assert [g is None for g in got] == [w is None for w in want]
     assert all(same(a, b) for a, b in zip(got, want))
     assert co._compiled.runs - runs == 20
