@@ -51,7 +51,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .errors import StreamError
 from .dtype_device import dtype_device
-from .kernels import Sliding
+from .kernels import DoubleRings, Sliding
 from .pixel_convs import pixel_convs_as_sums
 from .whole_pools import whole_pools_as_means
 
@@ -64,7 +64,8 @@ class Phase:
     the new frame of every ring in place."""
     run: Callable
     slots: list           # (kernel, state name, None for a tensor or the type of a list/tuple of tensors, length)
-    rings: list           # (Sliding kernel, its ring views now): the kernels whose frames live in a ring
+    rings: list           # (Sliding kernel, its ring views now): the kernels whose frames live in a ring,
+                          # those in double rings first
     layouts: list         # (shape, strides, memory format) of every state tensor the program takes and returns
     counters: list        # (kernel, counter name, increase per step)
     out_spec: object      # pytree of the step's output
@@ -79,7 +80,7 @@ class Phase:
         return read_slots(self.slots)
 
     def ring_views(self) -> list:
-        return [v for _, views in self.rings for v in views()]
+        return self._double_rings() + [v for views in self._rolled_rings for v in views()]
 
     def laid_out(self, state: list) -> list:
         """The state in the layouts the program was compiled for (it assumes them: it checks no strides)."""
@@ -90,6 +91,8 @@ class Phase:
         return lay_out(state, self.layouts)
 
     def __post_init__(self):
+        self._double_rings = DoubleRings([k for k, views in self.rings if not isinstance(views, RolledRing)])
+        self._rolled_rings = [views for _, views in self.rings if isinstance(views, RolledRing)]
         self._dicts = [kernel.__dict__ for kernel, _, _ in self.counters]
         self._names = [name for _, name, _ in self.counters]
         self._steps = [step for _, _, step in self.counters]
@@ -118,10 +121,15 @@ def read_slots(slots) -> list:
 
 
 def write_slots(slots, flat) -> None:
-    i = 0
-    for kernel, name, kind, n in slots:
-        setattr(kernel, name, flat[i] if kind is None else kind(flat[i:i + n]))
+    values, i = [], 0
+    for _, _, kind, n in slots:
+        values.append(flat[i] if kind is None else kind(flat[i:i + n]))
         i += n
+    # state is set as `Stateful.__setattr__` sets it, in a C loop: the kernels are out of cache after a step
+    deque(map(object.__setattr__, map(_first, slots), map(_second, slots), values), maxlen=0)
+
+
+_first, _second = operator.itemgetter(0), operator.itemgetter(1)
 
 
 class CompiledSteps:
@@ -315,9 +323,9 @@ def _ahead_of_time(graph, args: tuple, options: Optional[dict]) -> Callable:
 def _state_slots(co, rolled: bool, ringed: bool = True):
     """The state of every kernel: tensor slots, their tensors, the integer counters the kernels keep, and the
     kernels whose frames a compiled step keeps in a ring, with their ring views (their tensor state is not a
-    slot): double rings, and rolled rings where `rolled` allows them (`Sliding.program_ring`); none unless
+    slot): double rings, then rolled rings where `rolled` allows them (`Sliding.program_ring`); none unless
     `ringed` (a chunk of several frames reads and writes the ordered frames)."""
-    slots, flat, counters, rings = [], [], [], []
+    slots, flat, counters, rings, rolled_rings = [], [], [], [], []
     for k in co._kernels():
         kind = ringed and isinstance(k, Sliding) and k.program_ring
         kind = "double" if kind == "rolled" and not rolled else kind
@@ -329,7 +337,7 @@ def _state_slots(co, rolled: bool, ringed: bool = True):
         elif kind == "rolled":
             views = RolledRing(k)
             views()   # enters the ring
-            rings.append((k, views))
+            rolled_rings.append((k, views))
             counters.append((k, "_oldest", k._oldest))
         for name in k.state_names:
             value = getattr(k, name) if not (ring and name == "buf") else None
@@ -344,7 +352,7 @@ def _state_slots(co, rolled: bool, ringed: bool = True):
             elif value is not None:
                 raise StreamError(f"cannot record the step: state {name!r} of {type(k).__name__} holds a "
                                   f"{type(value).__name__}; call co.compile_steps(None) to step without compiling")
-    return slots, flat, counters, rings
+    return slots, flat, counters, rings + rolled_rings
 
 
 class RolledRing:
