@@ -18,8 +18,9 @@ What the recording fixes, and how it stays right:
 - the weights (and BatchNorm folds) are baked in; before every step the
   parameters and buffers are checked (same tensor, memory and version) and any
   change makes the phases be recorded again (unless `check_weights=False`
-  says they are frozen: the check touches every parameter and buffer, ~0.5 ms
-  of X3D-S's ~6 ms step, as they are out of cache after a step);
+  says they are frozen: `WeightMarks`, in C++ where it can be built, ~0.15-0.2
+  ms of X3D-S's ~7 ms step, ~0.5-0.7 ms in Python, as the ~500 objects it reads
+  are out of cache after a step);
 - the state stays in the kernels: each step reads it, and writes back the new
   state and the counters the eager kernels keep, so eager calls (chunks,
   flushes, get_state, ...) continue from a compiled step exactly; the windows
@@ -54,6 +55,7 @@ from .errors import StreamError
 from .dtype_device import dtype_device
 from .kernels import DoubleRings, Sliding
 from .pixel_convs import pixel_convs_as_sums
+from .weight_marks import WeightMarks
 from .whole_pools import whole_pools_as_means
 
 INDUCTOR_OPTIONS = {"freezing": True}
@@ -196,7 +198,7 @@ class CompiledSteps:
                               "only and would skip it; remove the hook or call co.compile_steps(None)")
         if not self._weights_unchanged():
             self.phases.clear()
-            self.weights = WeightMarks(self.co)
+            self.weights = WeightMarks(self.co, say=self.say)
         t = self.co._info["time_dim"]
         one = not framewise and x.shape[t] == 1   # a chunk of one frame runs the program of a frame
         if one:
@@ -397,42 +399,3 @@ def _canonical_layout(t: torch.Tensor, fmt: torch.memory_format) -> tuple:
     if _RANKS.get(fmt, t.dim()) != t.dim():
         fmt = torch.contiguous_format
     return t.shape, torch.empty(t.shape, memory_format=fmt, device="meta").stride(), fmt
-
-
-class WeightMarks:
-    """Every parameter and buffer slot of a module (what a recording baked in), checked in one pass.
-
-    A slot has changed when it holds another tensor (replaced, or added where there was
-    None), or its tensor was written in place (version) or given other memory (`.data =`).
-    A write that bypasses version counting (through `.data` or `.detach()`) is not seen:
-    call `co.compile_steps()` again after one. The loops run in C (`map`): this check runs
-    before every compiled step, where its ~500 tensors of X3D-S are out of cache (~0.5 ms);
-    BatchNorm's `num_batches_tracked` is left out, as steps compile in eval mode only, where
-    BatchNorm does not read it.
-    """
-
-    def __init__(self, co):
-        self.slots, self.names = [], []
-        for m in co.modules():
-            unread = ("num_batches_tracked",) if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) else ()
-            for d in (m._parameters, m._buffers):
-                names = [name for name in d if name not in unread]
-                self.slots.extend([d] * len(names))
-                self.names.extend(names)
-        self.tensors = list(map(dict.get, self.slots, self.names))
-        present = [t for t in self.tensors if t is not None]
-        self.present = present
-        self.versions = list(map(_version, present))
-        self.memory = list(map(_data_ptr, present))
-        # held, so that no tensor can be given this memory while it is marked: a `.data =` swap could
-        # otherwise land a later tensor at the address it left, and look unchanged
-        self.storages = [t.untyped_storage() for t in present]
-
-    def unchanged(self) -> bool:
-        return (all(map(operator.is_, map(dict.get, self.slots, self.names), self.tensors))
-                and list(map(_version, self.present)) == self.versions
-                and list(map(_data_ptr, self.present)) == self.memory)
-
-
-_version = operator.attrgetter("_version")
-_data_ptr = torch.Tensor.data_ptr

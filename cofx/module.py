@@ -245,9 +245,10 @@ class ContinualModule(fx.GraphModule):
         counting (through ``.data`` or a ``.detach()``-ed alias) cannot be seen: call
         ``compile_steps`` again after one. ``check_weights=False`` skips the check, for
         weights that stay frozen while the stream runs (as inductor's ``freezing``
-        assumes): it touches every parameter and buffer before each step, ~0.5 ms of
-        a ~6 ms X3D-S step; a change is then not seen until ``compile_steps`` is called
-        again.
+        assumes): the check reads every parameter and buffer before each step, ~0.15-0.2
+        ms of a ~7 ms X3D-S step in C++ (built on first use, once per machine: ~40 s;
+        ~0.5-0.7 ms in Python where it cannot be built); a change is then not seen until
+        ``compile_steps`` is called again.
         """
         if backend is None:
             self.__dict__["_compiled"] = None

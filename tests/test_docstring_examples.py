@@ -5,7 +5,7 @@ import importlib
 import pytest
 import torch
 
-SELF_CONTAINED = ["cofx.pixel_convs", "cofx.whole_pools"]
+SELF_CONTAINED = ["cofx.pixel_convs", "cofx.whole_pools", "cofx.weight_marks"]
 
 
 @pytest.mark.parametrize("name", SELF_CONTAINED)
