@@ -93,6 +93,7 @@ class ContinualModule(fx.GraphModule):
                               "each row of the batch is one stream; call co.clean_state() to start new streams")
         t = self._info["time_dim"]
         frames, n = self._frames, 1 if framewise else x.shape[t]
+        self._ctx.batch = x.shape[0]   # kernels read it in eager steps, and in the steps a recording runs
         compiled = self._compiled
         if compiled is not None and compiled.applies_to(n) and update_state and not pad_end \
                 and frames is not None and frames >= compiled.start and not torch.is_grad_enabled() \
@@ -110,7 +111,6 @@ class ContinualModule(fx.GraphModule):
             return self._frame_output(out) if framewise else out
         saved = None if update_state else self._snapshot()
         ctx = self._ctx
-        ctx.batch = x.shape[0]
         self.__dict__["_stream_batch"] = x.shape[0]
         try:
             out = self._step_module(x)

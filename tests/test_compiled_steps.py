@@ -478,3 +478,22 @@ def test_chunk_lengths_are_checked(chunks):
     co = cofx.convert(conv_bn_net(), torch.randn(1, 3, 5, 3, 3, dtype=D))
     with pytest.raises(ValueError, match="chunks must be chunk lengths of at least 2 frames"):
         co.compile_steps("eager", chunks=chunks)
+
+
+def test_phases_recorded_mid_stream_take_the_stream_batch_not_the_last_prepared_one():
+    """`compile_steps(batch=2)` prepares on a stream of 2 (and leaves the module's stream as it was): a stream of
+    1 then records its phases mid-stream, every one of them for its own batch."""
+    torch.manual_seed(0)
+    model = CausalTCN().double().eval()
+    clip = torch.randn(1, 2, 12, dtype=D)
+    co, ref = cofx.convert(model, clip), cofx.convert(model, clip)
+    stream = torch.randn(1, 2, co.warmup_frames + 10, dtype=D)
+    with torch.no_grad():
+        for c in (co, ref):
+            c.forward_steps(stream[:, :, :co.warmup_frames])
+        co.compile_steps("eager", batch=2)
+        assert {key[2] for key in co._compiled.phases} == {2}
+        for i in range(co.warmup_frames, stream.shape[2]):
+            assert same(co.forward_step(stream[:, :, i]), ref.forward_step(stream[:, :, i]))
+            assert torch.equal(co.ready, ref.ready)
+    assert {key[2] for key in co._compiled.phases} == {1, 2} and co._compiled.runs >= 10
