@@ -43,8 +43,8 @@ import sys
 import tempfile
 import time
 from collections import deque
-from itertools import repeat
 from dataclasses import dataclass
+from itertools import repeat
 from typing import Callable, Optional
 
 import torch
@@ -76,7 +76,7 @@ class Phase:
     frame_strides: tuple  # of the (contiguous) frame the program takes
     empty: bool           # no output frame comes out (the step returns None)
     time_axes: list       # per output, the time axis a single frame's program took off, or None
-    ready: torch.Tensor   # `co.ready` after the step: (batch,) of `not empty`
+    ready: torch.Tensor   # `co.ready` after the step: (batch,) of `not empty`, shared by its steps
     keeps_layouts: bool = True   # its new state comes out in `layouts` (checked once, after compiling)
 
     def read_state(self) -> list:
