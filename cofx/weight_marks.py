@@ -130,13 +130,15 @@ class WeightMarks:
                 self.names.extend(names)
         self.tensors = list(map(dict.get, self.slots, self.names))
         self.present = [t for t in self.tensors if t is not None]
-        self.versions = list(map(_version, self.present))
-        self.memory = list(map(_data_ptr, self.present))
         # held, so that no tensor can be given this memory while it is marked: a `.data =` swap could
         # otherwise land a later tensor at the address it left, and look unchanged
         self.storages = [t.untyped_storage() for t in self.present]
         built = None if python_only else native(say)
+        # the C++ marks take the versions and memory themselves; the Python check keeps its own
         self.marks: Optional[object] = built.Marks(self.slots, self.names, self.tensors) if built else None
+        if self.marks is None:
+            self.versions = list(map(_version, self.present))
+            self.memory = list(map(_data_ptr, self.present))
 
     def unchanged(self) -> bool:
         if self.marks is not None:
