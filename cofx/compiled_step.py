@@ -77,6 +77,7 @@ class Phase:
     empty: bool           # no output frame comes out (the step returns None)
     time_axes: list       # per output, the time axis a single frame's program took off, or None
     ready: torch.Tensor   # `co.ready` after the step: (batch,) of `not empty`, shared by its steps
+    partial: bool         # one frame in, some outputs without a frame: returned with time axes, as chunks are
     keeps_layouts: bool = True   # its new state comes out in `layouts` (checked once, after compiling)
 
     def read_state(self) -> list:
@@ -225,7 +226,8 @@ class CompiledSteps:
         out = res[:phase.n_out]
         if one:
             out = [v if a is None else v.unsqueeze(a) for v, a in zip(out, phase.time_axes)]
-        return tree_unflatten(list(out), phase.out_spec)
+        out = tree_unflatten(list(out), phase.out_spec)
+        return self.co._frame_output(out) if phase.partial and framewise else out
 
     def _weights_unchanged(self) -> bool:
         return self.weights is not None and (not self.check_weights or self.weights.unchanged())
@@ -278,10 +280,11 @@ class CompiledSteps:
                 out = co._step_module(frame.unsqueeze(t) if framewise else frame)
                 empty = co._none_if_empty(out) is None
                 axes = co._frame_axes(out) if framewise and not empty else []
-                if axes:
+                partial = bool(axes) and any(v is None for v in tree_flatten(co._frame_output(out))[0])
+                if axes and not partial:
                     out = co._frame_output(out)
                 leaves, spec = tree_flatten(out)
-                outputs.append((spec, empty, axes))
+                outputs.append((spec, empty, [] if partial else axes, partial))
                 return (*leaves, *lay_out(read_slots(slots), layouts))
 
             graph = make_fx(step)(x.clone(memory_format=torch.contiguous_format), *flat, *views)
@@ -298,10 +301,10 @@ class CompiledSteps:
         args = (x, *flat, *map(_copy_strided, views))
         run = _ahead_of_time(graph, args, self.options) if self.backend == "inductor" else \
             torch.compile(graph, backend=self.backend, options=self.options, fullgraph=True, dynamic=False)
-        spec, empty, axes = outputs[0]
+        spec, empty, axes, partial = outputs[0]
         ready = torch.full((key[2],), not empty, device=x.device)
         phase = Phase(run, slots, rings, layouts, [c for c in counters if c[2]], spec, n_out, x.stride(), empty,
-                      axes, ready)
+                      axes, ready, partial)
         new = phase.run(*args)[n_out:]   # compiles now, with a torch.compile backend (nothing is written back)
         phase.keeps_layouts = all(t.stride() == strides for t, (_, strides, _) in zip(new, layouts))
         self.say(f"phase {key[0] + 1}/{self.period} ({key[1]} frame(s)): {len(graph.graph.nodes)} nodes, "

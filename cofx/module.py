@@ -147,12 +147,14 @@ class ContinualModule(fx.GraphModule):
         return [a if a is not None and v.shape[a] == 1 else None for v, a in zip(leaves, axes)]
 
     def _frame_output(self, out):
-        """A step's output of one frame as `forward_step` returns it: each timed output without its time axis."""
+        """A step's output of one frame as `forward_step` returns it: each timed output without its time axis,
+        None for one that has no frame at this step (outputs of several delays or strides)."""
         if out is None:
             return None
         leaves, spec = tree_flatten(out)
-        return tree_unflatten([v if a is None else v.squeeze(a) for v, a in zip(leaves, self._frame_axes(out))],
-                              spec)
+        axes, _ = tree_flatten(self._info["out_time_axes"], is_leaf=lambda a: a is None)
+        return tree_unflatten([v if a is None else v.squeeze(a) if v.shape[a] == 1 else None
+                               for v, a in zip(leaves, axes)], spec)
 
     def _concat(self, a, b):
         la, spec = tree_flatten(a)

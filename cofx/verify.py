@@ -17,6 +17,7 @@ deviation from the original is measured and reported, and only fails with
 """
 from __future__ import annotations
 
+import functools
 import random
 from dataclasses import dataclass, field
 from typing import Optional
@@ -132,7 +133,7 @@ def _inputs(co, steps, video, seed):
     return frames.narrow(time_dim, 0, clip_len), frames.narrow(time_dim, 0, steps), desc
 
 
-def _max_err(a, b) -> float:
+def max_error(a, b) -> float:
     if a is None or b is None:
         return 0.0 if a is b else float("inf")
     la, _ = tree_flatten(a)
@@ -142,40 +143,39 @@ def _max_err(a, b) -> float:
     return max((float((x - y).abs().max()) if x.numel() else 0.0 for x, y in zip(la, lb)), default=0.0)
 
 
-def _tolerance(ref) -> float:
+def output_tolerance(ref) -> float:
     if ref is None:
         return 0.0
     leaves, _ = tree_flatten(ref)
     return min((tolerance(t) for t in leaves), default=0.0)
 
 
-def _cat(parts):
-    """Outputs of successive calls joined along time (dim 2, the step functions' layout)."""
+def cat_outputs(co, parts):
+    """Outputs of successive calls of `co` joined along each output's time axis."""
     parts = [p for p in parts if p is not None]
-    if not parts:
-        return None
-    if isinstance(parts[0], torch.Tensor):
-        return torch.cat(parts, 2)
-    leaves = [tree_flatten(p) for p in parts]
-    spec = leaves[0][1]
-    return tree_unflatten([torch.cat([ls[i] for ls, _ in leaves], 2) for i in range(len(leaves[0][0]))], spec)
+    return functools.reduce(co._concat, parts) if parts else None
 
 
-def _as_steps(ref, like):
-    """`model(clip)` in the layout of `forward_steps` (a classifier's (B, K) becomes (B, K, 1))."""
-    if isinstance(ref, torch.Tensor) and isinstance(like, torch.Tensor) and like.dim() == ref.dim() + 1:
-        return ref.unsqueeze(min(2, ref.dim()))
-    return ref
+def as_steps(ref, like):
+    """`model(clip)` in the layout of `forward_steps` (a classifier's (B, K) becomes (B, K, 1)), output by output."""
+    if like is None:
+        return ref
+    refs, spec = tree_flatten(ref)
+    likes, like_spec = tree_flatten(like)
+    if spec != like_spec:
+        return ref
+    return tree_unflatten([r.unsqueeze(min(2, r.dim())) if isinstance(r, torch.Tensor) and isinstance(l, torch.Tensor)
+                           and l.dim() == r.dim() + 1 else r for r, l in zip(refs, likes)], spec)
 
 
-def _by_frame(co, stream):
+def by_frame(co, stream):
     t = co.options["time_dim"]
     outs = [co.forward_steps(stream.narrow(t, i, 1)) for i in range(stream.shape[t])]
     outs.append(co.forward_steps(stream.narrow(t, 0, 0), pad_end=True))
-    return _cat(outs)
+    return cat_outputs(co, outs)
 
 
-def _by_chunks(co, stream, rng):
+def by_chunks(co, stream, rng):
     t = co.options["time_dim"]
     outs, at = [], 0
     while at < stream.shape[t]:
@@ -183,7 +183,7 @@ def _by_chunks(co, stream, rng):
         outs.append(co.forward_steps(stream.narrow(t, at, n)))
         at += n
     outs.append(co.forward_steps(stream.narrow(t, 0, 0), pad_end=True))
-    return _cat(outs)
+    return cat_outputs(co, outs)
 
 
 def _clip_equivalence(co, model, clip, strict) -> Check:
@@ -191,27 +191,27 @@ def _clip_equivalence(co, model, clip, strict) -> Check:
     co.clean_state()
     whole = co.forward_steps(clip, pad_end=True)
     co.clean_state()
-    frames = _by_frame(co, clip)
+    frames = by_frame(co, clip)
     if whole is None:
         return Check("clip equivalence", float("inf"), 0.0, note="no output for a whole clip")
-    ref = _as_steps(ref_clip, whole)
-    err = max(_max_err(whole, ref), _max_err(frames, ref), _max_err(co.forward(clip), ref_clip))
+    ref = as_steps(ref_clip, whole)
+    err = max(max_error(whole, ref), max_error(frames, ref), max_error(co.forward(clip), ref_clip))
     if co.is_exact:
-        return Check("clip equivalence", err, _tolerance(ref))
+        return Check("clip equivalence", err, output_tolerance(ref))
     windows = [r for r in co.report if not r.exact and r.kind == "windowed"]
     why = f"{len(windows)} windowed reduction{'s' if len(windows) != 1 else ''}" if windows else "not exact"
-    return Check("deviation from the original", err, _tolerance(ref), required=strict, note=why)
+    return Check("deviation from the original", err, output_tolerance(ref), required=strict, note=why)
 
 
 def _chunk_invariance(co, stream, rng):
     co.clean_state()
     whole = co.forward_steps(stream, pad_end=True)
     co.clean_state()
-    outs = [_by_frame(co, stream)]
+    outs = [by_frame(co, stream)]
     for _ in range(2):
         co.clean_state()
-        outs.append(_by_chunks(co, stream, rng))
-    return whole, Check("chunk invariance", max(_max_err(o, whole) for o in outs), _tolerance(whole),
+        outs.append(by_chunks(co, stream, rng))
+    return whole, Check("chunk invariance", max(max_error(o, whole) for o in outs), output_tolerance(whole),
                         note=_no_output(whole))
 
 
@@ -226,21 +226,21 @@ def _state_reset(co, stream, whole) -> Check:
     co.clean_state()
     co.forward_steps(other)
     co.clean_state()
-    errs.append(_max_err(co.forward_steps(stream, pad_end=True), whole))
+    errs.append(max_error(co.forward_steps(stream, pad_end=True), whole))
     # update_state=False changes nothing
     co.clean_state()
     head = co.forward_steps(first)
     co.forward_steps(other, update_state=False)
     co.forward_steps(other, pad_end=True, update_state=False)
-    errs.append(_max_err(_cat([head, co.forward_steps(second, pad_end=True)]), whole))
+    errs.append(max_error(cat_outputs(co, [head, co.forward_steps(second, pad_end=True)]), whole))
     # get_state / set_state resume exactly
     co.clean_state()
     head = co.forward_steps(first)
     saved = co.get_state()
     co.forward_steps(other)
     co.set_state(saved)
-    errs.append(_max_err(_cat([head, co.forward_steps(second, pad_end=True)]), whole))
-    return Check("state reset", max(errs), _tolerance(whole), note=_no_output(whole))
+    errs.append(max_error(cat_outputs(co, [head, co.forward_steps(second, pad_end=True)]), whole))
+    return Check("state reset", max(errs), output_tolerance(whole), note=_no_output(whole))
 
 
 def _no_output(whole) -> str:

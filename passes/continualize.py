@@ -119,6 +119,8 @@ class _Builder:
             role, kind = node.meta.get("cofx_role"), node.meta.get("cofx_kind")
             self.current = node.name
             if node.op == "placeholder":
+                if role != "stream" and not node.users:   # an optional argument fixed at its default
+                    continue
                 new = self.g.placeholder(node.name)
                 if role == "stream":
                     self.env[node] = new
@@ -312,7 +314,7 @@ class _Builder:
                                                name=f"{node.name}_per_frame")
                     for d in arg:
                         labels[d] = 1
-            else:   # adaptive pooling: guarded, it rejects chunks without frames
+            elif any(size is not None for size in arg):   # adaptive pooling: guarded, it rejects empty chunks
                 for i, size in enumerate(arg):
                     if size is not None:
                         labels[i + 2] = size
@@ -412,13 +414,6 @@ class _Builder:
                 values.append(self.env[leaf])
             axes.append(pos)
             time_axes_out.append(pos)
-        timed = [i for i, a in enumerate(time_axes_out) if a is not None]
-        if len(timed) > 1:
-            aligned = self.add_kernel("output_align", K.Align(self.ctx, [time_axes_out[i] for i in timed]),
-                                      [values[i] for i in timed], node_name="output_align")
-            for j, i in enumerate(timed):
-                values[i] = self.g.create_node("call_function", operator.getitem, (aligned, j), {},
-                                               name=f"output_{j}")
         self.g.output(tree_unflatten(values, spec))
         self.out_time_axes = tree_unflatten(time_axes_out, spec)
 
@@ -427,5 +422,8 @@ def build_step_graph(gm: fx.GraphModule, ctx: K.StreamContext):
     """(step graph, kernels by name, time axis of each output leaf, kernel names by original node)."""
     b = _Builder(gm, ctx)
     graph, kernels = b.run()
+    for node, new in b.env.items():   # which step nodes carry an original node's frames (for diagnosis)
+        if isinstance(new, fx.Node) and node.meta.get("cofx_role") == "stream" and "cofx_folded_into" not in node.meta:
+            new.meta.setdefault("cofx_origin", node.name)
     graph.lint()
     return graph, kernels, b.out_time_axes, b.node_kernels
