@@ -15,6 +15,7 @@ from typing import Optional
 
 import torch
 import torch.fx as fx
+from torch.utils._pytree import tree_flatten
 import torch.nn.functional as F
 from torch import nn
 
@@ -196,6 +197,20 @@ def _bind(names, defaults, args, kwargs) -> dict:
     return bound
 
 
+def _constant(value, name: str, node: fx.Node):
+    """An op argument computed in the graph (a kernel read from the tensor's size) as the number it is on every
+    recorded run; one that follows the clip length has no fixed continual meaning and is refused."""
+    if not any(isinstance(v, fx.Node) for v in tree_flatten(value)[0]):
+        return value
+    runs = [fx.node.map_arg(value, lambda a, r=r: a.meta["cofx_runs"][r]) for r in ("clip", "longer")]
+    if runs[0] != runs[1]:
+        raise ConversionError(f"its {name} is computed from the clip's length ({runs[0]} on the example clip, "
+                              f"{runs[1]} on a longer one)", node=node,
+                              fix="pool over time with x.mean(2) or x.amax(2) (a global reduction cofx streams "
+                              "exactly) and over space with a fixed kernel")
+    return runs[0]
+
+
 def _pads(padding, kernel, dilation, nd, node) -> tuple:
     if isinstance(padding, str):
         if padding == "valid":
@@ -230,6 +245,7 @@ def sliding_spec(node: fx.Node, gm: fx.GraphModule, t_axis: int):
         names, defaults = {"conv": (_CONV_ARGS, _CONV_DEFAULTS), "avg_pool": (_AVG_ARGS, _AVG_DEFAULTS),
                            "max_pool": (_MAX_ARGS, _MAX_DEFAULTS)}[family]
         b = _bind(names, defaults, node.args, node.kwargs)
+        b = {k: (v if k in ("input", "weight", "bias") else _constant(v, k, node)) for k, v in b.items()}
         if family == "conv":
             w = b["weight"]
             wshape = w.meta["cofx_runs"]["clip"].shape if isinstance(w, fx.Node) else tuple(w.shape)

@@ -68,9 +68,17 @@ def trace(model: nn.Module, leaf_modules: Iterable[LeafSpec] = ()) -> fx.GraphMo
             fix="make the forward traceable (no Python control flow on tensor values), "
             "or pass the offending submodules as leaf_modules=[...] if they act frame by frame",
         ) from e
+    fixed = [n for n in graph.nodes if n.op == "placeholder"][1:]
     for node in list(graph.nodes):   # the guards fx adds for arguments fixed at their default
-        if node.op == "call_function" and getattr(node.target, "__name__", "") == "_assert_is_none":
+        name = getattr(node.target, "__name__", "") if node.op == "call_function" else ""
+        if name == "_assert_is_none":
             graph.erase_node(node)
+        elif name == "_assert" and isinstance(node.args[0], fx.Node) \
+                and set(node.args[0].all_input_nodes) <= set(fixed):
+            condition = node.args[0]
+            graph.erase_node(node)
+            if not condition.users:
+                graph.erase_node(condition)
     gm = fx.GraphModule(model, graph, model.__class__.__name__)
     if tracer.untraceable:  # drop what was traced of them before tracing gave up
         gm.graph.eliminate_dead_code()

@@ -56,7 +56,7 @@ def _mutable(value):
     """Plain lists and dicts for fx's immutable containers (some traced helpers mutate their arguments)."""
     if isinstance(value, list):
         return [_mutable(v) for v in value]
-    if isinstance(value, tuple):
+    if type(value) is tuple:   # not the named tuples ops return (values, indices)
         return tuple(_mutable(v) for v in value)
     if isinstance(value, dict):
         return {k: _mutable(v) for k, v in value.items()}
