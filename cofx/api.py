@@ -16,13 +16,14 @@ from .kernels import StreamContext
 from .module import ContinualModule
 from .report import Report, Row, op_label, temporal_params
 from .tracer import trace
+from .validate import validate as validate_steps
 
 INITS = ("zeros", "replicate")
 
 
 def convert(model: nn.Module, example_input: Optional[torch.Tensor] = None, *, strict: bool = False,
             leaf_modules: Iterable = (), time_dim: int = 2, window: Optional[Mapping[str, int]] = None,
-            init: str = "zeros", tune: bool = True, verbose: bool = False) -> ContinualModule:
+            init: str = "zeros", tune: bool = True, validate: bool = True, verbose: bool = False) -> ContinualModule:
     """Convert a clip model into a continual model that shares its weights.
 
     Args:
@@ -41,6 +42,9 @@ def convert(model: nn.Module, example_input: Optional[torch.Tensor] = None, *, s
             ``"replicate"`` (the first frame repeated; shorter start-up transient).
         tune: time the equivalent implementations of each Conv3d step on this
             machine and use the fastest (results differ by float rounding only).
+        validate: check the continual model against ``model`` on fresh random
+            inputs before returning it (`cofx.validate`); ``False`` skips the
+            check, and a model that the conversion rules miss may then step wrong.
         verbose: print progress.
 
     Returns:
@@ -51,7 +55,8 @@ def convert(model: nn.Module, example_input: Optional[torch.Tensor] = None, *, s
     if not isinstance(model, nn.Module):
         raise TypeError(f"cofx.convert takes an nn.Module, got {type(model).__name__}")
     say = (lambda msg: print(f"cofx: {msg}", file=sys.stderr, flush=True)) if verbose else (lambda msg: None)
-    was_training = model.training
+    modes = {m: m.training for m in model.modules()}
+    kept = _kept_tensors(model)
     model.eval()
     try:
         say("tracing")
@@ -77,16 +82,63 @@ def convert(model: nn.Module, example_input: Optional[torch.Tensor] = None, *, s
         ctx = StreamContext(init)
         say("building the continual graph")
         graph, kernels, out_axes, node_kernels = passes.build_step_graph(gm, ctx)
+        info = _summary(gm, clip, time_dim, out_axes, node_kernels, init)
+        info["options"] = dict(strict=strict, leaf_modules=tuple(leaf_modules), time_dim=time_dim,
+                               window=dict(window or {}), init=init, tune=tune)
+        co = ContinualModule(gm, graph, kernels, ctx, info)
+        _check_unchanged(model, kept)
+        if validate:
+            say("validating the continual model against the clip model on fresh inputs")
+            validate_steps(co, model, clip)
+            _check_unchanged(model, kept)
     finally:
-        model.train(was_training)
-    info = _summary(gm, clip, time_dim, out_axes, node_kernels, init)
-    info["options"] = dict(strict=strict, leaf_modules=tuple(leaf_modules), time_dim=time_dim,
-                           window=dict(window or {}), init=init, tune=tune)
-    co = ContinualModule(gm, graph, kernels, ctx, info)
-    co.train(was_training)
+        _restore(model, modes, kept)
+    co.train(modes[model])
+    _set_modes(modes)   # co.train set the mode of the model's own submodules, which co holds
     say(f"done: receptive field {co.receptive_field}, delay {co.delay}, stride {co.stride}, "
         f"{'exact' if co.is_exact else 'not exact'}")
     return co
+
+
+def _kept_tensors(model: nn.Module) -> dict:
+    """A copy of every parameter and buffer, to give the model back as it came and to see what its forward
+    changes."""
+    named = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
+    return {k: (v, v.detach().clone()) for k, v in named if v is not None}
+
+
+def _check_unchanged(model: nn.Module, kept: dict) -> None:
+    now = {**dict(model.named_parameters(remove_duplicate=False)), **dict(model.named_buffers(remove_duplicate=False))}
+    for name, (tensor, copy) in kept.items():
+        if now.get(name) is not tensor or not _same(tensor.detach(), copy):
+            raise ConversionError(f"the model's forward changes its {'parameter' if isinstance(tensor, nn.Parameter) else 'buffer'} "
+                                  f"'{name}': a continual model cannot repeat that update once per clip",
+                                  fix="keep running counters and statistics outside forward (or update them only "
+                                  "in training mode)")
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal values, NaN equal to NaN (an uninitialised buffer may hold NaN)."""
+    return torch.equal(a, b) or (a.shape == b.shape and a.is_floating_point()
+                                 and bool(((a == b) | (a.isnan() & b.isnan())).all()))
+
+
+def _set_modes(modes: dict) -> None:
+    for m, training in modes.items():
+        m.train(training)
+
+
+def _restore(model: nn.Module, modes: dict, kept: dict) -> None:
+    _set_modes(modes)
+    with torch.no_grad():
+        for name, (tensor, copy) in kept.items():
+            owner, _, leaf = name.rpartition(".")
+            module = model.get_submodule(owner)
+            slots = module._parameters if leaf in module._parameters else module._buffers
+            if slots.get(leaf) is not tensor:
+                slots[leaf] = tensor
+            if not _same(tensor.detach(), copy):
+                tensor.detach().copy_(copy)
 
 
 def _check_example(x, time_dim) -> torch.Tensor:

@@ -1,0 +1,210 @@
+"""Translation validation: `convert` checks the continual model it built against the clip model.
+
+The analysis passes give each op its continual meaning by rules; a rule that
+misses an idiom (a value derived from the clip length, a leaf whose behaviour
+depends on the data, a branch fixed at tracing) would otherwise step wrong
+while the report says exact. So after building, `convert` runs the continual
+model and the user's model on fresh random inputs (a clip from a clean state,
+its frames at scales from 1e-2 to 1e2, a longer clip where the model accepts
+one) and steps each as one chunk, frame by frame and in random chunks. Exact
+models must equal the clip model; every model must be chunk invariant. On a
+disagreement or a crash the step graph is run again node by node beside the
+clip graph, and the error names the first node whose frames differ.
+
+Example::
+
+    >>> co = cofx.convert(model, clip, validate=False)
+    >>> validate(co, model, clip)          # raises ConversionError naming the node
+"""
+from __future__ import annotations
+
+import random
+
+import torch
+import torch.fx as fx
+from torch.utils._pytree import tree_flatten
+
+from .errors import ConversionError
+from .verify import as_steps, by_chunks, by_frame, max_error, output_tolerance
+
+SCALES = (-2.0, 2.0)   # log10 range of the per-frame scales of the scaled input
+
+
+def validate(co, model, clip: torch.Tensor, *, seed: int = 0) -> None:
+    """Raise `ConversionError` unless continual `co` agrees with `model` on fresh inputs shaped like `clip`."""
+    t = co.options["time_dim"]
+    gen = torch.Generator().manual_seed(seed)
+    rng = random.Random(seed)
+    shape = list(clip.shape)
+    shape[0] = 2   # two streams: rows must stay independent
+
+    def fresh(frames: int) -> torch.Tensor:
+        shape[t] = frames
+        return torch.randn(shape, generator=gen, dtype=torch.float64).to(clip.dtype)
+
+    x = fresh(clip.shape[t])
+    scale = 10 ** torch.empty(x.shape[t], dtype=torch.float64).uniform_(*SCALES, generator=gen)
+    scaled = x * scale.to(x.dtype).view([-1 if i == t else 1 for i in range(x.dim())])
+    longer = fresh(clip.shape[t] + max(3, 2 * co.stride * co._info["period"]))
+    cases = [("a random clip", x, True), ("a clip with frames scaled by 1e-2 to 1e2", scaled, False),
+             (f"a longer clip ({longer.shape[t]} frames)", longer, True)]
+    was_training = co.training
+    co.eval()
+    try:
+        with torch.no_grad():
+            for what, inp, chunked in cases:
+                _check(co, model, inp, what, chunked, rng, longer=inp is longer)
+    finally:
+        co.clean_state()
+        co.train(was_training)
+
+
+def _check(co, model, x, what, chunked, rng, longer) -> None:
+    ref = None
+    if co.is_exact:
+        try:
+            ref = model(x)
+        except Exception as e:
+            if not longer:   # a longer clip may not fit a model bound to its clip length: then it is not compared
+                raise ConversionError(f"the model fails on {what} shaped like the example "
+                                      f"({type(e).__name__}: {_first_line(e)})") from None
+    runs = [("as one chunk", lambda: _whole(co, x)), ("frame by frame", lambda: by_frame(co, x))]
+    if chunked:
+        runs.append(("in random chunks", lambda: by_chunks(co, x, rng)))
+    first = None
+    for how, run in runs:
+        co.clean_state()
+        try:
+            out = run()
+        except ConversionError:
+            raise
+        except Exception as e:
+            _fail(co, model, x, f"stepping {what} {how} fails ({type(e).__name__}: {_first_line(e)})")
+        if first is None:
+            first = out
+            want = None if ref is None else as_steps(ref, out)
+            if want is not None and not (longer and _shapes_of(want) != _shapes_of(out)):
+                err, tol = max_error(out, want), output_tolerance(want)
+                if not err <= tol:
+                    _fail(co, model, x, f"stepping {what} {how} from a clean state differs from the model's "
+                                        f"forward ({_difference(out, want, err, tol)})")
+        else:
+            err, tol = max_error(out, first), output_tolerance(first)
+            if not err <= tol:
+                _fail(co, model, x, f"stepping {what} {how} differs from stepping it as one chunk "
+                                    f"({_difference(out, first, err, tol)}): the steps depend on how the stream "
+                                    "is split")
+
+
+def _whole(co, x):
+    return co.forward_steps(x, pad_end=True)
+
+
+def _first_line(e: Exception) -> str:
+    return (str(e).strip().splitlines() or [""])[0][:200]
+
+
+def _difference(out, ref, err, tol) -> str:
+    if out is None or ref is None:
+        return "no output" if out is None else "an output where the model gives none"
+    shapes = _shapes_of(out), _shapes_of(ref)
+    if shapes[0] != shapes[1]:
+        return f"output shapes {_shapes(shapes[0])} where the model gives {_shapes(shapes[1])}"
+    return f"max error {err:.3g}, tolerance {tol:.3g}"
+
+
+def _shapes_of(value) -> list:
+    """Shapes of an output's tensors (a longer clip is compared only where the model keeps time as the steps do:
+    a head sized for the clip, as X3D's, pools a longer clip whole)."""
+    return [tuple(v.shape) for v in tree_flatten(value)[0] if isinstance(v, torch.Tensor)]
+
+
+def _shapes(shapes) -> str:
+    return ", ".join(map(str, shapes)) if len(shapes) != 1 else str(shapes[0])
+
+
+def _fail(co, model, x, why: str):
+    node, detail = first_divergent_node(co, x)
+    if node is None:
+        with torch.no_grad():
+            traced, ref = co.forward(x), model(x)
+        if max_error(traced, ref) > output_tolerance(ref):
+            detail = ("the traced graph differs from the model's forward on this input: Python control flow "
+                      "that torch.fx fixed at tracing (a branch on a shape or a value)")
+    raise ConversionError(f"the continual model does not match the clip model: {why}" +
+                          (f"; the first node that differs: {detail}" if detail else ""), node=node,
+                          fix="make this op act frame by frame (no use of the clip's length or of values "
+                              "outside its receptive field), or keep it out of the streamed part; "
+                              "convert(..., validate=False) skips this check and the steps may then be wrong")
+
+
+def first_divergent_node(co, x) -> tuple:
+    """(node of the clip graph, what differed) for the first stream node whose frames, stepped as one chunk
+    and flushed from a clean state, differ from its values in the clip graph; (None, "") when none does."""
+    clip_nodes = {n.name: n for n in co.graph.nodes}
+    clip_values: dict = {}
+
+    class Clip(fx.Interpreter):
+        def run_node(self, n):
+            out = super().run_node(n)
+            clip_values[n.name] = out
+            return out
+
+    step_values: dict = {}
+
+    class Steps(fx.Interpreter):
+        def run_node(self, n):
+            try:
+                out = super().run_node(n)
+            except Exception as e:
+                origin = n.meta.get("cofx_origin") or _origin_by_name(n, clip_nodes)
+                raise _StepCrash(origin, e) from None
+            origin = n.meta.get("cofx_origin")
+            if origin is not None and isinstance(out, torch.Tensor):
+                step_values.setdefault(origin, []).append(out)
+            return out
+
+    with torch.no_grad():
+        Clip(co).run(x)
+        co.clean_state()
+        ctx, steps, t = co._ctx, Steps(co._step_module), co.options["time_dim"]
+        ctx.batch = x.shape[0]
+        try:
+            steps.run(x)
+            ctx.flushing = True
+            steps.run(x.narrow(t, 0, 0))
+        except _StepCrash as crash:
+            node = clip_nodes.get(crash.origin)
+            return node, f"its step fails ({type(crash.error).__name__}: {_first_line(crash.error)})"
+        finally:
+            ctx.flushing = False
+            co.clean_state()
+    for n in co.graph.nodes:
+        parts = step_values.get(n.name)
+        ref = clip_values.get(n.name)
+        if not parts or not isinstance(ref, torch.Tensor) or n.meta.get("cofx_role") != "stream":
+            continue
+        axis = n.meta.get("cofx_time")
+        got = torch.cat(parts, axis) if axis is not None and len(parts) > 1 else parts[0]
+        if got.shape != ref.shape:
+            return n, f"its frames stepped form {tuple(got.shape)} where the clip gives {tuple(ref.shape)}"
+        err, tol = max_error(got, ref), output_tolerance(ref)
+        if not err <= tol:
+            return n, f"its frames stepped differ from its values on the clip (max error {err:.3g})"
+    return None, ""
+
+
+def _origin_by_name(step_node: fx.Node, clip_nodes: dict):
+    """A copied time-free node keeps its name; anything else is attributed to the node it serves."""
+    if step_node.name in clip_nodes:
+        return step_node.name
+    for user in step_node.users:
+        if user.meta.get("cofx_origin"):
+            return user.meta["cofx_origin"]
+    return None
+
+
+class _StepCrash(Exception):
+    def __init__(self, origin, error):
+        super().__init__(str(error))
+        self.origin, self.error = origin, error

@@ -1,0 +1,245 @@
+"""Models written the way people write them: each converts exactly or is refused with a ConversionError.
+
+The converter's rules were built from layer patterns; these are idioms (tables
+sliced by the clip length, length-scaled ops, tuple and dict outputs, optional
+arguments, 1-d adaptive heads, training branches, counters, data-dependent
+leaves). `convert` validates what it built, so an idiom a rule misses is refused,
+never stepped wrong. A random mix of idioms and layers asserts the same.
+"""
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import cofx
+from cofx.verify import verify
+
+D = torch.float64
+C = 4
+
+
+def conv(nd=1, k=3):
+    return (nn.Conv1d if nd == 1 else nn.Conv2d)(C, C, k if nd == 1 else (k, 1), padding=k // 2 if nd == 1 else (k // 2, 0))
+
+
+class Head(nn.Module):
+    """A temporal conv followed by the head under test."""
+    def __init__(self, head, nd=1):
+        super().__init__()
+        self.c, self.head, self.fc = conv(nd), head, nn.Linear(C, 3)
+        self.pos = nn.Parameter(torch.randn(1, C, 32))
+        self.w = nn.Parameter(torch.randn(32))
+
+    def forward(self, x):
+        return self.head(self, self.c(x))
+
+
+EXACT = {   # idiom -> head; each must convert and step exactly
+    "tuple of frames and pooled": lambda m, h: (h, h.mean(2)),
+    "dict of frames and pooled": lambda m, h: {"frames": h, "pooled": m.fc(h.mean(2))},
+    "AdaptiveAvgPool1d(1)": lambda m, h: nn.functional.adaptive_avg_pool1d(h, 1).flatten(1),
+    "adaptive max pool": lambda m, h: F.adaptive_max_pool1d(h, 1).squeeze(-1),
+    "max(2).values": lambda m, h: h.max(2).values,
+    "reshape + amax": lambda m, h: h.reshape(h.shape[0], h.shape[1], -1).amax(2),
+    "per-frame linear head": lambda m, h: m.fc(h.transpose(1, 2)).transpose(1, 2),
+}
+REFUSED = {   # idiom -> (head, words the message must hold)
+    "h / sqrt(T)": (lambda m, h: h / math.sqrt(h.shape[2]), "truediv"),
+    "h * T ** -0.5": (lambda m, h: h * h.shape[2] ** -0.5, "mul"),
+    "positional table sliced by T": (lambda m, h: h + m.pos[:, :, :h.shape[2]], "add"),
+    "softmax weights sliced by T": (lambda m, h: (h * m.w[:h.shape[2]].softmax(0)).sum(2), "mul"),
+    "time flattened into a classifier": (lambda m, h: nn.functional.linear(h.reshape(h.shape[0], -1),
+                                                                           torch.ones(3, C * 8, dtype=h.dtype)),
+                                         "linear"),
+}
+
+
+def clip(nd=1, t=8, batch=1):
+    return torch.randn((batch, C, t) if nd == 1 else (batch, C, t, 5), dtype=D)
+
+
+def assert_exact(model, x):
+    co = cofx.convert(model, x)
+    assert co.is_exact
+    report = verify(co, model)
+    assert report.ok, str(report)
+    return co
+
+
+@pytest.mark.parametrize("idiom", sorted(EXACT))
+def test_idiom_converts_exactly(idiom):
+    torch.manual_seed(0)
+    assert_exact(Head(EXACT[idiom]).to(D).eval(), clip())
+
+
+@pytest.mark.parametrize("idiom", sorted(REFUSED))
+def test_idiom_is_refused_naming_its_node(idiom):
+    torch.manual_seed(0)
+    head, node = REFUSED[idiom]
+    with pytest.raises(cofx.ConversionError) as e:
+        cofx.convert(Head(head).to(D).eval(), clip())
+    assert f"node '{node}" in str(e.value), str(e.value)
+    assert "test_idioms.py" in str(e.value)   # the user's line
+
+
+def test_several_outputs_keep_their_own_frames():
+    """Per-frame outputs keep every frame, a reduction gives its window; forward_step gives None for an
+    output without a frame at that step."""
+    model = Head(EXACT["tuple of frames and pooled"]).to(D).eval()
+    x = clip(t=8)
+    co = assert_exact(model, x)
+    frames, pooled = co.forward_steps(x, pad_end=True)
+    ref_frames, ref_pooled = model(x)
+    assert frames.shape == ref_frames.shape and torch.allclose(frames, ref_frames, atol=1e-12)
+    assert torch.allclose(pooled[..., 0], ref_pooled, atol=1e-12)
+    outs = [co.forward_step(x[:, :, i]) for i in range(8)]
+    assert outs[0] is None   # the conv's delay
+    assert all(o[1] is None for o in outs[1:])   # the pooled window is not complete before the end
+    assert all(o[0].shape == (1, C) for o in outs[1:])
+
+
+def test_optional_argument_is_bound_to_its_default():
+    class Masked(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c = conv()
+
+        def forward(self, x, mask=None, scale: float = 2.0):
+            h = self.c(x) * scale
+            return h if mask is None else h * mask
+
+    assert_exact(Masked().to(D).eval(), clip())
+
+
+def test_kernel_read_from_the_clip_length_is_refused():
+    class SizePool(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c = conv(nd=2)
+
+        def forward(self, x):
+            h = self.c(x)
+            return F.avg_pool2d(h, h.size()[2:]).flatten(1)
+
+    with pytest.raises(cofx.ConversionError, match="kernel_size is computed from the clip's length"):
+        cofx.convert(SizePool().to(D).eval(), clip(nd=2))
+
+
+class Counting(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c = conv()
+        self.register_buffer("calls", torch.zeros(()))
+
+    def forward(self, x):
+        self.calls += 1
+        return self.c(x)
+
+
+def test_buffer_updated_in_forward_is_refused_and_left_as_it_was():
+    model = Counting().to(D).eval()
+    with pytest.raises(cofx.ConversionError, match="changes its buffer 'calls'"):
+        cofx.convert(model, clip())
+    assert model.calls.item() == 0
+
+
+def test_convert_leaves_the_model_as_it_found_it():
+    model = nn.Sequential(nn.Conv1d(C, C, 3, padding=1), nn.BatchNorm1d(C), nn.ReLU(), nn.Conv1d(C, C, 3)).to(D)
+    model.train()
+    model[1].eval()   # a frozen BatchNorm while the rest trains
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    co = cofx.convert(model, clip())
+    assert [m.training for m in model.modules()] == [True, True, False, True, True]
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert co.training and not co[1].training if hasattr(co, "__getitem__") else co.training
+
+
+class DataLeaf(nn.Module):
+    """Acts on the whole clip's statistics: frame by frame only for some inputs."""
+    def forward(self, x):
+        return x * 0 if x.abs().mean() > 1.5 else x
+
+
+def test_data_dependent_leaf_is_refused():
+    model = nn.Sequential(nn.Conv1d(C, C, 3, padding=1), DataLeaf()).to(D).eval()
+    with pytest.raises(cofx.ConversionError, match="does not match the clip model"):
+        cofx.convert(model, clip(), leaf_modules=[DataLeaf])
+
+
+def test_validate_false_skips_the_check():
+    model = Head(REFUSED["h / sqrt(T)"][0]).to(D).eval()
+    co = cofx.convert(model, clip(), validate=False)
+    assert not verify(co, model).ok   # what the check would have refused
+
+
+def test_diagnosis_names_the_first_node_that_differs():
+    """A model built to diverge at a known node: a scale by the chunk's own length, after exact convs."""
+    class Diverges(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = conv(), conv()
+
+        def forward(self, x):
+            h = torch.relu(self.a(x))
+            scaled = h * (1.0 / h.shape[2])
+            return self.b(scaled)
+
+    with pytest.raises(cofx.ConversionError) as e:
+        cofx.convert(Diverges().to(D).eval(), clip())
+    msg = str(e.value)
+    assert "node 'mul'" in msg and "the first node that differs" in msg and "scaled = h * (1.0 / h.shape[2])" in msg
+
+
+# -- a random mix of idioms and layers --------------------------------------------------------------
+IDIOMS = [*EXACT.values(), *(h for h, _ in REFUSED.values()),
+          lambda m, h: torch.relu(h),
+          lambda m, h: h + m.pos[:, :, :8],   # a table added whole (the clip length fixed): per-position
+          lambda m, h: F.dropout(h, 0.5, training=m.training),
+          lambda m, h: h.cumsum(2),
+          lambda m, h: h.softmax(2),
+          lambda m, h: torch.cat([h, h.mean(2, keepdim=True).expand_as(h)], 1).sum(1, keepdim=True)]
+
+
+def random_idiom_model(rng: random.Random):
+    heads = [rng.choice(IDIOMS) for _ in range(rng.randint(1, 2))]
+
+    def head(m, h):
+        out = h
+        for i, f in enumerate(heads):
+            if not isinstance(out, torch.Tensor) or out.dim() != 3 or out.shape[1] != C:
+                break
+            out = f(m, out)
+        return out
+    return Head(head).to(D).eval()
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_random_idioms_exact_or_refused(seed):
+    _exact_or_refused(random_idiom_model(random.Random(seed)), clip(t=8))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", range(12, 200))
+def test_random_idioms_exact_or_refused_many(seed):
+    _exact_or_refused(random_idiom_model(random.Random(seed)), clip(t=8))
+
+
+def _exact_or_refused(model, x):
+    try:
+        model(x)
+    except Exception:
+        pytest.skip("the generated model does not run on its clip")
+    try:
+        co = cofx.convert(model, x)
+    except cofx.ConversionError:
+        return
+    report = verify(co, model, seed=1)
+    if co.is_exact:
+        assert report.ok, str(report)
+    else:
+        assert all(c.passed for c in report.checks if c.name != "deviation from the original"), str(report)
