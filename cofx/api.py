@@ -61,6 +61,7 @@ def convert(model: nn.Module, example_input: Optional[torch.Tensor] = None, *, s
     try:
         say("tracing")
         gm = trace(model, leaf_modules)
+        training_differs = _training_graph_differs(model, leaf_modules, gm)
         if example_input is None:
             example_input = implied_input(gm, time_dim)
             say(f"input implied by the model: {tuple(example_input.shape)}")
@@ -85,6 +86,7 @@ def convert(model: nn.Module, example_input: Optional[torch.Tensor] = None, *, s
         info = _summary(gm, clip, time_dim, out_axes, node_kernels, init)
         info["options"] = dict(strict=strict, leaf_modules=tuple(leaf_modules), time_dim=time_dim,
                                window=dict(window or {}), init=init, tune=tune)
+        info.update(model=model, training_differs=training_differs)
         co = ContinualModule(gm, graph, kernels, ctx, info)
         _check_unchanged(model, kept)
         if validate:
@@ -98,6 +100,18 @@ def convert(model: nn.Module, example_input: Optional[torch.Tensor] = None, *, s
     say(f"done: receptive field {co.receptive_field}, delay {co.delay}, stride {co.stride}, "
         f"{'exact' if co.is_exact else 'not exact'}")
     return co
+
+
+def _training_graph_differs(model: nn.Module, leaf_modules, gm) -> bool:
+    """Whether tracing in training mode gives another graph (`if self.training`, `F.dropout(training=...)`):
+    steps, built from the eval graph, then need eval mode."""
+    model.train()
+    try:
+        return trace(model, leaf_modules).code != gm.code
+    except ConversionError:
+        return True
+    finally:
+        model.eval()
 
 
 def _kept_tensors(model: nn.Module) -> dict:

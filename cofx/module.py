@@ -1,6 +1,7 @@
 """`ContinualModule`: the converted model. Same weights and `forward`; adds step functions."""
 from __future__ import annotations
 
+import inspect
 from typing import Optional
 
 import torch
@@ -47,9 +48,29 @@ class ContinualModule(fx.GraphModule):
         self.__dict__["_compiled"] = None    # CompiledSteps, see compile_steps()
         self.__dict__["_report"] = None
         self.__dict__["_call_mode"] = "forward"
-        self.__dict__["_uses_batch_stats"] = any(
+        self.__dict__["_steps_need_eval"] = info.get("training_differs", False) or any(
             isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd))
             for m in traced.modules())
+
+    def recompile(self):
+        """The graph's forward, which is the model's own forward while any module trains: the graph was traced
+        in eval mode, so it holds the eval branches of `if self.training` and of `F.dropout(training=...)`."""
+        code = super().recompile()
+        cls = type(self)
+        graph_forward = cls.forward
+
+        def forward(self, *args, **kwargs):
+            model = self.__dict__.get("_info", {}).get("model")
+            if model is not None and (self.training or any(m.training for m in self.modules())):
+                was, model.training = model.training, self.training
+                try:
+                    return model(*args, **kwargs)
+                finally:
+                    model.training = was
+            return graph_forward(self, *args, **kwargs)
+        forward.__signature__ = inspect.signature(graph_forward)
+        cls.forward = forward
+        return code
 
     # -- calling ---------------------------------------------------------------------------------
     @property
@@ -85,9 +106,10 @@ class ContinualModule(fx.GraphModule):
 
     def _run(self, x, pad_end, update_state, framewise=False):
         """A chunk, or one frame without its time axis (`framewise`, whose output is `_frame_output`'s)."""
-        if self.training and self._uses_batch_stats:
+        if self.training and self._steps_need_eval:
             raise StreamError("the model is in training mode: BatchNorm would normalise each chunk by its own "
-                              "statistics and Dropout would drop frames at random; call co.eval() before stepping")
+                              "statistics, Dropout would drop frames at random and branches on self.training "
+                              "were traced in eval mode; call co.eval() before stepping")
         if self._stream_batch is not None and x.shape[0] != self._stream_batch:
             raise StreamError(f"the batch size changed mid-stream from {self._stream_batch} to {x.shape[0]}: "
                               "each row of the batch is one stream; call co.clean_state() to start new streams")

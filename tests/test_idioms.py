@@ -243,3 +243,33 @@ def _exact_or_refused(model, x):
         assert report.ok, str(report)
     else:
         assert all(c.passed for c in report.checks if c.name != "deviation from the original"), str(report)
+
+
+class TrainingBranches(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c = conv()
+
+    def forward(self, x):
+        h = self.c(x)
+        if self.training:
+            h = h * 2
+        return F.dropout(h, 0.5, training=self.training)
+
+
+def test_forward_in_training_mode_is_the_models_own():
+    model = TrainingBranches().to(D)
+    x = clip()
+    co = cofx.convert(model, x)
+    for call in (co, co.forward):
+        torch.manual_seed(0)
+        got = call(x)
+        torch.manual_seed(0)
+        assert torch.equal(got, model(x))
+    assert (got == 0).any()   # dropout ran
+    with pytest.raises(cofx.StreamError, match="training mode"):
+        co.forward_steps(x)
+    co.eval()
+    model.eval()
+    assert torch.equal(co(x), model(x))
+    assert co.forward_steps(x, pad_end=True).shape == model(x).shape
