@@ -54,6 +54,8 @@ def convert(model: nn.Module, example_input: Optional[torch.Tensor] = None, *, s
         raise ValueError(f"init must be one of {INITS}, got {init!r}")
     if not isinstance(model, nn.Module):
         raise TypeError(f"cofx.convert takes an nn.Module, got {type(model).__name__}")
+    leaf_modules = tuple(leaf_modules)
+    _check_arguments(model, time_dim, leaf_modules)
     say = (lambda msg: print(f"cofx: {msg}", file=sys.stderr, flush=True)) if verbose else (lambda msg: None)
     modes = {m: m.training for m in model.modules()}
     kept = _kept_tensors(model)
@@ -65,7 +67,7 @@ def convert(model: nn.Module, example_input: Optional[torch.Tensor] = None, *, s
         if example_input is None:
             example_input = implied_input(gm, time_dim)
             say(f"input implied by the model: {tuple(example_input.shape)}")
-        clip = _check_example(example_input, time_dim)
+        clip = _check_example(example_input, time_dim, model)
         _check_single_input(gm)
         say("recording shapes on the clip, a longer clip and two streams")
         errors = passes.record_runs(gm, _runs(clip, time_dim))
@@ -155,12 +157,37 @@ def _restore(model: nn.Module, modes: dict, kept: dict) -> None:
                 tensor.detach().copy_(copy)
 
 
-def _check_example(x, time_dim) -> torch.Tensor:
+def _check_arguments(model: nn.Module, time_dim, leaf_modules) -> None:
+    if not isinstance(time_dim, int) or isinstance(time_dim, bool) or time_dim < 1:
+        raise ConversionError(f"time_dim must be a positive int (dim 0 is the batch of streams), got {time_dim!r}",
+                              fix="pass the input's time dimension counted from the front: 2 for (B, C, T, ...), "
+                              "1 for (B, T, C)")
+    for leaf in leaf_modules:
+        if not (isinstance(leaf, (str, nn.Module)) or (isinstance(leaf, type) and issubclass(leaf, nn.Module))):
+            raise ConversionError(f"leaf_modules holds {leaf!r} ({type(leaf).__name__})",
+                                  fix="name module types (nn.LSTM), instances (model.head) or qualified "
+                                  "names ('blocks.3')")
+        if isinstance(leaf, str) and leaf not in dict(model.named_modules()):
+            raise ConversionError(f"leaf_modules names '{leaf}', which is not a submodule of the model",
+                                  fix="use a name from dict(model.named_modules())")
+
+
+def _check_example(x, time_dim, model: nn.Module) -> torch.Tensor:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"example_input must be a tensor, got {type(x).__name__}")
     if x.dim() <= time_dim:
         raise ConversionError(f"example_input of shape {tuple(x.shape)} has no time dimension {time_dim}",
                               fix="pass a clip shaped (B, C, T, ...) or set time_dim=")
+    if not x.is_floating_point():
+        raise ConversionError(f"example_input is {x.dtype}: cofx checks the conversion on random clips of the "
+                              "example's dtype", fix="pass a floating-point clip (x.float())")
+    if x.shape[0] == 0 or x.shape[time_dim] == 0:
+        raise ConversionError(f"example_input of shape {tuple(x.shape)} is empty",
+                              fix="pass a clip of at least one stream and the clip length the model sees")
+    param = next((p for p in model.parameters() if p.is_floating_point()), None)
+    if param is not None and param.dtype != x.dtype:
+        raise ConversionError(f"example_input is {x.dtype} but the model's parameters are {param.dtype}",
+                              fix=f"pass example_input.to({param.dtype}) or convert model.to({x.dtype})")
     return x[:1].detach()
 
 

@@ -202,3 +202,20 @@ def test_training_mode_batchnorm_while_stepping(co):
 def test_state_from_another_model_is_refused(co):
     with pytest.raises(cofx.StreamError, match="state keys do not match"):
         co.set_state({"x": 1})
+
+
+@pytest.mark.parametrize("call, words", [
+    (lambda m: cofx.convert(m, torch.randn(1, 4, 8)), "example_input is torch.float32 but the model's parameters are torch.float64"),
+    (lambda m: cofx.convert(m, torch.ones(1, 4, 8, dtype=torch.long)), "pass a floating-point clip"),
+    (lambda m: cofx.convert(m, torch.randn(1, 4, 0, dtype=torch.float64)), "is empty"),
+    (lambda m: cofx.convert(m, torch.randn(1, 4, 8, dtype=torch.float64), time_dim=0), "dim 0 is the batch"),
+    (lambda m: cofx.convert(m, torch.randn(1, 4, 8, dtype=torch.float64), time_dim=-1), "positive int"),
+    (lambda m: cofx.convert(m, torch.randn(1, 4, 8, dtype=torch.float64), leaf_modules=[3]), "leaf_modules holds 3"),
+    (lambda m: cofx.convert(m, torch.randn(1, 4, 8, dtype=torch.float64), leaf_modules=["nope"]),
+     "not a submodule"),
+])
+def test_bad_convert_arguments_are_conversion_errors_with_the_fix(call, words):
+    model = torch.nn.Sequential(torch.nn.Conv1d(4, 4, 3, padding=1)).double()
+    with pytest.raises(cofx.ConversionError) as e:
+        call(model)
+    assert words in str(e.value) and "fix:" in str(e.value)
