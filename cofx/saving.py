@@ -2,13 +2,16 @@
 
 A continual model is its clip model plus how it was converted, so the file
 holds exactly that, and `load` converts again (the same graph, the same
-weights, the same delay). How the clip model is stored decides whether
-loading is safe:
+weights, the same delay). Nothing a file names runs unless the caller trusts
+the file or names the code themselves, since a crafted file could name any
+callable (``builtins:exit`` would end the process with status 0):
 
 - with ``source="package.module:callable"`` the file holds only tensors and
-  plain facts: it loads with ``torch.load(weights_only=True)`` and the model is
-  rebuilt by calling the code the user installed, as ``cofx convert`` does for
-  an import spec. Models whose graph cannot be pickled (X3D keeps lambdas) can
+  plain facts, read with ``torch.load(weights_only=True)``; the model is
+  rebuilt by calling installed code, as ``cofx convert`` does for an import
+  spec. `load` imports and calls the import spec and leaf-module types the
+  file names only with ``trust=True``; ``source=`` and ``leaf_modules=`` give
+  them instead. Models whose graph cannot be pickled (X3D keeps lambdas) can
   only be saved this way.
 - without it the file holds the pickled clip graph (``co.clip_model()``), and
   unpickling that runs code from the file, like ``torch.load(weights_only=False)``:
@@ -20,6 +23,7 @@ import importlib
 import io
 import os
 import pickle
+import re
 import warnings
 
 import torch
@@ -31,6 +35,7 @@ from .model_source import from_spec
 FORMAT = "cofx.continual"
 VERSION = 1
 FACTS = ("delay", "receptive_field", "stride", "exact")
+IMPORT_PATH = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*")   # package.module:qualname, nothing else
 
 
 def save(co, path, *, source: str = None) -> None:
@@ -63,9 +68,15 @@ def save(co, path, *, source: str = None) -> None:
 
 
 def info(path) -> dict:
-    """What a cofx file says about itself, read safely (weights_only): meta, source, whether loading needs trust."""
+    """What a cofx file says about itself, read with weights_only and importing nothing.
+
+    ``needs_trust`` is True when the file holds a pickled graph (only ``trust=True``
+    loads it); otherwise ``source`` and ``leaf_types`` are the code `load` imports,
+    which needs ``trust=True`` or the caller's ``source=`` and ``leaf_modules=``.
+    """
     record = _read(path)
-    return {"meta": dict(record["meta"]), "source": record["source"], "needs_trust": "graph" in record}
+    return {"meta": dict(record["meta"]), "source": record["source"], "leaf_types": _leaf_types(record),
+            "needs_trust": "graph" in record}
 
 
 def is_continual_file(path) -> bool:
@@ -77,19 +88,26 @@ def is_continual_file(path) -> bool:
         return False
 
 
-def load(path, *, trust: bool = False):
+def load(path, *, trust: bool = False, source: str = None, leaf_modules=None):
     """Load a continual model written by `cofx.save`: converted again, in eval mode, with a clean state.
 
     Args:
         path: the file.
-        trust: allow unpickling the clip graph of a file saved without ``source=``
-            (that runs code from the file: only for files you made or trust).
-            Files saved with ``source=`` never need it.
+        trust: let the file name the code that runs: unpickle the clip graph of a
+            file saved without ``source=``, or import and call the import spec and
+            leaf-module types of a file saved with it. Only for files you made or trust.
+        source: the import spec that builds the clip model (as given to `cofx.save`),
+            used instead of the one the file names; loads a file saved with
+            ``source=`` without trusting it.
+        leaf_modules: the leaf modules the model was converted with, used instead
+            of the types the file names (needed with ``source=`` when it names any).
     """
     from .api import convert   # cofx.api imports the whole compiler; cofx.saving stays light to import
     record = _read(path)
     meta = record["meta"]
-    dtype = getattr(torch, meta["dtype"])
+    dtype = getattr(torch, str(meta["dtype"]), None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"'{path}' is not a continual model written by cofx.save (its dtype is {meta['dtype']!r})")
     if "graph" in record:
         if not trust:
             raise ValueError(f"'{path}' holds the model's pickled graph (it was saved without source=), and "
@@ -98,9 +116,10 @@ def load(path, *, trust: bool = False):
         saved = torch.load(io.BytesIO(record["graph"]), map_location="cpu", weights_only=False)
         model, options = saved["model"], saved["options"]
     else:
-        model = from_spec(record["source"]).to(dtype)
+        _check_named(path, record, trust, source, leaf_modules)
+        model = from_spec(source or record["source"]).to(dtype)
         model.load_state_dict(record["state_dict"], strict=True)
-        options = _live_options(record["options"])
+        options = _live_options(record["options"], leaf_modules)
     co = convert(model.eval(), torch.zeros(meta["clip_shape"], dtype=dtype), **options)
     co.eval()
     changed = [f"{k} {meta[k]} -> {getattr(co, 'is_exact' if k == 'exact' else k)}" for k in FACTS
@@ -122,7 +141,35 @@ def _read(path) -> dict:
         raise ValueError(f"'{path}' is not a continual model written by cofx.save")
     if record["version"] > VERSION:
         raise ValueError(f"'{path}' was written by a newer cofx ({record['meta']['cofx']}); upgrade cofx to load it")
+    named = ([record["source"]] if "graph" not in record else []) + _leaf_types(record)
+    if not all(isinstance(name, str) and IMPORT_PATH.fullmatch(name) for name in named):
+        raise ValueError(f"'{path}' is not a continual model written by cofx.save (it names code that is not "
+                         "an import path package.module:name)")
     return record
+
+
+def _leaf_types(record) -> list:
+    """The leaf-module types a file saved with ``source=`` names, as ``module:qualname``."""
+    leaves = record.get("options", {}).get("leaf_modules", ())
+    return [leaf.get("type") for leaf in leaves if isinstance(leaf, dict)]
+
+
+def _check_named(path, record, trust, source, leaf_modules) -> None:
+    """Refuse, before importing anything, to run code the file names that the caller neither gave nor trusted."""
+    types = _leaf_types(record)
+    untrusted = []
+    if not trust and source is None:
+        untrusted.append(f"the import spec '{record['source']}'")
+    if not trust and leaf_modules is None:
+        untrusted += [f"the leaf-module type '{t}'" for t in types]
+    if not untrusted:
+        return
+    given = f"source={source or record['source']!r}" + (
+        f", leaf_modules=({', '.join(t.replace(':', '.') for t in types)},)" if types else "")
+    raise ValueError(f"'{path}' names code that loading imports and calls ({', '.join(untrusted)}), and a crafted "
+                     f"file can name any callable; load it only if you trust the file: cofx.load({str(path)!r}, "
+                     f"trust=True) (on the command line: --trust), or name that code yourself: "
+                     f"cofx.load({str(path)!r}, {given})")
 
 
 def _facts(co) -> dict:
@@ -148,7 +195,10 @@ def _plain_options(options: dict) -> dict:
     return {**options, "leaf_modules": leaves}
 
 
-def _live_options(options: dict) -> dict:
+def _live_options(options: dict, leaf_modules=None) -> dict:
+    """`options` with the caller's `leaf_modules`, or else the types the file names imported (trusted)."""
+    if leaf_modules is not None:
+        return {**options, "leaf_modules": tuple(leaf_modules)}
     leaves = []
     for leaf in options["leaf_modules"]:
         if isinstance(leaf, dict):
