@@ -70,16 +70,13 @@ def from_file(path: str, trust: bool = False, command: str = "cofx convert") -> 
     if not trust:
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as e:
-            if "Unsupported global" not in str(e):
-                raise SourceError(f"'{path}' is not a file written by torch.save (it cannot be unpickled)")
-            found = re.search(r"GLOBAL ([\w.]+)", str(e))
-            what = f"a pickled {found.group(1)}" if found else "a pickled module"
-            raise SourceError(f"refusing to load '{path}': it holds {what}, and loading it runs code "
+        except Exception as e:
+            pickled = _pickled_global(e)
+            if pickled is None:
+                raise SourceError(f"'{path}' {_unreadable(e)}")
+            raise SourceError(f"refusing to load '{path}': it holds a pickled {pickled}, and loading it runs code "
                               "from the file (PyTorch's weights_only rule); if you trust the file, run: "
                               f"{command} {path} --trust")
-        except Exception:
-            raise SourceError(f"'{path}' is not a file written by torch.save (it cannot be read)")
     else:
         try:
             obj = torch.load(path, map_location="cpu", weights_only=False)
@@ -103,8 +100,10 @@ def load_weights(model: nn.Module, path: str) -> None:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise SourceError(f"cannot read weights from '{path}' with weights_only=True: {_first_line(e)}; "
-                          "save them with torch.save(model.state_dict(), path)")
+        pickled = _pickled_global(e)
+        why = _unreadable(e) if pickled is None else f"holds a pickled {pickled}, not only tensors"
+        raise SourceError(f"cannot read weights from '{path}': it {why}; save them with "
+                          "torch.save(model.state_dict(), path)")
     state = _state_dict_in(obj)
     if state is None:
         keys = f" (its keys: {', '.join(map(str, list(obj)[:8]))})" if isinstance(obj, dict) else ""
@@ -119,6 +118,21 @@ def load_weights(model: nn.Module, path: str) -> None:
         why = (f"missing {_few(missing)}, unexpected {_few(unexpected)}" if missing or unexpected
                else _first_line(e))
         raise SourceError(f"the weights in '{path}' do not fit the model: {why}")
+
+
+def _pickled_global(e: Exception) -> Optional[str]:
+    """The class or function named in torch's weights_only refusal `e`, else None."""
+    if not isinstance(e, pickle.UnpicklingError) or "Unsupported global" not in str(e):
+        return None
+    found = re.search(r"GLOBAL ([\w.]+)", str(e))
+    return found.group(1) if found else "module"
+
+
+def _unreadable(e: Exception) -> str:
+    """Why torch.load failed, in cofx's words: torch's own text has terminal colours and unsafe advice."""
+    if isinstance(e, EOFError) or "central directory" in str(e):
+        return "is truncated or damaged (not a whole file written by torch.save)"
+    return "is not a file written by torch.save (it cannot be read)"
 
 
 def _state_dict_in(obj) -> Optional[dict]:
