@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import sys
 import traceback
@@ -16,7 +17,8 @@ import warnings
 MODEL_HELP = """the clip model: a file written by torch.save(model) (needs --trust: loading
 it runs code from the file), an import spec package.module:callable that builds
 it (e.g. pytorchvideo.models.hub:x3d_s; called with pretrained=False), or a file
-written by `cofx convert`"""
+written by `cofx convert` (needs --trust: loading it imports and calls the code
+the file names)"""
 
 DESCRIPTION = """Turn a PyTorch clip model (a 3D CNN that takes a whole clip of frames) into a
 continual model that takes one frame at a time with no redundant computation,
@@ -65,6 +67,18 @@ def window(text: str) -> tuple:
     return path, int(frames)
 
 
+def time_dim(text: str) -> int:
+    try:
+        dim = int(text)
+    except ValueError:
+        dim = 0
+    if dim < 1:
+        raise argparse.ArgumentTypeError(
+            f"bad --time-dim '{text}': give the index of the input's time dimension, counted from 0 and at least 1 "
+            "(dimension 0 is the batch), e.g. 2 for B,C,T,H,W or 1 for B,T,C")
+    return dim
+
+
 def positive(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got '{text}'")
@@ -86,12 +100,15 @@ def build_parser() -> argparse.ArgumentParser:
                          help="a state_dict to load into the model (or a checkpoint holding one under a key such "
                               "as state_dict or model_state); read with weights_only=True")
     loading.add_argument("--trust", action="store_true",
-                         help="allow loading MODEL from a pickled file; this runs code from the file, so only "
-                              "for files you made or trust (PyTorch's weights_only rule)")
+                         help="allow loading MODEL from a pickled file, or from a file written by cofx convert that "
+                              "names the code building the model; this runs code the file names, so only for "
+                              "files you made or trust (PyTorch's weights_only rule)")
     conv = model.add_argument_group("conversion")
     conv.add_argument("--input-shape", type=input_shape, metavar="B,C,T,...",
                       help="the clip the model takes, e.g. 1,3,16,112,112; needed unless the model implies "
                            "it (a pooling layer spanning the whole clip, as in X3D)")
+    conv.add_argument("--time-dim", type=time_dim, default=2, metavar="DIM",
+                      help="the input's time dimension (default 2: B,C,T,...); with another, pass --input-shape")
     conv.add_argument("--window", type=window, action="append", default=[], metavar="PATTERN=FRAMES",
                       help="sliding-window length of global temporal reductions matched by a glob pattern over "
                            "node names, module paths or module class names (repeatable), e.g. "
@@ -107,7 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("convert", "convert a clip model and save the continual model",
                 "Convert MODEL into a continual model and save it. Load it in Python with\n"
-                "cofx.load(OUT) (files converted from a torch.save file need cofx.load(OUT, trust=True)).\n"
+                "cofx.load(OUT, source=SPEC) for a model given as an import spec SPEC, or\n"
+                "cofx.load(OUT, trust=True) (files converted from a torch.save file need the latter).\n"
                 "The file records the cofx and torch versions, the input shape, delay and receptive field.",
                 "example:\n  cofx convert pytorchvideo.models.hub:x3d_s --weights x3d_s.pyth -o x3d_s.continual.pt")
     p.add_argument("-o", "--output", metavar="OUT",
@@ -123,7 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
                 "Show how MODEL converts: one row per node (kind, temporal kernel/stride/padding/\n"
                 "dilation, receptive field, delay, state bytes, FLOPs per step) and a summary.",
                 "example:\n  cofx inspect model.pt --trust --dot latency.dot && dot -Tpng latency.dot -o latency.png")
-    p.add_argument("--json", action="store_true", help="print JSON instead of a table, for machines")
+    p.add_argument("--json", action="store_true",
+                   help="print JSON instead of a table, for machines (strict JSON: an unbounded receptive field "
+                        "is the string \"inf\")")
     p.add_argument("--dot", metavar="FILE",
                    help="write a Graphviz graph of where the latency comes from: nodes coloured by kind and "
                         "labelled with their delay, delay buffers in red on the edges that hold them")
@@ -185,7 +205,8 @@ def _load(args):
 
     if os.path.isfile(args.model) and saving.is_continual_file(args.model):
         flags = [f for f, on in (("--weights", args.weights), ("--input-shape", args.input_shape),
-                                 ("--window", args.window), ("--init replicate", args.init != "zeros")) if on]
+                                 ("--time-dim", args.time_dim != 2), ("--window", args.window),
+                                 ("--init replicate", args.init != "zeros")) if on]
         if args.command == "convert":
             raise UsageError(f"'{args.model}' is already a continual model; convert the original model")
         if flags:
@@ -193,6 +214,10 @@ def _load(args):
                              "pass the original model to change how it converts")
         co = saving.load(args.model, trust=args.trust)
         return co, co, None
+    if args.input_shape and args.time_dim >= len(args.input_shape):
+        raise UsageError(f"--time-dim {args.time_dim} is beyond the input's {len(args.input_shape)} dimensions "
+                         f"(--input-shape {','.join(map(str, args.input_shape))}); give 1 to "
+                         f"{len(args.input_shape) - 1}")
     spec = args.model if model_source.is_spec(args.model) else None
     if spec:
         model = model_source.from_spec(spec)
@@ -206,21 +231,35 @@ def _load(args):
     else:
         gm = trace(model)
         try:
-            example = implied_input(gm)
+            example = implied_input(gm, args.time_dim)
         except cofx.ConversionError as e:
             raise UsageError(f"cannot infer the clip length of '{args.model}' ({e.why}); "
                              "pass --input-shape B,C,T,... e.g. 1,3,16,112,112") from None
     co = cofx.convert(model, example, strict=getattr(args, "strict", False) and args.command == "convert",
-                      window=dict(args.window), init=args.init)
+                      time_dim=args.time_dim, window=dict(args.window), init=args.init)
     co.eval()
     return model, co, spec
 
 
-def _default_output(model_arg: str, spec) -> str:
-    if spec:
-        return spec.partition(":")[2].split(".")[-1] + ".continual.pt"
+def _default_output(model_arg: str) -> str:
+    from cofx.model_source import is_spec
+    if is_spec(model_arg):
+        return model_arg.partition(":")[2].split(".")[-1] + ".continual.pt"
     root, ext = os.path.splitext(model_arg)
     return (root if ext in (".pt", ".pth", ".pkl", ".bin") else model_arg) + ".continual.pt"
+
+
+def _output(path, flag: str, example: str):
+    """`path` when a file can be written there; checked before converting, which takes a while."""
+    if path is None:
+        return None
+    if os.path.isdir(path):
+        raise UsageError(f"{flag} '{path}' is a folder; give a file name, e.g. "
+                         f"{flag} {os.path.join(path, example)}")
+    folder = os.path.dirname(path)
+    if folder and not os.path.isdir(folder):
+        raise UsageError(f"{flag} '{path}': the folder '{folder}' does not exist; create it or give another path")
+    return path
 
 
 # -- commands -----------------------------------------------------------------------------------
@@ -228,16 +267,21 @@ def _default_output(model_arg: str, spec) -> str:
 def run_convert(args) -> int:
     from cofx import saving
     from cofx.summary import format_summary, summary
+    out = _output(args.output or _default_output(args.model), "-o", "model.continual.pt")
+    onnx = _output(args.onnx, "--onnx", "model.onnx")
+    for given in (args.model, args.weights):
+        if given and os.path.exists(given) and os.path.exists(out) and os.path.samefile(given, out):
+            raise UsageError(f"-o '{out}' is the input '{given}', which converting would overwrite; "
+                             "give another -o")
     _, co, spec = _load(args)
-    out = args.output or _default_output(args.model, spec)
     saving.save(co, out, source=spec)
-    how = f"cofx.load({out!r})" if spec else (f"cofx.load({out!r}, trust=True) (it holds the model's pickled "
-                                             "graph, as the model file did)")
+    how = f"cofx.load({out!r}, source={spec!r})" if spec else (
+        f"cofx.load({out!r}, trust=True) (it holds the model's pickled graph, as the model file did)")
     print(f"wrote {out}; load it with {how}")
-    if args.onnx:
+    if onnx:
         from cofx.onnx_export import export_onnx
-        info = export_onnx(co, args.onnx)
-        print(f"wrote {args.onnx}: one step with {len(info['state_names'])} state tensors; start each stream "
+        info = export_onnx(co, onnx)
+        print(f"wrote {onnx}: one step with {len(info['state_names'])} state tensors; start each stream "
               "with zero states and reset=True")
     print(format_summary(summary(co)))
     return 0
@@ -247,6 +291,7 @@ def run_inspect(args) -> int:
     from cofx.flops import node_step_flops
     from cofx.latency_graph import write_dot
     from cofx.summary import format_summary, summary
+    _output(args.dot, "--dot", "latency.dot")
     _, co, _ = _load(args)
     facts = summary(co)
     flops = node_step_flops(co)
@@ -254,7 +299,8 @@ def run_inspect(args) -> int:
         write_dot(co, args.dot)
     if args.json:
         nodes = [{**row, "flops_per_step": flops.get(row["name"], 0)} for row in co.report.to_dicts()]
-        print(json.dumps({"model": args.model, "summary": facts, "nodes": nodes}, indent=2))
+        print(json.dumps(_strict_json({"model": args.model, "summary": facts, "nodes": nodes}), indent=2,
+                         allow_nan=False))
         return 0
     print(node_table(co.report, flops))
     print()
@@ -262,6 +308,17 @@ def run_inspect(args) -> int:
     if args.dot:
         print(f"\nwrote {args.dot} (render it with: dot -Tpng {args.dot} -o latency.png)")
     return 0
+
+
+def _strict_json(obj):
+    """`obj` with infinities as the strings "inf"/"-inf" and NaN as None: JSON has no such numbers."""
+    if isinstance(obj, dict):
+        return {k: _strict_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_strict_json(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None if math.isnan(obj) else ("inf" if obj > 0 else "-inf")
+    return obj
 
 
 def node_table(report, flops: dict) -> str:
@@ -300,6 +357,7 @@ def run_verify(args) -> int:
 def run_bench(args) -> int:
     from cofx.bench import bench
     from cofx.summary import human, human_bytes, summary
+    _output(args.plot, "--plot", "latency.png")
     _, co, _ = _load(args)
     facts = summary(co)
 
