@@ -51,6 +51,18 @@ class Squeeze(Open):
         return self.fc(x.mean((2, 3, 4)))
 
 
+class Recurrent(nn.Module):
+    """A GRU over (B, T, C) sensor frames: time is dimension 1, and the receptive field is unbounded."""
+
+    def __init__(self):
+        super().__init__()
+        self.rnn = nn.GRU(3, 5, batch_first=True)
+        self.fc = nn.Linear(5, 2)
+
+    def forward(self, x):
+        return self.fc(self.rnn(x)[0][:, -1])
+
+
 def tiny():
     torch.manual_seed(0)
     return Tiny()
@@ -75,6 +87,11 @@ def flipped():
 def squeeze():
     torch.manual_seed(0)
     return Squeeze()
+
+
+def recurrent():
+    torch.manual_seed(0)
+    return Recurrent()
 
 
 def not_a_model():

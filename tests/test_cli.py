@@ -37,7 +37,7 @@ COMMANDS = {
     "convert_trusted": ["convert", "tiny.pt", "--trust", "-o", "trusted.continual.pt"],
     "inspect": ["inspect", "cli_models:tiny", "--dot", "latency.dot"],
     "verify": ["verify", "cli_models:tiny"] + (["--video", "clip.mp4"] if HAVE_AV else []),
-    "bench": ["bench", "saved.continual.pt", "--rounds", "3", "--plot", "latency.png"],
+    "bench": ["bench", "saved.continual.pt", "--trust", "--rounds", "3", "--plot", "latency.png"],
     # verify finds a mismatch: exit 1
     "verify_corrupted": ["verify", "cli_models:corrupted"],
     # usage, loading and conversion errors: exit 2
@@ -171,11 +171,11 @@ def _steps(co, frames):
 def test_convert_load_step_equals_converting_in_python(runs):
     work, results = runs
     out = _ok(results["convert"]).stdout
-    assert "wrote tiny.continual.pt" in out and "cofx.load('tiny.continual.pt')" in out
+    assert "wrote tiny.continual.pt" in out and "cofx.load('tiny.continual.pt', source='cli_models:tiny')" in out
     for words in ("exact", "receptive field  10 frames", "delay            7 frames", "FLOPs per step",
                   "FLOPs per clip", "state memory"):
         assert words in out, (words, out)
-    loaded = cofx.load(work / "tiny.continual.pt")
+    loaded = cofx.load(work / "tiny.continual.pt", source="cli_models:tiny")
     in_python = cofx.convert(cli_models.tiny())
     assert not loaded.training and (loaded.delay, loaded.receptive_field) == (7, 10)
     frames = torch.randn(1, 3, 20, 8, 8)
@@ -199,7 +199,7 @@ def test_convert_with_weights_from_checkpoint_and_replicate_init(runs):
     work, results = runs
     out = _ok(results["convert_weights"]).stdout
     assert "not exact: init=replicate" in out
-    co = cofx.load(work / "hub.continual.pt")
+    co = cofx.load(work / "hub.continual.pt", source="cli_models:hub_style")
     expected = torch.load(work / "ckpt.pt", weights_only=True)["model_state"]
     assert co.options["init"] == "replicate" and not co.is_exact
     assert all(torch.equal(co.state_dict()[k], v) for k, v in expected.items())
@@ -225,7 +225,7 @@ def test_convert_windowed_model_says_so_and_keeps_the_window(cli):
     code, out, _ = cli("convert", "cli_models:squeeze", "--input-shape", SHAPE, "--window", "mean=1",
                        "-o", "squeeze.continual.pt")
     assert code == 0 and "windowed (not exact)" in out and "causal window of 1 frames" in out
-    co = cofx.load("squeeze.continual.pt")
+    co = cofx.load("squeeze.continual.pt", source="cli_models:squeeze")
     assert co.options["window"] == {"mean": 1} and not co.is_exact
 
 
@@ -286,6 +286,17 @@ def test_inspect_json_is_complete(cli):
     assert summary["exact"] is True and summary["delay"] == 7 and summary["receptive_field"] == 10
     assert sum(n["flops_per_step"] for n in nodes.values()) == summary["flops_per_step"] > 0
     assert summary["flops_per_clip"] > summary["flops_per_step"]
+
+
+def test_inspect_json_is_strict_json(cli):
+    """JSON has no Infinity or NaN: a recurrent layer's unbounded receptive field is the string "inf"."""
+    code, out, _ = cli("inspect", "cli_models:recurrent", "--time-dim", "1", "--input-shape", "1,7,3", "--json")
+
+    def refuse(constant):
+        raise AssertionError(f"not JSON: {constant}")
+    data = json.loads(out, parse_constant=refuse)
+    assert code == 0 and data["summary"]["receptive_field"] == "inf"
+    assert next(n for n in data["nodes"] if n["name"] == "rnn")["receptive_field"] == "inf"
 
 
 # -- verify ---------------------------------------------------------------------------------------
@@ -385,6 +396,11 @@ def test_errors_say_the_fix(runs):
     (["verify", "cli_models:tiny", "--steps", "0"], "expected a positive integer, got '0'"),
     (["bench"], "the following arguments are required: MODEL"),
     (["convert", "cli_models:tiny", "--init", "edge"], "invalid choice: 'edge'"),
+    (["convert", "cli_models:tiny", "--time-dim", "-1"], "bad --time-dim '-1': give the index of the input's "
+                                                         "time dimension, counted from 0 and at least 1"),
+    (["convert", "cli_models:tiny", "--time-dim", "0"], "bad --time-dim '0'"),
+    (["convert", "cli_models:tiny", "--time-dim", "0"], "(dimension 0 is the batch)"),
+    (["convert", "cli_models:tiny", "--time-dim", "T"], "bad --time-dim 'T'"),
 ])
 def test_usage_errors_are_one_line_with_exit_code_2(args, expected, capsys):
     with pytest.raises(SystemExit) as e:
@@ -393,6 +409,64 @@ def test_usage_errors_are_one_line_with_exit_code_2(args, expected, capsys):
     assert e.value.code == 2 and len(err.strip().splitlines()) == 1, err
     assert expected in err and "--help" in err
     assert "Traceback" not in err
+
+
+def test_time_dim_converts_another_layout_and_must_fit_the_input(cli):
+    code, out, _ = cli("convert", "cli_models:recurrent", "--time-dim", "1", "--input-shape", "1,7,3")
+    assert code == 0 and "receptive field  inf frames" in out
+    co = cofx.load("recurrent.continual.pt", source="cli_models:recurrent")
+    assert co.options["time_dim"] == 1 and co.clip_shape == (1, 7, 3)
+    line = _error_text(*cli("convert", "cli_models:tiny", "--time-dim", "5", "--input-shape", SHAPE)[::2])
+    assert line.endswith("--time-dim 5 is beyond the input's 5 dimensions (--input-shape 1,3,6,8,8); give 1 to 4")
+
+
+@pytest.mark.parametrize("flag,value,expected", [
+    ("-o", "out", "-o 'out' is a folder; give a file name, e.g. -o out/model.continual.pt"),
+    ("-o", "nowhere/x.continual.pt", "the folder 'nowhere' does not exist; create it or give another path"),
+    ("--onnx", "out", "--onnx 'out' is a folder; give a file name, e.g. --onnx out/model.onnx"),
+])
+def test_convert_output_must_be_a_file_path(cli, flag, value, expected):
+    os.mkdir("out")
+    line = _error_text(*cli("convert", "cli_models:tiny", flag, value)[::2])
+    assert line.endswith(expected), line
+    assert not os.path.exists("tiny.continual.pt")   # refused before converting
+
+
+@pytest.mark.parametrize("command,flag", [("inspect", "--dot"), ("bench", "--plot")])
+def test_inspect_and_bench_outputs_must_be_file_paths(cli, command, flag):
+    os.mkdir("out")
+    line = _error_text(*cli(command, "cli_models:tiny", flag, "out")[::2])
+    assert f"{flag} 'out' is a folder; give a file name" in line
+
+
+def test_convert_refuses_to_overwrite_its_input(cli):
+    torch.save(cli_models.tiny(), "tiny.pt")
+    torch.save(cli_models.tiny().state_dict(), "weights.pt")
+    line = _error_text(*cli("convert", "tiny.pt", "--trust", "-o", "./tiny.pt")[::2])
+    assert line.endswith("-o './tiny.pt' is the input 'tiny.pt', which converting would overwrite; give another -o")
+    line = _error_text(*cli("convert", "cli_models:tiny", "--weights", "weights.pt", "-o", "weights.pt")[::2])
+    assert "is the input 'weights.pt'" in line
+    assert isinstance(torch.load("tiny.pt", weights_only=False), cli_models.Tiny)   # untouched
+    assert torch.load("weights.pt", weights_only=True).keys() == cli_models.tiny().state_dict().keys()
+
+
+def _truncated(path):
+    torch.save(cli_models.tiny().state_dict(), path)
+    data = open(path, "rb").read()
+    open(path, "wb").write(data[:len(data) // 2])
+
+
+@pytest.mark.parametrize("write,why", [
+    (lambda path: open(path, "w").write("not a torch file"), "it is not a file written by torch.save (it cannot be read)"),
+    (_truncated, "it is truncated or damaged (not a whole file written by torch.save)"),
+    (lambda path: torch.save(cli_models.tiny(), path), "it holds a pickled cli_models.Tiny, not only tensors"),
+])
+def test_bad_weights_file_says_why_in_plain_words(cli, write, why):
+    """torch's own message colours the terminal and advises weights_only=False; cofx's says what to do."""
+    write("bad.pt")
+    line = _error_text(*cli("convert", "cli_models:tiny", "--weights", "bad.pt")[::2])
+    assert f"cannot read weights from 'bad.pt': {why}; save them with torch.save(model.state_dict(), path)" in line
+    assert "\x1b" not in line and "weights_only=False" not in line and "weights_only` set to `False" not in line
 
 
 def test_debug_shows_the_traceback(cli):
@@ -407,7 +481,12 @@ def test_converted_file_as_model_refuses_conversion_flags(cli):
     assert "--input-shape do not apply" in line
     line = _error_text(*cli("convert", "saved.continual.pt")[::2])
     assert "already a continual model" in line
-    code, out, _ = cli("verify", "saved.continual.pt", "--steps", "10")
+    line = _error_text(*cli("verify", "saved.continual.pt", "--time-dim", "1")[::2])
+    assert "--time-dim do not apply" in line
+    line = _error_text(*cli("verify", "saved.continual.pt")[::2])
+    assert "names code that loading imports and calls (the import spec 'cli_models:tiny')" in line
+    assert "(on the command line: --trust)" in line
+    code, out, _ = cli("verify", "saved.continual.pt", "--trust", "--steps", "10")
     assert code == 0 and "PASS" in out
 
 
