@@ -236,7 +236,8 @@ def _load(args):
             raise UsageError(f"cannot infer the clip length of '{args.model}' ({e.why}); "
                              "pass --input-shape B,C,T,... e.g. 1,3,16,112,112") from None
     co = cofx.convert(model, example, strict=getattr(args, "strict", False) and args.command == "convert",
-                      time_dim=args.time_dim, window=dict(args.window), init=args.init)
+                      time_dim=args.time_dim, window=dict(args.window), init=args.init,
+                      validate=args.command != "verify")   # verify measures and reports every check itself
     co.eval()
     return model, co, spec
 
