@@ -337,6 +337,6 @@ def test_command_line_convert_writes_onnx(tmp_path, capsys):
     assert main(["convert", "cli_models:tiny", "-o", str(tmp_path / "tiny.continual.pt"), "--onnx", str(out)]) == 0
     assert f"wrote {out}" in capsys.readouterr().out
     onnx.checker.check_model(onnx.load(str(out)))
-    co = cofx.load(tmp_path / "tiny.continual.pt")
+    co = cofx.load(tmp_path / "tiny.continual.pt", source="cli_models:tiny")
     frames = torch.randn(2, 3, 20, 8, 8)
     assert_matches(run_onnx(session(out), frames), [run_alone(co, frames[b]) for b in range(2)])
