@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from .derived import Derived
+from .errors import StreamError
 
 
 class StreamContext:
@@ -65,8 +66,41 @@ class Stateful(Kernel):
         return {name: _map_tensors(getattr(self, name), torch.Tensor.clone) for name in self.state_names}
 
     def set_state(self, state: dict) -> None:
+        """Restore a `get_state` dict (the continual module checks it first: `check_state`)."""
         for name in self.state_names:
             setattr(self, name, _map_tensors(state[name], torch.Tensor.clone))
+
+    # -- checking a state before set_state takes it ------------------------------------------------------
+    def state_signature(self, state: dict) -> Optional[tuple]:
+        """The counters of `state` (a `get_state` dict of this kernel) that say how far into its stream it is,
+        as a tuple of ints, or None for a clean kernel. Two states of one stream at the same frame have the
+        same signature, whatever form (ordered, ring, double ring) their frames were kept in."""
+        return None
+
+    def check_state(self, name: str, state, ref1: dict, ref2: dict, batch: Optional[int], dtype, device) -> None:
+        """Raise a `StreamError` unless `state` is a state this kernel can hold for `batch` streams in `dtype` on
+        `device`. `ref1`/`ref2`: `state_spec` of this kernel's own state after a warm-up of 1 and of 2
+        streams (the expected entries, shapes and dtypes derive from them)."""
+        if not isinstance(state, dict):
+            raise state_error(name, self, None, f"a dict with the entries {list(self.state_names)}",
+                              type(state).__name__)
+        if set(state) != set(self.state_names):
+            raise state_error(name, self, None, f"the entries {sorted(self.state_names)}",
+                              f"{sorted(map(str, state))}")
+        for entry in self.state_names:
+            check_state_value(self, name, entry, state[entry], ref1[entry], ref2[entry], batch, dtype, device)
+        self.check_counters(name, state)
+
+    def check_counters(self, name: str, state: dict) -> None:
+        """Raise a `StreamError` unless the counters of `state` agree with each other and with its tensors."""
+
+    def free_axis(self, entry: str, index: Optional[int]) -> Optional[int]:
+        """The axis of tensor `index` of `entry` whose size follows the stream (not fixed by the model)."""
+        return None
+
+    def entry_hint(self, entry: str) -> str:
+        """What an entry holds, for messages."""
+        return ""
 
     def detach_state(self) -> None:
         """Cut the state from the autograd graph of the call that made it (gradients flow within a call)."""
@@ -80,6 +114,145 @@ class Stateful(Kernel):
                 yield v
             elif isinstance(v, (list, tuple)):
                 yield from (t for t in v if isinstance(t, torch.Tensor))
+
+
+STATE_FIX = ("pass a state that co.get_state() returned on this model (or on a model converted from the same "
+             "architecture with the same options and frame size: other kernel sizes, strides, dilations, padding "
+             "or frame sizes make a state of another form), unchanged; or call co.clean_state() to start new "
+             "streams")
+
+
+def state_error(name: str, kernel, entry, expected: str, got: str, fix: str = STATE_FIX) -> StreamError:
+    """The `StreamError` of a state `set_state` refuses: names the kernel, the entry, what was expected and
+    what was given, and the fix."""
+    what = f"kernel '{name}'"
+    if kernel is not None:
+        extra = kernel.extra_repr()
+        what += f" ({type(kernel).__name__}{': ' + extra if extra else ''})"
+    if entry is not None:
+        what += f", entry '{entry}'"
+    return StreamError(f"set_state refused the state: {what}: expected {expected}, got {got}\n  fix: {fix}")
+
+
+def state_spec(v):
+    """The form of a state value, without its data: ("tensor", shape, dtype), ("seq", type, [specs]) or
+    ("plain", value)."""
+    if isinstance(v, torch.Tensor):
+        return ("tensor", tuple(v.shape), v.dtype)
+    if isinstance(v, (list, tuple)):
+        return ("seq", type(v), [state_spec(x) for x in v])
+    return ("plain", v)
+
+
+def _batch_exponent(s1: int, s2: int) -> Optional[int]:
+    """e with s2 = s1 * 2**e (a size that holds the batch e times over), or None."""
+    if s1 == s2:
+        return 0
+    if s1 > 0 and s2 % s1 == 0 and (s2 // s1) & (s2 // s1 - 1) == 0:
+        return (s2 // s1).bit_length() - 1
+    return None
+
+
+def expected_shape(shape1: tuple, shape2: tuple, batch: int) -> Optional[tuple]:
+    """The shape of a state tensor for `batch` streams, from its shapes for 1 and 2 streams."""
+    out = []
+    for s1, s2 in zip(shape1, shape2):
+        e = _batch_exponent(s1, s2)
+        out.append(s1 * batch ** e if e is not None else s1 + (batch - 1) * (s2 - s1))
+    return tuple(out)
+
+
+def _batch_of(shape: tuple, shape1: tuple, shape2: tuple, free: Optional[int]) -> Optional[int]:
+    """The number of streams a tensor of `shape` holds, if it fits the model's form for some batch."""
+    for d, (s, s1, s2) in enumerate(zip(shape, shape1, shape2)):
+        if d == free or s1 == s2:
+            continue
+        e = _batch_exponent(s1, s2)
+        if e is None or s1 == 0 or s % s1:
+            return None
+        b = round((s // s1) ** (1 / e))
+        for cand in (b - 1, b, b + 1):
+            if cand >= 1 and all(d2 == free or x == y for d2, (x, y) in
+                                 enumerate(zip(shape, expected_shape(shape1, shape2, cand)))):
+                return cand
+        return None
+    return None
+
+
+def _dims(shape: tuple, free: Optional[int]) -> str:
+    return "(" + ", ".join("any" if d == free else str(s) for d, s in enumerate(shape)) + \
+        ("," if len(shape) == 1 else "") + ")"
+
+
+def check_state_value(kernel, name: str, entry: str, v, spec1, spec2, batch: Optional[int], dtype, device,
+                      index: Optional[int] = None) -> None:
+    """`v` (a state value) has the form of `spec1`/`spec2` (see `state_spec`) for `batch` streams, its floating
+    tensors `dtype` and its tensors on `device` (None: not checked); None (a clean entry) always passes here
+    (`check_counters` decides whether the kernel may be clean)."""
+    label = entry if index is None else f"{entry}[{index}]"
+    if v is None:
+        return
+    kind = spec1[0]
+    if kind == "plain" and spec1[1] is None:
+        kind = spec2[0]
+        spec1 = spec2
+    if kind == "plain" and spec1[1] is None:   # never set in the warm-up: must stay None
+        raise state_error(name, kernel, label, "None (this kernel never holds a value there)", _describe(v))
+    if kind == "tensor":
+        if not isinstance(v, torch.Tensor):
+            raise state_error(name, kernel, label, "a tensor", _describe(v))
+        free = kernel.free_axis(entry, index)
+        shape1, shape2 = spec1[1], spec2[1] if spec2[0] == "tensor" else spec1[1]
+        want_dtype = (dtype if dtype is not None else v.dtype) if spec1[2].is_floating_point else spec1[2]
+        if v.dtype != want_dtype:
+            raise state_error(name, kernel, label, f"{want_dtype} (the model's dtype)" if spec1[2].is_floating_point
+                              else f"{want_dtype}", f"{v.dtype}",
+                              fix=f"convert the state's tensors to {want_dtype} (or the model to the state's dtype, "
+                                  f"co.to({v.dtype})) before set_state; or call co.clean_state() to start new streams")
+        if device is not None and v.device != device:
+            raise state_error(name, kernel, label, f"a tensor on {device} (the model's device)", f"one on {v.device}",
+                              fix=f"move the state's tensors to {device} (or the model to {v.device}) before "
+                                  "set_state; or call co.clean_state() to start new streams")
+        want = expected_shape(shape1, shape2, batch if batch is not None else 1)
+        if v.dim() != len(want) or any(d != free and s != w for d, (s, w) in enumerate(zip(v.shape, want))):
+            hint = kernel.entry_hint(entry)
+            expected = f"shape {_dims(want, free)}" + (f" ({hint})" if hint else "") + \
+                (f" for a batch of {batch}" if batch is not None else "")
+            got = f"shape {tuple(v.shape)}"
+            other = _batch_of(tuple(v.shape), shape1, shape2, free) if v.dim() == len(want) else None
+            if other is not None and batch is not None and other != batch:
+                raise state_error(name, kernel, label, expected, got + f", the state of {other} streams",
+                                  fix=f"a state holds one batch: '_stream_batch' says {batch} streams; take every "
+                                      "kernel's state from one co.get_state() of this model")
+            raise state_error(name, kernel, label, expected, got)
+        return
+    if kind == "seq":
+        if not isinstance(v, (list, tuple)) or len(v) != len(spec1[2]):
+            raise state_error(name, kernel, label, f"a {spec1[1].__name__} of {len(spec1[2])} tensors", _describe(v))
+        specs2 = spec2[2] if spec2[0] == "seq" else spec1[2]
+        for i, (x, s1, s2) in enumerate(zip(v, spec1[2], specs2)):
+            if x is None:
+                raise state_error(name, kernel, f"{label}[{i}]", "a tensor", "None")
+            check_state_value(kernel, name, entry, x, s1, s2, batch, dtype, device, i)
+        return
+    if isinstance(spec1[1], int) and not isinstance(spec1[1], bool):
+        if not isinstance(v, int) or isinstance(v, bool):
+            raise state_error(name, kernel, label, "an int (a counter)", _describe(v))
+        return
+    if type(v) is not type(spec1[1]):
+        raise state_error(name, kernel, label, f"a {type(spec1[1]).__name__}", _describe(v))
+
+
+def _describe(v) -> str:
+    if isinstance(v, torch.Tensor):
+        return f"a tensor of shape {tuple(v.shape)} ({v.dtype})"
+    if isinstance(v, (list, tuple)):
+        return f"a {type(v).__name__} of {len(v)}"
+    return f"{v!r} ({type(v).__name__})"
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
 
 
 def _map_tensors(v, fn):
@@ -158,6 +331,36 @@ class Sliding(Stateful):
 
     def state_tensors(self):
         yield from (t for t in (self._ring, self._dring, self._buf) if t is not None)
+
+    def state_signature(self, state: dict) -> Optional[tuple]:
+        return None if state["m"] is None else (state["m"], state["next_j"])
+
+    def free_axis(self, entry: str, index: Optional[int]) -> Optional[int]:
+        return None
+
+    def entry_hint(self, entry: str) -> str:
+        if entry == "buf":
+            return f"the last {self.keep} padded frames at dim {self.t}"
+        return ""
+
+    def check_counters(self, name: str, state: dict) -> None:
+        buf, m, nj = state["buf"], state["m"], state["next_j"]
+        if not (buf is None) == (m is None) == (nj is None):
+            given = ", ".join(f"{e}={'None' if state[e] is None else 'set'}" for e in self.state_names)
+            raise state_error(name, self, None, "'buf', 'm' and 'next_j' all None (a clean kernel) or all set",
+                              given)
+        if m is None:
+            return
+        for entry in ("m", "next_j"):
+            if not _is_int(state[entry]):
+                raise state_error(name, self, entry, "an int (a counter)", _describe(state[entry]))
+        if m < self.pad_l:
+            raise state_error(name, self, "m", f"a count of padded frames consumed of at least {self.pad_l} (the "
+                                               "start padding)", f"{m}")
+        want = max(0, (m - self.span) // self.stride + 1)
+        if nj != want:
+            raise state_error(name, self, "next_j", f"{want}, the next window after m={m} padded frames "
+                                                    f"(span {self.span}, stride {self.stride})", f"{nj}")
 
     @property
     def program_ring(self) -> Optional[str]:
@@ -423,6 +626,25 @@ class Align(Stateful):
     def extra_repr(self) -> str:
         return f"axes={self.axes}"
 
+    def state_signature(self, state: dict) -> Optional[tuple]:
+        pending = state["pending"]
+        return None if pending is None else tuple(p.shape[a] for p, a in zip(pending, self.axes))
+
+    def free_axis(self, entry: str, index: Optional[int]) -> Optional[int]:
+        return self.axes[index] if entry == "pending" and index is not None else None
+
+    def entry_hint(self, entry: str) -> str:
+        return f"frames of each input not yet matched, at dims {self.axes}" if entry == "pending" else ""
+
+    def check_counters(self, name: str, state: dict) -> None:
+        pending = state["pending"]
+        if pending is None:
+            return
+        counts = [p.shape[a] for p, a in zip(pending, self.axes)]
+        if min(counts) != 0:
+            raise state_error(name, self, "pending", "no frame held by at least one input (a merge emits every "
+                                                     "frame all of its inputs have)", f"{counts} frames held")
+
     def forward(self, *xs):
         if self.pending is None:
             self.pending = [x.narrow(a, 0, 0) for x, a in zip(xs, self.axes)]
@@ -496,6 +718,17 @@ class Recurrent(Stateful):
         self.__dict__["module"] = module
         self.window, self.per_frame_state = window, per_frame_state
         self.hx, self.seen = None, None
+
+    def state_signature(self, state: dict) -> Optional[tuple]:
+        return None if state["seen"] is None else (state["seen"],)
+
+    def check_counters(self, name: str, state: dict) -> None:
+        hx, seen = state["hx"], state["seen"]
+        if seen is not None and (not _is_int(seen) or seen < 0):
+            raise state_error(name, self, "seen", "None or a count of frames seen (an int >= 0)", _describe(seen))
+        if (hx is None) != (not seen):
+            raise state_error(name, self, "hx", "None before the first frame and a hidden state after it",
+                              f"hx {'None' if hx is None else 'set'} with seen={seen!r}")
 
     def forward(self, x):
         module, t = self.module, 1 if self.module.batch_first else 0

@@ -13,9 +13,10 @@ from . import modes
 from .compiled_step import CompiledSteps
 from .errors import StreamError
 from .flat_step import flat_step_module
-from .kernels import Stateful, StreamContext
+from .kernels import STATE_FIX, Align, Sliding, Stateful, StreamContext, state_spec
+from .masked_step import _warmup
 from .report import Report
-from .streams import CHILD as STREAMS_CHILD, restart_streams, set_ready
+from .streams import CHILD as STREAMS_CHILD, OutOfPhase, restart_streams, set_ready
 from .tracer import adopt_attributes
 
 
@@ -335,20 +336,94 @@ class ContinualModule(fx.GraphModule):
         return state
 
     def set_state(self, state: dict) -> None:
-        names = {n for n, _ in self._named_kernels()} | {"_stream_batch", "_stream_frames"}
-        # the streams kernel is added on the first partial restart: absent from states saved before; states
-        # of earlier versions of cofx do not count frames
-        optional = {STREAMS_CHILD, "_stream_frames"}
-        if not set(state) <= names or names - optional - set(state):
-            raise StreamError(f"state keys do not match this model: missing {sorted(names - optional - set(state))}"
-                              f", unexpected {sorted(set(state) - names)}")
-        for n, k in self._named_kernels():
+        """Resume from a `get_state` dict of this model (any point of a stream: clean, mid-warm-up, out of
+        phase). The state is checked against the model's own first: a state of another model (other kernel
+        sizes, strides, frame sizes), of another dtype or device, or with changed counters is refused with a
+        `StreamError` that names the kernel and the entry, and the current state is kept."""
+        self._check_new_state(state)
+        kernels = dict(self._named_kernels())
+        if state.get(STREAMS_CHILD, {}).get("state") is not None and STREAMS_CHILD not in kernels:
+            self.add_module(STREAMS_CHILD, OutOfPhase(self))   # a state saved out of phase, on another instance
+            kernels = dict(self._named_kernels())
+        for n, k in kernels.items():
             if n in state:
                 k.set_state(state[n])
             else:
                 k.clean()
         self.__dict__["_stream_batch"] = state["_stream_batch"]
         self.__dict__["_frames"] = state.get("_stream_frames")
+
+    def _check_new_state(self, state) -> None:
+        """Raise a `StreamError` unless `state` is one this model's own stream can be in (see `set_state`)."""
+        if not isinstance(state, dict):
+            raise StreamError(f"set_state takes the dict co.get_state() returns, got {type(state).__name__}")
+        kernels = dict(self._named_kernels())
+        names = set(kernels) | {STREAMS_CHILD, "_stream_batch", "_stream_frames"}
+        # the streams kernel is added on the first partial restart: absent from states saved before; states
+        # of earlier versions of cofx do not count frames
+        required = names - {STREAMS_CHILD, "_stream_frames"}
+        given = set(state)
+        if not given <= names or required - given:
+            raise StreamError(f"state keys do not match this model: missing {sorted(required - given)}, unexpected "
+                              f"{sorted(map(str, given - names))}\n  fix: {STATE_FIX}")
+        batch, frames = state["_stream_batch"], state.get("_stream_frames")
+        if batch is not None and (not isinstance(batch, int) or isinstance(batch, bool) or batch < 1):
+            raise StreamError(f"set_state refused the state: entry '_stream_batch': expected None or a batch size "
+                              f"(an int >= 1), got {batch!r}\n  fix: {STATE_FIX}")
+        if frames is not None and (not isinstance(frames, int) or isinstance(frames, bool) or frames < 0):
+            raise StreamError(f"set_state refused the state: entry '_stream_frames': expected None or a count of "
+                              f"frames (an int >= 0), got {frames!r}\n  fix: {STATE_FIX}")
+        if batch is None:
+            held = next((n for n in kernels if isinstance(state.get(n), dict)
+                         and any(v is not None for v in state[n].values())), None)
+            if held is not None:
+                raise StreamError(f"set_state refused the state: entry '_stream_batch': expected the batch size of "
+                                  f"the streams the kernels hold (kernel '{held}' is not clean), got None\n"
+                                  f"  fix: {STATE_FIX}")
+        ref = self._state_reference()
+        dtype, device = self._state_dtype_device(state)
+        for n, k in ref.kernels:
+            k.check_state(n, state[n], ref.spec1[n], ref.spec2[n], batch, dtype, device)
+        sig = tuple(k.state_signature(state[n]) for n, k in ref.kernels)
+        if batch is None and any(s is not None for s in sig):
+            n = next(n for (n, _), s in zip(ref.kernels, sig) if s is not None)
+            raise StreamError(f"set_state refused the state: entry '_stream_batch': expected the batch size of the "
+                              f"streams the kernels hold (kernel '{n}' is not clean), got None\n  fix: {STATE_FIX}")
+        streams = state.get(STREAMS_CHILD)
+        out_of_phase = isinstance(streams, dict) and streams.get("state") is not None
+        if STREAMS_CHILD in state:
+            child = kernels.get(STREAMS_CHILD) or OutOfPhase(self)
+            child.check_state(STREAMS_CHILD, streams, batch, dtype, device, ref)
+        if out_of_phase:
+            held = next((n for (n, _), s in zip(ref.kernels, sig) if s is not None), None)
+            if held is not None:
+                raise StreamError(f"set_state refused the state: kernel '{held}': expected None (the streams are "
+                                  f"out of phase: '{STREAMS_CHILD}' holds the state of every kernel), got a state"
+                                  f"\n  fix: {STATE_FIX}")
+            if frames is not None:
+                raise StreamError(f"set_state refused the state: entry '_stream_frames': expected None (streams out "
+                                  f"of phase have no common count of frames), got {frames}\n  fix: {STATE_FIX}")
+            return
+        if all(s is None for s in sig):   # clean (or only kernels that wait for their first frame)
+            if frames in (None, 0) or ref.at(frames) == sig:
+                return
+        ref.check_counters(sig, frames)
+
+    def _state_dtype_device(self, state: dict) -> tuple:
+        """The dtype and device a state's floating tensors must have: the model's, or (a model without floating
+        parameters) those of the state's first floating tensor."""
+        p = self._first_float_parameter()
+        if p is not None:
+            return p.dtype, p.device
+        leaves, _ = tree_flatten([v for n, v in state.items() if not n.startswith("_stream")])
+        first = next((v for v in leaves if isinstance(v, torch.Tensor) and v.is_floating_point()), None)
+        return (None, None) if first is None else (first.dtype, first.device)
+
+    def _state_reference(self) -> "_StateReference":
+        ref = self.__dict__.get("_state_ref")
+        if ref is None:
+            ref = self.__dict__["_state_ref"] = _StateReference(self)
+        return ref
 
     @property
     def state_bytes(self) -> int:
@@ -426,3 +501,162 @@ class ContinualModule(fx.GraphModule):
     def __deepcopy__(self, memo):
         raise TypeError("copy.deepcopy of a ContinualModule is not supported; convert a deep copy of the "
                         "original model instead")
+
+
+class _StateReference:
+    """What the states of a model's own streams look like, read off its kernels by running them.
+
+    - `spec1`/`spec2`: `kernels.state_spec` of every kernel's state after a warm-up of 1 and of 2 streams (the
+      entries, shapes, dtypes; a state of B streams has the shapes these give for B);
+    - `table[N]`: the counters of every kernel (`Stateful.state_signature`) after N frames of one stream
+      (N = 0: after an empty chunk), for N < warm-up + 2 periods; after the warm-up they repeat every `period`
+      frames, advanced by a fixed amount (`at` extrapolates: a stream of any length is checked exactly).
+
+    Built on the first `set_state` (a few hundred frames at most, on zeros; the model's hooks see them) and
+    kept: it depends on the model's structure only.
+    """
+
+    MAX_PERIOD = 64
+
+    def __init__(self, co: ContinualModule):
+        self.kernels = [(n, k) for n, k in co._named_kernels() if n != STREAMS_CHILD]
+        period = 1
+        for _, k in self.kernels:
+            if isinstance(k, Sliding):
+                period *= max(1, k.stride)
+        self.warmup = _warmup(co)
+        self.period = period if period <= self.MAX_PERIOD else None
+        length = self.warmup + 2 * (self.period or 4)
+        p = next((t for t in list(co.parameters()) + list(co.buffers()) if t.is_floating_point()), None)
+        dtype, device = (p.dtype, p.device) if p is not None else (torch.float32, torch.device("cpu"))
+        t = co._info["time_dim"]
+        frame = tuple(co._info["frame_shape"])
+
+        def zeros(batch, n):
+            return torch.zeros((batch, *frame[:t - 1], n, *frame[t - 1:]), dtype=dtype, device=device)
+
+        snap = co._snapshot()
+        training = {m: m.training for m in co.modules()}
+        had_ready, ready = "ready" in co.__dict__, co.__dict__.get("ready")
+        ctx_batch = co._ctx.batch
+        try:
+            co.eval()
+            with torch.no_grad():
+                self._run(co, zeros(2, self.warmup))
+                self.spec2 = {n: {e: state_spec(v) for e, v in k.get_state().items()} for n, k in self.kernels}
+                self._run(co, zeros(1, 0))
+                self.table = [self.signature()]
+                self.spec1 = None
+                frame1 = zeros(1, 1)
+                for n in range(1, length):
+                    self._run(co, frame1, clean=False)
+                    self.table.append(self.signature())
+                    if n == self.warmup:
+                        self.spec1 = {n: {e: state_spec(v) for e, v in k.get_state().items()} for n, k in self.kernels}
+        finally:
+            co._restore(snap)
+            for m, was in training.items():
+                m.training = was
+            co._ctx.batch = ctx_batch
+            if had_ready:
+                co.__dict__["ready"] = ready
+            else:
+                co.__dict__.pop("ready", None)
+        self.limits = [None if all(s[i] is None for s in self.table) else
+                       tuple(max(c) for c in zip(*[s[i] for s in self.table if s[i] is not None]))
+                       for i in range(len(self.kernels))]
+
+    def _run(self, co, x, clean=True):
+        if clean:
+            for _, k in self.kernels:
+                k.clean()
+        co._ctx.batch = x.shape[0]
+        co._step_module(x)
+
+    def signature(self) -> tuple:
+        return tuple(k.state_signature({s: getattr(k, s) for s in k.state_names}) for _, k in self.kernels)
+
+    def at(self, frames: int) -> Optional[tuple]:
+        """The counters after `frames` frames of a stream (None: beyond what can be told)."""
+        if frames < len(self.table):
+            return self.table[frames]
+        if self.period is None:
+            return None
+        r = self.warmup + (frames - self.warmup) % self.period
+        q = (frames - r) // self.period
+        return tuple(b if a is None or b is None else tuple(x + q * (y - x) for x, y in zip(a, b))
+                     for a, b in zip(self.table[r], self.table[r + self.period]))
+
+    def find(self, sig: tuple) -> tuple:
+        """(frames, None) when `sig` is the counters of a stream after `frames` frames, else (None, the frames of
+        the nearest such state: the one that agrees with most kernels)."""
+        best, best_bad = None, None
+        for n, s in enumerate(self.table):
+            if s == sig:
+                return n, None
+            bad = sum(a != b for a, b in zip(s, sig))
+            if best_bad is None or bad < best_bad:
+                best, best_bad = n, bad
+        if self.period is None:
+            return None, best
+        for r in range(self.warmup, self.warmup + self.period):
+            a_sig, b_sig = self.table[r], self.table[r + self.period]
+            q = None
+            for a, b, g in zip(a_sig, b_sig, sig):
+                if a is None or b is None or g is None or len(g) != len(a):
+                    continue
+                for x, y, v in zip(a, b, g):
+                    if y != x and (v - x) % (y - x) == 0 and q is None:
+                        q = (v - x) // (y - x)
+                if q is not None:
+                    break
+            if q is None or q < 0:
+                continue
+            n = r + q * self.period
+            s = self.at(n)
+            if s == sig:
+                return n, None
+            bad = sum(a != b for a, b in zip(s, sig))
+            if bad < best_bad:
+                best, best_bad = n, bad
+        return None, best
+
+    def check_counters(self, sig: tuple, frames: Optional[int], what: str = "the state") -> Optional[int]:
+        """Raise a `StreamError` unless the counters `sig` are those of a stream of this model (after `frames`
+        frames, when known); returns the frames."""
+        for (n, k), s, limit in zip(self.kernels, sig, self.limits):
+            if s is not None and limit is not None and isinstance(k, Align) and any(v > m for v, m in zip(s, limit)):
+                raise StreamError(f"set_state refused {what}: kernel '{n}' ({type(k).__name__}: {k.extra_repr()}): "
+                                  f"expected at most {limit} frames held, got {s}\n  fix: {STATE_FIX}")
+        want = self.at(frames) if frames is not None else None
+        if want is not None:
+            if want == sig:
+                return frames
+            found, _ = self.find(sig)
+            n, k, got, exp = next((n, k, g, w) for (n, k), g, w in zip(self.kernels, sig, want) if g != w)
+            also = f"; they are the counters after {found} frames" if found is not None else ""
+            raise StreamError(
+                f"set_state refused {what}: kernel '{n}' ({type(k).__name__}: {k.extra_repr()}), its counters "
+                f"{_counter_names(k)}: expected {exp} after the {frames} frames '_stream_frames' counts, got {got}"
+                f"{also}\n  fix: {STATE_FIX}")
+        if frames is not None and self.period is None:
+            return frames   # beyond the table of a model with a long period: only the local checks
+        found, near = self.find(sig)
+        if found is not None:
+            return found
+        if near is None:
+            return None
+        want = self.at(near)
+        n, k, got, exp = next((n, k, g, w) for (n, k), g, w in zip(self.kernels, sig, want) if g != w)
+        raise StreamError(
+            f"set_state refused {what}: kernel '{n}' ({type(k).__name__}: {k.extra_repr()}), its counters "
+            f"{_counter_names(k)}: expected {exp} (the other kernels are where a stream is after {near} frames), "
+            f"got {got}; no point of a stream of this model has these counters\n  fix: {STATE_FIX}")
+
+
+def _counter_names(k) -> str:
+    if isinstance(k, Sliding):
+        return "(m, next_j)"
+    if type(k).__name__ == "Recurrent":
+        return "(seen,)"
+    return "(frames held per input)"

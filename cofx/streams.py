@@ -23,14 +23,15 @@ the module), so the module's state functions handle it like any other kernel.
 """
 from __future__ import annotations
 
+import numbers
 from typing import Optional
 
 import torch
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .errors import StreamError
-from .kernels import Stateful
-from .masked_step import MaskedStep
+from .kernels import STATE_FIX, Stateful, state_error
+from .masked_step import MaskedStep, NotSteppable, _SlidingPlan
 
 CHILD = "cofx_streams"
 
@@ -56,6 +57,77 @@ class OutOfPhase(Stateful):
     @property
     def active(self) -> bool:
         return self.state is not None
+
+    def check_state(self, name: str, state, batch: Optional[int], dtype, device, ref) -> None:
+        """Raise a `StreamError` unless `state` is a state of this model's streams out of phase, for `batch`
+        streams in `dtype` on `device` (None: those of the state): the tensors `MaskedStep.initial_state` makes,
+        per-row counters that agree with each other, and every row at a point of its own stream (`ref`: the
+        module's `_StateReference`)."""
+        if not isinstance(state, dict) or set(state) != {"state"}:
+            raise state_error(name, None, None, "a dict with the entry 'state'", repr(state)[:80])
+        value = state["state"]
+        if value is None:
+            return
+        if batch is None:
+            raise state_error(name, None, "state", "None while '_stream_batch' is None", "a state")
+        if not isinstance(value, (list, tuple)) or not value or not isinstance(value[0], torch.Tensor):
+            raise state_error(name, None, "state", "a list: an empty tensor of the stream's dtype, then the "
+                              "tensors of the out-of-phase step", repr(value)[:80])
+        probe = value[0]
+        dtype = probe.dtype if dtype is None else dtype
+        device = probe.device if device is None else device
+        if not probe.is_floating_point() or probe.dtype != dtype or probe.device != device or probe.numel():
+            raise state_error(name, None, "state[0]", f"an empty {dtype} tensor on {device}",
+                              f"a {probe.dtype} tensor of shape {tuple(probe.shape)} on {probe.device}",
+                              fix=f"move the state's tensors to {dtype} on {device} (or the model to the state's "
+                                  f"dtype and device) before set_state; or call co.clean_state()")
+        try:
+            step = self.masked(dtype, device)
+        except NotSteppable as e:
+            raise state_error(name, None, "state", "None (this model cannot run streams out of phase: "
+                              f"{e})", "a state") from None
+        init, names = step.init, step.state_names
+        if len(value) != 1 + len(init):
+            raise state_error(name, None, "state", f"a list of {1 + len(init)} tensors", f"{len(value)}")
+        for i, (v, ref_t, entry) in enumerate(zip(value[1:], init, names), 1):
+            label = f"state[{i}] ({entry})"
+            want = (batch, *ref_t.shape[1:])
+            if not isinstance(v, torch.Tensor):
+                raise state_error(name, None, label, "a tensor", type(v).__name__)
+            if v.dtype != ref_t.dtype or v.device != ref_t.device:
+                raise state_error(name, None, label, f"{ref_t.dtype} on {ref_t.device}", f"{v.dtype} on {v.device}",
+                                  fix=f"move the state's tensors to {dtype} on {device} (or the model to the "
+                                      "state's dtype and device) before set_state; or call co.clean_state()")
+            if tuple(v.shape) != want:
+                raise state_error(name, None, label, f"shape {want} for a batch of {batch}", f"{tuple(v.shape)}")
+        rows = [{} for _ in range(batch)]
+        for node in step.order:
+            plan = step.plans[node]
+            lo, hi = step._slices[node]
+            counters = value[hi]   # the last tensor of each kernel: pos (Sliding) or count (Align)
+            label = f"state[{hi}] ({names[hi - 1]})"
+            if isinstance(plan, _SlidingPlan):
+                k = plan.k
+                for r, (m, nj) in enumerate(counters.tolist()):
+                    if plan.replicate_start and m == -1:
+                        ok, want = nj == 0, "[-1, 0] (not started)"
+                        rows[r][plan.name] = None
+                    else:
+                        want_nj = max(0, (m - k.span) // k.stride + 1)
+                        ok = m >= k.pad_l and nj == want_nj
+                        want = (f"[m, next_j] with m >= {k.pad_l} and next_j = {want_nj}" if m >= k.pad_l else
+                                f"[m, next_j] with m (padded frames consumed) >= {k.pad_l}")
+                        rows[r][plan.name] = (m, nj)
+                    if not ok:
+                        raise state_error(name, None, label, f"{want} for stream {r}", f"[{m}, {nj}]")
+            else:
+                for r, counts in enumerate(counters.tolist()):
+                    if any(c < 0 or c > s for c, s in zip(counts, plan.slots)) or min(counts) != 0:
+                        raise state_error(name, None, label, f"frames held per input between 0 and {plan.slots}, "
+                                          f"none held by at least one input, for stream {r}", f"{counts}")
+                    rows[r][plan.name] = tuple(counts)
+        for r, row in enumerate(rows):
+            ref.check_counters(tuple(row.get(n) for n, _ in ref.kernels), None, what=f"the state of stream {r}")
 
     def masked(self, dtype, device) -> MaskedStep:
         key = (dtype, torch.device(device))
@@ -101,21 +173,60 @@ def set_ready(co, ready: torch.Tensor) -> None:
         co.__dict__["ready"] = ready
 
 
-def _rows(streams, batch: int, device) -> torch.Tensor:
-    """`streams` (row indices, or a bool mask of the batch) as a (B,) bool mask."""
+_STREAMS_FIX = ("pass row indices (ints, e.g. streams=[0, 2], or an integer tensor) or a bool mask with one "
+                "entry per stream of the running batch (streams=torch.tensor([True, False, ...])); "
+                "co.clean_state() restarts every stream")
+
+
+def _indices(streams) -> torch.Tensor:
+    """`streams` as a flat integer or bool tensor; a `StreamError` for anything else (floats, strings, nested)."""
+    if isinstance(streams, bool):
+        raise StreamError(f"clean_state(streams={streams!r}): a single bool is neither a row nor a mask\n"
+                          f"  fix: {_STREAMS_FIX}")
     if isinstance(streams, int):
         streams = [streams]
-    t = torch.as_tensor(streams)
+    if isinstance(streams, (list, tuple)):
+        kinds = {type(s) for s in streams}
+        bad = next((s for s in streams if not (isinstance(s, numbers.Integral) or
+                                               (isinstance(s, torch.Tensor) and s.dim() == 0 and
+                                                not s.is_floating_point() and not s.is_complex()))), None)
+        if bad is not None:
+            raise StreamError(f"clean_state(streams={streams!r}): {bad!r} ({type(bad).__name__}) is not a row "
+                              f"index\n  fix: {_STREAMS_FIX}")
+        if bool in kinds and kinds - {bool}:
+            raise StreamError(f"clean_state(streams={streams!r}) mixes bools and row indices\n  fix: {_STREAMS_FIX}")
+        if not streams:
+            return torch.zeros(0, dtype=torch.long)
+    try:
+        t = torch.as_tensor(streams)
+    except (TypeError, ValueError, RuntimeError):
+        raise StreamError(f"clean_state(streams={streams!r}): not row indices nor a mask\n  fix: {_STREAMS_FIX}") \
+            from None
+    if t.is_floating_point() or t.is_complex():
+        raise StreamError(f"clean_state(streams={streams!r}): rows are ints, got {t.dtype} values\n"
+                          f"  fix: {_STREAMS_FIX}")
+    if t.dim() > 1:
+        raise StreamError(f"clean_state(streams=...) takes a flat list of rows or a (B,) mask, got shape "
+                          f"{tuple(t.shape)}\n  fix: {_STREAMS_FIX}")
+    return t.reshape(-1)
+
+
+def _rows(streams, batch: int, device) -> torch.Tensor:
+    """`streams` (row indices, or a bool mask of the batch) as a (B,) bool mask."""
+    t = _indices(streams)
     if t.dtype == torch.bool:
         if t.shape != (batch,):
             raise StreamError(f"streams= as a mask must have one entry per stream ({batch}), got shape "
-                              f"{tuple(t.shape)}")
+                              f"{tuple(t.shape)}\n  fix: a mask of the running batch has {batch} bools, one per "
+                              f"stream (True: restart it); or pass row indices 0 ... {batch - 1}")
         return t.to(device)
-    t = t.reshape(-1).long()
+    t = t.long()
     if t.numel() and (int(t.min()) < -batch or int(t.max()) >= batch):
-        raise StreamError(f"streams= {streams} names rows outside the batch of {batch} streams")
+        shown = t.tolist() if not isinstance(streams, (list, tuple, int)) else streams
+        raise StreamError(f"streams= {shown} names rows outside the batch of {batch} streams\n  fix: rows are "
+                          f"0 ... {batch - 1} (or -{batch} ... -1 from the end) while this batch of {batch} runs")
     mask = torch.zeros(batch, dtype=torch.bool)
-    mask[t] = True
+    mask[t.cpu()] = True
     return mask.to(device)
 
 
@@ -123,6 +234,7 @@ def restart_streams(co, streams) -> bool:
     """Restart the rows `streams` of the running batch; False when the whole batch restarts instead."""
     batch = co._stream_batch
     if batch is None:          # nothing running: every stream starts with its first frame anyway
+        _indices(streams)      # (but a malformed argument is refused all the same)
         return True
     child: Optional[OutOfPhase] = co._modules.get(CHILD)
     probe = _stream_tensor(co, child)
