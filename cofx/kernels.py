@@ -221,7 +221,7 @@ def check_state_value(kernel, name: str, entry: str, v, spec1, spec2, batch: Opt
             got = f"shape {tuple(v.shape)}"
             other = _batch_of(tuple(v.shape), shape1, shape2, free) if v.dim() == len(want) else None
             if other is not None and batch is not None and other != batch:
-                raise state_error(name, kernel, label, expected, got + f", the state of {other} streams",
+                raise state_error(name, kernel, label, expected, got + f", the state of {other} stream{'s' if other != 1 else ''}",
                                   fix=f"a state holds one batch: '_stream_batch' says {batch} streams; take every "
                                       "kernel's state from one co.get_state() of this model")
             raise state_error(name, kernel, label, expected, got)

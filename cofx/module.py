@@ -626,7 +626,7 @@ class _StateReference:
         frames, when known); returns the frames."""
         for (n, k), s, limit in zip(self.kernels, sig, self.limits):
             if s is not None and limit is not None and isinstance(k, Align) and any(v > m for v, m in zip(s, limit)):
-                raise StreamError(f"set_state refused {what}: kernel '{n}' ({type(k).__name__}: {k.extra_repr()}): "
+                raise StreamError(f"set_state refused {what}: kernel '{n}' ({_kind(k)}): "
                                   f"expected at most {limit} frames held, got {s}\n  fix: {STATE_FIX}")
         want = self.at(frames) if frames is not None else None
         if want is not None:
@@ -636,7 +636,7 @@ class _StateReference:
             n, k, got, exp = next((n, k, g, w) for (n, k), g, w in zip(self.kernels, sig, want) if g != w)
             also = f"; they are the counters after {found} frames" if found is not None else ""
             raise StreamError(
-                f"set_state refused {what}: kernel '{n}' ({type(k).__name__}: {k.extra_repr()}), its counters "
+                f"set_state refused {what}: kernel '{n}' ({_kind(k)}), its counters "
                 f"{_counter_names(k)}: expected {exp} after the {frames} frames '_stream_frames' counts, got {got}"
                 f"{also}\n  fix: {STATE_FIX}")
         if frames is not None and self.period is None:
@@ -649,9 +649,14 @@ class _StateReference:
         want = self.at(near)
         n, k, got, exp = next((n, k, g, w) for (n, k), g, w in zip(self.kernels, sig, want) if g != w)
         raise StreamError(
-            f"set_state refused {what}: kernel '{n}' ({type(k).__name__}: {k.extra_repr()}), its counters "
+            f"set_state refused {what}: kernel '{n}' ({_kind(k)}), its counters "
             f"{_counter_names(k)}: expected {exp} (the other kernels are where a stream is after {near} frames), "
             f"got {got}; no point of a stream of this model has these counters\n  fix: {STATE_FIX}")
+
+
+def _kind(k) -> str:
+    extra = k.extra_repr()
+    return f"{type(k).__name__}: {extra}" if extra else type(k).__name__
 
 
 def _counter_names(k) -> str:
