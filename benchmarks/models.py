@@ -54,19 +54,8 @@ def converted(parser, argv=None):
 
 def machine() -> str:
     """The line every table carries: figures taken on one CPU do not hold on another."""
-    import platform
-    name, flags = platform.processor() or "unknown CPU", set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name":
-                name = value.strip()
-            elif key.strip() == "flags":
-                flags = set(value.split())
-    except OSError:
-        pass
-    isa = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2"
-    return f"Machine: {name} ({isa}), {torch.get_num_threads()} threads, torch {torch.__version__}"
+    from cofx.machine import describe
+    return f"Machine: {describe()}"
 
 
 RESULTS = Path(__file__).parent / "results"

@@ -42,6 +42,10 @@ def convert(model: nn.Module, example_input: Optional[torch.Tensor] = None, *, s
             ``"replicate"`` (the first frame repeated; shorter start-up transient).
         tune: time the equivalent implementations of each Conv3d step on this
             machine and use the fastest (results differ by float rounding only).
+            Choices are cached on disk per op shape, dtype, thread count, torch
+            version and CPU, in ``$COFX_CACHE_DIR`` (default
+            ``$XDG_CACHE_HOME/cofx``, else ``~/.cache/cofx``), so converting again
+            on the same machine times nothing.
         validate: check the continual model against ``model`` on fresh random
             inputs before returning it (`cofx.validate`); ``False`` skips the
             check, and a model that the conversion rules miss may then step wrong.

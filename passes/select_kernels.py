@@ -12,7 +12,10 @@ taps folded into channels), ``taps2d`` (one 2D conv per tap, summed) or, for
 conv, and for the one frame of a temporal-kernel-1 conv.
 
 Implementations are checked to agree before one is chosen; all of them read
-the module's weights at call time, so the choice never goes stale.
+the module's weights at call time, so the choice never goes stale. Choices are
+kept in the tuning cache (`cofx.tuning_cache`), keyed by the op's configuration,
+shapes and dtype, not its weights: an op already measured on this machine is not
+timed again.
 
 Writes ``node.meta["cofx_impl"]``.
 
@@ -24,11 +27,13 @@ Example::
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import torch
 import torch.fx as fx
 
+from cofx import tuning_cache
 from cofx.sliding_ops import SlidingSpec
 
 
@@ -51,20 +56,29 @@ def _tensor(gm: fx.GraphModule, ref):
     return None
 
 
-def _sample(node: fx.Node, frames: int) -> torch.Tensor:
+def _sample_shape(node: fx.Node, frames: int) -> tuple:
+    """(shape, dtype) of one step's window of `frames` frames at batch 1."""
     x = node.args[0]
     rec = x.meta["cofx_runs"]["clip"]
     shape = list(rec.shape)
     shape[0], shape[x.meta["cofx_time"]] = 1, frames
-    return torch.randn(shape, dtype=rec.dtype)
+    return shape, rec.dtype
+
+
+def _op(node: fx.Node, spec: SlidingSpec, shape, dtype, weight, bias) -> dict:
+    """What ranks the op's implementations: its configuration, shapes and dtypes (not its weights' values)."""
+    return {"kind": node.meta.get("cofx_kind"), "spec": dataclasses.asdict(spec), "impls": spec.window_impls(),
+            "input": shape, "dtype": str(dtype), "bias": bias is not None, "device": weight.device.type,
+            "weight": {"shape": list(weight.shape), "stride": list(weight.stride()), "dtype": str(weight.dtype)}}
 
 
 def _fastest(candidates: dict, rounds: int = 7):
+    """The fastest candidate's name, or None where they disagree (non-finite or extreme weights: no ranking)."""
     results = {name: fn() for name, fn in candidates.items()}
     first = next(iter(results.values()))
     scale = float(first.abs().max()) + 1e-30
     if not all(torch.allclose(r, first, rtol=0, atol=1e-4 * scale) for r in results.values()):
-        return next(iter(candidates))
+        return None
     best = {name: float("inf") for name in candidates}
     for _ in range(rounds):   # interleaved, so that load on the machine hits every candidate alike
         for name, fn in candidates.items():
@@ -78,12 +92,21 @@ def select_kernels(gm: fx.GraphModule) -> None:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        _select(gm)
+        _select(gm, threads)
     finally:
         torch.set_num_threads(threads)
 
 
-def _select(gm: fx.GraphModule) -> None:
+def _measure(node: fx.Node, spec: SlidingSpec, x: torch.Tensor, weight, bias):
+    # a sliding kernel that runs channels-last keeps its window in that layout (one new frame converted
+    # per step): time that implementation on a window already converted
+    kept = {"conv3d_cl": x.contiguous(memory_format=torch.channels_last_3d)} \
+        if node.meta.get("cofx_kind") == "sliding" else {}
+    return _fastest({impl: (lambda impl=impl: spec.window(impl, kept.get(impl, x), weight, bias))
+                     for impl in spec.window_impls()})
+
+
+def _select(gm: fx.GraphModule, threads: int) -> None:
     with torch.no_grad():
         for node in gm.graph.nodes:
             spec = node.meta.get("cofx_spec") if node.meta.get("cofx_kind") == "sliding" else \
@@ -93,11 +116,12 @@ def _select(gm: fx.GraphModule) -> None:
             weight, bias = (_tensor(gm, t) for t in node.meta["cofx_tensors"])
             if weight is None:
                 continue
-            x = _sample(node, spec.span)
-            # a sliding kernel that runs channels-last keeps its window in that layout (one new frame converted
-            # per step): time that implementation on a window already converted
-            kept = {"conv3d_cl": x.contiguous(memory_format=torch.channels_last_3d)} \
-                if node.meta.get("cofx_kind") == "sliding" else {}
-            node.meta["cofx_impl"] = _fastest(
-                {impl: (lambda impl=impl: spec.window(impl, kept.get(impl, x), weight, bias))
-                 for impl in spec.window_impls()})
+            shape, dtype = _sample_shape(node, spec.span)
+            # keyed by the caller's thread count, which the chosen kernels run at, though timed on one thread
+            key = tuning_cache.key(_op(node, spec, shape, dtype, weight, bias), threads)
+            impl = tuning_cache.lookup(key, spec.window_impls())
+            if impl is None:
+                impl = _measure(node, spec, torch.randn(shape, dtype=dtype), weight, bias)
+                if impl is not None:
+                    tuning_cache.store(key, impl)
+            node.meta["cofx_impl"] = impl or spec.window_impls()[0]
