@@ -22,7 +22,7 @@ import torch
 import cofx
 
 sys.path.insert(0, str(Path(__file__).parent))
-from models import build, write_result  # noqa: E402
+from models import build, machine, write_result  # noqa: E402
 
 
 def main(argv=None):
@@ -43,7 +43,7 @@ def main(argv=None):
             co.compile_steps("inductor" if kind == "compiled" else None, chunks=(args.chunk,))
             rows.append(f"| {name} | {args.chunk} | {kind} | " + measure(co, model, clip, args.chunk, args.rounds))
             print(rows[-1], file=sys.stderr, flush=True)
-    write_result("backlog.md", "\n".join(rows) + "\n")
+    write_result("backlog.md", "\n".join([machine(), ""] + rows) + "\n")
 
 
 def measure(co, model, clip, chunk: int, rounds: int) -> str:

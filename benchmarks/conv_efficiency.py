@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from models import converted, write_result  # noqa: E402
+from models import converted, machine, write_result  # noqa: E402
 
 
 def _seconds(fn, repeats: int = 5) -> float:
@@ -82,7 +82,7 @@ def main(argv=None):
     total_c, total_s = sum(clip_s.values()), sum(step_s.values())
     rows.append(f"| all | {sum(count.values())} | {1e3 * total_c:.2f} | {1e3 * total_s:.2f} "
                 f"| {total_s / total_c:.2f} |")
-    text = f"{args.model}, batch {args.batch}, {args.threads} threads\n\n" + "\n".join(rows) + "\n"
+    text = f"{args.model}, batch {args.batch}\n\n{machine()}\n\n" + "\n".join(rows) + "\n"
     write_result("conv_efficiency.md", text)
 
 

@@ -30,7 +30,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).parent))
-from models import converted, write_result  # noqa: E402
+from models import converted, machine, write_result  # noqa: E402
 
 PROFILED = {"freezing": True, "cpp.enable_kernel_profile": True}
 
@@ -46,7 +46,7 @@ def main(argv=None):
         co.compile_steps(check_weights=check)   # the library timed directly is built without kernel profiling
         library, step = direct(co, clip, args.steps)
         rows.append(row + (f"{1e3 * library:.2f} of {1e3 * step:.2f} ms: {100 * (1 - library / step):.0f}%",))
-    text = ("| model | steps | threads | kernels per step | in kernels ms | step ms (unprofiled) "
+    text = (f"{machine()}\n\n| model | steps | threads | kernels per step | in kernels ms | step ms (unprofiled) "
             "| step ms (profiled) | overhead (profiler) | library call of a step, unprofiled: outside it |\n"
             "|---|---|---|---|---|---|---|---|---|\n" +
             "".join(f"| {args.model} | {steps} | {args.threads} | {n:.0f} | {1e3 * in_ops:.2f} | {1e3 * step:.2f} "

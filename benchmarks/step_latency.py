@@ -30,7 +30,7 @@ from cofx.bench import bench
 from cofx.flops import clip_flops, step_flops
 
 sys.path.insert(0, str(Path(__file__).parent))
-from models import RESULTS, build, write_result  # noqa: E402
+from models import RESULTS, build, machine, write_result  # noqa: E402
 
 
 def main(argv=None):
@@ -91,7 +91,7 @@ def state_bytes(co, clip, batch: int) -> int:
 def write_table(rows: list) -> None:
     head = ["| model | clip | batch | steps | step ms (IQR) | clip ms (IQR) | speed-up (IQR) | GFLOPs/step | GFLOPs/clip "
             "| FLOP reduction | speed-up / FLOP reduction | state MiB |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    write_result("step_latency.md", "\n".join(head + rows) + "\n")
+    write_result("step_latency.md", "\n".join([machine(), ""] + head + rows) + "\n")
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ from torch import nn
 import cofx
 
 sys.path.insert(0, str(Path(__file__).parent))
-from models import build, write_result  # noqa: E402
+from models import build, machine, write_result  # noqa: E402
 
 
 def reference_net(model):
@@ -68,7 +68,8 @@ def main(argv=None):
     n = min(len(v) for v in outs.values())
     diff = max(float((a - b).abs().max()) for a, b in zip(outs["cofx"][-n:], outs["continual-inference"][-n:]))
     med = {k: statistics.median(v) for k, v in times.items()}
-    text = ("| library | step ms (median) | outputs compared | max abs difference |\n|---|---|---|---|\n"
+    text = (f"{machine()}\n\n"
+            "| library | step ms (median) | outputs compared | max abs difference |\n|---|---|---|---|\n"
             + "".join(f"| {k} | {1e3 * med[k]:.2f} | {n} | {diff:.2e} |\n" for k in med)
             + f"\ncofx step is {med['continual-inference'] / med['cofx']:.1f}x faster.\n")
     write_result("vs_continual_inference.md", text)

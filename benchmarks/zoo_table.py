@@ -23,6 +23,9 @@ import torch
 import cofx
 from cofx.flops import clip_flops, step_flops
 
+sys.path.insert(0, str(Path(__file__).parent))
+from models import machine  # noqa: E402
+
 warnings.filterwarnings("ignore", category=UserWarning)
 
 
@@ -77,7 +80,7 @@ def main(argv=None):
         print(f"{name} ...", file=sys.stderr, flush=True)
         lines.append(row(name, build, shape))
         print(f"  {lines[-1]}  ({time.time() - start:.0f} s)", file=sys.stderr, flush=True)
-    text = "\n".join(lines) + "\n"
+    text = "\n".join([machine(), ""] + lines) + "\n"
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(text)
     print(text)
