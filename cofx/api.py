@@ -76,6 +76,7 @@ def convert(model: nn.Module, example_input: Optional[torch.Tensor] = None, *, s
         say("recording shapes on the clip, a longer clip and two streams")
         errors = passes.record_runs(gm, _runs(clip, time_dim))
         passes.label_layouts(gm)
+        passes.mark_length_values(gm)
         say("classifying nodes")
         passes.classify_nodes(gm, time_dim, window, errors["longer"])
         say("checking frame-by-frame ops on the clip")
@@ -262,8 +263,15 @@ def _report(gm, co: ContinualModule, node_kernels: dict, exact: dict) -> Report:
                         receptive_field=timing.receptive_field if timing else None,
                         delay=timing.ready if timing else None,
                         state_bytes=sum(sizes.get(name, 0) for name in node_kernels.get(node.name, [])),
-                        exact=exact[node], note=note))
+                        exact=exact[node], checked="examples" if _is_leaf(gm, node) else "rule", note=note))
     return rows
+
+
+def _is_leaf(gm, node) -> bool:
+    """A module of the stream whose code the trace did not enter and that is not one of torch's own layers."""
+    if node.op != "call_module" or node.meta.get("cofx_role") not in ("stream", "folded"):
+        return False
+    return not type(gm.get_submodule(node.target)).__module__.startswith("torch.")
 
 
 def _steady_state_bytes(co: ContinualModule) -> dict:

@@ -7,7 +7,7 @@ from typing import Optional
 import torch.fx as fx
 
 
-def _user_line(node: fx.Node) -> Optional[str]:
+def user_line(node: fx.Node) -> Optional[str]:
     """The innermost frame of the user's code that created `node` ("file:line in fn\n    code")."""
     trace = node.meta.get("stack_trace") or getattr(node, "stack_trace", None)
     if not trace:
@@ -45,7 +45,7 @@ class ConversionError(RuntimeError):
         lines = []
         if node is not None:
             lines.append(f"cannot convert {describe(node)}: {why}")
-            src = _user_line(node)
+            src = user_line(node)
             if src:
                 lines.append(f"  at {src}")
         else:

@@ -22,6 +22,7 @@ class Row:
     delay: Optional[int]
     state_bytes: int
     exact: bool
+    checked: str = "rule"   # "examples": a leaf whose code cofx cannot see, checked only on example inputs
     note: str = ""
 
 
@@ -67,8 +68,8 @@ class Report(list):
     """Rows of `Row`; `str(report)` is a table, `report.to_dicts()` is for JSON."""
 
     COLUMNS = ("name", "op", "kind", "kernel", "stride", "padding", "dilation", "receptive_field", "delay",
-               "state_bytes", "exact", "note")
-    HEAD = ("node", "op", "kind", "k", "s", "pad", "dil", "rf", "delay", "state B", "exact", "note")
+               "state_bytes", "exact", "checked", "note")
+    HEAD = ("node", "op", "kind", "k", "s", "pad", "dil", "rf", "delay", "state B", "exact", "checked", "note")
 
     def to_dicts(self) -> list:
         return [asdict(r) for r in self]
@@ -76,6 +77,12 @@ class Report(list):
     @property
     def windowed(self) -> list:
         return [r for r in self if r.kind == "windowed"]
+
+    @property
+    def checked_on_examples(self) -> list:
+        """Rows of leaves: modules whose code cofx cannot see, so that only the frame-by-frame check on the
+        example and `convert`'s validation on random inputs vouch for them."""
+        return [r for r in self if r.checked == "examples"]
 
     def table(self, extra: dict = None) -> str:
         """The rows as an aligned text table; `extra` maps a column title to {node name: text}, shown

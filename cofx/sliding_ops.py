@@ -197,18 +197,36 @@ def _bind(names, defaults, args, kwargs) -> dict:
     return bound
 
 
-def _constant(value, name: str, node: fx.Node):
+def _constant(value, name: str, node: fx.Node, whole: Optional[tuple] = None):
     """An op argument computed in the graph (a kernel read from the tensor's size) as the number it is on every
-    recorded run; one that follows the clip length has no fixed continual meaning and is refused."""
+    recorded run. One that follows the clip length has no fixed continual meaning and is refused, except a
+    pool's kernel and stride spanning the whole clip along time (`whole`: the time entry and the number of
+    entries), which make it a global reduction."""
     if not any(isinstance(v, fx.Node) for v in tree_flatten(value)[0]):
         return value
     runs = [fx.node.map_arg(value, lambda a, r=r: a.meta["cofx_runs"][r]) for r in ("clip", "longer")]
-    if runs[0] != runs[1]:
+    if runs[0] != runs[1] and not (whole is not None and _spans_time(runs, node, *whole)):
         raise ConversionError(f"its {name} is computed from the clip's length ({runs[0]} on the example clip, "
                               f"{runs[1]} on a longer one)", node=node,
                               fix="pool over time with x.mean(2) or x.amax(2) (a global reduction cofx streams "
                               "exactly) and over space with a fixed kernel")
     return runs[0]
+
+
+def _spans_time(runs: list, node: fx.Node, t: int, nd: int) -> bool:
+    """Whether a kernel that differs between the runs is, in each, the input's whole extent along time only."""
+    x = node.args[0] if node.args else node.kwargs.get("input")
+    if not isinstance(x, fx.Node) or not 0 <= t < nd:
+        return False
+    sizes = [_tuple(r, nd) if r is not None else None for r in runs]
+    if None in sizes:
+        return False
+    recs = [x.meta["cofx_runs"].get(r) for r in ("clip", "longer")]
+    if not all(hasattr(r, "shape") for r in recs):
+        return False
+    extents = [r.shape[t + 2] for r in recs]
+    return all(s[t] == e for s, e in zip(sizes, extents)) and \
+        [v for i, v in enumerate(sizes[0]) if i != t] == [v for i, v in enumerate(sizes[1]) if i != t]
 
 
 def _pads(padding, kernel, dilation, nd, node) -> tuple:
@@ -245,7 +263,9 @@ def sliding_spec(node: fx.Node, gm: fx.GraphModule, t_axis: int):
         names, defaults = {"conv": (_CONV_ARGS, _CONV_DEFAULTS), "avg_pool": (_AVG_ARGS, _AVG_DEFAULTS),
                            "max_pool": (_MAX_ARGS, _MAX_DEFAULTS)}[family]
         b = _bind(names, defaults, node.args, node.kwargs)
-        b = {k: (v if k in ("input", "weight", "bias") else _constant(v, k, node)) for k, v in b.items()}
+        b = {k: (v if k in ("input", "weight", "bias") else
+                 _constant(v, k, node, (t_axis - 2, nd) if k in ("kernel_size", "stride") else None))
+             for k, v in b.items()}
         if family == "conv":
             w = b["weight"]
             wshape = w.meta["cofx_runs"]["clip"].shape if isinstance(w, fx.Node) else tuple(w.shape)

@@ -19,6 +19,7 @@ Example::
 """
 from __future__ import annotations
 
+import itertools
 import random
 
 import torch
@@ -26,7 +27,7 @@ import torch.fx as fx
 from torch.utils._pytree import tree_flatten, tree_map
 
 from .errors import ConversionError
-from .verify import as_steps, by_chunks, max_error, output_tolerance
+from .verify import as_steps, by_chunks, chunk_sizes, max_error, output_tolerance
 
 SCALES = (-2.0, 2.0)   # log10 range of the per-frame scales of the scaled input
 
@@ -75,16 +76,19 @@ def _check(co, model, x, what, runs, rng, longer=False, compare=True) -> bool:
             if not longer:   # a longer clip may not fit a model bound to its clip length: then it is not compared
                 raise ConversionError(f"the model fails on {what} shaped like the example "
                                       f"({type(e).__name__}: {_first_line(e)})") from None
-    ways = {"as one chunk": lambda: co.forward_steps(x, pad_end=True), "in random chunks": lambda: by_chunks(co, x, rng)}
+    t = co.options["time_dim"]
+    chunkings = {"as one chunk": [x.shape[t]], "in random chunks": chunk_sizes(x.shape[t], rng)}
     first = None
     for how in runs:
         co.clean_state()
+        sizes = chunkings[how]
+        fail = lambda why, sizes=sizes: _fail(co, model, x, sizes, why)  # noqa: E731
         try:
-            out = ways[how]()
+            out = by_chunks(co, x, sizes)
         except ConversionError:
             raise
         except Exception as e:
-            _fail(co, model, x, f"stepping {what} {how} fails ({type(e).__name__}: {_first_line(e)})")
+            fail(f"stepping {what} {how} fails ({type(e).__name__}: {_first_line(e)})")
         if first is None:
             first = out
             if ref is None:
@@ -94,13 +98,12 @@ def _check(co, model, x, what, runs, rng, longer=False, compare=True) -> bool:
                 continue
             differs = _disagreement(out, want, x.shape[0])
             if differs:
-                _fail(co, model, x, f"stepping {what} {how} from a clean state differs from the model's "
-                                    f"forward ({differs})")
+                fail(f"stepping {what} {how} from a clean state differs from the model's forward ({differs})")
             return _shapes_of(ref) == _shapes_of(out)
         differs = _disagreement(out, first, x.shape[0])
         if differs:
-            _fail(co, model, x, f"stepping {what} {how} differs from stepping it {runs[0]} ({differs}): the "
-                                "steps depend on how the stream is split")
+            fail(f"stepping {what} {how} differs from stepping it {runs[0]} ({differs}): the steps depend on "
+                 "how the stream is split")
     return False
 
 
@@ -135,8 +138,8 @@ def _shapes(shapes) -> str:
     return ", ".join(map(str, shapes)) if len(shapes) != 1 else str(shapes[0])
 
 
-def _fail(co, model, x, why: str):
-    node, detail = first_divergent_node(co, x)
+def _fail(co, model, x, sizes: list, why: str):
+    node, detail = first_divergent_node(co, x, sizes)
     if node is None:
         with torch.no_grad():
             traced, ref = co.forward(x), model(x)
@@ -150,9 +153,10 @@ def _fail(co, model, x, why: str):
                               "convert(..., validate=False) skips this check and the steps may then be wrong")
 
 
-def first_divergent_node(co, x) -> tuple:
-    """(node of the clip graph, what differed) for the first stream node whose frames, stepped as one chunk
-    and flushed from a clean state, differ from its values in the clip graph; (None, "") when none does."""
+def first_divergent_node(co, x, sizes=None) -> tuple:
+    """(node of the clip graph, what differed) for the first stream node whose frames, stepped from a clean
+    state in chunks of `sizes` frames (default: one chunk) and flushed, differ from its values in the clip
+    graph; (None, "") when none does."""
     clip_nodes = {n.name: n for n in co.graph.nodes}
     clip_values: dict = {}
 
@@ -180,9 +184,11 @@ def first_divergent_node(co, x) -> tuple:
         Clip(co).run(x)
         co.clean_state()
         ctx, steps, t = co._ctx, Steps(co._step_module), co.options["time_dim"]
+        sizes = sizes or [x.shape[t]]
         ctx.batch = x.shape[0]
         try:
-            steps.run(x)
+            for at, n in zip(itertools.accumulate([0] + sizes), sizes):
+                steps.run(x.narrow(t, at, n))
             ctx.flushing = True
             steps.run(x.narrow(t, 0, 0))
         except _StepCrash as crash:

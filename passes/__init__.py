@@ -5,6 +5,7 @@ the rewrite pass builds the continual graph from what they wrote.
 """
 from .shape_runs import record_runs
 from .layout import label_layouts
+from .length_values import mark_length_values
 from .node_kind import classify_nodes
 from .framewise_check import check_framewise
 from .receptive_field import annotate_timing
@@ -12,5 +13,5 @@ from .select_kernels import select_kernels
 from .fold_batchnorm import mark_batchnorm_folds
 from .continualize import build_step_graph
 
-__all__ = ["record_runs", "label_layouts", "classify_nodes", "check_framewise", "annotate_timing",
+__all__ = ["record_runs", "label_layouts", "mark_length_values", "classify_nodes", "check_framewise", "annotate_timing",
            "select_kernels", "mark_batchnorm_folds", "build_step_graph"]

@@ -330,7 +330,23 @@ class _Builder:
         windows = self.add_kernel(f"{node.name}_window", kernel, (value,), node_name=f"{node.name}_window")
         folded = self.g.create_node("call_function", K.fold_time, (windows, t, b), {"raw": True} if raw else {},
                                     name=f"{node.name}_fold")
-        return self.pointwise(node, replace={x: folded})
+        if (node.op, node.target) in RESHAPES:   # time flattened into features: each window as the clip was
+            return self.flatten_window(node, folded)
+        # sizes read off the clip (a pool's kernel spanning it) are those of one window
+        sizes = {a: a.meta["cofx_runs"]["clip"] for a in node.all_input_nodes if a.meta.get("cofx_length") is not None}
+        return self.pointwise(node, replace={**sizes, x: folded})
+
+    def flatten_window(self, node, folded):
+        """The reshape that flattens a window of frames into features, on windows folded into the batch."""
+        labels = node.meta["cofx_layout"]
+        if list(labels).count("B") != 1 or "BT" in labels:
+            raise ConversionError("flattens time together with the batch", node=node,
+                                  fix="keep the batch as its own dimension: x.reshape(x.shape[0], -1)")
+        at = labels.index("B")
+        rows = self.g.create_node("call_method", "size", (folded, _batch_axis(node.args[0])), {},
+                                  name=f"{node.name}_windows")
+        shape = [rows if i == at else n for i, n in enumerate(node.meta["cofx_runs"]["clip"].shape)]
+        return self.g.create_node("call_method", "reshape", (folded, shape), {}, name=node.name)
 
     def merge(self, node):
         if node.meta["cofx_role"] == "folded":

@@ -36,10 +36,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils._pytree import tree_flatten
 
-from cofx.errors import ConversionError
+from cofx.errors import ConversionError, user_line, describe
 from cofx.sliding_ops import pad_spec, sliding_spec
 
 from .layout import Labels, has_time, time_axis
+from .length_values import is_value
 from .temporal_geometry import CropSpec, RecurrentStateSpec, ReductionSpec
 
 RESHAPES = {("call_method", "view"), ("call_method", "reshape"), ("call_function", torch.reshape)}
@@ -110,8 +111,22 @@ def _time_len(node: fx.Node, run: str) -> int:
     return clip_value(node, run).shape[node.meta["cofx_time"]]
 
 
-def _is_int_label(node: fx.Node, labels=("T", "BT")) -> bool:
-    return node.meta.get("cofx_role") == "shape" and node.meta.get("cofx_layout") in labels
+def length_source(node: fx.Node) -> Optional[fx.Node]:
+    """The node that read the clip length, for the first input of `node` derived from it (see length_values)."""
+    return next((a.meta["cofx_length"] for a in node.all_input_nodes if a.meta.get("cofx_length") is not None),
+                None)
+
+
+def _length_use(node: fx.Node, why: str, fix: str) -> ConversionError:
+    source = length_source(node)
+    at = user_line(source)
+    return ConversionError(f"{why}: the clip length, read by {describe(source)}" + (f" at {at}" if at else "") +
+                           ", is each chunk's length when stepping", node=node, fix=fix)
+
+
+_LENGTH_FIX = ("use the clip length only to reshape, to crop a fixed number of frames from each end, or as the "
+               "kernel of a pool over the whole clip; where a number is meant, write it as a constant")
+_SHAPE_RESTATING = RESHAPES | {("call_method", "expand"), ("call_method", "unflatten"), ("call_method", "flatten")}
 
 
 def _numel(rec) -> int:
@@ -180,6 +195,8 @@ class _Classifier:
         placeholders = [n for n in self.gm.graph.nodes if n.op == "placeholder"]
         for node in self.gm.graph.nodes:
             if node.op == "output":
+                if length_source(node) is not None:
+                    raise _length_use(node, "returns a value derived from the clip length", _LENGTH_FIX)
                 node.meta.update(cofx_role="output", cofx_kind="time-free")
                 continue
             if node.op == "placeholder":
@@ -213,7 +230,12 @@ class _Classifier:
         if node.op == "call_module" and isinstance(self.module(node), ATTENTION) and streams:
             raise ConversionError("attention across time is not supported yet", node=node,
                                   fix="convert the convolutional part only, or wait for continual attention")
+        if is_value(node):   # a size or a number: where it may flow is what the length rule checks
+            self.set(node, "static" if roles <= {"static"} else "shape", "time-free")
+            return
         if not streams and not folded:
+            if isinstance(layout, Labels) and length_source(node) is not None:
+                self.static_from_length(node)
             if "shape" in roles or not isinstance(layout, Labels):
                 kind_role = "shape" if not isinstance(layout, Labels) else "static"
                 if isinstance(layout, Labels) and has_time(layout):
@@ -251,6 +273,17 @@ class _Classifier:
         else:
             self.folded_op(node)
 
+    def static_from_length(self, node):
+        table = node.op == "call_function" and node.target is operator.getitem and \
+            isinstance(node.args[0], fx.Node) and node.args[0].op == "get_attr"
+        if table:
+            raise _length_use(node, "indexes a parameter or buffer by the clip length (a per-position table): "
+                              "each frame would get the entry of its position in the clip, and a stream has no "
+                              "clip positions", "encode positions relative to the frame (a temporal convolution), "
+                              "or add the whole table to a fixed-length window outside the streamed part")
+        raise _length_use(node, "builds a tensor from the clip length", _LENGTH_FIX +
+                          " (torch.zeros_like(x) and friends need no sizes)")
+
     def recurrent(self, node, streams):
         module = self.module(node)
         x = node.args[0]
@@ -266,11 +299,9 @@ class _Classifier:
                                   f"sequence dim {want}", node=node)
         self.set(node, "stream", "recurrent", time=None)
 
-    def check_int_args(self, node, allowed):
-        for a in node_inputs(node):
-            if _is_int_label(a) and not allowed:
-                raise ConversionError("uses the number of frames as a value", node=node,
-                                      fix="only reshapes and crops may use x.shape[time]")
+    def check_length_args(self, node, allowed):
+        if not allowed and length_source(node) is not None:
+            raise _length_use(node, "uses the clip length as a value", _LENGTH_FIX)
 
     def stream_op(self, node, streams, folded):
         x = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else streams[0]
@@ -290,7 +321,10 @@ class _Classifier:
                     self.set(node, "stream", "pointwise", time=t_out, frame_spec=spec, tensors=tensors)
                     return
                 if t_out is None:
-                    raise ConversionError("temporal op without time in its output", node=node)
+                    if spec.family == "conv":
+                        raise ConversionError("temporal op without time in its output", node=node)
+                    self.reduction(node, x, streams, folded, kernel_read=True)   # a global pool
+                    return
                 kind = "sliding"
                 w = _time_len(x, "clip")
                 if spec.family != "conv" and spec.k == w and spec.pad_l == 0 and spec.pad_r == 0:
@@ -317,7 +351,7 @@ class _Classifier:
                 self.reduction(node, x, streams, folded)
                 return
             # tuple outputs (split, chunk, ...), checked frame by frame
-            self.check_int_args(node, False)
+            self.check_length_args(node, False)
             n_time = len(streams) + len(folded)
             self.set(node, "stream", "merge" if n_time > 1 else "pointwise", check=True, time=None)
             return
@@ -343,7 +377,7 @@ class _Classifier:
                     raise ConversionError(f"changes the number of frames ({n_in} in, {n_out} out).{hint}",
                                           node=node, fix="ops that concatenate, repeat, interpolate or index "
                                           "along time are not supported")
-        self.check_int_args(node, (node.op, node.target) in RESHAPES)
+        self.check_length_args(node, (node.op, node.target) in _SHAPE_RESTATING)
         n_time = len(streams) + len(folded)
         self.set(node, "stream", "merge" if n_time > 1 else "pointwise", time=t_out, check=True)
 
@@ -356,7 +390,7 @@ class _Classifier:
         if t_out is None or not isinstance(entry, slice):
             return False   # picks fixed frames of the clip (x[:, :, -1]): a global reduction
         spec = self.crop_from(node, x, entry.start, entry.stop, entry.step)
-        self.check_int_args(node, True)
+        self.check_length_args(node, True)
         self.set(node, "stream", "sliding", time=t_out, spec=spec)
         return True
 
@@ -368,7 +402,7 @@ class _Classifier:
         stop_clip = clip_value(start) + clip_value(length)
         stop_longer = clip_value(start, "longer") + clip_value(length, "longer")
         spec = self._crop(node, x, clip_value(start), clip_value(start, "longer"), stop_clip, stop_longer, 1)
-        self.check_int_args(node, True)
+        self.check_length_args(node, True)
         self.set(node, "stream", "sliding", time=t_out, spec=spec)
         return True
 
@@ -394,7 +428,8 @@ class _Classifier:
                                   fix="crop a fixed number of frames: x[:, :, a:x.shape[2]-b]")
         return CropSpec(start=start_c, end=n_clip - stop_c, step=step)
 
-    def reduction(self, node, x, streams, folded):
+    def reduction(self, node, x, streams, folded, kernel_read=False):
+        """`kernel_read`: a pool whose kernel, read off the tensor, spans the whole clip (checked by sliding_spec)."""
         if len(streams) + len(folded) > 1:
             raise ConversionError("combines frames across time from more than one tensor "
                                   "(a product over time, as in attention)", node=node,
@@ -402,11 +437,15 @@ class _Classifier:
         labels = node.meta["cofx_layout"]
         if isinstance(labels, Labels) and "B" not in labels and "BT" not in labels:
             raise ConversionError("mixes the batch (independent streams) into one value", node=node)
-        self.check_int_args(node, (node.op, node.target) in RESHAPES)
+        self.check_length_args(node, kernel_read or (node.op, node.target) in RESHAPES)
         t_in = x.meta["cofx_time"]
         clip_window = _time_len(x, "clip")
         mode, partial = self.decompose(node, x, t_in)
         window = self.window_for(node, clip_window)
+        if kernel_read and window != clip_window:
+            raise ConversionError(f"window={window} for a pool whose kernel is read off the clip (the whole clip, "
+                                  f"{clip_window} frames)", node=node,
+                                  fix="pool over time with x.mean(2) or x.amax(2), whose window can be chosen")
         spec = ReductionSpec(mode=mode, window=window, clip_window=clip_window, partial=partial)
         self.set(node, "folded", "reduction", time=None, spec=spec, reduce_time=t_in)
 
@@ -458,6 +497,7 @@ class _Classifier:
                     fix="attention across time is not supported yet" if hint else
                     "keep time as its own dimension until a global temporal pooling")
             raise ConversionError("brings time back after a global temporal reduction", node=node)
+        self.check_length_args(node, (node.op, node.target) in RESHAPES)
         for a in node_inputs(node):
             if a.meta["cofx_role"] == "shape" and a.meta["cofx_layout"] in ("B", "T", "BT") \
                     and (node.op, node.target) not in RESHAPES:

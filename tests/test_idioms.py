@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import cofx
-from cofx.verify import verify
+from cofx.verify import by_frame, verify
 
 D = torch.float64
 C = 4
@@ -47,15 +47,23 @@ EXACT = {   # idiom -> head; each must convert and step exactly
     "max(2).values": lambda m, h: h.max(2).values,
     "reshape + amax": lambda m, h: h.reshape(h.shape[0], h.shape[1], -1).amax(2),
     "per-frame linear head": lambda m, h: m.fc(h.transpose(1, 2)).transpose(1, 2),
+    "avg_pool1d with the kernel read off the clip": lambda m, h: F.avg_pool1d(h, h.size()[2:]).flatten(1),
+    "max_pool1d with the kernel read off the clip": lambda m, h: F.max_pool1d(h, h.shape[2]).squeeze(-1),
+    "time flattened into a classifier by reshape": lambda m, h: F.linear(h.reshape(h.shape[0], -1),
+                                                                          torch.ones(3, C * 8, dtype=h.dtype)),
+    "time flattened into a classifier by view": lambda m, h: F.linear(h.contiguous().view(h.size(0), -1),
+                                                                       torch.ones(3, C * 8, dtype=h.dtype)),
 }
 REFUSED = {   # idiom -> (head, words the message must hold)
     "h / sqrt(T)": (lambda m, h: h / math.sqrt(h.shape[2]), "truediv"),
     "h * T ** -0.5": (lambda m, h: h * h.shape[2] ** -0.5, "mul"),
-    "positional table sliced by T": (lambda m, h: h + m.pos[:, :, :h.shape[2]], "add"),
-    "softmax weights sliced by T": (lambda m, h: (h * m.w[:h.shape[2]].softmax(0)).sum(2), "mul"),
-    "time flattened into a classifier": (lambda m, h: nn.functional.linear(h.reshape(h.shape[0], -1),
-                                                                           torch.ones(3, C * 8, dtype=h.dtype)),
-                                         "linear"),
+    "positional table sliced by T": (lambda m, h: h + m.pos[:, :, :h.shape[2]], "getitem"),
+    "table entry picked at T - 1": (lambda m, h: h + m.pos[:, :, h.shape[2] - 1:h.shape[2]], "getitem"),
+    "softmax weights sliced by T": (lambda m, h: (h * m.w[:h.shape[2]].softmax(0)).sum(2), "getitem"),
+    "h * (T // 100 + 1)": (lambda m, h: h * (h.shape[2] // 100 + 1), "mul"),
+    "arange(T) added": (lambda m, h: h + torch.arange(h.shape[2], dtype=h.dtype), "arange"),
+    "full_like(h, T)": (lambda m, h: h * torch.full_like(h, h.shape[2]), "full_like"),
+    "the clip length returned": (lambda m, h: (h, h.shape[2]), "output"),
 }
 
 
@@ -116,18 +124,25 @@ def test_optional_argument_is_bound_to_its_default():
     assert_exact(Masked().to(D).eval(), clip())
 
 
-def test_kernel_read_from_the_clip_length_is_refused():
-    class SizePool(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.c = conv(nd=2)
+class SizePool(nn.Module):
+    """A graph-convolution skeleton head: a pool over (frames, joints) with its kernel read off the tensor."""
+    def __init__(self):
+        super().__init__()
+        self.c = conv(nd=2)
 
-        def forward(self, x):
-            h = self.c(x)
-            return F.avg_pool2d(h, h.size()[2:]).flatten(1)
+    def forward(self, x):
+        h = self.c(x)
+        return F.avg_pool2d(h, h.size()[2:]).flatten(1)
 
-    with pytest.raises(cofx.ConversionError, match="kernel_size is computed from the clip's length"):
-        cofx.convert(SizePool().to(D).eval(), clip(nd=2))
+
+def test_kernel_read_off_the_clip_is_a_global_pool():
+    co = assert_exact(SizePool().to(D).eval(), clip(nd=2))
+    assert co.receptive_field == 8 + 2   # the pool takes the clip's 8 frames of the conv's 3-frame output
+
+
+def test_kernel_read_off_the_clip_refuses_another_window():
+    with pytest.raises(cofx.ConversionError, match="kernel is read off the clip"):
+        cofx.convert(SizePool().to(D).eval(), clip(nd=2), window={"avg_pool2d": 4})
 
 
 class Counting(nn.Module):
@@ -172,27 +187,31 @@ def test_data_dependent_leaf_is_refused():
 
 
 def test_validate_false_skips_the_check():
-    model = Head(REFUSED["h / sqrt(T)"][0]).to(D).eval()
-    co = cofx.convert(model, clip(), validate=False)
-    assert not verify(co, model).ok   # what the check would have refused
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv1d(C, C, 3, padding=1), DataLeaf()).to(D).eval()
+    co = cofx.convert(model, clip(), leaf_modules=[DataLeaf], validate=False)
+    x = clip()
+    x[:, :, :4] *= 100   # what the check would have refused: loud frames gate the whole clip, not a frame alone
+    assert (by_frame(co, x) - model(x)).abs().max() > 0.1
 
 
 def test_diagnosis_names_the_first_node_that_differs():
-    """A model built to diverge at a known node: a scale by the chunk's own length, after exact convs."""
+    """A model built to diverge at a known node: a leaf acting on the statistics of what it is given, between
+    exact convs (the rules cannot see into a leaf; the example alone does not show it)."""
     class Diverges(nn.Module):
         def __init__(self):
             super().__init__()
-            self.a, self.b = conv(), conv()
+            self.a, self.gate, self.b = conv(), DataLeaf(), conv()
 
         def forward(self, x):
             h = torch.relu(self.a(x))
-            scaled = h * (1.0 / h.shape[2])
-            return self.b(scaled)
+            gated = self.gate(h)
+            return self.b(gated)
 
     with pytest.raises(cofx.ConversionError) as e:
-        cofx.convert(Diverges().to(D).eval(), clip())
+        cofx.convert(Diverges().to(D).eval(), clip(), leaf_modules=[DataLeaf])
     msg = str(e.value)
-    assert "node 'mul'" in msg and "the first node that differs" in msg and "scaled = h * (1.0 / h.shape[2])" in msg
+    assert "node 'gate'" in msg and "the first node that differs" in msg and "gated = self.gate(h)" in msg
 
 
 # -- a random mix of idioms and layers --------------------------------------------------------------
@@ -273,3 +292,14 @@ def test_forward_in_training_mode_is_the_models_own():
     model.eval()
     assert torch.equal(co(x), model(x))
     assert co.forward_steps(x, pad_end=True).shape == model(x).shape
+
+
+def test_report_says_which_nodes_were_checked_only_on_examples():
+    class Scale(nn.Module):   # a leaf: cofx does not see its code
+        def forward(self, x):
+            return x * 2
+
+    co = cofx.convert(nn.Sequential(conv(), Scale(), nn.ReLU()).to(D).eval(), clip(), leaf_modules=[Scale])
+    assert [r.name for r in co.report.checked_on_examples] == ["_1"]
+    assert {r.checked for r in co.report if r.name != "_1"} == {"rule"}
+    assert "examples" in str(co.report) and co.report.to_dicts()[2]["checked"] == "examples"

@@ -1,0 +1,64 @@
+"""Mark every Python value that derives from the clip length.
+
+A step reads sizes off its chunk, not off the clip: there, ``x.shape[2]`` is
+the chunk's length. A size that restates a shape (a view or reshape, a crop a
+fixed number of frames from each end, a pool whose kernel is the whole clip)
+means the same on every chunk; one used as a number (``h / T``,
+``h * T ** -0.5``, ``torch.arange(T)``, ``pos[:, :, :T]``, a length returned
+as an output) does not. So this pass follows reads of the time extent
+(``size``, ``shape``, ``numel``, any value that follows the clip length
+between the recorded runs) through all the arithmetic on them, and the node
+classifier lets such a value reach only the ops with an exact meaning.
+
+Writes ``node.meta["cofx_length"]``: for a non-tensor value derived from the
+clip length, the node that read the length; None otherwise.
+
+Example::
+
+    >>> mark_length_values(gm)      # after record_runs and label_layouts
+    >>> [n.name for n in gm.graph.nodes if n.meta["cofx_length"] is not None]
+    ['getattr_1', 'getitem_2', 'pow_1']
+"""
+from __future__ import annotations
+
+import operator
+
+import torch.fx as fx
+from torch.utils._pytree import tree_flatten
+
+from .shape_runs import FAILED, Rec
+
+
+def is_value(node: fx.Node) -> bool:
+    """Whether the node computes a Python value (a size, a number), not tensors."""
+    clip = node.meta.get("cofx_runs", {}).get("clip")
+    leaves = tree_flatten(clip)[0] if clip is not None else []
+    return bool(leaves) and not any(isinstance(v, Rec) for v in leaves)
+
+
+def _follows_length(node: fx.Node) -> bool:
+    runs = node.meta.get("cofx_runs", {})
+    longer = runs.get("longer", FAILED)
+    return longer is not FAILED and tree_flatten(longer)[0] != tree_flatten(runs.get("clip"))[0]
+
+
+def _entry_of_sizes(node: fx.Node) -> bool:
+    """Whether `node` picks entries of a shape (a tuple of sizes), each of which follows the length or not."""
+    if not (node.op == "call_function" and node.target is operator.getitem and isinstance(node.args[0], fx.Node)):
+        return False
+    sizes = node.args[0].meta.get("cofx_runs", {}).get("clip")
+    return isinstance(sizes, tuple) and all(isinstance(v, int) for v in sizes)
+
+
+def mark_length_values(gm: fx.GraphModule) -> None:
+    for node in gm.graph.nodes:
+        node.meta["cofx_length"] = None
+        if node.op in ("placeholder", "get_attr", "output") or not is_value(node):
+            continue
+        sources = [a.meta["cofx_length"] for a in node.all_input_nodes if a.meta.get("cofx_length") is not None]
+        if _entry_of_sizes(node):   # x.shape[0] is the batch, x.shape[2] the length
+            node.meta["cofx_length"] = sources[0] if sources and _follows_length(node) else None
+        elif sources:
+            node.meta["cofx_length"] = sources[0]
+        elif _follows_length(node):
+            node.meta["cofx_length"] = node
