@@ -189,6 +189,7 @@ class CompiledSteps:
                         co._run(chunk, False, True)
         finally:
             co._restore(saved)
+            co.__dict__["_last_step_compiled"] = False   # the user's stream has not stepped
 
     def __call__(self, x: torch.Tensor, frames: int, framewise: bool):
         """The output of `x`, `frames` frames into the stream (>= `start`), or None when no frame comes out:
@@ -217,6 +218,7 @@ class CompiledSteps:
         if x.stride() != phase.frame_strides:   # a view of a longer tensor (strides of size-1 dims count too)
             x = x.clone(memory_format=torch.contiguous_format)
         res = phase.run(x, *state, *phase.ring_views())
+        self.co.__dict__["_last_step_compiled"] = True
         self.written, self.written_as = res[phase.n_out:], key[3:]
         phase.write_state(self.written)
         self.runs += 1

@@ -47,6 +47,7 @@ class ContinualModule(fx.GraphModule):
         self.__dict__["_stream_batch"] = None
         self.__dict__["_frames"] = 0         # frames since the stream started (None: unknown)
         self.__dict__["_compiled"] = None    # CompiledSteps, see compile_steps()
+        self.__dict__["_last_step_compiled"] = False   # set by `CompiledSteps.__call__`, see last_step_compiled
         self.__dict__["_report"] = None
         self.__dict__["_call_mode"] = "forward"
         self.__dict__["_steps_need_eval"] = info.get("training_differs", False) or any(
@@ -107,6 +108,7 @@ class ContinualModule(fx.GraphModule):
 
     def _run(self, x, pad_end, update_state, framewise=False):
         """A chunk, or one frame without its time axis (`framewise`, whose output is `_frame_output`'s)."""
+        self.__dict__["_last_step_compiled"] = False
         if self.training and self._steps_need_eval:
             raise StreamError("the model is in training mode: BatchNorm would normalise each chunk by its own "
                               "statistics, Dropout would drop frames at random and branches on self.training "
@@ -320,6 +322,7 @@ class ContinualModule(fx.GraphModule):
         ``clean_state()``: see `cofx.streams` (forward_step fills the rows without an
         output with NaN and sets ``co.ready``).
         """
+        self.__dict__["_last_step_compiled"] = False
         if streams is not None and restart_streams(self, streams):
             self.__dict__["_frames"] = None
             return
@@ -453,6 +456,17 @@ class ContinualModule(fx.GraphModule):
         rf = self.receptive_field
         span = rf if rf != float("inf") else self.clip_shape[self._info["time_dim"]]
         return int(self.delay + span + self.stride)
+
+    @property
+    def last_step_compiled(self) -> bool:
+        """Whether the last `forward_step`/`forward_steps` call ran a compiled program (`compile_steps`).
+
+        False before the stream reaches ``warmup_frames``, for calls a compiled program
+        does not serve (a chunk of another length, ``pad_end``, a peek, gradients on),
+        after ``clean_state()``, and where a loaded model's saved programs could not
+        be used: benchmarks and services see which kind of step they measure.
+        """
+        return self._last_step_compiled
 
     @property
     def is_exact(self) -> bool:

@@ -497,3 +497,43 @@ def test_phases_recorded_mid_stream_take_the_stream_batch_not_the_last_prepared_
             assert same(co.forward_step(stream[:, :, i]), ref.forward_step(stream[:, :, i]))
             assert torch.equal(co.ready, ref.ready)
     assert {key[2] for key in co._compiled.phases} == {1, 2} and co._compiled.runs >= 10
+
+
+def test_last_step_compiled_says_which_kind_of_step_ran():
+    """False before compile_steps, during the warm-up and for the calls the compiled program does not serve (a
+    chunk of another length, a flush, a peek, gradients on); True once it serves a steady-state step."""
+    model = conv_bn_net()
+    clip = torch.randn(1, 3, 5, 3, 3, dtype=D)
+    co = cofx.convert(model, clip)
+    stream = torch.randn(1, 3, co.warmup_frames + 8, 3, 3, dtype=D)
+    with torch.no_grad():
+        co.forward_steps(stream[:, :, :co.warmup_frames])
+        co.forward_step(stream[:, :, co.warmup_frames])
+        assert not co.last_step_compiled
+        co.clean_state()
+        co.compile_steps("eager", chunks=(3,))
+        assert not co.last_step_compiled   # the steps compile_steps took on zeros are not the stream's
+        ran = []
+        for i in range(co.warmup_frames + 2):
+            co.forward_step(stream[:, :, i])
+            ran.append(co.last_step_compiled)
+        assert ran == [i >= co.warmup_frames for i in range(co.warmup_frames + 2)]
+        at = co.warmup_frames + 2
+        calls = [lambda: co.forward_steps(stream[:, :, at:at + 3]),                    # a compiled chunk length
+                 lambda: co.forward_steps(stream[:, :, at:at + 2]),                    # another length
+                 lambda: co.forward_step(stream[:, :, at], update_state=False),        # a peek
+                 lambda: co.forward_step(stream[:, :, at]),
+                 lambda: co.forward_steps(stream[:, :, at:at]),                        # a chunk of no frames
+                 lambda: co.forward_step(stream[:, :, at]),
+                 lambda: co.clean_state()]
+        ran = []
+        for call in calls:
+            call()
+            ran.append(co.last_step_compiled)
+        assert ran == [True, False, False, True, False, True, False]
+    co.forward_steps(stream[:, :, :co.warmup_frames])
+    co.forward_step(stream[:, :, co.warmup_frames])   # gradients on
+    assert not co.last_step_compiled
+    with torch.no_grad():
+        co.forward_steps(stream[:, :, :2], pad_end=True)
+        assert not co.last_step_compiled
