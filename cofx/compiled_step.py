@@ -39,18 +39,23 @@ Example::
 from __future__ import annotations
 
 import operator
+import os
+import shutil
 import sys
 import tempfile
 import time
+import warnings
+import weakref
 from collections import deque
 from dataclasses import dataclass
-from itertools import repeat
+from itertools import count, repeat
 from typing import Callable, Optional
 
 import torch
 from torch.fx.experimental.proxy_tensor import make_fx
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from .compiled_package import built_for, compile_package, fingerprint, load_package
 from .errors import StreamError
 from .dtype_device import dtype_device
 from .kernels import DoubleRings, Sliding
@@ -108,6 +113,19 @@ class Phase:
         deque(map(operator.setitem, self._dicts, self._names, counts), maxlen=0)
 
 
+@dataclass
+class Package:
+    """The AOTInductor package of a phase: the fingerprint of the program it compiles (`fingerprint`), its file,
+    and whether the program keeps convolutions in rolled rings (a loaded model records it the same way)."""
+    fingerprint: str
+    path: str
+    rolled: bool
+
+
+class _NotServed(Exception):
+    """The packages a model was loaded with have no program for a phase it meets (the message says why)."""
+
+
 def lay_out(tensors: list, layouts: list) -> list:
     """Each tensor with the strides of its layout: as it is when it has them, else a copy."""
     return [t if t.stride() == strides else t.clone(memory_format=fmt)
@@ -154,6 +172,11 @@ class CompiledSteps:
         self.written_as: tuple = ()   # their (dtype, device)
         self.ready: Optional[torch.Tensor] = None   # `co.ready` after the last compiled step
         self.runs = 0            # compiled steps taken
+        self.packages: dict = {}  # key -> Package: the AOTInductor packages of the phases compiled or loaded
+        self.loaded = False       # the packages came from a file: a phase without one steps eagerly (`from_file`)
+        self.folder = tempfile.mkdtemp(prefix="cofx-steps-")   # their files, removed with self
+        weakref.finalize(self, shutil.rmtree, self.folder, ignore_errors=True)
+        self._names = count()
         # the attributes of modules whose training mode changes what they compute (the recording baked eval
         # mode), read from their dicts in a C loop before every step: X3D-S has 84, out of cache after a step
         self.moded = [m.__dict__ for m in co.modules()
@@ -191,6 +214,48 @@ class CompiledSteps:
             co._restore(saved)
             co.__dict__["_last_step_compiled"] = False   # the user's stream has not stepped
 
+    @classmethod
+    def from_file(cls, co, record: dict) -> "CompiledSteps":
+        """Compiled steps that run the packages of a `to_record` record (its machine checked and trusted by the
+        caller) and compile nothing: each phase is recorded when a stream first reaches it, as when compiling,
+        and runs its package only if the recording has the package's fingerprint (the same program, the same
+        weights); otherwise, and for a phase without a package, steps run eagerly from there, with a notice."""
+        steps = cls(co, "inductor", None, False, record["check_weights"], tuple(record["chunks"]))
+        steps.loaded = True
+        for entry in record["programs"]:
+            key = (entry["phase"], entry["frames"], entry["batch"], getattr(torch, entry["dtype"]),
+                   torch.device(entry["device"]))
+            path = steps._package_path()
+            with open(path, "wb") as file:
+                file.write(entry["package"])
+            steps.packages[key] = Package(entry["fingerprint"], path, entry["rolled"])
+        steps.weights = WeightMarks(co, say=steps.say)   # the packages bake the weights loaded
+        return steps
+
+    def to_record(self) -> Optional[dict]:
+        """The packages of the phases compiled so far with what `from_file` checks, as `cofx.save` keeps them
+        (plain values and bytes, read with weights_only); None, with a notice, when none can be kept."""
+        if self.backend != "inductor":
+            warnings.warn(f"cofx.save keeps compiled steps of the inductor backend only (AOTInductor packages), "
+                          f"not of {self.backend!r}: the file is saved without them; call co.compile_steps() "
+                          "after loading", stacklevel=3)
+            return None
+        if self.weights is None or not self.weights.unchanged():   # checked even with check_weights=False
+            warnings.warn("the weights changed since the steps were compiled: the file is saved without compiled "
+                          "steps; call co.compile_steps() before cofx.save to keep them", stacklevel=3)
+            return None
+        if not self.packages:
+            return None
+        programs = []
+        for (phase, frames, batch, dtype, device), package in self.packages.items():
+            with open(package.path, "rb") as file:
+                programs.append({"phase": phase, "frames": frames, "batch": batch,
+                                 "dtype": str(dtype).removeprefix("torch."), "device": str(device),
+                                 "rolled": package.rolled, "fingerprint": package.fingerprint,
+                                 "package": file.read()})
+        return {"built_for": built_for(key[4] for key in self.packages), "chunks": sorted(self.chunks),
+                "check_weights": self.check_weights, "programs": programs}
+
     def __call__(self, x: torch.Tensor, frames: int, framewise: bool):
         """The output of `x`, `frames` frames into the stream (>= `start`), or None when no frame comes out:
         one frame without its time axis when `framewise` (the output as `forward_step` returns it), else a
@@ -198,8 +263,13 @@ class CompiledSteps:
         if torch.nn.modules.module._global_forward_hooks or torch.nn.modules.module._global_forward_pre_hooks:
             raise StreamError("a global module forward hook is registered: compiled steps record tensor ops "
                               "only and would skip it; remove the hook or call co.compile_steps(None)")
+        given = x
         if not self._weights_unchanged():
+            if self.loaded:
+                return self._eagerly(given, framewise, "the weights changed since the model was loaded, and its "
+                                                       "saved compiled steps bake the weights loaded")
             self.phases.clear()
+            self.packages.clear()
             self.weights = WeightMarks(self.co, say=self.say)
         t = self.co._info["time_dim"]
         one = not framewise and x.shape[t] == 1   # a chunk of one frame runs the program of a frame
@@ -209,7 +279,10 @@ class CompiledSteps:
         phase = self.phases.get(key)
         if phase is None:
             self.co._check_state(x)
-            phase = self.phases[key] = self._record(x, key)
+            try:
+                phase = self.phases[key] = self._record(x, key)
+            except _NotServed as why:
+                return self._eagerly(given, framewise, str(why))
         state = phase.read_state()
         if not phase.keeps_layouts or self.written_as != key[3:] or len(state) != len(self.written) or \
                 not all(map(operator.is_, state, self.written)):   # an eager call or set_state came in between
@@ -231,11 +304,21 @@ class CompiledSteps:
         out = tree_unflatten(list(out), phase.out_spec)
         return self.co._frame_output(out) if phase.partial and framewise else out
 
+    def _eagerly(self, x: torch.Tensor, framewise: bool, why: str):
+        """The eager step of `x`, and eager steps from here on: the packages loaded do not serve this stream."""
+        warnings.warn(f"cofx: {why}; steps run eagerly (co.compile_steps() compiles them here)", stacklevel=5)
+        co = self.co
+        co.__dict__["_compiled"] = None
+        out = co._run(x, False, True, framewise)
+        self.ready = co.__dict__.get("ready")
+        return out
+
     def _weights_unchanged(self) -> bool:
         return self.weights is not None and (not self.check_weights or self.weights.unchanged())
 
     def _record(self, x: torch.Tensor, key: tuple) -> Phase:
         co = self.co
+        package = self._package(key) if self.loaded else None   # before anything reads the kernels' rings
         for m in co.modules():
             if m._forward_hooks or m._forward_pre_hooks:
                 raise StreamError(f"module {type(m).__name__} has a forward hook: compiled steps record tensor "
@@ -245,7 +328,10 @@ class CompiledSteps:
                  f"{key[3]})")
         if key[1] > 1:   # a chunk: the ordered frames of the kernels' state in, the new ones out (no rings)
             return self._record_with(x, key, began, rolled=False, ringed=False)
-        if not any(isinstance(k, Sliding) and k.program_ring == "rolled" for k in co._kernels()):
+        rolled = any(isinstance(k, Sliding) and k.program_ring == "rolled" for k in co._kernels())
+        if package is not None:   # recorded as its package was
+            return self._record_with(x, key, began, rolled=rolled and package.rolled)
+        if not rolled:
             return self._record_with(x, key, began, rolled=False)
         try:
             return self._record_with(x, key, began, rolled=True)
@@ -301,7 +387,7 @@ class CompiledSteps:
             co._restore(saved)
         x = x.clone(memory_format=torch.contiguous_format)
         args = (x, *flat, *map(_copy_strided, views))
-        run = _ahead_of_time(graph, args, self.options) if self.backend == "inductor" else \
+        run = self._program(graph, args, key, rolled) if self.backend == "inductor" else \
             torch.compile(graph, backend=self.backend, options=self.options, fullgraph=True, dynamic=False)
         spec, empty, axes, partial = outputs[0]
         ready = torch.full((key[2],), not empty, device=x.device)
@@ -313,20 +399,37 @@ class CompiledSteps:
                  f"{time.perf_counter() - began:.1f} s")
         return phase
 
+    def _program(self, graph, args: tuple, key: tuple, rolled: bool) -> Callable:
+        """AOTInductor's library of a recorded phase: compiled into a package kept for `cofx.save`, or the
+        loaded package compiled from the same program (`compiled_package.fingerprint`)."""
+        mark = fingerprint(graph, args)
+        if self.loaded:
+            if self._package(key).fingerprint != mark:
+                raise _NotServed(f"the step of {_describe(key, self.period)} recorded on this model differs from "
+                                 "the one its saved compiled program was compiled from (other weights, or "
+                                 "converted differently)")
+            return load_package(self._package(key).path)
+        path = self._package_path()
+        run = compile_package(graph, args, self.options, path)
+        self.packages[key] = Package(mark, path, rolled)
+        return run
 
-def _ahead_of_time(graph, args: tuple, options: Optional[dict]) -> Callable:
-    """AOTInductor: a compiled library called with no guards or wrappers (the caller lays the inputs out).
+    def _package(self, key: tuple) -> Package:
+        package = self.packages.get(key)
+        if package is None:
+            saved = "; ".join(_describe(k, self.period) for k in self.packages)
+            raise _NotServed(f"the compiled steps saved with the model have no program for "
+                             f"{_describe(key, self.period)} (saved: {saved})")
+        return package
 
-    The loaded package's own call parses its input and output specs and flattens
-    its arguments at every call (~50-100 us for X3D-S's ~140 inputs); the step's
-    inputs and outputs are flat already, so the library's boxed call is used.
-    """
-    with tempfile.TemporaryDirectory() as folder:
-        package = torch._inductor.aoti_compile_and_package(torch.export.export(graph, args),
-                                                           package_path=f"{folder}/step.pt2",
-                                                           inductor_configs=options)
-        boxed = torch._inductor.aoti_load_package(package).loader.boxed_run
-        return lambda *inputs: boxed(list(inputs))
+    def _package_path(self) -> str:
+        return os.path.join(self.folder, f"step{next(self._names)}.pt2")
+
+
+def _describe(key: tuple, period: int) -> str:
+    phase, frames, batch, dtype, device = key
+    return (f"phase {phase + 1}/{period} of {frames} frame(s), batch {batch}, "
+            f"{str(dtype).removeprefix('torch.')} on {device}")
 
 
 def _state_slots(co, rolled: bool, ringed: bool = True):

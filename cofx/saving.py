@@ -16,6 +16,14 @@ callable (``builtins:exit`` would end the process with status 0):
 - without it the file holds the pickled clip graph (``co.clip_model()``), and
   unpickling that runs code from the file, like ``torch.load(weights_only=False)``:
   `load` refuses it unless ``trust=True``.
+
+A model whose steps were compiled (``co.compile_steps()``) keeps them: the file
+holds each phase's AOTInductor package inline, as bytes, with the machine it was
+built for and the fingerprint of the program it compiles
+(`cofx.compiled_package`). A package is a shared library, executable code, so
+`load` writes and loads one only with ``trust=True`` (otherwise the model loads
+with eager steps and a notice), and only on a machine of the same description;
+see `load`.
 """
 from __future__ import annotations
 
@@ -29,11 +37,12 @@ import warnings
 import torch
 from torch import nn
 
+from .compiled_package import built_for
 from .dtype_device import dtype_device
 from .model_source import from_spec
 
 FORMAT = "cofx.continual"
-VERSION = 1
+VERSION = 2   # 2 adds compiled steps; a file without them is written as version 1, which any cofx reads
 FACTS = ("delay", "receptive_field", "stride", "exact")
 IMPORT_PATH = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*")   # package.module:qualname, nothing else
 
@@ -47,8 +56,15 @@ def save(co, path, *, source: str = None) -> None:
         source: import spec ``package.module:callable`` that builds the clip model
             (called with ``pretrained=False`` when it takes that). Makes the file
             safe to load (weights_only); see the module docstring.
+
+    The compiled steps of ``co.compile_steps()`` are kept: the phases compiled so
+    far, one AOTInductor package each (each about the size of the weights, which
+    it bakes in).
     """
-    record = {"format": FORMAT, "version": VERSION, "meta": _facts(co), "source": source}
+    record = {"format": FORMAT, "version": 1, "meta": _facts(co), "source": source}
+    compiled = co._compiled.to_record() if co._compiled is not None else None
+    if compiled is not None:
+        record.update(version=VERSION, compiled=compiled)
     if source is not None:
         model = from_spec(source)
         if model.state_dict().keys() != co.state_dict().keys():
@@ -75,8 +91,12 @@ def info(path) -> dict:
     which needs ``trust=True`` or the caller's ``source=`` and ``leaf_modules=``.
     """
     record = _read(path)
+    compiled = record.get("compiled")
+    if compiled is not None:
+        compiled = {"built_for": dict(compiled["built_for"]),
+                    "programs": [{k: v for k, v in p.items() if k != "package"} for p in compiled["programs"]]}
     return {"meta": dict(record["meta"]), "source": record["source"], "leaf_types": _leaf_types(record),
-            "needs_trust": "graph" in record}
+            "needs_trust": "graph" in record, "compiled": compiled}
 
 
 def is_continual_file(path) -> bool:
@@ -101,6 +121,15 @@ def load(path, *, trust: bool = False, source: str = None, leaf_modules=None):
             ``source=`` without trusting it.
         leaf_modules: the leaf modules the model was converted with, used instead
             of the types the file names (needed with ``source=`` when it names any).
+
+    Compiled steps the file keeps run, without compiling, from the first
+    steady-state step, with ``trust=True`` on a machine that matches the one they
+    were built on (torch version, CPU model and vector ISA, GPU): each phase is
+    recorded when a stream first reaches it, and its package runs only if that
+    recording has the package's fingerprint (the same program and weights) and
+    was saved for its batch, dtype and device. Anywhere else steps run eagerly,
+    with a one-line notice (a `UserWarning`) saying why; ``co.compile_steps()``
+    compiles them for this machine.
     """
     from .api import convert   # cofx.api imports the whole compiler; cofx.saving stays light to import
     record = _read(path)
@@ -127,7 +156,30 @@ def load(path, *, trust: bool = False, source: str = None, leaf_modules=None):
     if changed:
         warnings.warn(f"'{path}' was written by cofx {meta['cofx']}; this cofx converts it differently "
                       f"({', '.join(changed)}); the outputs still equal the clip model's", stacklevel=2)
+    if "compiled" in record:
+        _load_compiled(co, record["compiled"], path, trust)
     return co
+
+
+def _load_compiled(co, compiled: dict, path, trust: bool) -> None:
+    """Give `co` the compiled steps the file keeps where they may run (trusted) and can (this machine), or say
+    why its steps run eagerly."""
+    from .compiled_step import CompiledSteps
+    if not trust:
+        warnings.warn(f"'{path}' keeps compiled steps, which are executable code, and was loaded without them "
+                      f"(steps run eagerly): cofx.load({str(path)!r}, trust=True) runs them if you trust the file, "
+                      "co.compile_steps() compiles them here", stacklevel=3)
+        return
+    here = built_for(p["device"] for p in compiled["programs"])
+    differ = [f"{k} {compiled['built_for'].get(k)!r}, here {here.get(k)!r}"
+              for k in sorted(here.keys() | compiled["built_for"].keys())
+              if compiled["built_for"].get(k) != here.get(k)]
+    if differ:
+        warnings.warn(f"'{path}' keeps compiled steps built for another machine ({'; '.join(differ)}), and was "
+                      "loaded without them (steps run eagerly): co.compile_steps() compiles them here",
+                      stacklevel=3)
+        return
+    co.__dict__["_compiled"] = CompiledSteps.from_file(co, compiled)
 
 
 def _read(path) -> dict:
