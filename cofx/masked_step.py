@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import operator
 from typing import List, Optional, Sequence
 
 import torch
@@ -255,6 +256,47 @@ class _AlignPlan:
         return tuple(outs), emit, new_bufs + [left]
 
 
+class _RecurrentPlan:
+    """`Recurrent`, one frame per step. State: the hidden state (``h``, and ``c`` for an LSTM; batch first) and
+    ``seen`` (B, 1), the frames each row has consumed.
+
+    Rows whose frame is not ready keep their state. The state after the frame (what the model computes from
+    its final state) is ready where the row has seen a whole clip's worth of frames, as the eager kernel
+    emits it; the output frame is ready with the input.
+    """
+
+    def __init__(self, name: str, k: K.Recurrent):
+        self.name, self.k = name, k
+        self.lstm = isinstance(k.module, nn.LSTM)
+        self.fields = ["h", "c", "seen"] if self.lstm else ["h", "seen"]
+
+    def initial(self, dtype, device) -> List[torch.Tensor]:
+        m = self.k.module
+        layers = m.num_layers * (2 if m.bidirectional else 1)
+        h = torch.zeros(1, layers, m.proj_size or m.hidden_size, dtype=dtype, device=device)
+        cells = [torch.zeros(1, layers, m.hidden_size, dtype=dtype, device=device)] if self.lstm else []
+        return [h, *cells, torch.zeros(1, 1, dtype=torch.long, device=device)]
+
+    def from_eager(self, batch: int, dtype, device) -> List[torch.Tensor]:
+        hx, seen = self.k.hx, self.k.seen
+        if hx is None:
+            return [s.expand(batch, *s.shape[1:]).clone() for s in self.initial(dtype, device)]
+        hx = hx if isinstance(hx, tuple) else (hx,)
+        return [h.movedim(1, 0).clone() for h in hx] + [torch.full((batch, 1), seen, device=device)]
+
+    def step(self, x, ready, state):
+        hx = tuple(s.movedim(0, 1).contiguous() for s in state[:-1])
+        seen = state[-1]
+        out, new = self.k.module(x, hx if self.lstm else hx[0])
+        new = new if self.lstm else (new,)
+        kept = [n.movedim(1, 0) if ready is None else torch.where(_rows(ready, o, 0), n.movedim(1, 0), o)
+                for n, o in zip(new, state[:-1])]
+        seen1 = seen + 1 if ready is None else seen + ready.to(seen.dtype).unsqueeze(1)
+        whole = seen1[:, 0] >= self.k.window   # this frame ends a clip position (see `Recurrent.forward`)
+        state_ready = whole if ready is None else whole & ready
+        return (out, new if self.lstm else new[0]), (ready, state_ready), kept + [seen1]
+
+
 # ---- the whole step -------------------------------------------------------------------------------
 
 class MaskedStep:
@@ -284,11 +326,14 @@ class MaskedStep:
                 self.plans[node] = _SlidingPlan(node.target, mod, mod.replicate or replicate_all)
             elif isinstance(mod, K.Align):
                 self.plans[node] = _AlignPlan(node.target, mod)
+            elif isinstance(mod, K.Recurrent):
+                self.plans[node] = _RecurrentPlan(node.target, mod)
             elif isinstance(mod, K.Stateful):
                 raise NotSteppable(f"kernel '{node.target}' ({type(mod).__name__}) has no fixed-shape step yet: "
                                    "ONNX export and streams out of phase are not supported for this model")
         self.order = list(self.plans)
-        primed, primed2, seen, slots = _prime(co, dtype, self.device, {p.name: p.k for p in self.plans.values()})
+        primed, primed2, seen, slots = _prime(co, dtype, self.device, {p.name: p.k for p in self.plans.values()
+                                                                       if not isinstance(p, _RecurrentPlan)})
         self.init: List[torch.Tensor] = []
         self.state_names: List[str] = []
         self._slices = {}
@@ -297,8 +342,8 @@ class MaskedStep:
             if isinstance(plan, _AlignPlan):
                 plan.set_slots(slots[plan.name])
             at = len(self.init)
-            self.init += _initial(plan, primed[plan.name], primed2[plan.name], seen.get(plan.name), dtype,
-                                  self.device)
+            self.init += plan.initial(dtype, self.device) if isinstance(plan, _RecurrentPlan) else \
+                _initial(plan, primed[plan.name], primed2[plan.name], seen.get(plan.name), dtype, self.device)
             self._slices[node] = (at, len(self.init))
             self.state_names += [f"{plan.name}.{f}" for f in plan.fields]
         self._compact = [_compact(i) for i in self.init]   # what reset_rows broadcasts
@@ -362,6 +407,9 @@ class MaskedStep:
         state = []
         for node in self.order:
             plan, (lo, hi) = self.plans[node], self._slices[node]
+            if isinstance(plan, _RecurrentPlan):
+                state += plan.from_eager(batch, self.dtype, self.device)
+                continue
             k = plan.k
             eager = _kernel_state(k)
             if all(v is None for v in eager.values()):   # not started
@@ -427,9 +475,11 @@ class MaskedStep:
                     a, b = slices[node]
                     if isinstance(plan, _SlidingPlan):
                         value, r_in, new = plan.step(args[0], ready.get(node.args[0]), state[a:b], args[1:])
+                    elif isinstance(plan, _RecurrentPlan):   # r_in: the readiness of each of its two outputs
+                        value, r_in, new = plan.step(args[0], ready.get(node.args[0]), state[a:b])
                     else:
                         value, r_in, new = plan.step(args, [ready.get(n) for n in node.args], state[a:b])
-                    if record is not None:
+                    if record is not None and not isinstance(plan, _RecurrentPlan):   # its shapes are static
                         record[node] = [tuple(v.shape) for v in value] if isinstance(value, tuple) \
                             else tuple(value.shape)
                     elif self.pin and node in self.pins:
@@ -439,6 +489,8 @@ class MaskedStep:
             elif op == "call_function":
                 fn = _LAYOUT.get(node.target, node.target)
                 value = fn(*args, **kwargs)
+                if fn is operator.getitem and isinstance(ready.get(node.args[0]), tuple):
+                    r_in = ready[node.args[0]][node.args[1]]   # one output of a recurrent layer
             else:   # call_method
                 value = getattr(args[0], node.target)(*args[1:], **kwargs)
             env[node] = value

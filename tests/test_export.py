@@ -340,3 +340,35 @@ def test_command_line_convert_writes_onnx(tmp_path, capsys):
     co = cofx.load(tmp_path / "tiny.continual.pt", source="cli_models:tiny")
     frames = torch.randn(2, 3, 20, 8, 8)
     assert_matches(run_onnx(session(out), frames), [run_alone(co, frames[b]) for b in range(2)])
+
+
+# ---- recurrent layers -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("cell,batch_first", [(nn.LSTM, True), (nn.GRU, False), (nn.RNN, True)])
+def test_recurrent_models_export_exactly_with_streams_restarted(tmp_path, cell, batch_first):
+    """The hidden state is part of the step's state: ONNX matches forward_step from frame 0, a row restarted
+    with reset runs as if alone, and what the model reads from the final state is ready from the clip length."""
+    from test_model_styles import SensorLSTM
+    co = cofx.convert(_seeded(SensorLSTM(cell, batch_first)), torch.randn(1, 3, 7))
+    info, _, results, expected = export_and_compare(co, tmp_path, torch.randn(3, 3, 20), restart=(9, 1))
+    readies = [bool(r[0]) for _, r in results]
+    assert co.delay == 7 and readies == [False] * 7 + [True] * 13   # the head reads the state after 7 frames
+    assert any(name.endswith(".c") for name in info["state_names"]) == (cell is nn.LSTM)
+
+
+def test_recurrent_streams_run_out_of_phase_in_pytorch():
+    from test_model_styles import PerFrameGRU
+    co = cofx.convert(_seeded(PerFrameGRU()), torch.randn(1, 3, 6))
+    frames = torch.randn(2, 3, 12)
+    co.clean_state()
+    with torch.no_grad():
+        outs = []
+        for i in range(12):
+            if i == 5:
+                co.clean_state(streams=[1])
+            outs.append(co.forward_step(frames[:, :, i]).numpy())
+    alone = [run_alone(co, frames[0]), run_alone(co, frames[1, :, :5]) + run_alone(co, frames[1, :, 5:])]
+    for i, out in enumerate(outs):
+        for b in (0, 1):
+            assert np.abs(out[b] - alone[b][i]).max() <= 1e-6
