@@ -14,8 +14,20 @@ modules stay modules, so their hooks (weight_norm, user hooks) still run.
 
 Example::
 
+    >>> model = torch.nn.Sequential(torch.nn.Sequential(torch.nn.Conv1d(2, 4, 3, padding=1))).eval()
+    >>> co = cofx.convert(model, torch.randn(1, 2, 8))
+    >>> print(co.step_code)   # fx's code: a chain of __getattr__ calls per module
+    def forward(self, input_1):
+        ...
+        _0_0_weight = getattr(getattr(self, "0"), "0").weight
+        ...
     >>> flat = flat_step_module(co, co.step_graph)
-    >>> print(flat.code)   # self.blocks_1_res_blocks_0_branch2_conv_a(...) instead of a chain
+    >>> print(flat.code)      # one plain attribute read instead of a chain
+    def forward(self, input_1):
+        ...
+        _0_0 = getattr(self, "0_0")
+        _0_0_weight = _0_0.weight;  _0_0 = None
+        ...
 """
 from __future__ import annotations
 

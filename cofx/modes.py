@@ -23,8 +23,11 @@ def check_mode(mode: str) -> str:
 def call_mode(mode: str):
     """Within the block, calling any continual model runs `mode` ("forward", "forward_step", "forward_steps").
 
+    >>> co = cofx.convert(torch.nn.Conv1d(2, 4, 3, padding=1).eval(), torch.randn(1, 2, 8))
     >>> with cofx.call_mode("forward_step"):
-    ...     y = co(frame)
+    ...     ys = [co(frame) for frame in torch.randn(3, 1, 2)]   # each call is one step
+    >>> [None if y is None else tuple(y.shape) for y in ys]
+    [None, (1, 4), (1, 4)]
     """
     previous = active_mode()
     _local.mode = check_mode(mode)

@@ -14,8 +14,15 @@ clip graph, and the error names the first node whose frames differ.
 
 Example::
 
-    >>> co = cofx.convert(model, clip, validate=False)
+    >>> class Gate(torch.nn.Module):       # a leaf that looks at the whole clip, not frame by frame
+    ...     def forward(self, x):
+    ...         return x * 0 if x.abs().mean() > 1.5 else x
+    >>> model, clip = torch.nn.Sequential(torch.nn.Conv1d(2, 2, 3, padding=1), Gate()).eval(), torch.randn(1, 2, 8)
+    >>> co = cofx.convert(model, clip, leaf_modules=[Gate], validate=False)
     >>> validate(co, model, clip)          # raises ConversionError naming the node
+    Traceback (most recent call last):
+        ...
+    cofx.errors.ConversionError: cannot convert node '_1' (module '1'): ... does not match the clip model: ...
 """
 from __future__ import annotations
 

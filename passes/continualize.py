@@ -18,8 +18,20 @@ modules and parameters, so it shares every weight with the original graph.
 
 Example::
 
-    >>> graph, kernels, outputs = build_step_graph(gm, StreamContext())
-    >>> print(fx.GraphModule(root_with_kernels, graph).code)
+    >>> model = torch.nn.Sequential(torch.nn.Conv1d(2, 4, 3, padding=1), torch.nn.ReLU()).eval()
+    >>> gm, clip = cofx.tracer.trace(model), torch.randn(1, 2, 8)
+    >>> _ = cofx.passes.record_runs(gm, cofx.api._runs(clip, time_dim=2))
+    >>> cofx.passes.label_layouts(gm); cofx.passes.mark_length_values(gm); cofx.passes.classify_nodes(gm)
+    >>> cofx.passes.check_framewise(gm, clip); cofx.passes.annotate_timing(gm); cofx.passes.mark_batchnorm_folds(gm)
+    >>> graph, kernels, out_axes, node_kernels = build_step_graph(gm, cofx.kernels.StreamContext())
+    >>> kernels                         # the conv's kernel keeps its last frames between steps
+    {'co__0': Sliding(span=3, stride=1, pad=(1, 1), keep=2)}
+    >>> print(graph)                    # the conv runs as its kernel, the ReLU is copied
+    graph():
+        ...
+        %_0 : [num_users=1] = call_module[target=co__0](args = (%input_1, %_0_weight, %_0_bias), kwargs = {})
+        %_1 : [num_users=1] = call_module[target=1](args = (%_0,), kwargs = {})
+        return _1
 """
 from __future__ import annotations
 

@@ -10,9 +10,14 @@ Writes ``conv.meta["cofx_bn"]`` (the BatchNorm's module path) and
 
 Example::
 
+    >>> model = torch.nn.Sequential(torch.nn.Conv1d(2, 4, 3, padding=1), torch.nn.BatchNorm1d(4)).eval()
+    >>> gm, clip = cofx.tracer.trace(model), torch.randn(1, 2, 8)
+    >>> _ = cofx.passes.record_runs(gm, cofx.api._runs(clip, time_dim=2))
+    >>> cofx.passes.label_layouts(gm); cofx.passes.mark_length_values(gm); cofx.passes.classify_nodes(gm)
+    >>> cofx.passes.check_framewise(gm, clip); cofx.passes.annotate_timing(gm)
     >>> mark_batchnorm_folds(gm)
     >>> [(n.name, n.meta["cofx_bn"]) for n in gm.graph.nodes if "cofx_bn" in n.meta]
-    [('blocks_1_res_blocks_0_branch2_conv_a', 'blocks.1.res_blocks.0.branch2.norm_a'), ...]
+    [('_0', '1')]
 """
 from __future__ import annotations
 

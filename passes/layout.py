@@ -12,6 +12,9 @@ leaves are label tuples (tensors), a label (ints) or None.
 
 Example::
 
+    >>> gm = cofx.tracer.trace(torch.nn.Sequential(torch.nn.Conv3d(3, 8, 3, padding=1)).eval())
+    >>> clip = torch.randn(1, 3, 4, 16, 16)
+    >>> _ = cofx.passes.record_runs(gm, cofx.api._runs(clip, time_dim=2))   # the runs `cofx.convert` records
     >>> label_layouts(gm)
     >>> [n.meta["cofx_layout"] for n in gm.graph.nodes][:2]
     [('B', 3, 'T', 16, 16), ('B', 8, 'T', 16, 16)]

@@ -15,9 +15,15 @@ clip length, the node that read the length; None otherwise.
 
 Example::
 
+    >>> class Scaled(torch.nn.Module):
+    ...     def forward(self, x):
+    ...         return x * x.shape[2] ** -0.5       # the clip length used as a number
+    >>> gm = cofx.tracer.trace(Scaled())
+    >>> _ = cofx.passes.record_runs(gm, cofx.api._runs(torch.randn(1, 2, 8), time_dim=2))
+    >>> cofx.passes.label_layouts(gm)
     >>> mark_length_values(gm)      # after record_runs and label_layouts
     >>> [n.name for n in gm.graph.nodes if n.meta["cofx_length"] is not None]
-    ['getattr_1', 'getitem_2', 'pow_1']
+    ['getattr_1', 'getitem', 'pow_1']
 """
 from __future__ import annotations
 

@@ -20,9 +20,13 @@ stream tensor), ``cofx_spec`` (SlidingSpec/CropSpec/ReductionSpec),
 
 Example::
 
+    >>> model = torch.nn.Sequential(torch.nn.Conv1d(2, 4, 3), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool1d(1)).eval()
+    >>> gm = cofx.tracer.trace(model)
+    >>> _ = cofx.passes.record_runs(gm, cofx.api._runs(torch.randn(1, 2, 8), time_dim=2))
+    >>> cofx.passes.label_layouts(gm); cofx.passes.mark_length_values(gm)
     >>> classify_nodes(gm, time_dim=2)
     >>> {n.name: n.meta["cofx_kind"] for n in gm.graph.nodes}
-    {'x': 'pointwise', 'conv1': 'sliding', 'relu': 'pointwise', ...}
+    {'input_1': 'pointwise', '_0': 'sliding', '_1': 'pointwise', '_2': 'reduction', 'output': 'time-free'}
 """
 from __future__ import annotations
 

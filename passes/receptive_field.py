@@ -17,6 +17,11 @@ Writes ``node.meta["cofx_timing"]`` (a `Timing`, None for time-free nodes).
 
 Example::
 
+    >>> model = torch.nn.Sequential(torch.nn.Conv1d(2, 4, 3, padding=1), torch.nn.Conv1d(4, 4, 3)).eval()
+    >>> gm, clip = cofx.tracer.trace(model), torch.randn(1, 2, 8)
+    >>> _ = cofx.passes.record_runs(gm, cofx.api._runs(clip, time_dim=2))
+    >>> cofx.passes.label_layouts(gm); cofx.passes.mark_length_values(gm); cofx.passes.classify_nodes(gm)
+    >>> cofx.passes.check_framewise(gm, clip)
     >>> annotate_timing(gm)
     >>> gm.graph.find_nodes(op="output")[0].args[0].meta["cofx_timing"]
     Timing(lo=-1, hi=3, ready=3, stride=1)

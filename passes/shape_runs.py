@@ -15,9 +15,12 @@ analysis decides whether that matters).
 
 Example::
 
-    >>> gm = cofx.tracer.trace(model)
-    >>> record_runs(gm, {"clip": x[:1], "longer": x_long, "batch": x2})
-    >>> gm.graph.nodes  # each node: n.meta["cofx_runs"]["clip"] ...
+    >>> gm = cofx.tracer.trace(torch.nn.Conv1d(2, 4, 3).eval())
+    >>> record_runs(gm, {"clip": torch.randn(1, 2, 8), "longer": torch.randn(1, 2, 40), "batch": torch.randn(2, 2, 8)})
+    {'clip': {}, 'longer': {}, 'batch': {}}
+    >>> out = gm.graph.find_nodes(op="output")[0]
+    >>> {run: rec.shape for run, rec in out.meta["cofx_runs"].items()}   # dim 0 follows the batch, dim 2 the length
+    {'clip': (1, 4, 6), 'longer': (1, 4, 38), 'batch': (2, 4, 6)}
 """
 from __future__ import annotations
 
