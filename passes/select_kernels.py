@@ -21,9 +21,13 @@ Writes ``node.meta["cofx_impl"]``.
 
 Example::
 
+    >>> model = torch.nn.Sequential(torch.nn.Conv3d(2, 4, 3, padding=1), torch.nn.ReLU()).eval()
+    >>> gm, clip = cofx.tracer.trace(model), torch.randn(1, 2, 6, 8, 8)
+    >>> _ = cofx.passes.record_runs(gm, cofx.api._runs(clip, time_dim=2))
+    >>> cofx.passes.label_layouts(gm); cofx.passes.mark_length_values(gm); cofx.passes.classify_nodes(gm)
     >>> select_kernels(gm)
     >>> {n.name: n.meta["cofx_impl"] for n in gm.graph.nodes if "cofx_impl" in n.meta}
-    {'conv1': 'fold2d', 'blocks_1_conv_b': 'taps2d', ...}
+    {'_0': '...'}
 """
 from __future__ import annotations
 

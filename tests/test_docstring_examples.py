@@ -19,7 +19,6 @@ PACKAGES = [cofx, cofx.passes]
 # to run on their own and removes the module here (test_pending_modules_still_have_examples keeps this current).
 PENDING = {
     "cofx.compiled_step",        # co.compile_steps() on `model`, `clip`, `frame` left undefined
-    "cofx.passes.select_kernels",  # select_kernels(gm) on `gm` left undefined
 }
 
 GLOBS = {"torch": torch, "cofx": cofx}
