@@ -7,13 +7,17 @@ Walks the analysed GraphModule once and emits, node by node:
   (`cofx.kernels.reshape`), ops that reject empty chunks get a `Framewise` guard;
 - sliding nodes (conv, pool, crop): a `Sliding` kernel;
 - global reductions: the per-frame part, a `Sliding` window over frames, a
-  fold of the frames into the batch, then the original op, unchanged;
+  fold of the frames into the batch, then the original op (with sizes read
+  off the clip taken as those of one window; a reshape that flattens time
+  into features reshapes each window);
 - merges: an `Align` kernel (delay buffers) in front of the original op, and
   an unfold for inputs that come from a reduction;
-- the output: folded results unfolded to (B, ..., n) and all outputs aligned.
+- the output: folded results unfolded to (B, ..., n); each output keeps its
+  own frames (outputs are not aligned with each other).
 
-Returns the step graph and the kernels it calls (to be registered on the
-continual module). The step graph reads ``self.<path>`` for the original
+Returns the step graph, the kernels it calls (to be registered on the
+continual module), the time axis of each output leaf and the kernels built
+for each original node. The step graph reads ``self.<path>`` for the original
 modules and parameters, so it shares every weight with the original graph.
 
 Example::

@@ -130,6 +130,9 @@ def _length_use(node: fx.Node, why: str, fix: str) -> ConversionError:
 
 _LENGTH_FIX = ("use the clip length only to reshape, to crop a fixed number of frames from each end, or as the "
                "kernel of a pool over the whole clip; where a number is meant, write it as a constant")
+_ELEMENTWISE_MODULES = (nn.ReLU, nn.ReLU6, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.GELU, nn.Hardswish, nn.Hardsigmoid,
+                        nn.LeakyReLU, nn.ELU, nn.Softplus, nn.Mish, nn.Identity, nn.Dropout, nn.Dropout1d,
+                        nn.Dropout2d, nn.Dropout3d)
 _SHAPE_RESTATING = RESHAPES | {("call_method", "expand"), ("call_method", "unflatten"), ("call_method", "flatten")}
 
 
@@ -277,6 +280,15 @@ class _Classifier:
         else:
             self.folded_op(node)
 
+    def elementwise_module(self, node, x) -> bool:
+        """A torch layer that acts on each value alone, or (eval BatchNorm) per channel with time elsewhere:
+        frame by frame by construction, so the framewise check would only repeat its cost."""
+        module = self.module(node)
+        if isinstance(module, _ELEMENTWISE_MODULES):
+            return True
+        return isinstance(module, nn.modules.batchnorm._BatchNorm) and not module.training and \
+            module.running_mean is not None and x.meta.get("cofx_time") != 1 and len(node.all_input_nodes) == 1
+
     def static_from_length(self, node):
         table = node.op == "call_function" and node.target is operator.getitem and \
             isinstance(node.args[0], fx.Node) and node.args[0].op == "get_attr"
@@ -383,7 +395,8 @@ class _Classifier:
                                           "along time are not supported")
         self.check_length_args(node, (node.op, node.target) in _SHAPE_RESTATING)
         n_time = len(streams) + len(folded)
-        self.set(node, "stream", "merge" if n_time > 1 else "pointwise", time=t_out, check=True)
+        self.set(node, "stream", "merge" if n_time > 1 else "pointwise", time=t_out,
+                 check=not self.elementwise_module(node, x))
 
     def subscript(self, node, x, t_out) -> bool:
         t = x.meta["cofx_time"]
