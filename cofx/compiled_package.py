@@ -63,7 +63,11 @@ def load_package(path: str) -> Callable:
 
     The loaded package's own call parses its input and output specs and flattens
     its arguments at every call (~50-100 us for X3D-S's ~140 inputs); the step's
-    inputs and outputs are flat already, so the library's boxed call is used.
+    inputs and outputs are flat already, so the library's boxed call is used. The
+    library is loaded by AOTInductor's loader itself: `aoti_load_package` also
+    deserializes the exported program and compares the CPU's vector ISA, which
+    inductor finds by compiling test programs (seconds on a cold inductor cache);
+    `built_for` was compared when the file was loaded.
     """
-    boxed = torch._inductor.aoti_load_package(path).loader.boxed_run
+    boxed = torch._C._aoti.AOTIModelPackageLoader(path, "model", False, 1, -1).boxed_run
     return lambda *inputs: boxed(list(inputs))

@@ -29,6 +29,11 @@ What the recording fixes, and how it stays right:
   window is concatenated or shifted;
 - Python side effects are not recorded: a model with forward hooks is refused.
 
+The AOTInductor packages are kept (`Package`), so that `cofx.save` can write
+them (`to_record`) and `cofx.load` run them without compiling (`from_file`):
+a loaded model records each phase as it is met and runs its package only for
+the same recording (`compiled_package.fingerprint`).
+
 Example::
 
     >>> co = cofx.convert(model, clip)
