@@ -20,7 +20,7 @@ def small_models():
                               torch.nn.Conv1d(16, 16, 3, padding=2, dilation=2), torch.nn.ReLU(),
                               torch.nn.AdaptiveAvgPool1d(1), torch.nn.Flatten(), torch.nn.Linear(16, 5)).eval()
     return [("TCN (1-d, 3 layers)", tcn, torch.randn(1, 8, 32)),
-            ("plain 3D CNN (issue 5's, 112x112)", *build("plain"))]
+            ("plain 3D CNN (3 layers, 112x112)", *build("plain"))]
 
 
 def timed(fn, rounds):

@@ -36,10 +36,13 @@ the same recording (`compiled_package.fingerprint`).
 
 Example::
 
-    >>> co = cofx.convert(model, clip)
-    >>> co.compile_steps()                 # records and compiles every phase now, for batch 1
+    >>> model = torch.nn.Sequential(torch.nn.Conv1d(2, 4, 3, padding=1), torch.nn.ReLU()).eval()
+    >>> co = cofx.convert(model, torch.randn(1, 2, 8))
+    >>> co = co.compile_steps("eager")     # records every phase now (inductor, the default, also compiles)
     >>> with torch.no_grad():
-    ...     y = co.forward_step(frame)     # the compiled program, once the stream is in steady state
+    ...     outs = [co.forward_step(torch.randn(1, 2)) for _ in range(co.warmup_frames + 1)]
+    >>> co.last_step_compiled              # the recorded program served the steady-state step
+    True
 """
 from __future__ import annotations
 
