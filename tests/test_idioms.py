@@ -243,7 +243,7 @@ MIDDLE = {   # idioms inside the network: (B, C, T) -> (B, C, T), exact or to be
     "counter": lambda m, h: m.count(h),
 }
 HEADS = {**EXACT, **{k: v for k, (v, _) in REFUSED.items()}, "stream": lambda m, h: h,
-         "tuple of a stream and its length": lambda m, h: (h, h.shape[0])}
+         "tuple of a stream and the batch size": lambda m, h: (h, h.shape[0])}
 
 
 class IdiomNet(nn.Module):
