@@ -73,8 +73,9 @@ def validate(co, model, clip: torch.Tensor, *, seed: int = 0) -> None:
 
 def _check(co, model, x, what, runs, rng, longer=False, compare=True) -> bool:
     """Step `x` each way of `runs` from a clean state: the first equals `model(x)` for exact models (unless not
-    `compare`); the second runs only where the first could not be compared with the model, and equals the first. Returns whether each
-    output keeps time as the steps do (so a longer clip can be compared with the model)."""
+    `compare`); the second runs only where the first could not be compared with the model, and equals the
+    first. Returns whether each output keeps time as the steps do (so a longer clip can be compared with the
+    model)."""
     ref = None
     if co.is_exact and compare:
         try:

@@ -65,7 +65,7 @@ class VerifyReport:
 
 def tolerance(ref: torch.Tensor) -> float:
     """The largest error allowed against `ref`: 1e-9 (float64) or 1e-4 (else) of its largest magnitude."""
-    scale = float(ref.abs().max()) if ref.numel() else 1.0
+    scale = float(ref.detach().abs().max()) if ref.numel() else 1.0
     return (1e-9 if ref.dtype == torch.float64 else 1e-4) * max(scale, 1e-30)
 
 
@@ -141,7 +141,7 @@ def max_error(a, b) -> float:
     tensors = [isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) for x, y in zip(la, lb)]
     if sa != sb or any(x.shape != y.shape if t else x != y for x, y, t in zip(la, lb, tensors)):
         return float("inf")   # another structure, shape or plain value
-    return max((float((x - y).abs().max()) if t and x.numel() else 0.0 for x, y, t in zip(la, lb, tensors)),
+    return max((float((x - y).detach().abs().max()) if t and x.numel() else 0.0 for x, y, t in zip(la, lb, tensors)),
                default=0.0)
 
 

@@ -121,11 +121,13 @@ def length_source(node: fx.Node) -> Optional[fx.Node]:
                 None)
 
 
-def _length_use(node: fx.Node, why: str, fix: str) -> ConversionError:
+def _length_use(node: fx.Node, gm: fx.GraphModule, why: str, fix: str) -> ConversionError:
     source = length_source(node)
     at = user_line(source)
+    hint = attention_hint(node, gm)   # positions and masks of attention read the length: say attention
     return ConversionError(f"{why}: the clip length, read by {describe(source)}" + (f" at {at}" if at else "") +
-                           ", is each chunk's length when stepping", node=node, fix=fix)
+                           f", is each chunk's length when stepping.{hint}", node=node,
+                           fix="attention across time is not supported yet" if hint else fix)
 
 
 _LENGTH_FIX = ("use the clip length only to reshape, to crop a fixed number of frames from each end, or as the "
@@ -203,7 +205,7 @@ class _Classifier:
         for node in self.gm.graph.nodes:
             if node.op == "output":
                 if length_source(node) is not None:
-                    raise _length_use(node, "returns a value derived from the clip length", _LENGTH_FIX)
+                    raise _length_use(node, self.gm, "returns a value derived from the clip length", _LENGTH_FIX)
                 node.meta.update(cofx_role="output", cofx_kind="time-free")
                 continue
             if node.op == "placeholder":
@@ -293,12 +295,12 @@ class _Classifier:
         table = node.op == "call_function" and node.target is operator.getitem and \
             isinstance(node.args[0], fx.Node) and node.args[0].op == "get_attr"
         if table:
-            raise _length_use(node, "indexes a parameter or buffer by the clip length (a per-position table): "
-                              "each frame would get the entry of its position in the clip, and a stream has no "
-                              "clip positions", "encode positions relative to the frame (a temporal convolution), "
-                              "or add the whole table to a fixed-length window outside the streamed part")
-        raise _length_use(node, "builds a tensor from the clip length", _LENGTH_FIX +
-                          " (torch.zeros_like(x) and friends need no sizes)")
+            raise _length_use(node, self.gm, "indexes a parameter or buffer by the clip length (a per-position "
+                              "table): each frame would get the entry of its position in the clip, and a stream "
+                              "has no clip positions", "encode positions relative to the frame (a temporal "
+                              "convolution), or add the whole table to a fixed-length window outside the streamed part")
+        raise _length_use(node, self.gm, "builds a tensor from the clip length",
+                          _LENGTH_FIX + " (torch.zeros_like(x) and friends need no sizes)")
 
     def recurrent(self, node, streams):
         module = self.module(node)
@@ -317,7 +319,7 @@ class _Classifier:
 
     def check_length_args(self, node, allowed):
         if not allowed and length_source(node) is not None:
-            raise _length_use(node, "uses the clip length as a value", _LENGTH_FIX)
+            raise _length_use(node, self.gm, "uses the clip length as a value", _LENGTH_FIX)
 
     def stream_op(self, node, streams, folded):
         x = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else streams[0]
