@@ -2,6 +2,7 @@
 benchmark scripts)."""
 from __future__ import annotations
 
+import os
 import warnings
 from pathlib import Path
 
@@ -59,6 +60,12 @@ def machine() -> str:
 
 
 RESULTS = Path(__file__).parent / "results"
+
+
+def load_line(start: float, end: float, threads: int) -> str:
+    """The machine's load over a run, and whether other work shared the cores the run used."""
+    shared = " (above the thread count: other work shared the cores)" if max(start, end) > threads else ""
+    return f"Load average (1 min) at start and end: {start:.1f}, {end:.1f} on {os.cpu_count()} CPUs{shared}."
 
 
 def write_result(filename: str, text: str) -> None:

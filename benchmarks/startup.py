@@ -27,7 +27,7 @@ STARTED = time.perf_counter()   # before torch is imported: the process's own st
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
-from models import build, machine, write_result  # noqa: E402
+from models import build, load_line, machine, write_result  # noqa: E402
 
 MODES = {"tune=False": False, "cold cache": True, "warm cache": True}
 
@@ -88,8 +88,7 @@ def main(argv=None):
     load.append(os.getloadavg()[0])
     lines = [f"# `cofx.convert` in a fresh process (median of {args.rounds}, range; validate=True)", "",
              machine(), "",
-             f"Load average (1 min) at start and end: {load[0]:.1f}, {load[1]:.1f} on {os.cpu_count()} CPUs "
-             "(above the thread count, other work shared the cores).", "",
+             load_line(load[0], load[1], args.threads), "",
              "| model | clip | tuning | convert s | of which the tuning pass s | process start to converted s "
              "| ops timed |", "|---|---|---|---|---|---|---|"]
     for (m, mode), results in runs.items():

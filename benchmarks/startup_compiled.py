@@ -36,7 +36,7 @@ STARTED = time.perf_counter()   # before torch is imported: the process's own st
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
-from models import build, machine, write_result  # noqa: E402
+from models import build, load_line, machine, write_result  # noqa: E402
 
 SOURCES = {"plain": "models:PlainNet", "x3d_s": "pytorchvideo.models.hub:x3d_s"}
 
@@ -117,8 +117,7 @@ def main(argv=None):
     lines = [f"# Process start to the first compiled step: saved compiled steps vs compiling fresh "
              f"({'median of ' + str(args.rounds) + ', range' if args.rounds > 1 else '1 round'})", "",
              machine(), "",
-             f"Load average (1 min) at start and end: {load[0]:.1f}, {load[1]:.1f} on {os.cpu_count()} CPUs "
-             "(above the thread count, other work shared the cores).", "",
+             load_line(load[0], load[1], args.threads), "",
              "Seconds. *loaded*: process start to `cofx.load` returning (import, conversion, validation); "
              "*compile*: `co.compile_steps()` (fresh only); *warm-up*: the `co.warmup_frames` frames fed as one "
              "eager chunk; *first step*: the first steady-state step (saved: the phase recorded and its package "
