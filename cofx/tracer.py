@@ -8,6 +8,8 @@ Differences from `torch.fx.symbolic_trace`:
   qualified names) whole;
 - numpy scalars in arguments (pytorchvideo keeps kernel sizes as numpy ints)
   become Python numbers;
+- tensor factories given sizes read off tensors (``torch.ones(T, T)``, as
+  attention masks are made) are recorded as calls, where fx would fail;
 - stack traces are recorded so errors can point at the user's source line.
 """
 from __future__ import annotations
@@ -16,12 +18,15 @@ import inspect
 from typing import Iterable, Union
 
 import numpy as np
+import torch
 import torch.fx as fx
 from torch import nn
+from torch.utils._pytree import tree_flatten
 
 from .errors import ConversionError
 
 LeafSpec = Union[type, nn.Module, str]
+_FACTORIES = ("ones", "zeros", "empty", "full", "rand", "randn", "randint", "eye", "tril_indices", "triu_indices")
 
 
 class CofxTracer(fx.Tracer):
@@ -45,6 +50,23 @@ class CofxTracer(fx.Tracer):
         if isinstance(a, np.ndarray) and a.ndim == 0:
             return a.item()
         return super().create_arg(a)
+
+    def trace(self, root, concrete_args=None):
+        originals = {name: getattr(torch, name) for name in _FACTORIES}
+        try:   # as fx patches the functions it wraps, for the length of the trace
+            for name, make in originals.items():
+                setattr(torch, name, self._factory(make))
+            return super().trace(root, concrete_args)
+        finally:
+            for name, make in originals.items():
+                setattr(torch, name, make)
+
+    def _factory(self, make):
+        def factory(*args, **kwargs):
+            if any(isinstance(a, fx.Proxy) for a in tree_flatten((args, kwargs))[0]):
+                return self.create_proxy("call_function", make, args, kwargs)
+            return make(*args, **kwargs)
+        return factory
 
     def call_module(self, m, forward, args, kwargs):
         name = self.path_of_module(m)
