@@ -28,7 +28,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from cofx.errors import ConversionError
 
-from .shape_runs import FAILED, Rec
+from .shape_runs import FAILED, Rec, other_length
 
 
 class Labels(tuple):
@@ -69,14 +69,14 @@ def label_layouts(gm: fx.GraphModule) -> None:
             continue
         clip_leaves, spec = tree_flatten(runs["clip"])
         batch_leaves, _ = tree_flatten(runs["batch"])
-        longer = runs.get("longer", FAILED)
+        longer = other_length(node)
         longer_leaves = [None] * len(clip_leaves) if longer is FAILED else tree_flatten(longer)[0]
         if len(batch_leaves) != len(clip_leaves) or len(longer_leaves) != len(clip_leaves):
             raise ConversionError("the structure of this node's output changes with batch size or clip length",
                                   node=node)
         node.meta["cofx_layout"] = tree_unflatten(
             [_leaf_layout(node, c, l, b) for c, l, b in zip(clip_leaves, longer_leaves, batch_leaves)], spec)
-        node.meta["cofx_longer_failed"] = longer is FAILED
+        node.meta["cofx_longer_failed"] = runs.get("longer", FAILED) is FAILED
 
 
 def time_axes(labels) -> list:
@@ -94,7 +94,8 @@ def time_axis(node: fx.Node) -> Optional[int]:
         raise ConversionError(
             f"the output has {len(axes)} dimensions that grow with the clip length (dims {axes}); "
             "this is what attention across time, outer products over time or repeats do",
-            node=node, fix="attention across time is not supported yet; keep time in one dimension")
+            node=node, fix="keep time in one dimension (attention over frames converts: it takes the frames "
+            "as its tokens)")
     return axes[0] if axes else None
 
 

@@ -32,7 +32,7 @@ import operator
 import torch.fx as fx
 from torch.utils._pytree import tree_flatten
 
-from .shape_runs import FAILED, Rec
+from .shape_runs import FAILED, Rec, other_length
 
 
 def is_value(node: fx.Node) -> bool:
@@ -43,9 +43,8 @@ def is_value(node: fx.Node) -> bool:
 
 
 def _follows_length(node: fx.Node) -> bool:
-    runs = node.meta.get("cofx_runs", {})
-    longer = runs.get("longer", FAILED)
-    return longer is not FAILED and tree_flatten(longer)[0] != tree_flatten(runs.get("clip"))[0]
+    other = other_length(node)
+    return other is not FAILED and tree_flatten(other)[0] != tree_flatten(node.meta["cofx_runs"].get("clip"))[0]
 
 
 def _entry_of_sizes(node: fx.Node) -> bool:

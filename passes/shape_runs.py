@@ -5,7 +5,10 @@ the clip length, through any reshape or permute the model does:
 
 - ``"clip"``: the example clip, one stream (batch 1);
 - ``"longer"``: the same stream with more frames;
-- ``"batch"``: the clip as two streams.
+- ``"batch"``: the clip as two streams;
+- ``"shorter"``, only where the longer run failed (a table sized for the clip):
+  the stream with fewer frames, so that time is still told apart from fixed
+  sizes there (`other_length`).
 
 Each node gets ``node.meta["cofx_runs"][run]``: a pytree of `Rec` (tensors:
 shape and dtype) or plain Python values (ints, shapes, slices), or `FAILED`
@@ -48,6 +51,14 @@ class _Failed:
 
 
 FAILED = _Failed()
+
+
+def other_length(node: fx.Node):
+    """What `node` gave on a clip of another length than the example's: the longer run, else the shorter run,
+    else FAILED."""
+    runs = node.meta.get("cofx_runs", {})
+    longer = runs.get("longer", FAILED)
+    return runs.get("shorter", FAILED) if longer is FAILED else longer
 
 
 def _contains_failed(value) -> bool:
@@ -130,7 +141,7 @@ def _run_fake(gm: fx.GraphModule, run: str, x: torch.Tensor) -> bool:
             log.setLevel(level)
 
 
-def record_runs(gm: fx.GraphModule, inputs: Mapping[str, torch.Tensor], tolerant: tuple = ("longer",)) -> dict:
+def record_runs(gm: fx.GraphModule, inputs: Mapping[str, torch.Tensor], tolerant: tuple = ("longer", "shorter")) -> dict:
     """Record every run of `inputs` (name -> input tensor); returns each run's errors by node.
 
     Runs go on fake tensors where they can (they only need shapes), so a longer
