@@ -155,6 +155,8 @@ def export_onnx(co, path, opset: Optional[int] = None) -> dict:
 
     was_training = co.training
     snap = co._snapshot()
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)   # transformer layers as ops ONNX has, not as fused kernels
     try:
         co.eval()
         dtype, device = dtype_device(co)
@@ -209,6 +211,7 @@ def export_onnx(co, path, opset: Optional[int] = None) -> dict:
                     shapes={n: _shape(v, batch_axes.get(n)) for n, v in values.items()},
                     dtypes={n: str(v.dtype).replace("torch.", "") for n, v in values.items()})
     finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
         co._restore(snap)
         co.train(was_training)
 
