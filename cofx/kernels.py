@@ -36,6 +36,15 @@ def empty_like_labels(labels: Sequence, batch: int, ref: torch.Tensor) -> torch.
     return ref.new_empty(shape)
 
 
+def _empty_like_tree(labels, batch: int, ref: torch.Tensor):
+    """`empty_like_labels` of each label tuple of a pytree of them (lists and tuples; None stays None)."""
+    if labels is None:
+        return None
+    if isinstance(labels, (list, tuple)) and any(isinstance(v, (list, tuple)) or v is None for v in labels):
+        return type(labels)(_empty_like_tree(v, batch, ref) for v in labels)
+    return empty_like_labels(labels, batch, ref)
+
+
 class Kernel(nn.Module):
     """A module cofx adds to the continual graph. The step program calls its `forward` directly: no hooks
     are run on it (the model's own modules are called as modules, hooks and all)."""
@@ -686,7 +695,7 @@ class Framewise(Kernel):
         self.__dict__["op"] = op
         self.__dict__["call"] = op.forward if isinstance(op, Kernel) else op
         self.method = method
-        self.out_labels = tuple(out_labels)
+        self.out_labels = out_labels   # a pytree of label tuples for ops that return several tensors
 
     def extra_repr(self) -> str:
         return f"{self.method or getattr(self.op, '__name__', type(self.op).__name__)}"
@@ -695,7 +704,7 @@ class Framewise(Kernel):
         for frames in args:
             if isinstance(frames, torch.Tensor):
                 if frames.numel() == 0:
-                    return empty_like_labels(self.out_labels, self.ctx.batch, frames)
+                    return _empty_like_tree(self.out_labels, self.ctx.batch, frames)
                 break
         if self.method is not None:
             return getattr(args[0], self.method)(*args[1:], **kwargs)

@@ -51,6 +51,8 @@ def temporal_params(spec) -> tuple:
         if spec.window != spec.clip_window:
             note += f", clip length here is {spec.clip_window}"
         return spec.window, 1, None, None, note
+    if name == "WindowSpec":
+        return spec.window, 1, None, None, f"{spec.what}: a window of the last {spec.window} frames, run whole each step"
     return None, None, None, None, ""
 
 

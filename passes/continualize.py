@@ -55,7 +55,7 @@ from cofx.sliding_ops import PadSpec, SlidingSpec
 from .layout import Labels
 from .node_kind import RESHAPES, node_inputs
 from .receptive_field import same_readiness
-from .temporal_geometry import CropSpec, ReductionSpec
+from .temporal_geometry import CropSpec, ReductionSpec, WindowSpec
 
 _EMPTY_SAFE_MODULES = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU,
                        nn.Mish, nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.Softplus,
@@ -77,12 +77,24 @@ _EMPTY_SAFE_FUNCTIONS = {operator.add, operator.sub, operator.mul, operator.true
                          F.linear, F.layer_norm, F.batch_norm, torch.sigmoid}
 
 
-def co_labels(node: fx.Node) -> Labels:
-    """Labels of a node's tensor in the continual graph: after a reduction, frames ride in the batch."""
-    labels = node.meta["cofx_layout"]
-    if node.meta.get("cofx_role") == "folded":
-        return Labels("BT" if lab == "B" else lab for lab in labels)
-    return labels
+def co_labels(node: fx.Node):
+    """Labels of a node's tensor (or pytree of labels, None for leaves that are not tensors) in the continual
+    graph: after a reduction, frames ride in the batch; over a window of the clip, time is the window's fixed
+    number of frames."""
+    layout = node.meta["cofx_layout"]
+    if node.meta.get("cofx_role") != "folded":
+        return layout
+    window = node.meta.get("cofx_from_window")
+
+    def leaf(labels, clip):
+        if not isinstance(labels, Labels):
+            return None
+        return Labels("BT" if lab == "B" else clip.shape[i] if window and lab == "T" else lab
+                      for i, lab in enumerate(labels))
+    if isinstance(layout, Labels):
+        return leaf(layout, node.meta["cofx_runs"]["clip"])
+    labels, spec = tree_flatten(layout)
+    return tree_unflatten(list(map(leaf, labels, tree_flatten(node.meta["cofx_runs"]["clip"])[0])), spec)
 
 
 def _batch_axis(node: fx.Node) -> int:
@@ -110,6 +122,8 @@ class _Builder:
         self.origin: dict = {}   # stream node -> node whose frames it carries unchanged in count
         self.node_kernels: dict = {}   # original node name -> names of the kernels emitted for it
         self.current = None
+        self.windows: dict = {}   # stream node -> its window over the clip, folded into the batch
+        self.in_windows: dict = {}   # (node, batch node) -> the node's value over a window (see `in_window`)
 
     def name(self, hint: str) -> str:
         base = f"co_{hint}"
@@ -163,6 +177,8 @@ class _Builder:
                 self.env[node] = self.crop(node, spec)
             elif isinstance(spec, ReductionSpec):
                 self.env[node] = self.reduction(node, spec)
+            elif isinstance(spec, WindowSpec) and spec.start:
+                self.env[node] = self.window(node, spec)
             elif kind == "recurrent":
                 self.env[node] = self.recurrent(node)
             elif kind == "merge":
@@ -183,6 +199,10 @@ class _Builder:
             return self.reshape(node, replace)
         if node.meta.get("cofx_impl") not in (None, "conv3d"):
             return self.frame_conv(node)
+        if node.meta.get("cofx_from_window"):
+            replace = {**self.window_args(node, replace or {}), **(replace or {})}
+            if not _empty_safe(node, self.gm):   # no window completed: nothing to run on
+                return self.guard(node, replace)
         if node.meta.get("cofx_role") == "stream" and isinstance(node.meta["cofx_layout"], Labels) \
                 and not _empty_safe(node, self.gm):
             return self.guard(node, replace)
@@ -351,6 +371,85 @@ class _Builder:
         # sizes read off the clip (a pool's kernel spanning it) are those of one window
         sizes = {a: a.meta["cofx_runs"]["clip"] for a in node.all_input_nodes if a.meta.get("cofx_length") is not None}
         return self.pointwise(node, replace={**sizes, x: folded})
+
+    def window(self, node, spec: WindowSpec):
+        """`node` on the last `spec.window` frames of its stream inputs at each step (one window per frame,
+        folded into the batch), aligned with what already comes per window."""
+        ins = list(dict.fromkeys(a for a in node_inputs(node) if a.meta.get("cofx_role") in ("stream", "folded")))
+        windowed = node.meta["cofx_window_inputs"]
+        values = {a: self.windowed(a, spec.window) if a in windowed else self.env[a] for a in ins}
+        ready = self.gm.meta["cofx_readiness"]
+        horizon = self.gm.meta["cofx_horizon"]
+        arrivals = {tuple(ready(a, j + spec.window - 1) if a in windowed else ready(a, j) for j in range(horizon))
+                    for a in ins}
+        if len(arrivals) > 1:
+            values = self.align_windows(node, ins, values)
+        return self.pointwise(node, values)
+
+    def windowed(self, a: fx.Node, frames: int):
+        """The last `frames` frames of stream `a` at each step, a window per frame folded into the batch:
+        (.., n*B@b, .., frames@t, ..)."""
+        if a not in self.windows:
+            t, labels = a.meta["cofx_time"], list(co_labels(a))
+            kernel = K.Sliding(self.ctx, K.window_reduce("raw", t, frames), t, frames, 1, 0, 0, 0.0,
+                               labels + [frames])
+            frames_node = self.add_kernel(f"{a.name}_window", kernel, (self.env[a],), node_name=f"{a.name}_window")
+            self.windows[a] = self.g.create_node("call_function", K.fold_time, (frames_node, t, labels.index("B")),
+                                                 {"raw": True}, name=f"{a.name}_windows")
+        return self.windows[a]
+
+    def window_args(self, node, replace: dict) -> dict:
+        """The inputs of `node` that are numbers or tensors made outside the window, as the window sees them
+        (`in_window`)."""
+        out, batch = {}, []
+
+        def windows():   # the number of windows times the batch, read off one of the node's windows
+            if not batch:
+                a = next(a for a in node.all_input_nodes if a.meta.get("cofx_role") in ("stream", "folded")
+                         and isinstance(a.meta["cofx_layout"], Labels))
+                batch.append(self.g.create_node("call_method", "size",
+                                                (replace.get(a, self.env.get(a)), _batch_axis(a)), {}))
+            return batch[0]
+
+        for a in node.all_input_nodes:
+            if a.meta.get("cofx_role") not in ("stream", "folded") and a not in replace:
+                value = self.in_window(a, windows)
+                if value is not None:
+                    out[a] = value
+        return out
+
+    def in_window(self, a: fx.Node, windows):
+        """`a` (a number or a tensor made outside the window) over a window: a number read off the clip's
+        length is the clip's, the batch size is the number of windows times the batch (`windows()`), and
+        tensors built from them are built again; None where `a` is the same inside the window."""
+        if a.meta.get("cofx_length") is not None:
+            return a.meta["cofx_runs"]["clip"]
+        layout = a.meta.get("cofx_layout")
+        if a.meta.get("cofx_role") == "shape" and layout == "B":
+            return windows()
+        if a.op == "get_attr" or not (a.meta.get("cofx_clip_const") or
+                                      (isinstance(layout, Labels) and "B" in layout)):
+            return None
+        if a not in self.in_windows:
+            def arg(x):
+                value = self.in_window(x, windows)
+                return self.env[x] if value is None else value
+            self.in_windows[a] = self.g.node_copy(a, arg)
+        return self.in_windows[a]
+
+    def align_windows(self, node, ins, values) -> dict:
+        """The values of `ins` (one per window each, batch first) paired window by window (a delay buffer)."""
+        if any(co_labels(a)[0] != "BT" if a.meta["cofx_role"] == "folded" else a.meta["cofx_layout"][0] != "B"
+               for a in ins):
+            raise ConversionError("joins values computed over windows of the clip whose batch is not their first "
+                                  "dimension", node=node)
+        frames = [self.g.create_node("call_function", K.split_frames, (values[a], self.batch), {},
+                                     name=f"{a.name}_frames") for a in ins]
+        aligned = self.add_kernel(f"{node.name}_align", K.Align(self.ctx, [0] * len(ins)), frames,
+                                  node_name=f"{node.name}_align")
+        return {a: self.g.create_node("call_function", K.join_frames,
+                                      (self.g.create_node("call_function", operator.getitem, (aligned, i), {}),),
+                                      {}, name=f"{a.name}_aligned") for i, a in enumerate(ins)}
 
     def flatten_window(self, node, folded):
         """The reshape that flattens a window of frames into features, on windows folded into the batch."""

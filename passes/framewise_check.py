@@ -27,7 +27,7 @@ from torch.utils._pytree import tree_flatten
 from cofx.errors import ConversionError
 
 from .layout import Labels, time_axes
-from .node_kind import attention_hint
+from .node_kind import ATTENTION_FIX, attention_hint
 from .shape_runs import RecordingInterpreter
 
 
@@ -96,7 +96,7 @@ def check_framewise(gm: fx.GraphModule, clip: torch.Tensor) -> None:
         if not _other_frames_equal(node, result, out_p, frame):
             hint = attention_hint(node, gm)
             why = "does not act frame by frame: changing one input frame changed other output frames." + hint
-            fix = "attention across time is not supported yet" if hint else \
+            fix = ATTENTION_FIX if hint else \
                 "ops that mix frames (softmax/cumsum/norms over time, attention) are not supported"
             if node.op == "call_module" and node.target in untraceable:
                 why += f" (torch.fx could not trace into it: {untraceable[node.target]})"

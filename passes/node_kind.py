@@ -43,9 +43,9 @@ from torch.utils._pytree import tree_flatten
 from cofx.errors import ConversionError, user_line, describe
 from cofx.sliding_ops import pad_spec, sliding_spec
 
-from .layout import Labels, has_time, time_axis
+from .layout import Labels, has_time, time_axes, time_axis
 from .length_values import is_value
-from .temporal_geometry import CropSpec, RecurrentStateSpec, ReductionSpec
+from .temporal_geometry import CropSpec, RecurrentStateSpec, ReductionSpec, WindowSpec
 
 RESHAPES = {("call_method", "view"), ("call_method", "reshape"), ("call_function", torch.reshape)}
 _REDUCE_METHODS = {"mean": "mean", "sum": "sum", "amax": "amax", "amin": "amin"}
@@ -62,6 +62,9 @@ ATTENTION = (nn.MultiheadAttention, nn.TransformerEncoderLayer, nn.TransformerDe
              nn.TransformerEncoder, nn.TransformerDecoder, nn.Transformer)
 
 
+ATTENTION_FIX = ("attention converts where its tokens are frames (time its own axis, as in (B, T, C) or "
+                 "(B, heads, T, d)); tokens that mix frames with pixels in one axis (MViT, Swin3D) do not: attend "
+                 "over frames (per pixel or per pooled frame), or keep that part out of the streamed model")
 _ATTENTION_FUNCTIONS = {F.scaled_dot_product_attention, torch.matmul, torch.bmm, operator.matmul, torch.einsum,
                         F.multi_head_attention_forward}
 
@@ -127,7 +130,8 @@ def _length_use(node: fx.Node, gm: fx.GraphModule, why: str, fix: str) -> Conver
     hint = attention_hint(node, gm)   # positions and masks of attention read the length: say attention
     return ConversionError(f"{why}: the clip length, read by {describe(source)}" + (f" at {at}" if at else "") +
                            f", is each chunk's length when stepping.{hint}", node=node,
-                           fix="attention across time is not supported yet" if hint else fix)
+                           fix=fix + ("; positions and masks built from the clip length inside attention "
+                                      "over frames convert" if hint else ""))
 
 
 _LENGTH_FIX = ("use the clip length only to reshape, to crop a fixed number of frames from each end, or as the "
@@ -206,6 +210,7 @@ class _Classifier:
             if node.op == "output":
                 if length_source(node) is not None:
                     raise _length_use(node, self.gm, "returns a value derived from the clip length", _LENGTH_FIX)
+                self.check_outputs(node)
                 node.meta.update(cofx_role="output", cofx_kind="time-free")
                 continue
             if node.op == "placeholder":
@@ -236,23 +241,24 @@ class _Classifier:
         streams = [a for a in ins if a.meta["cofx_role"] == "stream"]
         folded = [a for a in ins if a.meta["cofx_role"] == "folded"]
         layout = node.meta["cofx_layout"]
-        if node.op == "call_module" and isinstance(self.module(node), ATTENTION) and streams:
-            raise ConversionError("attention across time is not supported yet", node=node,
-                                  fix="convert the convolutional part only, or wait for continual attention")
         if is_value(node):   # a size or a number: where it may flow is what the length rule checks
             self.set(node, "static" if roles <= {"static"} else "shape", "time-free")
             return
         if not streams and not folded:
-            if isinstance(layout, Labels) and length_source(node) is not None:
-                self.static_from_length(node)
+            if isinstance(layout, Labels) and (length_source(node) is not None or has_time(layout) or
+                                               any(a.meta.get("cofx_clip_const") for a in ins)):
+                # built for the clip's length (positions, masks): meaningful only over a window of the clip
+                self.set(node, "static", "time-free", clip_const=self.clip_const_source(node, ins))
+                return
             if "shape" in roles or not isinstance(layout, Labels):
                 kind_role = "shape" if not isinstance(layout, Labels) else "static"
-                if isinstance(layout, Labels) and has_time(layout):
-                    raise ConversionError("builds a tensor whose size follows the clip length", node=node,
-                                          fix="do not create tensors from the number of frames (e.g. torch.arange(T))")
                 self.set(node, kind_role if roles & {"shape"} else "static", "time-free")
             else:
                 self.set(node, "static", "time-free")
+            return
+        why = self.window_reason(node, streams, folded)
+        if why is not None:
+            self.window(node, streams, folded, why)
             return
         if not isinstance(layout, Labels) and not (isinstance(layout, (list, tuple)) and layout):
             self.set(node, "shape", "time-free")
@@ -291,16 +297,151 @@ class _Classifier:
         return isinstance(module, nn.modules.batchnorm._BatchNorm) and not module.training and \
             module.running_mean is not None and x.meta.get("cofx_time") != 1 and len(node.all_input_nodes) == 1
 
-    def static_from_length(self, node):
-        table = node.op == "call_function" and node.target is operator.getitem and \
-            isinstance(node.args[0], fx.Node) and node.args[0].op == "get_attr"
-        if table:
-            raise _length_use(node, self.gm, "indexes a parameter or buffer by the clip length (a per-position "
-                              "table): each frame would get the entry of its position in the clip, and a stream "
-                              "has no clip positions", "encode positions relative to the frame (a temporal "
-                              "convolution), or add the whole table to a fixed-length window outside the streamed part")
-        raise _length_use(node, self.gm, "builds a tensor from the clip length",
-                          _LENGTH_FIX + " (torch.zeros_like(x) and friends need no sizes)")
+    @staticmethod
+    def clip_const_source(node, ins) -> fx.Node:
+        """The first node of a chain of tensors built for the clip's length (for messages)."""
+        return next((a.meta["cofx_clip_const"] for a in ins if a.meta.get("cofx_clip_const")), node)
+
+    # -- windows over the clip ----------------------------------------------------------------
+    def window_reason(self, node, streams, folded) -> Optional[str]:
+        """Why `node` needs its stream inputs as a window of the clip (None when it does not): it is attention
+        across time, it adds a tensor built for the clip's length (a per-position table, a mask), it puts a
+        class token along time, or it joins a value computed over a window."""
+        if not streams:
+            return None
+        if any(a.meta.get("cofx_from_window") for a in folded):
+            return "join"
+        if self.is_attention(node, streams):
+            return "attention"
+        layout = node.meta["cofx_layout"]
+        if any(a.meta.get("cofx_clip_const") for a in node_inputs(node)):
+            return "positions"
+        if node.meta.get("cofx_longer_failed") and not any(a.meta.get("cofx_longer_failed") for a in streams) and \
+                any(a.meta["cofx_role"] == "static" and isinstance(a.meta["cofx_layout"], Labels)
+                    for a in node_inputs(node)):
+            return "positions"   # a table sized for the clip, added whole
+        if node.op == "call_function" and node.target in (torch.cat, torch.concat) and \
+                any(a.meta["cofx_role"] == "static" for a in node_inputs(node)) and isinstance(layout, Labels):
+            t_out = time_axes(layout)
+            if t_out and any(_time_len(a, "clip") != clip_value(node).shape[t_out[0]] for a in streams
+                             if isinstance(a.meta["cofx_layout"], Labels)):
+                return "token"
+        return None
+
+    def is_attention(self, node, ins) -> bool:
+        """A layer or function of attention (its tokens checked to be the frames of `ins`), or a product of two
+        tensors over time (q @ k^T, k^T @ v)."""
+        module = self.module(node)
+        named = module is not None and (isinstance(module, ATTENTION) or "attention" in type(module).__name__.lower())
+        named = named or node.op == "call_function" and (
+            node.target in (F.scaled_dot_product_attention, F.multi_head_attention_forward)
+            or "attention" in getattr(node.target, "__name__", "").lower())
+        if named:
+            self.check_tokens_are_frames(node, module, ins)
+            return True
+        layout = node.meta["cofx_layout"]
+        return len(set(ins)) > 1 and isinstance(layout, Labels) and len(time_axes(layout)) != 1 and \
+            not node.meta.get("cofx_longer_failed")
+
+    def check_tokens_are_frames(self, node, module, streams):
+        """Attention that cofx calls whole must attend over frames: its token axis is the time axis of every
+        stream input (a layer that mixes frames with pixels inside is refused)."""
+        if isinstance(module, (nn.MultiheadAttention, nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)):
+            first = module.batch_first
+        elif isinstance(module, (nn.TransformerEncoder, nn.TransformerDecoder)):
+            first = module.layers[0].self_attn.batch_first if len(module.layers) else True
+        elif isinstance(module, nn.Transformer):
+            first = module.encoder.layers[0].self_attn.batch_first
+        else:
+            first = None
+        for a in dict.fromkeys(streams):
+            labels, t = a.meta["cofx_layout"], a.meta.get("cofx_time")
+            if t is None and a.meta.get("cofx_from_window"):   # inside a window: where its frames are
+                axes = time_axes(labels)
+                if not axes:   # not told apart (a table sized for the clip): the window is run whole anyway
+                    continue
+                t = axes[0] if len(axes) == 1 else None
+            if not isinstance(labels, Labels) or t is None:
+                ok = False
+            elif first is not None:
+                ok = len(labels) == 3 and t == (1 if first else 0)
+            elif node.target is F.scaled_dot_product_attention:
+                ok = t == len(labels) - 2
+            elif node.target is F.multi_head_attention_forward:
+                ok = len(labels) == 3 and t == 0
+            else:   # a layer cofx does not know: tokens of one frame each, (B, T, C)
+                ok = len(labels) == 3 and t == 1
+            if not ok:
+                raise ConversionError(f"attention ({_attention_like(node, self.gm) or describe(node)}) whose tokens "
+                                      f"are not the frames: its input {describe(a)} has time "
+                                      f"at dim {t} of {len(labels) if isinstance(labels, Labels) else '?'}, where "
+                                      "the layer does not attend over that axis alone", node=node, fix=ATTENTION_FIX)
+
+    def window(self, node, streams, folded, why):
+        """`node` runs on windows of its stream inputs: from here on, one result per window (folded into the
+        batch, as after a reduction), computed as the model computes it on a clip."""
+        streams = list(dict.fromkeys(streams))
+        for a in streams:
+            if not isinstance(a.meta["cofx_layout"], Labels) or a.meta.get("cofx_time") is None:
+                raise ConversionError("takes a tuple of streams over a window of the clip", node=node)
+            if "B" not in a.meta["cofx_layout"]:
+                raise ConversionError("mixes the batch (independent streams) into one value", node=node)
+        lengths = {_time_len(a, "clip") for a in streams}
+        lengths |= {a.meta["cofx_window_frames"] for a in folded if a.meta.get("cofx_from_window")}
+        if len(lengths) > 1:
+            raise ConversionError(f"combines windows of the clip of different lengths {sorted(lengths)} (frames at "
+                                  "different rates or crops)", node=node,
+                                  fix="feed attention and what joins it tensors of the same number of frames")
+        frames = lengths.pop()
+        self.check_window_option(node, frames)
+        if why == "join":
+            source = next(a for a in folded if a.meta.get("cofx_from_window")).meta["cofx_window_source"]
+            kind, what = "merge", f"joins the window of {source.name}"
+        else:
+            source = node
+            kind = "attention" if why == "attention" else "window"
+            what = {"attention": "attention over the clip", "token": "a token put along time",
+                    "positions": "a tensor built for the clip length (positions, a mask)"}[why]
+        self.check_window_values(node)
+        self.set(node, "folded", kind, spec=WindowSpec(frames, what), window_inputs=tuple(streams))
+        self.mark_from_window(node, frames, source)
+
+    def check_window_option(self, node, frames: int) -> None:
+        if self.window_for(node, frames) != frames:
+            raise ConversionError(f"window= for {node.name}, which runs on a window of the clip: its window is "
+                                  f"the example clip's {frames} frames there", node=node,
+                                  fix="give convert an example clip of the length the window should have")
+
+    def mark_from_window(self, node, frames: int, source) -> None:
+        node.meta.update(cofx_from_window=True, cofx_window_frames=frames, cofx_window_source=source,
+                         cofx_window_time=has_time(node.meta["cofx_layout"]))
+
+    def check_window_values(self, node):
+        """Numbers a window's ops read become those of the clip (a length) or of the windows (a batch size);
+        one that follows both cannot be told apart."""
+        for a in node_inputs(node):
+            if a.meta.get("cofx_role") in ("shape", "static") and a.meta.get("cofx_layout") == "BT":
+                raise ConversionError(f"uses {describe(a)}, a number that follows both the batch size and the clip "
+                                      "length, over a window of the clip", node=node,
+                                      fix="read the batch size and the number of frames separately (B, T = x.shape[:2])")
+
+    def check_outputs(self, node):
+        leaves, _ = tree_flatten(node.args[0])
+        for leaf in leaves:
+            if not isinstance(leaf, fx.Node):
+                continue
+            if leaf.meta.get("cofx_clip_const"):
+                raise _length_use(leaf, self.gm, "returns a tensor built for the clip's length", _LENGTH_FIX)
+            if leaf.meta.get("cofx_window_time"):
+                source = leaf.meta["cofx_window_source"]
+                what = source.meta["cofx_spec"].what
+                frames = leaf.meta["cofx_window_frames"]
+                raise ConversionError(
+                    f"returns per-frame outputs computed over a window of the clip length ({frames} frames), for "
+                    f"{what} at node '{source.name}'{' (' + user_line(source) + ')' if user_line(source) else ''}: "
+                    "a stream has no clip positions, so each step runs the model on the last window as on a clip, "
+                    "and a window gives one answer, not frames", node=leaf,
+                    fix="return one value per clip (a class token, the last frame out[:, -1], a pool over time)")
 
     def recurrent(self, node, streams):
         module = self.module(node)
@@ -451,8 +592,7 @@ class _Classifier:
         """`kernel_read`: a pool whose kernel, read off the tensor, spans the whole clip (checked by sliding_spec)."""
         if len(streams) + len(folded) > 1:
             raise ConversionError("combines frames across time from more than one tensor "
-                                  "(a product over time, as in attention)", node=node,
-                                  fix="attention across time is not supported yet")
+                                  "(a product over time, as in attention)", node=node, fix=ATTENTION_FIX)
         labels = node.meta["cofx_layout"]
         if isinstance(labels, Labels) and "B" not in labels and "BT" not in labels:
             raise ConversionError("mixes the batch (independent streams) into one value", node=node)
@@ -505,6 +645,26 @@ class _Classifier:
 
     def folded_op(self, node):
         layout = node.meta["cofx_layout"]
+        windows = [a for a in node_inputs(node) if a.meta.get("cofx_from_window")]
+        if windows:   # the model's ops on each window, as on a clip
+            source = node.args[0] if node.op == "call_function" and node.target is operator.getitem else None
+            if isinstance(source, fx.Node) and source.meta.get("cofx_kind") == "attention" and \
+                    node.args[1] == 1 and node.users and isinstance(self.module(source), nn.MultiheadAttention):
+                raise ConversionError("reads the attention weights", node=node,
+                                      fix="use the attention's output only (need_weights=False)")
+            frames = {a.meta["cofx_window_frames"] for a in windows}
+            if len(frames) > 1:
+                raise ConversionError(f"combines windows of the clip of different lengths {sorted(frames)}", node=node)
+            self.check_window_values(node)
+            frames = frames.pop()
+            folded = [a for a in node_inputs(node) if a.meta["cofx_role"] == "folded"]
+            if self.is_attention(node, folded):   # attention inside a window: reported with its window
+                self.check_window_option(node, frames)
+                self.set(node, "folded", "attention", spec=WindowSpec(frames, "attention over the clip", start=False))
+            else:
+                self.set(node, "folded", "merge" if len(set(folded)) > 1 else "pointwise")
+            self.mark_from_window(node, frames, windows[0].meta["cofx_window_source"])
+            return
         if has_time(layout) and not node.meta.get("cofx_longer_failed"):
             origin = next((a for a in node_inputs(node) if a.meta.get("cofx_flattens")), None)
             if origin is not None or any(a.meta.get("cofx_kind") == "pointwise" and
@@ -513,7 +673,7 @@ class _Classifier:
                 raise ConversionError(
                     "works on time flattened together with other dimensions (as tokens or features) "
                     f"mid-network.{hint}", node=node,
-                    fix="attention across time is not supported yet" if hint else
+                    fix=ATTENTION_FIX if hint else
                     "keep time as its own dimension until a global temporal pooling")
             raise ConversionError("brings time back after a global temporal reduction", node=node)
         self.check_length_args(node, (node.op, node.target) in RESHAPES)

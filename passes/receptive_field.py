@@ -68,6 +68,13 @@ def _time_inputs(node: fx.Node) -> list:
     return [a for a in node_inputs(node) if a.meta.get("cofx_role") in ("stream", "folded")]
 
 
+def _through_geometry(node: fx.Node, a: fx.Node) -> bool:
+    """Whether input `a` reaches `node` through the node's temporal op (a window over the clip takes its stream
+    inputs through it; what already comes per window passes as it is)."""
+    windowed = node.meta.get("cofx_window_inputs")
+    return windowed is None or a in windowed
+
+
 class _Readiness:
     """ready(node, j): the input frame after which output frame j of `node` is available.
 
@@ -84,14 +91,16 @@ class _Readiness:
             need = length[node] if g is None else \
                 max(0, (length[node] - 1) * g.stride + g.span - g.pad_l)
             for a in _time_inputs(node):
-                length[a] = max(length.get(a, horizon), need, 1)
+                length[a] = max(length.get(a, horizon), need if _through_geometry(node, a) else length[node], 1)
         self.tables = {}
         for node in nodes:
             n = length[node]
             if node.op == "placeholder":
                 self.tables[node] = list(range(n))
                 continue
-            g, ins = geometry_of(node), [self.tables[a] for a in _time_inputs(node)]
+            g = geometry_of(node)
+            ins = [self.tables[a] for a in _time_inputs(node) if g is None or _through_geometry(node, a)]
+            passed = [self.tables[a] for a in _time_inputs(node) if g is not None and not _through_geometry(node, a)]
             if g is None:
                 self.tables[node] = [max(t[j] for t in ins) for j in range(n)]
                 continue
@@ -102,7 +111,7 @@ class _Readiness:
                     table.append(max(t[0] for t in ins) if replicate and g.pad_l > 0 else 0)
                 else:
                     table.append(max(t[last] for t in ins))
-            self.tables[node] = table
+            self.tables[node] = [max([r, *(t[j] for t in passed)]) for j, r in enumerate(table)]
 
     def __call__(self, node: fx.Node, j: int) -> int:
         return self.tables[node][j]
@@ -141,12 +150,16 @@ def annotate_timing(gm: fx.GraphModule, replicate: bool = False) -> None:
         if node.op == "placeholder" and role == "stream":
             node.meta["cofx_timing"] = Timing(0, 0, 0, 1)
             continue
-        ins = [a.meta["cofx_timing"] for a in _time_inputs(node) if a.meta.get("cofx_timing")]
-        if not ins or role not in ("stream", "folded", "output"):
+        timed = [a for a in _time_inputs(node) if a.meta.get("cofx_timing")]
+        if not timed or role not in ("stream", "folded", "output"):
             node.meta["cofx_timing"] = None
             continue
-        merged = merge_timings(node, ins)
         g = geometry_of(node)
+        through = [a.meta["cofx_timing"] for a in timed if g is None or _through_geometry(node, a)]
+        passed = [a.meta["cofx_timing"] for a in timed if g is not None and not _through_geometry(node, a)]
+        merged = merge_timings(node, through)
         if node.meta.get("cofx_kind") == "recurrent":   # depends on every frame since the stream started
             merged = Timing(lo=float("-inf"), hi=merged.hi, ready=merged.ready, stride=merged.stride)
-        node.meta["cofx_timing"] = merged.through(g, ready(node, 0)) if g is not None else merged
+        if g is not None:
+            merged = merged.through(g, ready(node, 0))
+        node.meta["cofx_timing"] = merge_timings(node, [merged, *passed]) if passed else merged

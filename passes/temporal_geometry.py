@@ -60,6 +60,26 @@ class ReductionSpec:
         return Geometry(span=self.window, stride=1, pad_l=pad_l, pad_r=0, dep_lo=0, dep_hi=self.window - 1)
 
 
+@dataclass(frozen=True)
+class WindowSpec:
+    """An op that needs the clip as a whole (attention across time, a per-position table, a class token
+    along time): its stream inputs are kept as a sliding window of `window` frames, the clip length there, and
+    from it on the model runs on each window as on a clip (one result per step).
+
+    `what` says why, for the report; `start` is False for an op inside a window (attention after the window
+    began at a table of positions, say): it runs on each window and takes no frames itself.
+    """
+    window: int
+    what: str
+    start: bool = True
+
+    @property
+    def geometry(self) -> Optional[Geometry]:
+        if not self.start:
+            return None
+        return Geometry(span=self.window, stride=1, pad_l=0, pad_r=0, dep_lo=0, dep_hi=self.window - 1)
+
+
 def sliding_geometry(spec) -> Geometry:
     if isinstance(spec, PadSpec):
         return Geometry(span=1, stride=1, pad_l=spec.pad_l, pad_r=spec.pad_r, dep_lo=0, dep_hi=0)
