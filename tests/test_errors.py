@@ -50,10 +50,10 @@ class TemporalAttention(nn.Module):
         return self.attn(y, y, y)[0]
 
 
-def test_attention_across_time_is_refused_by_name():
-    with pytest.raises(cofx.ConversionError, match="attention across time is not supported yet") as err:
+def test_per_frame_outputs_of_attention_are_refused_by_name():
+    with pytest.raises(cofx.ConversionError, match="per-frame outputs computed over a window") as err:
         cofx.convert(TemporalAttention().eval(), torch.randn(1, 3, 10))
-    assert "'attn'" in str(err.value)
+    assert "'attn'" in str(err.value) and "out[:, -1]" in str(err.value).split("fix:")[1]
 
 
 class SelfMadeAttention(nn.Module):

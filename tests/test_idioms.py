@@ -55,18 +55,31 @@ EXACT = {   # idiom -> head; each must convert and step exactly
                                                                           torch.ones(3, C * 8, dtype=h.dtype)),
     "time flattened into a classifier by view": lambda m, h: F.linear(h.contiguous().view(h.size(0), -1),
                                                                        torch.ones(3, C * 8, dtype=h.dtype)),
+    # a window of the clip length, run as the model runs a clip: one answer per window
+    "softmax weights sliced by T": lambda m, h: (h * m.w[:h.shape[2]].softmax(0)).sum(2),
+    "positional table sliced by T, pooled": lambda m, h: (h + m.pos[:, :, :h.shape[2]]).mean(2),
+    "arange(T) weights, pooled": lambda m, h: (h * torch.arange(h.shape[2], dtype=h.dtype)).sum(2) / h.shape[2],
+    "self-attention over frames, last frame": lambda m, h: _self_attention(h)[:, :, -1],
+    "class token along time, read back": lambda m, h: _self_attention(torch.cat(
+        [m.pos[:, :, :1].expand(h.shape[0], -1, -1), h], 2))[:, :, 0],
 }
 REFUSED = {   # idiom -> (head, words the message must hold)
     "h / sqrt(T)": (lambda m, h: h / math.sqrt(h.shape[2]), "truediv"),
     "h * T ** -0.5": (lambda m, h: h * h.shape[2] ** -0.5, "mul"),
-    "positional table sliced by T": (lambda m, h: h + m.pos[:, :, :h.shape[2]], "getitem"),
-    "table entry picked at T - 1": (lambda m, h: h + m.pos[:, :, h.shape[2] - 1:h.shape[2]], "getitem"),
-    "softmax weights sliced by T": (lambda m, h: (h * m.w[:h.shape[2]].softmax(0)).sum(2), "getitem"),
+    "positional table sliced by T": (lambda m, h: h + m.pos[:, :, :h.shape[2]], "add"),   # per-frame outputs
+    "table entry picked at T - 1": (lambda m, h: h + m.pos[:, :, h.shape[2] - 1:h.shape[2]], "add"),
     "h * (T // 100 + 1)": (lambda m, h: h * (h.shape[2] // 100 + 1), "mul"),
-    "arange(T) added": (lambda m, h: h + torch.arange(h.shape[2], dtype=h.dtype), "arange"),
+    "arange(T) added": (lambda m, h: h + torch.arange(h.shape[2], dtype=h.dtype), "add"),
+    "self-attention over frames, every frame": (lambda m, h: _self_attention(h), "scaled_dot_product_attention"),
     "full_like(h, T)": (lambda m, h: h * torch.full_like(h, h.shape[2]), "full_like"),
     "the clip length returned": (lambda m, h: (h, h.shape[2]), "output"),
 }
+
+
+def _self_attention(h):
+    """Attention over the frames of (B, C, T), back to (B, C, T)."""
+    tokens = h.transpose(1, 2)
+    return F.scaled_dot_product_attention(tokens, tokens, tokens).transpose(1, 2)
 
 
 def clip(nd=1, t=8, batch=1):
@@ -241,6 +254,9 @@ MIDDLE = {   # idioms inside the network: (B, C, T) -> (B, C, T), exact or to be
     "crop": lambda m, h: h[:, :, 1:],
     "arange": lambda m, h: h + torch.arange(h.shape[2], dtype=h.dtype),
     "counter": lambda m, h: m.count(h),
+    "self-attention residual": lambda m, h: h + _self_attention(h),
+    "class token along time, dropped": lambda m, h: torch.cat([m.pos[:, :, :1].expand(h.shape[0], -1, -1), h],
+                                                              2)[:, :, 1:],
 }
 HEADS = {**EXACT, **{k: v for k, (v, _) in REFUSED.items()}, "stream": lambda m, h: h,
          "tuple of a stream and the batch size": lambda m, h: (h, h.shape[0])}

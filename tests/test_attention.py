@@ -1,0 +1,373 @@
+"""Attention across time: a window of the clip's N frames, run as the model runs a clip, one answer per step.
+
+Models are written the way people write them: per-frame embeddings or a
+temporal convolution in front, class tokens prepended or appended, positions as
+a table sliced by the clip length, a table added whole, an embedding of
+`arange(T)`, sinusoids or none, `nn.TransformerEncoder` (pre- and post-norm),
+`nn.MultiheadAttention`, `F.scaled_dot_product_attention` and hand-written
+heads; read out by the class token, the last frame or a pool. Each converts
+exactly (float64), and where every op before the attention acts frame by frame
+the output at step t is the model's output on the last N frames.
+"""
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import cofx
+from cofx.verify import by_chunks, chunk_sizes, verify
+
+D = torch.float64
+C_IN = 5
+
+
+class Positions(nn.Module):
+    """Positions added to (B, T, d) tokens, as `kind` says."""
+
+    def __init__(self, kind: str, d: int, frames: int):
+        super().__init__()
+        self.kind = kind
+        self.table = nn.Parameter(torch.randn(1, frames if kind == "whole" else 40, d) * 0.3)
+        self.embedding = nn.Embedding(40, d)
+
+    def forward(self, h):
+        if self.kind == "sliced":
+            return h + self.table[:, :h.shape[1]]
+        if self.kind == "whole":
+            return h + self.table
+        if self.kind == "embedding":
+            return h + self.embedding(torch.arange(h.shape[1], device=h.device))
+        if self.kind == "sinusoid":
+            t = torch.arange(h.shape[1], dtype=h.dtype, device=h.device)[:, None]
+            i = torch.arange(h.shape[2], dtype=h.dtype, device=h.device)[None]
+            return h + torch.sin(t / 10 ** (i / h.shape[2]))
+        return h
+
+
+class HandWritten(nn.Module):
+    """Multi-head self-attention as papers write it: one projection, heads split by view, softmax(q k^T / sqrt(d)) v."""
+
+    def __init__(self, d: int, heads: int, causal: bool):
+        super().__init__()
+        self.qkv, self.proj, self.heads, self.causal = nn.Linear(d, 3 * d), nn.Linear(d, d), heads, causal
+
+    def forward(self, h):
+        B, T, _ = h.shape
+        q, k, v = self.qkv(h).chunk(3, dim=-1)
+        q, k, v = (x.view(B, T, self.heads, -1).transpose(1, 2) for x in (q, k, v))
+        scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
+        if self.causal:
+            mask = torch.ones(T, T, dtype=torch.bool, device=h.device).triu(1)
+            scores = scores.masked_fill(mask, float("-inf"))
+        y = (scores.softmax(-1) @ v).transpose(1, 2).reshape(B, T, -1)
+        return h + self.proj(y)
+
+
+class SDPABlock(nn.Module):
+    def __init__(self, d: int, causal: bool):
+        super().__init__()
+        self.q, self.k, self.v, self.causal = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d), causal
+        self.norm = nn.LayerNorm(d)
+
+    def forward(self, h):
+        x = self.norm(h)
+        return h + F.scaled_dot_product_attention(self.q(x), self.k(x), self.v(x), is_causal=self.causal)
+
+
+class MHABlock(nn.Module):
+    """`nn.MultiheadAttention` with time first (batch_first=False), a residual and a feed-forward."""
+
+    def __init__(self, d: int, heads: int, causal: bool):
+        super().__init__()
+        self.att, self.causal = nn.MultiheadAttention(d, heads), causal
+        self.ff = nn.Sequential(nn.Linear(d, 2 * d), nn.GELU(), nn.Linear(2 * d, d))
+
+    def forward(self, h):
+        x = h.transpose(0, 1)   # (T, B, d)
+        mask = nn.Transformer.generate_square_subsequent_mask(x.shape[0], dtype=x.dtype) if self.causal else None
+        a, _ = self.att(x, x, x, attn_mask=mask, need_weights=False)
+        h = h + a.transpose(0, 1)
+        return h + self.ff(h)
+
+
+class FrameTransformer(nn.Module):
+    """(B, C, T) frames -> a prefix -> tokens (B, T, d) -> optional class token -> positions -> attention -> head."""
+
+    def __init__(self, *, d=8, heads=2, layers=1, attention="encoder", prefix="linear", token="none",
+                 positions="sliced", readout="token", frames=6, causal=False, norm_first=False):
+        super().__init__()
+        self.prefix, self.token, self.readout = prefix, token, readout
+        self.embed = nn.Linear(C_IN, d) if prefix == "linear" else nn.Conv1d(C_IN, d, 3, padding=1)
+        self.cls = nn.Parameter(torch.randn(1, 1, d))
+        tokens = frames + (token != "none")
+        self.positions = Positions(positions, d, tokens)
+        if attention == "encoder":
+            layer = nn.TransformerEncoderLayer(d, heads, 2 * d, dropout=0.1, batch_first=True, norm_first=norm_first)
+            self.blocks = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        else:
+            make = {"mha": lambda: MHABlock(d, heads, causal), "hand": lambda: HandWritten(d, heads, causal),
+                    "sdpa": lambda: SDPABlock(d, causal)}[attention]
+            self.blocks = nn.Sequential(*(make() for _ in range(layers)))
+        self.head = nn.Linear(d, 3)
+
+    def forward(self, x):
+        h = self.embed(x.transpose(1, 2)) if self.prefix == "linear" else self.embed(x).relu().transpose(1, 2)
+        if self.token != "none":
+            cls = self.cls.expand(h.shape[0], -1, -1)
+            h = torch.cat([cls, h] if self.token == "first" else [h, cls], dim=1)
+        h = self.blocks(self.positions(h))
+        if self.readout == "token":
+            h = h[:, 0] if self.token == "first" else h[:, -1]
+        elif self.readout == "last":
+            h = h[:, -1]
+        elif self.readout == "mean":
+            h = h.mean(1)
+        else:
+            h = h.amax(1)
+        return self.head(h)
+
+
+def random_config(rng: random.Random) -> dict:
+    token = rng.choice(["none", "first", "last"])
+    attention = rng.choice(["encoder", "mha", "hand", "sdpa"])
+    return dict(d=rng.choice([4, 8]), heads=rng.choice([1, 2]), layers=rng.randint(1, 2), attention=attention,
+                prefix=rng.choice(["linear", "linear", "conv"]), token=token,
+                positions=rng.choice(["none", "sliced", "whole", "embedding", "sinusoid"]),
+                readout=rng.choice(["token"] if token != "none" else [] + ["last", "mean", "max"]),
+                frames=rng.randint(3, 8), causal=rng.random() < 0.5, norm_first=rng.random() < 0.5)
+
+
+DEFAULTS = dict(frames=6, prefix="linear", token="none", positions="sliced", attention="encoder")
+
+
+def build(config: dict) -> FrameTransformer:
+    torch.manual_seed(0)
+    return FrameTransformer(**{**DEFAULTS, **config}).to(D).eval()
+
+
+def clip(frames: int, batch: int = 1) -> torch.Tensor:
+    return torch.randn(batch, C_IN, frames, dtype=D)
+
+
+def steps_frame_by_frame(co, stream):
+    co.clean_state()
+    with torch.no_grad():
+        outs = [co.forward_step(stream[:, :, i]) for i in range(stream.shape[2])]
+    co.clean_state()
+    return outs
+
+
+def assert_window_model(config: dict):
+    """Exact (verify: the clip, chunkings, state), a report row for the attention, and, where the prefix acts
+    frame by frame, step t answers for the last N frames."""
+    config = {**DEFAULTS, **config}
+    model, n = build(config), config["frames"]
+    co = cofx.convert(model, clip(n))
+    assert co.is_exact
+    report = verify(co, model, seed=3)
+    assert report.ok, str(report)
+    # the window's first op and the attention are reported with the window (behind a table sized for the clip,
+    # added whole, time is not told apart from other sizes, and a product of two windows is not named)
+    rows = [r for r in co.report if r.kind in ("attention", "window")]
+    assert rows and all(r.kernel == n + (config["token"] != "none") or r.kernel == n for r in rows), str(co.report)
+    assert "window of the last" in rows[0].note
+    if config["positions"] != "whole" or config["attention"] in ("encoder", "mha", "sdpa"):
+        assert any(r.kind == "attention" for r in rows), str(co.report)
+    stream = clip(n + 7, batch=2)
+    outs = steps_frame_by_frame(co, stream)
+    delay = co.delay
+    assert all(o is None for o in outs[:delay]) and all(o is not None for o in outs[delay:])
+    if config["prefix"] == "linear":   # nothing before the attention looks at other frames
+        assert delay == n - 1
+        with torch.no_grad():
+            for t in range(n - 1, stream.shape[2]):
+                want = model(stream[:, :, t - n + 1:t + 1])
+                assert torch.allclose(outs[t], want, atol=1e-10, rtol=0), (t, (outs[t] - want).abs().max())
+    # chunk invariance: random chunks give the frames frame-by-frame stepping gives
+    sizes = chunk_sizes(stream.shape[2], random.Random(5))
+    co.clean_state()
+    with torch.no_grad():
+        chunked = by_chunks(co, stream, sizes)
+    co.clean_state()
+    stepped = torch.stack([o for o in outs if o is not None], -1)
+    assert chunked.shape[-1] >= stepped.shape[-1]
+    assert torch.allclose(chunked[..., :stepped.shape[-1]], stepped, atol=1e-10, rtol=0)
+    return co, model
+
+
+CASES = {
+    "encoder, class token, sliced table": dict(token="first", positions="sliced", readout="token"),
+    "pre-norm encoder, two layers, appended token, whole table": dict(token="last", positions="whole",
+                                                                     readout="token", layers=2, norm_first=True),
+    "MultiheadAttention time first, causal mask, last frame": dict(attention="mha", causal=True, readout="last"),
+    "hand-written heads, embedding positions, mean": dict(attention="hand", positions="embedding", readout="mean"),
+    "SDPA causal, sinusoids, max": dict(attention="sdpa", causal=True, positions="sinusoid", readout="max"),
+    "conv in front, encoder, class token": dict(prefix="conv", token="first"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_attention_model_converts_exactly(case):
+    assert_window_model(CASES[case])
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_random_attention_models_convert_exactly(seed):
+    assert_window_model(random_config(random.Random(seed)))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", range(4, 60))
+def test_random_attention_models_convert_exactly_many(seed):
+    assert_window_model(random_config(random.Random(seed)))
+
+
+def test_state_of_a_window_is_fixed_and_resumes_exactly():
+    co, _ = assert_window_model(CASES["encoder, class token, sliced table"])
+    stream = clip(40, batch=2)
+    with torch.no_grad():
+        co.clean_state()
+        co.forward_steps(stream[:, :, :12])
+        size = sum(t.numel() for t in _tensors(co.get_state()))
+        saved = co.get_state()
+        first = co.forward_steps(stream[:, :, 12:])
+        assert sum(t.numel() for t in _tensors(co.get_state())) == size   # the window does not grow
+        co.set_state(saved)
+        again = co.forward_steps(stream[:, :, 12:])
+    assert torch.equal(first, again)
+
+
+def _tensors(state):
+    if isinstance(state, torch.Tensor):
+        yield state
+    elif isinstance(state, dict):
+        for v in state.values():
+            yield from _tensors(v)
+    elif isinstance(state, (list, tuple)):
+        for v in state:
+            yield from _tensors(v)
+
+
+def test_per_frame_outputs_of_attention_are_refused_with_the_fix():
+    class PerFrame(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.att = nn.MultiheadAttention(C_IN, 1, batch_first=True)
+
+        def forward(self, x):
+            h = x.transpose(1, 2)
+            return self.att(h, h, h)[0]
+
+    with pytest.raises(cofx.ConversionError, match="per-frame outputs computed over a window") as err:
+        cofx.convert(PerFrame().eval(), torch.randn(1, C_IN, 6))
+    message = str(err.value)
+    assert "node 'att'" in message and "test_attention.py" in message and "out[:, -1]" in message.split("fix:")[1]
+
+
+def test_reading_attention_weights_is_refused():
+    class Weights(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.att = nn.MultiheadAttention(C_IN, 1, batch_first=True)
+
+        def forward(self, x):
+            h = x.transpose(1, 2)
+            out, weights = self.att(h, h, h)
+            return out[:, -1] + weights[:, -1, :1]
+
+    with pytest.raises(cofx.ConversionError, match="reads the attention weights"):
+        cofx.convert(Weights().eval(), torch.randn(1, C_IN, 6))
+
+
+def test_window_option_on_attention_is_refused_with_the_fix():
+    model = build(dict(token="first"))
+    with pytest.raises(cofx.ConversionError, match="example clip of the length") as err:
+        cofx.convert(model, clip(6), window={"blocks": 12})
+    assert "blocks" in str(err.value)
+
+
+def test_attention_over_tokens_of_frames_and_pixels_is_refused():
+    class SpaceTime(nn.Module):
+        """Tokens of every frame and pixel in one axis, as MViT has them."""
+        def __init__(self):
+            super().__init__()
+            self.att = nn.MultiheadAttention(4, 1, batch_first=True)
+
+        def forward(self, x):               # (B, C, T, H, W)
+            tokens = x.flatten(2).transpose(1, 2)
+            return self.att(tokens, tokens, tokens)[0].mean(1)
+
+    with pytest.raises(cofx.ConversionError, match="tokens") as err:
+        cofx.convert(SpaceTime().eval(), torch.randn(1, 4, 4, 3, 3))
+    assert "attention" in str(err.value)
+
+
+def test_windows_of_different_lengths_are_refused():
+    class TwoRates(nn.Module):
+        """Queries at the frame rate, keys and values at half of it."""
+        def __init__(self):
+            super().__init__()
+            self.down = nn.Conv1d(C_IN, C_IN, 2, stride=2)
+
+        def forward(self, x):
+            q, kv = x.transpose(1, 2), self.down(x).transpose(1, 2)
+            return F.scaled_dot_product_attention(q, kv, kv).mean(1)
+
+    with pytest.raises(cofx.ConversionError, match="different lengths|different temporal strides"):
+        cofx.convert(TwoRates().eval(), torch.randn(1, C_IN, 8))
+
+
+def test_compiled_steps_of_a_transformer_equal_its_eager_steps():
+    model, n = build(CASES["encoder, class token, sliced table"]), 6
+    co = cofx.convert(model, clip(n))
+    ref = cofx.convert(model, clip(n))
+    co.compile_steps("eager")
+    stream = clip(co.warmup_frames + 6)
+    compiled = []
+    with torch.no_grad():
+        for i in range(stream.shape[2]):
+            got, want = co.forward_step(stream[:, :, i]), ref.forward_step(stream[:, :, i])
+            assert (got is None) == (want is None)
+            if got is not None:
+                assert torch.allclose(got, want, atol=1e-12, rtol=0)
+            compiled.append(co.last_step_compiled)
+    assert any(compiled)
+
+
+def test_streams_out_of_phase_match_each_stream_alone():
+    model = build(dict(attention="hand", token="first", positions="embedding"))
+    co = cofx.convert(model, clip(6))
+    stream = clip(20, batch=2)
+    alone = [steps_frame_by_frame(co, stream[:1]),
+             steps_frame_by_frame(co, stream[1:, :, :8]) + steps_frame_by_frame(co, stream[1:, :, 8:])]
+    with torch.no_grad():
+        co.clean_state()
+        for i in range(20):
+            if i == 8:
+                co.clean_state(streams=[1])   # stream 1 starts again
+            out = co.forward_step(stream[:, :, i])
+            for b in (0, 1):
+                want = alone[b][i]
+                if want is None:
+                    assert out is None or not bool(co.ready[b])
+                else:
+                    assert out is not None and bool(co.ready[b])
+                    assert torch.allclose(out[b], want[0], atol=1e-10, rtol=0)
+
+
+def test_onnx_step_of_a_transformer_matches_forward_step(tmp_path):
+    pytest.importorskip("onnxruntime")
+    from test_export import assert_matches, run_alone, run_onnx, session
+    torch.manual_seed(0)
+    model = FrameTransformer(**{**DEFAULTS, "token": "first", "layers": 2, "norm_first": True}).eval()
+    co = cofx.convert(model, torch.randn(1, C_IN, 6))
+    cofx.export_onnx(co, tmp_path / "step.onnx")   # the encoder's fused inference kernel is not exported
+    frames = torch.randn(2, C_IN, 14)
+    results = run_onnx(session(tmp_path / "step.onnx"), frames, resets={9: [1]})
+    expected = [run_alone(co, frames[0]), run_alone(co, frames[1, :, :9]) + run_alone(co, frames[1, :, 9:])]
+    assert_matches(results, expected)
