@@ -72,14 +72,64 @@ def _other_frames_equal(node, out, out_p, frame: int) -> bool:
     return True
 
 
+def _with_other_row(node_args, values, gen: torch.Generator, scale: float):
+    """The folded inputs of a node with a second row after their first (batch) row: noise `scale` times the
+    size of the first."""
+    if isinstance(node_args, fx.Node):
+        labels = node_args.meta.get("cofx_layout")
+        if node_args.meta.get("cofx_role") == "folded" and isinstance(labels, Labels) and "B" in labels \
+                and isinstance(values, torch.Tensor) and values.is_floating_point():
+            b = labels.index("B")
+            row = values.narrow(b, 0, 1)
+            noise = torch.randn(row.shape, generator=gen, dtype=row.dtype) * (row.abs().max() + 1) * scale
+            return torch.cat([row, noise], b)
+        return values
+    if isinstance(node_args, (list, tuple)):
+        return type(node_args)(_with_other_row(a, v, gen, scale) for a, v in zip(node_args, values))
+    if isinstance(node_args, dict):
+        return {k: _with_other_row(node_args[k], values[k], gen, scale) for k in node_args}
+    return values
+
+
+def _first_row_kept(node, out, out_2) -> bool:
+    """Whether the first row of every batched output is what it was without the second row."""
+    for a, b, lab in zip(tree_flatten(out)[0], tree_flatten(out_2)[0], tree_flatten(node.meta["cofx_layout"])[0]):
+        if not isinstance(a, torch.Tensor) or not a.is_floating_point() or not a.numel():
+            continue
+        if not isinstance(lab, Labels) or "B" not in lab or b.shape[lab.index("B")] != 2:
+            return False
+        first = b.narrow(lab.index("B"), 0, 1)
+        if first.shape != a.shape or not torch.allclose(first, a, rtol=1e-5, atol=1e-30, equal_nan=True):
+            return False
+    return True
+
+
 def check_framewise(gm: fx.GraphModule, clip: torch.Tensor) -> None:
+    """Also checks that a module cofx did not trace into, after a reduction or inside a window over the clip
+    (where each row of the batch is one window of one stream), keeps the rows of its batch apart."""
     gen = torch.Generator().manual_seed(0)
     untraceable = gm.meta.get("cofx_untraceable", {})
 
     failures = []
 
+    def check_rows(node, args, kwargs, result):
+        kept = all(_first_row_kept(node, result, getattr(interp, node.op)(
+            node.target, _with_other_row(node.args, args, gen, scale), _with_other_row(node.kwargs, kwargs, gen, scale)))
+            for scale in (1e-3, 1.0, 1e3))   # statistics of the batch then cross any threshold they meet
+        if not kept:
+            failures.append(ConversionError(
+                "mixes the rows of its batch: after a global reduction or inside a window over the clip, each row "
+                "is one window of one stream, and this module's answer for one depends on the others", node=node,
+                fix="make the module act on each sample of the batch alone, or let cofx trace into it"))
+
     def on_node(node, args, kwargs, result):
-        if failures or not node.meta.get("cofx_check"):
+        if failures:
+            return
+        if node.meta.get("cofx_role") == "folded" and node.op == "call_module" and \
+                not type(gm.get_submodule(node.target)).__module__.startswith("torch."):
+            check_rows(node, args, kwargs, result)
+            return
+        if not node.meta.get("cofx_check"):
             return
         streams = [a for a in node.all_input_nodes if a.meta.get("cofx_role") == "stream"
                    and isinstance(a.meta.get("cofx_layout"), Labels)]

@@ -371,3 +371,24 @@ def test_onnx_step_of_a_transformer_matches_forward_step(tmp_path):
     results = run_onnx(session(tmp_path / "step.onnx"), frames, resets={9: [1]})
     expected = [run_alone(co, frames[0]), run_alone(co, frames[1, :, :9]) + run_alone(co, frames[1, :, 9:])]
     assert_matches(results, expected)
+
+
+def test_leaf_mixing_the_windows_of_its_batch_is_refused():
+    """Inside a window each row of the batch is one window of one stream: a module cofx does not trace into
+    must keep them apart (this one gates every row on the whole batch's statistics)."""
+    class BatchGate(nn.Module):
+        def forward(self, h):
+            return h * (h.abs().mean() < 3)
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gate = BatchGate()
+
+        def forward(self, x):
+            h = x.transpose(1, 2)
+            return self.gate(F.scaled_dot_product_attention(h, h, h)).mean(1)
+
+    with pytest.raises(cofx.ConversionError, match="mixes the rows of its batch") as err:
+        cofx.convert(Model().eval(), torch.randn(1, C_IN, 6), leaf_modules=[BatchGate])
+    assert "node 'gate'" in str(err.value)
