@@ -49,6 +49,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from cofx import kernels as K
 from cofx.bn_fold import BatchNormFold, FoldedConv
+from cofx.encoder_rows import ENCODERS, EncoderRow, batch_first
 from cofx.errors import ConversionError
 from cofx.sliding_ops import PadSpec, SlidingSpec
 
@@ -162,6 +163,8 @@ class _Builder:
                 continue
             if role in ("static", "shape"):
                 self.env[node] = self.copy(node)
+                continue
+            if self.encoder_row(node):
                 continue
             folded_into = node.meta.get("cofx_folded_into")
             if folded_into is not None:   # the convolution before it computes it (see fold_batchnorm)
@@ -386,6 +389,29 @@ class _Builder:
             values = self.align_windows(node, ins, values)
         return self.pointwise(node, values)
 
+    def encoder_row(self, node) -> bool:
+        """A fixed token read off a transformer encoder over a window (``enc(h)[:, 0]``): its last layer runs
+        for that token alone (`cofx.encoder_rows`). True when `node` is that read, now emitted."""
+        enc = node.args[0] if node.op == "call_function" and node.target is operator.getitem and node.args else None
+        if not (isinstance(enc, fx.Node) and enc.op == "call_module" and enc.meta.get("cofx_from_window")
+                and len(enc.users) == 1 and len(enc.args) == 1 and not enc.kwargs
+                and isinstance(self.gm.get_submodule(enc.target), ENCODERS)):
+            return False
+        module = self.gm.get_submodule(enc.target)
+        index = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
+        t = 1 if batch_first(module) else 0
+        if len(index) != t + 1 or not all(i == slice(None) for i in index[:t]) or type(index[t]) is not int:
+            return False
+        whole = self.env[enc]   # the encoder on every token, emitted already: its input, then it goes
+        value = whole.args[0]
+        self.g.erase_node(whole)
+        if whole.op == "call_module" and whole.target in self.kernels:
+            del self.kernels[whole.target]
+            self.node_kernels[enc.name].remove(whole.target)
+        rows = K.Framewise(self.ctx, EncoderRow(module, index[t]), None, co_labels(node))   # guarded: no window
+        self.env[node] = self.add_kernel(node.name, rows, (value,), node_name=node.name)
+        return True
+
     def windowed(self, a: fx.Node, frames: int):
         """The last `frames` frames of stream `a` at each step, a window per frame folded into the batch:
         (.., n*B@b, .., frames@t, ..)."""
@@ -423,7 +449,13 @@ class _Builder:
         length is the clip's, the batch size is the number of windows times the batch (`windows()`), and
         tensors built from them are built again; None where `a` is the same inside the window."""
         if a.meta.get("cofx_length") is not None:
-            return a.meta["cofx_runs"]["clip"]
+            runs = a.meta["cofx_runs"]
+            if runs.get("batch") != runs["clip"]:
+                raise ConversionError("reads the batch size and the clip length in one value, which a window over "
+                                      "the clip uses", node=a,
+                                      fix="read them separately (B, T = x.shape[0], x.shape[1]), or make tensors "
+                                      "with torch.zeros_like(x) and friends")
+            return runs["clip"]
         layout = a.meta.get("cofx_layout")
         if a.meta.get("cofx_role") == "shape" and layout == "B":
             return windows()

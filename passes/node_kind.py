@@ -346,8 +346,10 @@ class _Classifier:
     def check_tokens_are_frames(self, node, module, streams):
         """Attention that cofx calls whole must attend over frames: its token axis is the time axis of every
         stream input (a layer that mixes frames with pixels inside is refused)."""
-        if isinstance(module, (nn.MultiheadAttention, nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)):
+        if isinstance(module, nn.MultiheadAttention):
             first = module.batch_first
+        elif isinstance(module, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)):
+            first = module.self_attn.batch_first
         elif isinstance(module, (nn.TransformerEncoder, nn.TransformerDecoder)):
             first = module.layers[0].self_attn.batch_first if len(module.layers) else True
         elif isinstance(module, nn.Transformer):
@@ -419,8 +421,12 @@ class _Classifier:
     def check_window_values(self, node):
         """Numbers a window's ops read become those of the clip (a length) or of the windows (a batch size);
         one that follows both cannot be told apart."""
+        if (node.op, node.target) in RESHAPES:   # restates a shape: its sizes come from the labels
+            return
         for a in node_inputs(node):
-            if a.meta.get("cofx_role") in ("shape", "static") and a.meta.get("cofx_layout") == "BT":
+            runs = a.meta.get("cofx_runs", {})
+            both = a.meta.get("cofx_length") is not None and runs.get("batch") != runs.get("clip")
+            if a.meta.get("cofx_role") in ("shape", "static") and (a.meta.get("cofx_layout") == "BT" or both):
                 raise ConversionError(f"uses {describe(a)}, a number that follows both the batch size and the clip "
                                       "length, over a window of the clip", node=node,
                                       fix="read the batch size and the number of frames separately (B, T = x.shape[:2])")
