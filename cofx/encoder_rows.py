@@ -8,6 +8,11 @@ the step computes that row instead of all N (each earlier layer still computes
 every row, as the next layer's keys and values need them). Same weights and the
 same ops as the layer's own (unfused) path.
 
+Where the encoder takes the frames of the stream as they are (nothing that
+depends on a frame's place in the window lies between the frame and the first
+layer), the keys and values of that layer are per-frame projections: the step
+computes each frame's once (`KeyValues`) and keeps them in a window of their own.
+
 Example::
 
     >>> layer = torch.nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True).eval()
@@ -18,6 +23,7 @@ Example::
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .kernels import Kernel
@@ -30,8 +36,36 @@ def batch_first(encoder: nn.Module) -> bool:
     return layer.self_attn.batch_first
 
 
+def layers_of(encoder: nn.Module) -> list:
+    return list(encoder.layers) if isinstance(encoder, nn.TransformerEncoder) else [encoder]
+
+
+def caches_keys(encoder: nn.Module) -> bool:
+    """Whether the first layer's attention projects keys and values with one weight of the model's width (what
+    `KeyValues` computes)."""
+    attention = layers_of(encoder)[0].self_attn
+    return attention._qkv_same_embed_dim and attention.bias_k is None and not attention.add_zero_attn
+
+
+class KeyValues(Kernel):
+    """The keys and values the first layer of `encoder` projects from each frame (..., d) -> (..., 2d)."""
+
+    def __init__(self, encoder: nn.Module):
+        super().__init__()
+        self.__dict__["layer"] = layers_of(encoder)[0]
+
+    def forward(self, frames: torch.Tensor) -> torch.Tensor:
+        layer = self.layer
+        attention, d = layer.self_attn, layer.self_attn.embed_dim
+        x = layer.norm1(frames) if layer.norm_first else frames
+        bias = attention.in_proj_bias
+        return F.linear(x, attention.in_proj_weight[d:], None if bias is None else bias[d:])
+
+
 class EncoderRow(Kernel):
-    """``encoder(x)`` at token `row` (a fixed position, negative from the end), without the token axis."""
+    """``encoder(x)`` at token `row` (a fixed position, negative from the end), without the token axis; with
+    `keys_values` (`KeyValues` of x, same layout), the first layer's attention takes them instead of
+    projecting x."""
 
     def __init__(self, encoder: nn.Module, row: int):
         super().__init__()
@@ -41,26 +75,51 @@ class EncoderRow(Kernel):
     def extra_repr(self) -> str:
         return f"row={self.row}"
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, keys_values: torch.Tensor = None) -> torch.Tensor:
         encoder = self.encoder
-        layers = list(encoder.layers) if isinstance(encoder, nn.TransformerEncoder) else [encoder]
-        for layer in layers[:-1]:
-            x = layer(x)
+        layers = layers_of(encoder)
         t = 1 if batch_first(encoder) else 0
-        y = _row_of_layer(layers[-1], x, self.row % x.shape[t], t)
+        for i, layer in enumerate(layers):
+            last = i == len(layers) - 1
+            x = _layer(layer, x, self.row % x.shape[t] if last else None, t, keys_values if i == 0 else None)
         if isinstance(encoder, nn.TransformerEncoder) and encoder.norm is not None:
-            y = encoder.norm(y)
-        return y.select(t, 0)
+            x = encoder.norm(x)
+        return x.select(t, 0)
 
 
-def _row_of_layer(layer: nn.TransformerEncoderLayer, x: torch.Tensor, row: int, t: int) -> torch.Tensor:
-    """The layer's unfused forward (`nn.TransformerEncoderLayer.forward`) for the query at `row` alone."""
+def _layer(layer: nn.TransformerEncoderLayer, x: torch.Tensor, row, t: int, keys_values) -> torch.Tensor:
+    """The layer's unfused forward (`nn.TransformerEncoderLayer.forward`) for the query at `row` alone (every
+    row for None), its attention on `keys_values` where given."""
+    if row is None and keys_values is None:
+        return layer(x)
+
     def attend(query, keys):
-        return layer.dropout1(layer.self_attn(query, keys, keys, need_weights=False)[0])
+        if keys_values is None:
+            out = layer.self_attn(query, keys, keys, need_weights=False)[0]
+        else:
+            out = _attend(layer.self_attn, query, keys_values, t)
+        return layer.dropout1(out)
 
+    own = x if row is None else x.narrow(t, row, 1)
     if layer.norm_first:
         normed = layer.norm1(x)
-        y = x.narrow(t, row, 1) + attend(normed.narrow(t, row, 1), normed)
+        y = own + attend(normed if row is None else normed.narrow(t, row, 1), normed)
         return y + layer._ff_block(layer.norm2(y))
-    y = layer.norm1(x.narrow(t, row, 1) + attend(x.narrow(t, row, 1), x))
+    y = layer.norm1(own + attend(own, x))
     return layer.norm2(y + layer._ff_block(y))
+
+
+def _attend(attention: nn.MultiheadAttention, query: torch.Tensor, keys_values: torch.Tensor, t: int):
+    """`attention(query, k, v)` where k and v are already projected (`keys_values`, tokens at dim `t`)."""
+    d, heads = attention.embed_dim, attention.num_heads
+    bias = attention.in_proj_bias
+    q = F.linear(query, attention.in_proj_weight[:d], None if bias is None else bias[:d])
+    if t == 0:   # (tokens, batch, d) -> (batch, tokens, d)
+        q, keys_values = q.transpose(0, 1), keys_values.transpose(0, 1)
+    k, v = keys_values.split(d, -1)
+
+    def split(x):
+        return x.unflatten(-1, (heads, d // heads)).transpose(1, 2)
+    y = F.scaled_dot_product_attention(split(q), split(k), split(v)).transpose(1, 2).flatten(2)
+    y = attention.out_proj(y)
+    return y.transpose(0, 1) if t == 0 else y

@@ -49,7 +49,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from cofx import kernels as K
 from cofx.bn_fold import BatchNormFold, FoldedConv
-from cofx.encoder_rows import ENCODERS, EncoderRow, batch_first
+from cofx.encoder_rows import ENCODERS, EncoderRow, KeyValues, batch_first, caches_keys
 from cofx.errors import ConversionError
 from cofx.sliding_ops import PadSpec, SlidingSpec
 
@@ -408,21 +408,33 @@ class _Builder:
         if whole.op == "call_module" and whole.target in self.kernels:
             del self.kernels[whole.target]
             self.node_kernels[enc.name].remove(whole.target)
+        args = (value,)
+        frames = enc.args[0]
+        if enc.meta.get("cofx_window_inputs") == (frames,) and caches_keys(module):
+            # the encoder takes the stream's frames as they are: each frame's keys and values once, windowed
+            labels = list(co_labels(frames))
+            labels[-1] *= 2
+            per_frame = self.add_kernel(f"{enc.name}_keys_values", K.Framewise(self.ctx, KeyValues(module), None, labels),
+                                        (self.env[frames],), node_name=f"{enc.name}_keys_values")
+            args += (self.window_of(per_frame, frames.meta["cofx_time"], labels, enc.meta["cofx_spec"].window,
+                                    f"{enc.name}_keys_values"),)
         rows = K.Framewise(self.ctx, EncoderRow(module, index[t]), None, co_labels(node))   # guarded: no window
-        self.env[node] = self.add_kernel(node.name, rows, (value,), node_name=node.name)
+        self.env[node] = self.add_kernel(node.name, rows, args, node_name=node.name)
         return True
 
     def windowed(self, a: fx.Node, frames: int):
         """The last `frames` frames of stream `a` at each step, a window per frame folded into the batch:
         (.., n*B@b, .., frames@t, ..)."""
         if a not in self.windows:
-            t, labels = a.meta["cofx_time"], list(co_labels(a))
-            kernel = K.Sliding(self.ctx, K.window_reduce("raw", t, frames), t, frames, 1, 0, 0, 0.0,
-                               labels + [frames])
-            frames_node = self.add_kernel(f"{a.name}_window", kernel, (self.env[a],), node_name=f"{a.name}_window")
-            self.windows[a] = self.g.create_node("call_function", K.fold_time, (frames_node, t, labels.index("B")),
-                                                 {"raw": True}, name=f"{a.name}_windows")
+            self.windows[a] = self.window_of(self.env[a], a.meta["cofx_time"], list(co_labels(a)), frames, a.name)
         return self.windows[a]
+
+    def window_of(self, value: fx.Node, t: int, labels: list, frames: int, name: str) -> fx.Node:
+        """`windowed` of a value of the step graph whose frames are at `t` and dimensions labelled `labels`."""
+        kernel = K.Sliding(self.ctx, K.window_reduce("raw", t, frames), t, frames, 1, 0, 0, 0.0, labels + [frames])
+        frames_node = self.add_kernel(f"{name}_window", kernel, (value,), node_name=f"{name}_window")
+        return self.g.create_node("call_function", K.fold_time, (frames_node, t, labels.index("B")), {"raw": True},
+                                  name=f"{name}_windows")
 
     def window_args(self, node, replace: dict) -> dict:
         """The inputs of `node` that are numbers or tensors made outside the window, as the window sees them

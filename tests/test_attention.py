@@ -392,3 +392,40 @@ def test_leaf_mixing_the_windows_of_its_batch_is_refused():
     with pytest.raises(cofx.ConversionError, match="mixes the rows of its batch") as err:
         cofx.convert(Model().eval(), torch.randn(1, C_IN, 6), leaf_modules=[BatchGate])
     assert "node 'gate'" in str(err.value)
+
+
+class FeatureEncoder(nn.Module):
+    """Per-frame features (B, T, d) straight into an encoder (time first or batch first), read at one token."""
+
+    def __init__(self, layers: int, norm_first: bool, time_first: bool, row: int):
+        super().__init__()
+        layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.1, batch_first=not time_first, norm_first=norm_first)
+        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False, norm=nn.LayerNorm(8))
+        self.time_first, self.row = time_first, row
+
+    def forward(self, x):
+        if self.time_first:
+            return self.encoder(x.transpose(0, 1))[self.row]
+        return self.encoder(x)[:, self.row]
+
+
+@pytest.mark.parametrize("layers,norm_first,time_first,row", [
+    (1, False, False, -1), (1, True, True, -1), (2, False, True, 0), (2, True, False, 3)])
+def test_encoder_read_at_one_token_computes_that_row_and_each_frames_keys_once(layers, norm_first, time_first, row):
+    from cofx.flops import clip_flops, step_flops
+    torch.manual_seed(0)
+    model, n = FeatureEncoder(layers, norm_first, time_first, row).to(D).eval(), 16
+    co = cofx.convert(model, torch.randn(1, n, 8, dtype=D), time_dim=1)
+    assert co.is_exact and verify(co, model, seed=2).ok
+    stream = torch.randn(2, n + 6, 8, dtype=D)
+    with torch.no_grad():
+        outs = [co.forward_step(stream[:, i]) for i in range(stream.shape[1])]
+        for t in range(n - 1, stream.shape[1]):   # the model on the last n frames
+            assert torch.allclose(outs[t], model(stream[:, t - n + 1:t + 1]), atol=1e-10, rtol=0)
+    torch.backends.mha.set_fastpath_enabled(False)   # the counter sees the fused layer's products otherwise not
+    try:
+        reduction = clip_flops(co) / step_flops(co)
+    finally:
+        torch.backends.mha.set_fastpath_enabled(True)
+    # one layer: keys and values of the new frame, one query row: a small fraction of the clip's work
+    assert reduction > (n / 2 if layers == 1 else 1.5), reduction
