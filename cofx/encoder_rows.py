@@ -10,8 +10,9 @@ same ops as the layer's own (unfused) path.
 
 Where the encoder takes the frames of the stream as they are (nothing that
 depends on a frame's place in the window lies between the frame and the first
-layer), the keys and values of that layer are per-frame projections: the step
-computes each frame's once (`KeyValues`) and keeps them in a window of their own.
+layer), the queries, keys and values of that layer are per-frame projections:
+the step computes each frame's once (`Projections`) and keeps them in a window
+of their own.
 
 Example::
 
@@ -40,15 +41,15 @@ def layers_of(encoder: nn.Module) -> list:
     return list(encoder.layers) if isinstance(encoder, nn.TransformerEncoder) else [encoder]
 
 
-def caches_keys(encoder: nn.Module) -> bool:
-    """Whether the first layer's attention projects keys and values with one weight of the model's width (what
-    `KeyValues` computes)."""
+def caches_projections(encoder: nn.Module) -> bool:
+    """Whether the first layer's attention projects queries, keys and values with one weight of the model's width
+    (what `Projections` computes)."""
     attention = layers_of(encoder)[0].self_attn
     return attention._qkv_same_embed_dim and attention.bias_k is None and not attention.add_zero_attn
 
 
-class KeyValues(Kernel):
-    """The keys and values the first layer of `encoder` projects from each frame (..., d) -> (..., 2d)."""
+class Projections(Kernel):
+    """The queries, keys and values the first layer of `encoder` projects from each frame (..., d) -> (..., 3d)."""
 
     def __init__(self, encoder: nn.Module):
         super().__init__()
@@ -56,15 +57,13 @@ class KeyValues(Kernel):
 
     def forward(self, frames: torch.Tensor) -> torch.Tensor:
         layer = self.layer
-        attention, d = layer.self_attn, layer.self_attn.embed_dim
         x = layer.norm1(frames) if layer.norm_first else frames
-        bias = attention.in_proj_bias
-        return F.linear(x, attention.in_proj_weight[d:], None if bias is None else bias[d:])
+        return F.linear(x, layer.self_attn.in_proj_weight, layer.self_attn.in_proj_bias)
 
 
 class EncoderRow(Kernel):
     """``encoder(x)`` at token `row` (a fixed position, negative from the end), without the token axis; with
-    `keys_values` (`KeyValues` of x, same layout), the first layer's attention takes them instead of
+    `projections` (`Projections` of x, same layout), the first layer's attention takes them instead of
     projecting x."""
 
     def __init__(self, encoder: nn.Module, row: int):
@@ -75,29 +74,29 @@ class EncoderRow(Kernel):
     def extra_repr(self) -> str:
         return f"row={self.row}"
 
-    def forward(self, x: torch.Tensor, keys_values: torch.Tensor = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, projections: torch.Tensor = None) -> torch.Tensor:
         encoder = self.encoder
         layers = layers_of(encoder)
         t = 1 if batch_first(encoder) else 0
         for i, layer in enumerate(layers):
             last = i == len(layers) - 1
-            x = _layer(layer, x, self.row % x.shape[t] if last else None, t, keys_values if i == 0 else None)
+            x = _layer(layer, x, self.row % x.shape[t] if last else None, t, projections if i == 0 else None)
         if isinstance(encoder, nn.TransformerEncoder) and encoder.norm is not None:
             x = encoder.norm(x)
         return x.select(t, 0)
 
 
-def _layer(layer: nn.TransformerEncoderLayer, x: torch.Tensor, row, t: int, keys_values) -> torch.Tensor:
+def _layer(layer: nn.TransformerEncoderLayer, x: torch.Tensor, row, t: int, projections) -> torch.Tensor:
     """The layer's unfused forward (`nn.TransformerEncoderLayer.forward`) for the query at `row` alone (every
-    row for None), its attention on `keys_values` where given."""
-    if row is None and keys_values is None:
+    row for None), its attention on `projections` where given."""
+    if row is None and projections is None:
         return layer(x)
 
     def attend(query, keys):
-        if keys_values is None:
+        if projections is None:
             out = layer.self_attn(query, keys, keys, need_weights=False)[0]
         else:
-            out = _attend(layer.self_attn, query, keys_values, t)
+            out = _attend(layer.self_attn, projections, row, t)
         return layer.dropout1(out)
 
     own = x if row is None else x.narrow(t, row, 1)
@@ -109,14 +108,14 @@ def _layer(layer: nn.TransformerEncoderLayer, x: torch.Tensor, row, t: int, keys
     return layer.norm2(y + layer._ff_block(y))
 
 
-def _attend(attention: nn.MultiheadAttention, query: torch.Tensor, keys_values: torch.Tensor, t: int):
-    """`attention(query, k, v)` where k and v are already projected (`keys_values`, tokens at dim `t`)."""
+def _attend(attention: nn.MultiheadAttention, projections: torch.Tensor, row, t: int):
+    """The self-attention of the queries at `row` (every row for None) where queries, keys and values are
+    projected already (`projections`, tokens at dim `t`)."""
     d, heads = attention.embed_dim, attention.num_heads
-    bias = attention.in_proj_bias
-    q = F.linear(query, attention.in_proj_weight[:d], None if bias is None else bias[:d])
-    if t == 0:   # (tokens, batch, d) -> (batch, tokens, d)
-        q, keys_values = q.transpose(0, 1), keys_values.transpose(0, 1)
-    k, v = keys_values.split(d, -1)
+    if t == 0:   # (tokens, batch, 3d) -> (batch, tokens, 3d)
+        projections = projections.transpose(0, 1)
+    q, k, v = projections.split(d, -1)
+    q = q if row is None else q.narrow(1, row, 1)
 
     def split(x):
         return x.unflatten(-1, (heads, d // heads)).transpose(1, 2)

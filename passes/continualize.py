@@ -49,7 +49,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from cofx import kernels as K
 from cofx.bn_fold import BatchNormFold, FoldedConv
-from cofx.encoder_rows import ENCODERS, EncoderRow, KeyValues, batch_first, caches_keys
+from cofx.encoder_rows import ENCODERS, EncoderRow, Projections, batch_first, caches_projections
 from cofx.errors import ConversionError
 from cofx.sliding_ops import PadSpec, SlidingSpec
 
@@ -410,14 +410,15 @@ class _Builder:
             self.node_kernels[enc.name].remove(whole.target)
         args = (value,)
         frames = enc.args[0]
-        if enc.meta.get("cofx_window_inputs") == (frames,) and caches_keys(module):
-            # the encoder takes the stream's frames as they are: each frame's keys and values once, windowed
+        if enc.meta.get("cofx_window_inputs") == (frames,) and caches_projections(module):
+            # the encoder takes the stream's frames as they are: each frame's projections once, windowed
             labels = list(co_labels(frames))
-            labels[-1] *= 2
-            per_frame = self.add_kernel(f"{enc.name}_keys_values", K.Framewise(self.ctx, KeyValues(module), None, labels),
-                                        (self.env[frames],), node_name=f"{enc.name}_keys_values")
+            labels[-1] *= 3
+            per_frame = self.add_kernel(f"{enc.name}_projections",
+                                        K.Framewise(self.ctx, Projections(module), None, labels),
+                                        (self.env[frames],), node_name=f"{enc.name}_projections")
             args += (self.window_of(per_frame, frames.meta["cofx_time"], labels, enc.meta["cofx_spec"].window,
-                                    f"{enc.name}_keys_values"),)
+                                    f"{enc.name}_projections"),)
         rows = K.Framewise(self.ctx, EncoderRow(module, index[t]), None, co_labels(node))   # guarded: no window
         self.env[node] = self.add_kernel(node.name, rows, args, node_name=node.name)
         return True

@@ -411,7 +411,7 @@ class FeatureEncoder(nn.Module):
 
 @pytest.mark.parametrize("layers,norm_first,time_first,row", [
     (1, False, False, -1), (1, True, True, -1), (2, False, True, 0), (2, True, False, 3)])
-def test_encoder_read_at_one_token_computes_that_row_and_each_frames_keys_once(layers, norm_first, time_first, row):
+def test_encoder_read_at_one_token_computes_that_row_and_each_frames_projections_once(layers, norm_first, time_first, row):
     from cofx.flops import clip_flops, step_flops
     torch.manual_seed(0)
     model, n = FeatureEncoder(layers, norm_first, time_first, row).to(D).eval(), 16
