@@ -83,6 +83,7 @@ def convert(model: nn.Module, example_input: Optional[torch.Tensor] = None, *, s
         passes.classify_nodes(gm, time_dim, window, errors["longer"])
         say("checking frame-by-frame ops on the clip")
         passes.check_framewise(gm, clip)
+        passes.check_causal(gm, clip)
         passes.annotate_timing(gm, replicate=init == "replicate")
         _check_strict(gm, strict, init)
         if tune:

@@ -50,6 +50,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from cofx import kernels as K
 from cofx.bn_fold import BatchNormFold, FoldedConv
 from cofx.encoder_rows import ENCODERS, EncoderRow, Projections, batch_first, caches_projections
+from cofx.growing_window import ClipStart, NewestFrames
 from cofx.errors import ConversionError
 from cofx.sliding_ops import PadSpec, SlidingSpec
 
@@ -380,10 +381,11 @@ class _Builder:
         folded into the batch), aligned with what already comes per window."""
         ins = list(dict.fromkeys(a for a in node_inputs(node) if a.meta.get("cofx_role") in ("stream", "folded")))
         windowed = node.meta["cofx_window_inputs"]
-        values = {a: self.windowed(a, spec.window) if a in windowed else self.env[a] for a in ins}
+        values = {a: self.windowed(a, spec) if a in windowed else self.env[a] for a in ins}
         ready = self.gm.meta["cofx_readiness"]
         horizon = self.gm.meta["cofx_horizon"]
-        arrivals = {tuple(ready(a, j + spec.window - 1) if a in windowed else ready(a, j) for j in range(horizon))
+        g = spec.geometry
+        arrivals = {tuple(ready(a, j + g.span - 1 - g.pad_l) if a in windowed else ready(a, j) for j in range(horizon))
                     for a in ins}
         if len(arrivals) > 1:
             values = self.align_windows(node, ins, values)
@@ -417,25 +419,31 @@ class _Builder:
             per_frame = self.add_kernel(f"{enc.name}_projections",
                                         K.Framewise(self.ctx, Projections(module), None, labels),
                                         (self.env[frames],), node_name=f"{enc.name}_projections")
-            args += (self.window_of(per_frame, frames.meta["cofx_time"], labels, enc.meta["cofx_spec"].window,
+            args += (self.window_of(per_frame, frames.meta["cofx_time"], labels, enc.meta["cofx_spec"],
                                     f"{enc.name}_projections"),)
         rows = K.Framewise(self.ctx, EncoderRow(module, index[t]), None, co_labels(node))   # guarded: no window
         self.env[node] = self.add_kernel(node.name, rows, args, node_name=node.name)
         return True
 
-    def windowed(self, a: fx.Node, frames: int):
-        """The last `frames` frames of stream `a` at each step, a window per frame folded into the batch:
-        (.., n*B@b, .., frames@t, ..)."""
+    def windowed(self, a: fx.Node, spec: WindowSpec):
+        """The last `spec.window` frames of stream `a` at each step, a window per frame folded into the batch:
+        (.., n*B@b, .., frames@t, ..); a growing window also answers before, with the frames so far first."""
         if a not in self.windows:
-            self.windows[a] = self.window_of(self.env[a], a.meta["cofx_time"], list(co_labels(a)), frames, a.name)
+            self.windows[a] = self.window_of(self.env[a], a.meta["cofx_time"], list(co_labels(a)), spec, a.name)
         return self.windows[a]
 
-    def window_of(self, value: fx.Node, t: int, labels: list, frames: int, name: str) -> fx.Node:
+    def window_of(self, value: fx.Node, t: int, labels: list, spec: WindowSpec, name: str) -> fx.Node:
         """`windowed` of a value of the step graph whose frames are at `t` and dimensions labelled `labels`."""
-        kernel = K.Sliding(self.ctx, K.window_reduce("raw", t, frames), t, frames, 1, 0, 0, 0.0, labels + [frames])
+        frames, b = spec.window, labels.index("B")
+        kernel = K.Sliding(self.ctx, K.window_reduce("raw", t, frames), t, frames, 1, spec.geometry.pad_l, 0, 0.0,
+                           labels + [frames])
         frames_node = self.add_kernel(f"{name}_window", kernel, (value,), node_name=f"{name}_window")
-        return self.g.create_node("call_function", K.fold_time, (frames_node, t, labels.index("B")), {"raw": True},
-                                  name=f"{name}_windows")
+        folded = self.g.create_node("call_function", K.fold_time, (frames_node, t, b), {"raw": True},
+                                    name=f"{name}_windows")
+        if not spec.growing:
+            return folded
+        return self.add_kernel(f"{name}_clip_start", ClipStart(self.ctx, frames, t, b), (folded,),
+                               node_name=f"{name}_clip_start")
 
     def window_args(self, node, replace: dict) -> dict:
         """The inputs of `node` that are numbers or tensors made outside the window, as the window sees them
@@ -576,7 +584,14 @@ class _Builder:
                 values.append(fx.node.map_arg(leaf, lambda a: self.env[a]))
                 time_axes_out.append(None)
                 continue
-            if leaf.meta["cofx_role"] == "folded":
+            if leaf.meta.get("cofx_newest") is not None:   # per-frame outputs of a growing window
+                pos, frames = leaf.meta["cofx_newest"], leaf.meta["cofx_window_frames"]
+                newest = self.add_kernel(f"{leaf.name}_newest", NewestFrames(self.ctx, frames, pos, _batch_axis(leaf)),
+                                         (self.env[leaf],), node_name=f"{leaf.name}_newest")
+                values.append(self.g.create_node("call_function", K.unfold_time,
+                                                 (newest, pos, self.batch, _batch_axis(leaf)), {},
+                                                 name=f"{leaf.name}_frames"))
+            elif leaf.meta["cofx_role"] == "folded":
                 labels = leaf.meta["cofx_layout"]
                 replace = len(labels) > 2 and labels[2] == 1
                 pos = 2 if replace else min(2, len(labels))

@@ -31,21 +31,24 @@ from .node_kind import ATTENTION_FIX, attention_hint
 from .shape_runs import RecordingInterpreter
 
 
-def _perturb_args(node_args, values, frame: int, gen: torch.Generator):
+def _is_stream(node: fx.Node) -> bool:
+    return node.meta.get("cofx_role") == "stream" and isinstance(node.meta.get("cofx_layout"), Labels)
+
+
+def _perturb_args(node_args, values, frame: int, gen: torch.Generator, chosen=_is_stream):
+    """The values of `node_args` with frame `frame` of every `chosen` stream input replaced by noise."""
     if isinstance(node_args, fx.Node):
-        labels = node_args.meta.get("cofx_layout")
-        if node_args.meta.get("cofx_role") == "stream" and isinstance(labels, Labels) \
-                and isinstance(values, torch.Tensor) and values.is_floating_point():
-            t = time_axes(labels)[0]
+        if chosen(node_args) and isinstance(values, torch.Tensor) and values.is_floating_point():
+            t = time_axes(node_args.meta["cofx_layout"])[0]
             out = values.clone()
             noise = torch.randn(out.narrow(t, frame, 1).shape, generator=gen, dtype=out.dtype)
             out.narrow(t, frame, 1).copy_(noise * (values.abs().max() + 1))
             return out
         return values
     if isinstance(node_args, (list, tuple)):
-        return type(node_args)(_perturb_args(a, v, frame, gen) for a, v in zip(node_args, values))
+        return type(node_args)(_perturb_args(a, v, frame, gen, chosen) for a, v in zip(node_args, values))
     if isinstance(node_args, dict):
-        return {k: _perturb_args(node_args[k], values[k], frame, gen) for k in node_args}
+        return {k: _perturb_args(node_args[k], values[k], frame, gen, chosen) for k in node_args}
     return values
 
 
@@ -158,3 +161,52 @@ def check_framewise(gm: fx.GraphModule, clip: torch.Tensor) -> None:
         interp.run(clip)
     if failures:
         raise failures[0]
+
+
+def check_causal(gm: fx.GraphModule, clip: torch.Tensor) -> None:
+    """Per-frame outputs of windows over the clip (`WindowSpec.growing`) must come from causal attention: with a
+    frame of every window's inputs replaced by noise, the outputs at the frames before it stay as they were."""
+    starts = [n for n in gm.graph.nodes if getattr(n.meta.get("cofx_spec"), "growing", False)]
+    if not starts:
+        return
+    leaves = [n for n in tree_flatten(gm.graph.find_nodes(op="output")[0].args[0])[0]
+              if isinstance(n, fx.Node) and n.meta.get("cofx_newest") is not None]
+    frames = starts[0].meta["cofx_spec"].window
+    gen = torch.Generator().manual_seed(1)
+
+    def run(frame):
+        values = {}
+
+        class Perturbed(fx.Interpreter):
+            def run_node(self, n):
+                if frame is not None and n in starts:   # the frame of each windowed input, in its place
+                    args, kwargs = self.fetch_args_kwargs_from_env(n)
+                    windowed = set(n.meta["cofx_window_inputs"]).__contains__
+                    args = _perturb_args(n.args, args, frame, gen, windowed)
+                    kwargs = _perturb_args(n.kwargs, kwargs, frame, gen, windowed)
+                    out = getattr(self, n.op)(n.target, args, kwargs)
+                else:
+                    out = super().run_node(n)
+                values[n] = out
+                return out
+
+        with torch.no_grad():
+            Perturbed(gm).run(clip)
+        return values
+
+    plain = run(None)
+    for frame in sorted({frames - 1, frames // 2}):
+        if frame < 1:
+            continue
+        changed = run(frame)
+        for leaf in leaves:
+            axis = leaf.meta["cofx_newest"]
+            before, after = plain[leaf].narrow(axis, 0, frame), changed[leaf].narrow(axis, 0, frame)
+            if not torch.allclose(before, after, rtol=1e-5, atol=1e-6 * float(before.abs().max()) + 1e-30):
+                source = leaf.meta["cofx_window_source"]
+                raise ConversionError(
+                    f"returns per-frame outputs computed over a window of the clip ({source.meta['cofx_spec'].what} at "
+                    f"node '{source.name}'), and frame {frame} of the window changes the outputs of the frames before "
+                    "it: the attention is not causal, so a step cannot answer for its newest frame", node=leaf,
+                    fix="make the attention causal (is_causal=True, a causal mask) to get per-frame outputs, or return "
+                    "one value per clip (a class token, the last frame out[:, -1], a pool over time)")

@@ -432,22 +432,40 @@ class _Classifier:
                                       fix="read the batch size and the number of frames separately (B, T = x.shape[:2])")
 
     def check_outputs(self, node):
-        leaves, _ = tree_flatten(node.args[0])
+        leaves = [leaf for leaf in tree_flatten(node.args[0])[0] if isinstance(leaf, fx.Node)]
         for leaf in leaves:
-            if not isinstance(leaf, fx.Node):
-                continue
             if leaf.meta.get("cofx_clip_const"):
                 raise _length_use(leaf, self.gm, "returns a tensor built for the clip's length", _LENGTH_FIX)
+        windowed = [leaf for leaf in leaves if leaf.meta.get("cofx_from_window")]
+        if any(leaf.meta.get("cofx_window_time") for leaf in windowed):
+            self.per_frame_outputs(windowed)
+
+    def per_frame_outputs(self, leaves):
+        """Per-frame outputs of windows over the clip: each step answers for the newest frame, from the first
+        frame on (exact where the window's attention is causal: `check_causal`). Every output computed over a
+        window must then keep its frames, the window's frames along one axis."""
+        for leaf in leaves:
+            axes = time_axes(leaf.meta["cofx_layout"])
+            frames = leaf.meta["cofx_window_frames"]
+            if len(axes) == 1 and clip_value(leaf).shape[axes[0]] == frames:
+                leaf.meta["cofx_newest"] = axes[0]
+                continue
             if leaf.meta.get("cofx_window_time"):
                 source = leaf.meta["cofx_window_source"]
                 what = source.meta["cofx_spec"].what
-                frames = leaf.meta["cofx_window_frames"]
                 raise ConversionError(
                     f"returns per-frame outputs computed over a window of the clip length ({frames} frames), for "
                     f"{what} at node '{source.name}'{' (' + user_line(source) + ')' if user_line(source) else ''}: "
-                    "a stream has no clip positions, so each step runs the model on the last window as on a clip, "
-                    "and a window gives one answer, not frames", node=leaf,
-                    fix="return one value per clip (a class token, the last frame out[:, -1], a pool over time)")
+                    f"they are not the window's frames along one axis", node=leaf,
+                    fix="return the frames along one axis, one value per clip (a class token, the last frame "
+                    "out[:, -1], a pool over time)")
+            raise ConversionError(f"returns one value per window of the clip beside per-frame outputs computed "
+                                  f"over a window ({describe(leaf)})", node=leaf,
+                                  fix="return per-frame outputs only, or one value per clip only")
+        for n in self.gm.graph.nodes:   # every window answers from the first frame on
+            spec = n.meta.get("cofx_spec")
+            if isinstance(spec, WindowSpec) and spec.start:
+                n.meta["cofx_spec"] = WindowSpec(spec.window, spec.what, growing=True)
 
     def recurrent(self, node, streams):
         module = self.module(node)

@@ -67,17 +67,21 @@ class WindowSpec:
     from it on the model runs on each window as on a clip (one result per step).
 
     `what` says why, for the report; `start` is False for an op inside a window (attention after the window
-    began at a table of positions, say): it runs on each window and takes no frames itself.
+    began at a table of positions, say): it runs on each window and takes no frames itself. A `growing`
+    window (per-frame outputs of causal attention) answers from the first frame on: until N frames have come,
+    its window holds the frames so far, in the places a clip gives them.
     """
     window: int
     what: str
     start: bool = True
+    growing: bool = False
 
     @property
     def geometry(self) -> Optional[Geometry]:
         if not self.start:
             return None
-        return Geometry(span=self.window, stride=1, pad_l=0, pad_r=0, dep_lo=0, dep_hi=self.window - 1)
+        return Geometry(span=self.window, stride=1, pad_l=self.window - 1 if self.growing else 0, pad_r=0,
+                        dep_lo=0, dep_hi=self.window - 1)
 
 
 def sliding_geometry(spec) -> Geometry:

@@ -79,6 +79,19 @@ class SDPABlock(nn.Module):
         return h + F.scaled_dot_product_attention(self.q(x), self.k(x), self.v(x), is_causal=self.causal)
 
 
+class CausalEncoder(nn.Module):
+    """`nn.TransformerEncoder` with a causal mask, the way its documentation writes one."""
+
+    def __init__(self, d: int, heads: int, layers: int, norm_first: bool):
+        super().__init__()
+        layer = nn.TransformerEncoderLayer(d, heads, 2 * d, dropout=0.1, batch_first=True, norm_first=norm_first)
+        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+
+    def forward(self, h):
+        mask = nn.Transformer.generate_square_subsequent_mask(h.shape[1], dtype=h.dtype, device=h.device)
+        return self.encoder(h, mask=mask, is_causal=True)
+
+
 class MHABlock(nn.Module):
     """`nn.MultiheadAttention` with time first (batch_first=False), a residual and a feed-forward."""
 
@@ -111,7 +124,8 @@ class FrameTransformer(nn.Module):
             self.blocks = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
         else:
             make = {"mha": lambda: MHABlock(d, heads, causal), "hand": lambda: HandWritten(d, heads, causal),
-                    "sdpa": lambda: SDPABlock(d, causal)}[attention]
+                    "sdpa": lambda: SDPABlock(d, causal), "causal encoder": lambda: CausalEncoder(d, heads, 1, norm_first)
+                    }[attention]
             self.blocks = nn.Sequential(*(make() for _ in range(layers)))
         self.head = nn.Linear(d, 3)
 
@@ -125,6 +139,8 @@ class FrameTransformer(nn.Module):
             h = h[:, 0] if self.token == "first" else h[:, -1]
         elif self.readout == "last":
             h = h[:, -1]
+        elif self.readout == "frames":   # per-frame outputs (B, T, classes)
+            pass
         elif self.readout == "mean":
             h = h.mean(1)
         else:
@@ -134,12 +150,21 @@ class FrameTransformer(nn.Module):
 
 def random_config(rng: random.Random) -> dict:
     token = rng.choice(["none", "first", "last"])
-    attention = rng.choice(["encoder", "mha", "hand", "sdpa"])
+    attention = rng.choice(["encoder", "mha", "hand", "sdpa", "causal encoder"])
+    causal = attention == "causal encoder" or attention != "encoder" and rng.random() < 0.5
+    readouts = ["token"] if token != "none" else ["last", "mean", "max"] + (["frames"] * 2 if causal else [])
     return dict(d=rng.choice([4, 8]), heads=rng.choice([1, 2]), layers=rng.randint(1, 2), attention=attention,
                 prefix=rng.choice(["linear", "linear", "conv"]), token=token,
                 positions=rng.choice(["none", "sliced", "whole", "embedding", "sinusoid"]),
-                readout=rng.choice(["token"] if token != "none" else [] + ["last", "mean", "max"]),
-                frames=rng.randint(3, 8), causal=rng.random() < 0.5, norm_first=rng.random() < 0.5)
+                readout=rng.choice(readouts), frames=rng.randint(3, 8), causal=causal, norm_first=rng.random() < 0.5)
+
+
+def assert_random_model(config: dict):
+    if config["readout"] == "frames":
+        assert_per_frame_model({**config, "positions": "sliced" if config["positions"] == "whole" else
+                                config["positions"]})
+    else:
+        assert_window_model(config)
 
 
 DEFAULTS = dict(frames=6, prefix="linear", token="none", positions="sliced", attention="encoder")
@@ -218,13 +243,60 @@ def test_attention_model_converts_exactly(case):
 
 @pytest.mark.parametrize("seed", range(4))
 def test_random_attention_models_convert_exactly(seed):
-    assert_window_model(random_config(random.Random(seed)))
+    assert_random_model(random_config(random.Random(seed)))
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("seed", range(4, 60))
 def test_random_attention_models_convert_exactly_many(seed):
-    assert_window_model(random_config(random.Random(seed)))
+    assert_random_model(random_config(random.Random(seed)))
+
+
+def assert_per_frame_model(config: dict):
+    """Per-frame outputs of causal attention: from the first frame on, frame for frame the clip model's; in steady
+    state the newest frame of the model on the last N frames."""
+    config = {**DEFAULTS, **config, "readout": "frames", "token": "none", "causal": True}
+    model, n = build(config), config["frames"]
+    co = cofx.convert(model, clip(n))
+    assert co.is_exact
+    report = verify(co, model, seed=4)
+    assert report.ok, str(report)
+    x = clip(n, batch=2)
+    with torch.no_grad():
+        co.clean_state()
+        assert torch.allclose(co.forward_steps(x, pad_end=True), model(x), atol=1e-10, rtol=0)   # (B, T, classes)
+    stream = clip(n + 7, batch=2)
+    outs = steps_frame_by_frame(co, stream)
+    if config["prefix"] == "linear":
+        assert co.delay == 0 and all(o is not None for o in outs)
+        with torch.no_grad():
+            for t in range(stream.shape[2]):
+                first = max(0, t - n + 1)
+                want = model(stream[:, :, first:t + 1])[:, -1]
+                assert torch.allclose(outs[t], want, atol=1e-10, rtol=0), (t, (outs[t] - want).abs().max())
+    sizes = chunk_sizes(stream.shape[2], random.Random(6))
+    co.clean_state()
+    with torch.no_grad():
+        chunked = by_chunks(co, stream, sizes)
+    co.clean_state()
+    stepped = torch.stack([o for o in outs if o is not None], 1)
+    assert torch.allclose(chunked[:, :stepped.shape[1]], stepped, atol=1e-10, rtol=0)
+
+
+PER_FRAME = {
+    "causal encoder, sliced table": dict(attention="causal encoder", positions="sliced"),
+    "causal pre-norm encoder, sinusoids, two layers": dict(attention="causal encoder", positions="sinusoid",
+                                                            norm_first=True),
+    "MultiheadAttention time first, causal mask, embedding positions": dict(attention="mha", positions="embedding",
+                                                                             layers=2),
+    "SDPA is_causal, no positions": dict(attention="sdpa", positions="none"),
+    "hand-written causal mask, conv in front": dict(attention="hand", prefix="conv", positions="sliced"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(PER_FRAME))
+def test_per_frame_outputs_of_causal_attention_are_the_clip_models_frame_for_frame(case):
+    assert_per_frame_model(PER_FRAME[case])
 
 
 def test_state_of_a_window_is_fixed_and_resumes_exactly():
@@ -429,3 +501,18 @@ def test_encoder_read_at_one_token_computes_that_row_and_each_frames_projections
         torch.backends.mha.set_fastpath_enabled(True)
     # one layer: keys and values of the new frame, one query row: a small fraction of the clip's work
     assert reduction > (n / 2 if layers == 1 else 1.5), reduction
+
+
+def test_per_frame_outputs_run_compiled_and_say_why_they_do_not_export():
+    from cofx.masked_step import NotSteppable
+    model = build({**DEFAULTS, "attention": "causal encoder", "readout": "frames", "causal": True})
+    co, ref = cofx.convert(model, clip(6)), cofx.convert(model, clip(6))
+    co.compile_steps("eager")
+    stream = clip(co.warmup_frames + 6)
+    with torch.no_grad():
+        for i in range(stream.shape[2]):
+            assert torch.allclose(co.forward_step(stream[:, :, i]), ref.forward_step(stream[:, :, i]), atol=1e-12,
+                                  rtol=0)
+    assert co.last_step_compiled
+    with pytest.raises(NotSteppable, match="ClipStart"):
+        cofx.export_onnx(ref, "never-written.onnx")
