@@ -203,7 +203,8 @@ class _Builder:
             return self.reshape(node, replace)
         if node.meta.get("cofx_impl") not in (None, "conv3d"):
             return self.frame_conv(node)
-        if node.meta.get("cofx_from_window"):
+        if node.meta.get("cofx_from_window") or node.meta.get("cofx_role") == "folded" and \
+                any(a.meta.get("cofx_clip_const") for a in node.all_input_nodes):   # values over a clip's window
             replace = {**self.window_args(node, replace or {}), **(replace or {})}
             if not _empty_safe(node, self.gm):   # no window completed: nothing to run on
                 return self.guard(node, replace)

@@ -18,6 +18,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._pytree import tree_flatten
 
 import cofx
 from cofx.verify import by_chunks, chunk_sizes, verify
@@ -315,14 +316,7 @@ def test_state_of_a_window_is_fixed_and_resumes_exactly():
 
 
 def _tensors(state):
-    if isinstance(state, torch.Tensor):
-        yield state
-    elif isinstance(state, dict):
-        for v in state.values():
-            yield from _tensors(v)
-    elif isinstance(state, (list, tuple)):
-        for v in state:
-            yield from _tensors(v)
+    return [v for v in tree_flatten(state)[0] if isinstance(v, torch.Tensor)]
 
 
 def test_per_frame_outputs_of_attention_are_refused_with_the_fix():

@@ -57,6 +57,7 @@ EXACT = {   # idiom -> head; each must convert and step exactly
                                                                        torch.ones(3, C * 8, dtype=h.dtype)),
     # a window of the clip length, run as the model runs a clip: one answer per window
     "softmax weights sliced by T": lambda m, h: (h * m.w[:h.shape[2]].softmax(0)).sum(2),
+    "pooled, scaled by a table sliced by T": lambda m, h: h.mean(2) * m.w[:h.shape[2]].sum(),
     "positional table sliced by T, pooled": lambda m, h: (h + m.pos[:, :, :h.shape[2]]).mean(2),
     "arange(T) weights, pooled": lambda m, h: (h * torch.arange(h.shape[2], dtype=h.dtype)).sum(2) / h.shape[2],
     "self-attention over frames, last frame": lambda m, h: _self_attention(h)[:, :, -1],
