@@ -48,6 +48,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from . import kernels as K
 from .errors import StreamError
+from .growing_window import ClipStart, NewestFrames
 
 
 class NotSteppable(StreamError):
@@ -297,6 +298,40 @@ class _RecurrentPlan:
         return (out, new if self.lstm else new[0]), (ready, state_ready), kept + [seen1]
 
 
+class _WindowCountPlan:
+    """`ClipStart` / `NewestFrames` (`cofx.growing_window`), one window per step. State: ``seen`` (B, 1), the
+    windows each row has had; each row's window is rolled (or its frame read) by its own count."""
+
+    def __init__(self, name: str, k):
+        self.name, self.k = name, k
+        self.fields = ["seen"]
+
+    def initial(self, dtype, device) -> List[torch.Tensor]:
+        return [torch.zeros(1, 1, dtype=torch.long, device=device)]
+
+    def from_eager(self, batch: int, dtype, device) -> List[torch.Tensor]:
+        return [torch.full((batch, 1), self.k.seen or 0, dtype=torch.long, device=device)]
+
+    def step(self, x, ready, state):
+        k, seen = self.k, state[0]
+        shape = [1] * x.dim()
+        shape[k.t] = k.frames
+        frames = torch.arange(k.frames, device=x.device).view(shape)
+        row = _rows(seen[:, 0], x, k.b)
+        if isinstance(k, ClipStart):   # the frames so far first: frame i of the window is frame i + shift
+            shift = (k.frames - 1 - row).clamp(min=0)
+            out = torch.gather(x, k.t, ((frames + shift) % k.frames).expand(x.shape))
+        else:   # the newest frame: frame `seen` of an early window, the last of a full one
+            size = list(x.shape)
+            size[k.t] = 1
+            out = torch.gather(x, k.t, row.clamp(max=k.frames - 1).expand(size))
+        seen1 = seen + 1 if ready is None else seen + ready.to(seen.dtype).unsqueeze(1)
+        return out, ready, [seen1]
+
+
+_OWN_STATE = (_RecurrentPlan, _WindowCountPlan)   # plans that make their initial state themselves
+
+
 # ---- the whole step -------------------------------------------------------------------------------
 
 class MaskedStep:
@@ -328,12 +363,14 @@ class MaskedStep:
                 self.plans[node] = _AlignPlan(node.target, mod)
             elif isinstance(mod, K.Recurrent):
                 self.plans[node] = _RecurrentPlan(node.target, mod)
+            elif isinstance(mod, (ClipStart, NewestFrames)):
+                self.plans[node] = _WindowCountPlan(node.target, mod)
             elif isinstance(mod, K.Stateful):
                 raise NotSteppable(f"kernel '{node.target}' ({type(mod).__name__}) has no fixed-shape step yet: "
                                    "ONNX export and streams out of phase are not supported for this model")
         self.order = list(self.plans)
         primed, primed2, seen, slots = _prime(co, dtype, self.device, {p.name: p.k for p in self.plans.values()
-                                                                       if not isinstance(p, _RecurrentPlan)})
+                                                                       if not isinstance(p, _OWN_STATE)})
         self.init: List[torch.Tensor] = []
         self.state_names: List[str] = []
         self._slices = {}
@@ -342,7 +379,7 @@ class MaskedStep:
             if isinstance(plan, _AlignPlan):
                 plan.set_slots(slots[plan.name])
             at = len(self.init)
-            self.init += plan.initial(dtype, self.device) if isinstance(plan, _RecurrentPlan) else \
+            self.init += plan.initial(dtype, self.device) if isinstance(plan, _OWN_STATE) else \
                 _initial(plan, primed[plan.name], primed2[plan.name], seen.get(plan.name), dtype, self.device)
             self._slices[node] = (at, len(self.init))
             self.state_names += [f"{plan.name}.{f}" for f in plan.fields]
@@ -407,7 +444,7 @@ class MaskedStep:
         state = []
         for node in self.order:
             plan, (lo, hi) = self.plans[node], self._slices[node]
-            if isinstance(plan, _RecurrentPlan):
+            if isinstance(plan, _OWN_STATE):
                 state += plan.from_eager(batch, self.dtype, self.device)
                 continue
             k = plan.k
@@ -475,7 +512,7 @@ class MaskedStep:
                     a, b = slices[node]
                     if isinstance(plan, _SlidingPlan):
                         value, r_in, new = plan.step(args[0], ready.get(node.args[0]), state[a:b], args[1:])
-                    elif isinstance(plan, _RecurrentPlan):   # r_in: the readiness of each of its two outputs
+                    elif isinstance(plan, _OWN_STATE):   # a recurrent layer's r_in: that of each of its outputs
                         value, r_in, new = plan.step(args[0], ready.get(node.args[0]), state[a:b])
                     else:
                         value, r_in, new = plan.step(args, [ready.get(n) for n in node.args], state[a:b])

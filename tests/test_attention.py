@@ -497,8 +497,7 @@ def test_encoder_read_at_one_token_computes_that_row_and_each_frames_projections
     assert reduction > (n / 2 if layers == 1 else 1.5), reduction
 
 
-def test_per_frame_outputs_run_compiled_and_say_why_they_do_not_export():
-    from cofx.masked_step import NotSteppable
+def test_per_frame_outputs_run_compiled():
     model = build({**DEFAULTS, "attention": "causal encoder", "readout": "frames", "causal": True})
     co, ref = cofx.convert(model, clip(6)), cofx.convert(model, clip(6))
     co.compile_steps("eager")
@@ -508,5 +507,35 @@ def test_per_frame_outputs_run_compiled_and_say_why_they_do_not_export():
             assert torch.allclose(co.forward_step(stream[:, :, i]), ref.forward_step(stream[:, :, i]), atol=1e-12,
                                   rtol=0)
     assert co.last_step_compiled
-    with pytest.raises(NotSteppable, match="ClipStart"):
-        cofx.export_onnx(ref, "never-written.onnx")
+
+
+@pytest.mark.parametrize("attention", ["causal encoder", "hand"])
+def test_onnx_step_of_per_frame_causal_outputs_matches_forward_step(tmp_path, attention):
+    pytest.importorskip("onnxruntime")
+    from test_export import assert_matches, run_alone, run_onnx, session
+    torch.manual_seed(0)
+    model = FrameTransformer(**{**DEFAULTS, "attention": attention, "readout": "frames", "causal": True,
+                                "positions": "embedding"}).eval()
+    co = cofx.convert(model, torch.randn(1, C_IN, 6))
+    cofx.export_onnx(co, tmp_path / "step.onnx")
+    frames = torch.randn(2, C_IN, 14)
+    results = run_onnx(session(tmp_path / "step.onnx"), frames, resets={4: [0], 9: [1]})
+    expected = [run_alone(co, frames[0, :, :4]) + run_alone(co, frames[0, :, 4:]),
+                run_alone(co, frames[1, :, :9]) + run_alone(co, frames[1, :, 9:])]
+    assert_matches(results, expected)
+
+
+def test_per_frame_causal_streams_run_out_of_phase():
+    model = build({**DEFAULTS, "attention": "sdpa", "readout": "frames", "causal": True})
+    co = cofx.convert(model, clip(6))
+    stream = clip(16, batch=2)
+    alone = [steps_frame_by_frame(co, stream[:1]),
+             steps_frame_by_frame(co, stream[1:, :, :5]) + steps_frame_by_frame(co, stream[1:, :, 5:])]
+    with torch.no_grad():
+        co.clean_state()
+        for i in range(16):
+            if i == 5:
+                co.clean_state(streams=[1])
+            out = co.forward_step(stream[:, :, i])
+            for b in (0, 1):
+                assert bool(co.ready[b]) and torch.allclose(out[b], alone[b][i][0], atol=1e-10, rtol=0)
