@@ -28,3 +28,9 @@ def test_quickstart():
     error = float(re.search(r"= (\S+) \(output scale", out).group(1))
     assert error < 1e-4
     assert re.search(r"forward_step: [\d.]+ ms per frame", out)
+
+
+def test_online_action_detection():
+    out = run("online_action_detection.py")
+    error = float(re.search(r"max \|stream - clip\| = (\S+)", out).group(1))
+    assert error < 1e-4 and "delay 0 frames; exact: True" in out and "frame 33 scores: (2, 20)" in out
