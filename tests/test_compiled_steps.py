@@ -13,9 +13,9 @@ D = torch.float64
 MOVES = ["frame", "frame", "frame", "frame", "chunk", "save", "peek", "view", "one"]
 
 
-def compiled_and_eager(model, clip, backend="eager", chunks=()):
-    return cofx.convert(model, clip).compile_steps(backend, batch=clip.shape[0], chunks=chunks), \
-        cofx.convert(model, clip)
+def compiled_and_eager(model, clip, backend="eager", chunks=(), tune=True):
+    return cofx.convert(model, clip, tune=tune).compile_steps(backend, batch=clip.shape[0], chunks=chunks), \
+        cofx.convert(model, clip, tune=tune)
 
 
 def same(a, b, tol_of=None):
@@ -321,7 +321,8 @@ def test_compiled_steps_write_each_frame_into_its_ring_in_place():
     into the same ring memory, step after step, and computes what eager steps compute."""
     model = conv_bn_net()
     clip = torch.randn(1, 3, 6, 5, 5, dtype=D)
-    co, ref = compiled_and_eager(model, clip)
+    # untuned: a convolution timed faster on channels-last frames keeps a double ring instead (one dense block)
+    co, ref = compiled_and_eager(model, clip, tune=False)
     stream = torch.randn(1, 3, co.warmup_frames + 8, 5, 5, dtype=D)
     runs = co._compiled.runs
     with torch.no_grad():
