@@ -125,7 +125,7 @@ class _Builder:
         self.node_kernels: dict = {}   # original node name -> names of the kernels emitted for it
         self.current = None
         self.windows: dict = {}   # stream node -> its window over the clip, folded into the batch
-        self.in_windows: dict = {}   # (node, batch node) -> the node's value over a window (see `in_window`)
+        self.in_windows: dict = {}   # node -> its value over a window (see `in_window`)
 
     def name(self, hint: str) -> str:
         base = f"co_{hint}"

@@ -319,35 +319,29 @@ def _tensors(state):
     return [v for v in tree_flatten(state)[0] if isinstance(v, torch.Tensor)]
 
 
+class Attend(nn.Module):
+    """`nn.MultiheadAttention` over the frames of (B, C, T), read by `read(output, weights)`."""
+
+    def __init__(self, read):
+        super().__init__()
+        self.att, self.read = nn.MultiheadAttention(C_IN, 1, batch_first=True), read
+
+    def forward(self, x):
+        h = x.transpose(1, 2)
+        out, weights = self.att(h, h, h)
+        return self.read(out, weights)
+
+
 def test_per_frame_outputs_of_attention_are_refused_with_the_fix():
-    class PerFrame(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.att = nn.MultiheadAttention(C_IN, 1, batch_first=True)
-
-        def forward(self, x):
-            h = x.transpose(1, 2)
-            return self.att(h, h, h)[0]
-
     with pytest.raises(cofx.ConversionError, match="per-frame outputs computed over a window") as err:
-        cofx.convert(PerFrame().eval(), torch.randn(1, C_IN, 6))
+        cofx.convert(Attend(lambda out, weights: out).eval(), torch.randn(1, C_IN, 6))
     message = str(err.value)
     assert "node 'att'" in message and "test_attention.py" in message and "out[:, -1]" in message.split("fix:")[1]
 
 
 def test_reading_attention_weights_is_refused():
-    class Weights(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.att = nn.MultiheadAttention(C_IN, 1, batch_first=True)
-
-        def forward(self, x):
-            h = x.transpose(1, 2)
-            out, weights = self.att(h, h, h)
-            return out[:, -1] + weights[:, -1, :1]
-
     with pytest.raises(cofx.ConversionError, match="reads the attention weights"):
-        cofx.convert(Weights().eval(), torch.randn(1, C_IN, 6))
+        cofx.convert(Attend(lambda out, weights: out[:, -1] + weights[:, -1, :1]).eval(), torch.randn(1, C_IN, 6))
 
 
 def test_window_option_on_attention_is_refused_with_the_fix():
