@@ -34,6 +34,7 @@ from typing import Any, Callable, Mapping, Optional
 import torch
 import torch.fx as fx
 from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils._pytree import tree_flatten, tree_map
 
 from cofx.errors import ConversionError
@@ -124,6 +125,22 @@ class RecordingInterpreter(fx.Interpreter):
         return result
 
 
+class _FakeRecordingInterpreter(RecordingInterpreter):
+    """A recording run on fake tensors. An inference BatchNorm gives its input's shape, so it is answered
+    without torch's batch-norm decomposition, which fake tensors run op by op in Python (most of a shape run
+    of a network with a norm after every convolution)."""
+
+    def call_module(self, target, args, kwargs):
+        mod = self.fetch_attr(target)
+        if type(mod).forward is _BatchNorm.forward and not mod.training and mod.track_running_stats \
+                and len(args) == 1 and not kwargs and isinstance(args[0], torch.Tensor):
+            x = args[0]
+            mod._check_input_dim(x)
+            if x.shape[1] == mod.num_features:
+                return torch.empty_like(x)
+        return super().call_module(target, args, kwargs)
+
+
 def _run_fake(gm: fx.GraphModule, run: str, x: torch.Tensor) -> bool:
     """Record a run on fake tensors (shapes without arithmetic); False when fake tensors cannot run it."""
     quiet = [logging.getLogger(name) for name in ("torch._subclasses.fake_tensor", "torch.fx.experimental")]
@@ -132,7 +149,7 @@ def _run_fake(gm: fx.GraphModule, run: str, x: torch.Tensor) -> bool:
         log.setLevel(logging.CRITICAL)
     try:
         with FakeTensorMode(allow_non_fake_inputs=True) as mode:
-            RecordingInterpreter(gm, run).run(mode.from_tensor(x))
+            _FakeRecordingInterpreter(gm, run).run(mode.from_tensor(x))
         return True
     except Exception:   # data-dependent code, ops without fake kernels, or a genuine failure: run for real
         return False
