@@ -36,13 +36,16 @@ def empty_like_labels(labels: Sequence, batch: int, ref: torch.Tensor) -> torch.
     return ref.new_empty(shape)
 
 
-def _empty_like_tree(labels, batch: int, ref: torch.Tensor):
-    """`empty_like_labels` of each label tuple of a pytree of them (lists and tuples; None stays None)."""
+def _empty_like_tree(labels, batch: int, ref: torch.Tensor, dtypes=None):
+    """`empty_like_labels` of each label tuple of a pytree of them (lists and tuples; None stays None), each in
+    its dtype of `dtypes` (a parallel pytree; None: the dtype of `ref`)."""
     if labels is None:
         return None
     if isinstance(labels, (list, tuple)) and any(isinstance(v, (list, tuple)) or v is None for v in labels):
-        return type(labels)(_empty_like_tree(v, batch, ref) for v in labels)
-    return empty_like_labels(labels, batch, ref)
+        dtypes = [None] * len(labels) if dtypes is None else dtypes
+        return type(labels)(_empty_like_tree(v, batch, ref, d) for v, d in zip(labels, dtypes))
+    out = empty_like_labels(labels, batch, ref)
+    return out if dtypes is None else out.to(dtypes)
 
 
 class Kernel(nn.Module):
@@ -689,13 +692,14 @@ class Framewise(Kernel):
     with 0 frames has a known shape, so it is made directly.
     """
 
-    def __init__(self, ctx: StreamContext, op, method: Optional[str], out_labels: Sequence):
+    def __init__(self, ctx: StreamContext, op, method: Optional[str], out_labels: Sequence, out_dtypes=None):
         super().__init__()
         self.__dict__["ctx"] = ctx
         self.__dict__["op"] = op
         self.__dict__["call"] = op.forward if isinstance(op, Kernel) else op
         self.method = method
         self.out_labels = out_labels   # a pytree of label tuples for ops that return several tensors
+        self.out_dtypes = out_dtypes   # the same pytree: the dtype of an output that is not in the stream's (a mask)
 
     def extra_repr(self) -> str:
         return f"{self.method or getattr(self.op, '__name__', type(self.op).__name__)}"
@@ -704,7 +708,7 @@ class Framewise(Kernel):
         for frames in args:
             if isinstance(frames, torch.Tensor):
                 if frames.numel() == 0:
-                    return _empty_like_tree(self.out_labels, self.ctx.batch, frames)
+                    return _empty_like_tree(self.out_labels, self.ctx.batch, frames, self.out_dtypes)
                 break
         if self.method is not None:
             return getattr(args[0], self.method)(*args[1:], **kwargs)

@@ -240,8 +240,8 @@ class ContinualModule(fx.GraphModule):
 
     def _check_state(self, x) -> None:
         """The stream state must be in the dtype and on the device of the input (a compiled step checks this
-        itself when it does not continue from its own state)."""
-        state = next((s for k in self._kernels() for s in k.state_tensors()), None)
+        itself when it does not continue from its own state); a mask held in the state keeps its own dtype."""
+        state = next((s for k in self._kernels() for s in k.state_tensors() if s.is_floating_point()), None)
         if state is not None and (state.dtype != x.dtype or state.device != x.device):
             raise StreamError(f"the stream state is {state.dtype} on {state.device} but the input is {x.dtype} "
                               f"on {x.device}; call co.clean_state() before changing dtype or device")

@@ -141,15 +141,21 @@ def max_error(a, b) -> float:
     tensors = [isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) for x, y in zip(la, lb)]
     if sa != sb or any(x.shape != y.shape if t else x != y for x, y, t in zip(la, lb, tensors)):
         return float("inf")   # another structure, shape or plain value
-    return max((float((x - y).detach().abs().max()) if t and x.numel() else 0.0 for x, y, t in zip(la, lb, tensors)),
-               default=0.0)
+    return max((_tensor_error(x, y) if t and x.numel() else 0.0 for x, y, t in zip(la, lb, tensors)), default=0.0)
+
+
+def _tensor_error(x: torch.Tensor, y: torch.Tensor) -> float:
+    """The largest difference; masks and indices (not floating point) differ wholly or not at all."""
+    if x.is_floating_point() or x.is_complex():
+        return float((x - y).detach().abs().max())
+    return 0.0 if torch.equal(x, y) else float("inf")
 
 
 def output_tolerance(ref) -> float:
     if ref is None:
         return 0.0
     leaves, _ = tree_flatten(ref)
-    return min((tolerance(t) for t in leaves if isinstance(t, torch.Tensor)), default=0.0)
+    return min((tolerance(t) for t in leaves if isinstance(t, torch.Tensor) and (t.is_floating_point() or t.is_complex())), default=0.0)
 
 
 def cat_outputs(co, parts):

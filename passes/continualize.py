@@ -45,7 +45,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
-from torch.utils._pytree import tree_flatten, tree_unflatten
+from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from cofx import kernels as K
 from cofx.bn_fold import BatchNormFold, FoldedConv
@@ -57,6 +57,7 @@ from cofx.sliding_ops import PadSpec, SlidingSpec
 from .layout import Labels
 from .node_kind import RESHAPES, node_inputs
 from .receptive_field import same_readiness
+from .shape_runs import Rec
 from .temporal_geometry import CropSpec, ReductionSpec, WindowSpec
 
 _EMPTY_SAFE_MODULES = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU,
@@ -97,6 +98,14 @@ def co_labels(node: fx.Node):
         return leaf(layout, node.meta["cofx_runs"]["clip"])
     labels, spec = tree_flatten(layout)
     return tree_unflatten(list(map(leaf, labels, tree_flatten(node.meta["cofx_runs"]["clip"])[0])), spec)
+
+
+def co_dtypes(node: fx.Node):
+    """The dtype of each output of `node` that is not floating point (a mask, indices), as a pytree parallel to
+    `co_labels`; None where an output follows the stream's dtype (a model cast with ``.double()`` steps in it)."""
+    def one(rec):
+        return rec.dtype if isinstance(rec, Rec) and not rec.dtype.is_floating_point else None
+    return tree_map(one, node.meta["cofx_runs"]["clip"])
 
 
 def _batch_axis(node: fx.Node) -> int:
@@ -248,7 +257,7 @@ class _Builder:
             op, method = None, node.target
         else:
             op, method = node.target, None
-        kernel = K.Framewise(self.ctx, op, method, co_labels(node))
+        kernel = K.Framewise(self.ctx, op, method, co_labels(node), co_dtypes(node))
         args = fx.node.map_arg(node.args, mapped)
         name = self.name(node.name)
         self.kernels[name] = kernel

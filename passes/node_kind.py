@@ -69,6 +69,23 @@ _ATTENTION_FUNCTIONS = {F.scaled_dot_product_attention, torch.matmul, torch.bmm,
                         F.multi_head_attention_forward}
 
 
+_TOKEN_ARGS = ((nn.MultiheadAttention, ("query", "key", "value")), (nn.Transformer, ("src", "tgt")),
+               ((nn.TransformerEncoder, nn.TransformerEncoderLayer), ("src",)),
+               ((nn.TransformerDecoder, nn.TransformerDecoderLayer), ("tgt", "memory")))
+
+
+def _token_inputs(node: fx.Node, module) -> Optional[set]:
+    """The inputs of an attention node that hold its tokens (its other inputs are masks); None where cofx does
+    not know the layer's arguments (every input is then taken for tokens)."""
+    names = next((names for types, names in _TOKEN_ARGS if isinstance(module, types)), None)
+    if node.op == "call_function" and node.target in (F.scaled_dot_product_attention, F.multi_head_attention_forward):
+        names = ("query", "key", "value")
+    if names is None:
+        return None
+    given = list(node.args[:len(names)]) + [node.kwargs.get(name) for name in names]
+    return {a for a in given if isinstance(a, fx.Node)}
+
+
 def _attention_like(n: fx.Node, gm: fx.GraphModule):
     """A description of `n` if it is attention (a module, a wrapped function or a product), else None."""
     if n.op == "call_module":
@@ -356,6 +373,7 @@ class _Classifier:
             first = module.encoder.layers[0].self_attn.batch_first
         else:
             first = None
+        tokens = _token_inputs(node, module)
         for a in dict.fromkeys(streams):
             labels, t = a.meta["cofx_layout"], a.meta.get("cofx_time")
             if t is None and a.meta.get("cofx_from_window"):   # inside a window: where its frames are
@@ -363,6 +381,14 @@ class _Classifier:
                 if not axes:   # not told apart (a table sized for the clip): the window is run whole anyway
                     continue
                 t = axes[0] if len(axes) == 1 else None
+            if tokens is not None and a not in tokens:   # a mask from the frames: frames along its key axis
+                if not (isinstance(labels, Labels) and t is not None and t >= len(labels) - 2 and "B" in labels):
+                    raise ConversionError(f"attention ({_attention_like(node, self.gm) or describe(node)}) takes a "
+                                          f"mask from the stream, {describe(a)}, whose frames are not along its "
+                                          "query or key axis", node=node,
+                                          fix="compute the mask frame by frame from the frames, shaped (B, T) for "
+                                          "key_padding_mask= or (B, ..., T) for attn_mask=")
+                continue
             if not isinstance(labels, Labels) or t is None:
                 ok = False
             elif first is not None:
