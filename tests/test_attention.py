@@ -315,6 +315,31 @@ def test_state_of_a_window_is_fixed_and_resumes_exactly():
     assert torch.equal(first, again)
 
 
+@pytest.mark.parametrize("case", ["encoder, class token, sliced table", "per-frame causal"])
+def test_a_stream_of_a_hundred_thousand_frames_answers_as_the_model_on_its_last_frames(case):
+    """No running sums: after 10^5 frames (chunks of 5,000, then single frames) each answer is still the model's
+    on the window, to float64 rounding."""
+    config = CASES[case] if case in CASES else dict(attention="mha", causal=True, readout="frames")
+    model, n = build(config), DEFAULTS["frames"]
+    co = cofx.convert(model, clip(n))
+    length, chunk = 100_000, 5_000
+    torch.manual_seed(1)
+    stream = clip(length + 3)
+    with torch.no_grad():
+        co.clean_state()
+        size = None
+        for at in range(0, length, chunk):
+            out = co.forward_steps(stream[:, :, at:at + chunk])
+            assert torch.isfinite(out).all()
+            size = size or sum(t.numel() for t in _tensors(co.get_state()))
+            assert sum(t.numel() for t in _tensors(co.get_state())) == size
+        for t in range(length, length + 3):
+            got, window = co.forward_step(stream[:, :, t]), stream[:, :, t - n + 1:t + 1]
+            want = model(window)[:, -1] if config["readout"] == "frames" else model(window)
+            assert torch.allclose(got, want, atol=1e-10, rtol=0), (t, (got - want).abs().max())
+        co.clean_state()
+
+
 def _tensors(state):
     return [v for v in tree_flatten(state)[0] if isinstance(v, torch.Tensor)]
 
