@@ -81,6 +81,7 @@ def convert(model: nn.Module, example_input: Optional[torch.Tensor] = None, *, s
         passes.mark_length_values(gm)
         say("classifying nodes")
         passes.classify_nodes(gm, time_dim, window, errors["longer"])
+        passes.fold_crops(gm)
         say("checking frame-by-frame ops on the clip")
         passes.check_framewise(gm, clip)
         passes.check_causal(gm, clip)

@@ -44,7 +44,10 @@ def temporal_params(spec) -> tuple:
         return 1, 1, (spec.pad_l, spec.pad_r), 1, f"{spec.mode} padding"
     name = type(spec).__name__
     if name == "CropSpec":
-        return None, spec.step, None, None, f"crop {spec.start} at start, {spec.end} at end"
+        note = f"crop {spec.start} at start, {spec.end} at end"
+        if spec.folded:
+            note += f" ({spec.folded} more, computed from the end padding before it, are not computed)"
+        return None, spec.step, None, None, note
     if name == "ReductionSpec":
         how = "causal window" if spec.causal else "sliding window"
         note = f"{how} of {spec.window} frames ({spec.mode})"

@@ -7,12 +7,14 @@ from .shape_runs import record_runs
 from .layout import label_layouts
 from .length_values import mark_length_values
 from .node_kind import classify_nodes
+from .fold_crops import fold_crops
 from .framewise_check import check_causal, check_framewise
 from .receptive_field import annotate_timing
 from .select_kernels import select_kernels
 from .fold_batchnorm import mark_batchnorm_folds
 from .continualize import build_step_graph
 
-__all__ = ["record_runs", "label_layouts", "mark_length_values", "classify_nodes", "check_framewise", "check_causal",
+__all__ = ["record_runs", "label_layouts", "mark_length_values", "classify_nodes", "fold_crops", "check_framewise",
+           "check_causal",
            "annotate_timing",
            "select_kernels", "mark_batchnorm_folds", "build_step_graph"]

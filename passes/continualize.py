@@ -319,9 +319,12 @@ class _Builder:
         x = node.args[0]
         t = x.meta["cofx_time"]
         g = spec.geometry
-        kernel = K.Sliding(self.ctx, K.crop_select(t, g.stride, g.span), t, g.span, g.stride, g.pad_l, 0, 0.0,
-                           co_labels(x))
-        cropped = self.add_kernel(node.name, kernel, (self.env[x],), node_name=f"{node.name}_crop")
+        if g.span == 1 and g.stride == 1 and g.pad_l == 0:   # its end went to the convolution before it (fold_crops)
+            cropped = self.env[x]
+        else:
+            kernel = K.Sliding(self.ctx, K.crop_select(t, g.stride, g.span), t, g.span, g.stride, g.pad_l, 0, 0.0,
+                               co_labels(x))
+            cropped = self.add_kernel(node.name, kernel, (self.env[x],), node_name=f"{node.name}_crop")
         if node.target is not operator.getitem:
             return cropped
         index = self._index_without_time(node.args[1], len(x.meta["cofx_layout"]), t)

@@ -561,6 +561,7 @@ class _Classifier:
                 return
             # tuple outputs (split, chunk, ...), checked frame by frame
             self.check_length_args(node, False)
+            self.check_keeps_frames(node, x)
             n_time = len(streams) + len(folded)
             self.set(node, "stream", "merge" if n_time > 1 else "pointwise", check=True, time=None)
             return
@@ -590,6 +591,19 @@ class _Classifier:
         n_time = len(streams) + len(folded)
         self.set(node, "stream", "merge" if n_time > 1 else "pointwise", time=t_out,
                  check=not self.elementwise_module(node, x))
+
+    def check_keeps_frames(self, node, x) -> None:
+        """Every tensor of a tuple output keeps the frames of the input (split or chunk channels, not time)."""
+        if not isinstance(x.meta["cofx_layout"], Labels):
+            return
+        frames = _time_len(x, "clip")
+        for labels, rec in zip(tree_flatten(node.meta["cofx_layout"])[0], tree_flatten(clip_value(node))[0]):
+            axes = time_axes(labels)
+            if axes and rec.shape[axes[0]] != frames:
+                raise ConversionError(f"splits the frames into parts ({frames} frames in, {rec.shape[axes[0]]} in a "
+                                      "part): a stream has no end to split", node=node,
+                                      fix="split channels rather than time; to use part of the clip, pool or "
+                                      "slice the frames you need (x[:, :, -4:])")
 
     def subscript(self, node, x, t_out) -> bool:
         t = x.meta["cofx_time"]

@@ -25,10 +25,12 @@ class Geometry:
 
 @dataclass(frozen=True)
 class CropSpec:
-    """`x[:, :, start : T - end : step]` along time."""
+    """`x[:, :, start : T - end : step]` along time; `folded`: frames more that it drops at the end, the ones
+    the op before computes from its end padding, folded into that op (`cofx.passes.fold_crops`)."""
     start: int
     end: int
     step: int
+    folded: int = 0
 
     @property
     def geometry(self) -> Geometry:
