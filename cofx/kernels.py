@@ -31,8 +31,9 @@ class StreamContext:
 
 
 def empty_like_labels(labels: Sequence, batch: int, ref: torch.Tensor) -> torch.Tensor:
-    """A tensor with 0 frames shaped after `labels` ("B" -> batch, "T"/"BT" -> 0, ints stay)."""
-    shape = [batch if lab == "B" else 0 if lab in ("T", "BT") else lab for lab in labels]
+    """A tensor with 0 frames shaped after `labels` ("B" -> batch, times its rows per stream where it holds
+    several; "T"/"BT" -> 0, ints stay)."""
+    shape = [batch * getattr(lab, "rows", 1) if lab == "B" else 0 if lab in ("T", "BT") else lab for lab in labels]
     return ref.new_empty(shape)
 
 
@@ -800,6 +801,20 @@ def window_reduce(mode: str, t: int, window: int) -> Callable:
     return compute
 
 
+def forward_pre_hooks(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Run the forward pre-hooks of a module whose op a step runs as a kernel, as calling the module would
+    (``torch.nn.utils.weight_norm`` recomputes the weight there); the input as they leave it."""
+    for key, hook in module._forward_pre_hooks.items():
+        if key in module._forward_pre_hooks_with_kwargs:
+            out = hook(module, (x,), {})
+            out = None if out is None else out[0]
+        else:
+            out = hook(module, (x,))
+        if out is not None:
+            x = out[0] if isinstance(out, tuple) else out
+    return x
+
+
 def crop_select(t: int, stride: int, span: int) -> Callable:
     """compute() of a crop: the first frame of every window, windows `stride` apart."""
     index = (slice(None),) * t + (slice(None, None, stride),)
@@ -849,12 +864,14 @@ def unfold_time(x: torch.Tensor, pos: int, batch: int, b: int = 0, replace: bool
     return y.movedim(frames, pos)
 
 
-def reshape(x: torch.Tensor, spec: tuple, batch: int, batch_dims: int, static: int) -> torch.Tensor:
-    """`x.reshape` with sizes that follow the stream: "B" -> batch, "T" -> frames, "BT" -> both.
+def reshape(x: torch.Tensor, spec: tuple, batch: int, batch_dims: int, static: int, rows: tuple = None) -> torch.Tensor:
+    """`x.reshape` with sizes that follow the stream: "B" -> batch (times its `rows` per stream), "T" -> frames,
+    "BT" -> both.
 
     The number of frames n comes from `x.numel() = batch**batch_dims * n * static`,
     so a chunk with 0 frames reshapes too (where -1 would be ambiguous).
     """
     n = x.numel() // (batch ** batch_dims * static)
-    sizes = [batch if s == "B" else n if s == "T" else batch * n if s == "BT" else s for s in spec]
+    rows = rows or (1,) * len(spec)
+    sizes = [batch * r if s == "B" else n if s == "T" else batch * n * r if s == "BT" else s for s, r in zip(spec, rows)]
     return x.reshape(sizes)

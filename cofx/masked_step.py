@@ -334,6 +334,26 @@ _OWN_STATE = (_RecurrentPlan, _WindowCountPlan)   # plans that make their initia
 
 # ---- the whole step -------------------------------------------------------------------------------
 
+def _check_one_frame_per_step(co) -> None:
+    """A fixed-shape step takes one frame and gives one: refuse models whose output, or the input of a
+    recurrent layer, has more frames than the model's input (padding at the start of time adds frames that
+    the eager step emits all at once)."""
+    frames = co._info["clip_shape"][co._info["time_dim"]]
+    for name, k in co._named_kernels():
+        if isinstance(k, K.Recurrent) and k.window > frames:
+            raise NotSteppable(f"the recurrent layer '{name}' takes {k.window} frames of a {frames}-frame clip: the "
+                               "frames padding adds at the start cannot run one per step")
+    out = next(n for n in co.graph.nodes if n.op == "output").args[0]
+    for leaf in tree_flatten(out)[0]:
+        if not isinstance(leaf, torch.fx.Node) or not isinstance(leaf.meta.get("cofx_layout"), tuple):
+            continue
+        axes = [i for i, lab in enumerate(leaf.meta["cofx_layout"]) if lab in ("T", "BT")]
+        given = leaf.meta["cofx_runs"]["clip"].shape[axes[0]] if len(axes) == 1 else 0
+        if given > frames:
+            raise NotSteppable(f"the model gives {given} frames for a {frames}-frame clip: a fixed-shape step gives "
+                               "one frame per frame")
+
+
 class MaskedStep:
     """One step of `co` with explicit state: ``step(x, reset, state) -> (out, ready, new_state)``.
 
@@ -352,6 +372,7 @@ class MaskedStep:
         self.time_dim = co._info["time_dim"]
         self.out_time_axes = co._info["out_time_axes"]
         replicate_all = co._ctx.init == "replicate"
+        _check_one_frame_per_step(co)
         self.plans = {}
         for node in self.graph.nodes:
             if node.op != "call_module":
@@ -585,7 +606,7 @@ def _prime(co, dtype, device, kernels: dict):
             slots = {n: [0] * len(k.axes) for n, k in kernels.items() if isinstance(k, K.Align)}
             seen = {}
             for _ in range(steps):
-                co.forward_step(frame)
+                co.forward_steps(frame.unsqueeze(t))
                 for n, k in kernels.items():
                     if isinstance(k, K.Sliding):
                         if k.buf is not None and n not in seen:

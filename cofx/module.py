@@ -178,6 +178,11 @@ class ContinualModule(fx.GraphModule):
             return None
         leaves, spec = tree_flatten(out)
         axes, _ = tree_flatten(self._info["out_time_axes"], is_leaf=lambda a: a is None)
+        if any(a is not None and v.shape[a] > 1 for v, a in zip(leaves, axes)):
+            n = max(v.shape[a] for v, a in zip(leaves, axes) if a is not None)
+            raise StreamError(f"this frame completed {n} output frames (the model gives more frames than it takes, "
+                              "as padding at the start of time does), which forward_step cannot return one by one; "
+                              "call co.clean_state() and step with forward_steps, which returns every frame")
         return tree_unflatten([v if a is None else v.squeeze(a) if v.shape[a] == 1 else None
                                for v, a in zip(leaves, axes)], spec)
 

@@ -120,6 +120,11 @@ class OutOfPhase(Stateful):
                         rows[r][plan.name] = (m, nj)
                     if not ok:
                         raise state_error(name, None, label, f"{want} for stream {r}", f"[{m}, {nj}]")
+            elif plan.fields[-1] == "seen":   # a count per row: frames (a recurrent layer) or windows
+                for r, (seen,) in enumerate(counters.tolist()):
+                    if seen < 0:
+                        raise state_error(name, None, label, f"a count >= 0 for stream {r}", f"[{seen}]")
+                    rows[r][plan.name] = (seen,) if seen else None
             else:
                 for r, counts in enumerate(counters.tolist()):
                     if any(c < 0 or c > s for c, s in zip(counts, plan.slots)) or min(counts) != 0:
@@ -245,7 +250,11 @@ def restart_streams(co, streams) -> bool:
         return False
     if child is None:
         child = OutOfPhase(co)
-    step = child.masked(probe.dtype, probe.device)   # builds on first use (runs co; restores its state)
+    try:
+        step = child.masked(probe.dtype, probe.device)   # builds on first use (runs co; restores its state)
+    except NotSteppable as e:
+        raise NotSteppable(f"cannot restart some streams of the batch apart from the others: {e}; restart them "
+                           "all with co.clean_state(), or run each stream in a batch of its own") from None
     if CHILD not in co._modules:
         co.add_module(CHILD, child)
     if child.state is None:    # in phase until now: the same state, per row

@@ -215,9 +215,13 @@ def first_divergent_node(co, x, sizes=None) -> tuple:
     for n in co.graph.nodes:
         parts = step_values.get(n.name)
         ref = clip_values.get(n.name)
-        if not parts or not isinstance(ref, torch.Tensor) or n.meta.get("cofx_role") != "stream":
+        if not parts or not isinstance(ref, torch.Tensor) or n.meta.get("cofx_role") != "stream" \
+                or "cofx_bn" in n.meta:   # a convolution that computes the BatchNorm after it: compared there
             continue
         axis = n.meta.get("cofx_time")
+        if axis is not None and n.meta["cofx_layout"][axis] == "BT":   # frames folded into the batch, stream-major
+            parts = [p.unflatten(axis, (x.shape[0], -1)) for p in parts]
+            ref, axis = ref.unflatten(axis, (x.shape[0], -1)), axis + 1
         got = torch.cat(parts, axis) if axis is not None and len(parts) > 1 else parts[0]
         if got.shape != ref.shape:
             return n, f"its frames stepped form {tuple(got.shape)} where the clip gives {tuple(ref.shape)}"

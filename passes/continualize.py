@@ -54,7 +54,7 @@ from cofx.growing_window import ClipStart, NewestFrames
 from cofx.errors import ConversionError
 from cofx.sliding_ops import PadSpec, SlidingSpec
 
-from .layout import Labels
+from .layout import Labels, rows_per_stream
 from .node_kind import RESHAPES, node_inputs
 from .receptive_field import same_readiness
 from .shape_runs import Rec
@@ -231,20 +231,24 @@ class _Builder:
         """A convolution module that computes the BatchNorm after it too."""
         kernel = FoldedConv(self.gm.get_submodule(node.target), self.batchnorm_fold(node))
         args = fx.node.map_arg(node.args, lambda a: (replace or {}).get(a, self.env.get(a)))
+        args = (self.hooked_input(node, args[0]), *args[1:])
         return self.add_kernel(node.name, kernel, args, node_name=node.name)
 
     def reshape(self, node, replace=None):
+        """A reshape whose sizes follow the stream; a batch dimension may hold several rows per stream (persons
+        folded into the batch: ``x.view(N * M, C, T, V)``), as many as it has in the clip run of one stream."""
         replace = replace or {}
         x = node.args[0]
         labels_in = co_labels(x)
         batch_dims = sum(1 for lab in labels_in if lab in ("B", "BT"))
         static = 1
-        for lab in labels_in:
-            static *= lab if isinstance(lab, int) else 1
-        spec = tuple(co_labels(node))
+        for lab, own in zip(labels_in, x.meta["cofx_layout"]):
+            static *= lab if isinstance(lab, int) else rows_per_stream(own)
+        labels = co_labels(node)
+        rows = tuple(map(rows_per_stream, node.meta["cofx_layout"]))
         value = replace.get(x, self.env[x])
-        return self.g.create_node("call_function", K.reshape, (value, spec, self.batch, batch_dims, static), {},
-                                  name=node.name)
+        return self.g.create_node("call_function", K.reshape, (value, tuple(labels), self.batch, batch_dims, static),
+                                  {"rows": rows} if any(r != 1 for r in rows) else {}, name=node.name)
 
     def guard(self, node, replace=None):
         replace = replace or {}
@@ -281,15 +285,25 @@ class _Builder:
             tensors = [self.g.create_node("call_function", operator.getitem, (fold, i), {}) for i in (0, 1)]
         return tensors
 
+    def hooked_input(self, node, value: fx.Node) -> fx.Node:
+        """The input of a module a kernel stands in for, through the module's forward pre-hooks (before its
+        weights are read: ``weight_norm`` computes the weight there)."""
+        if node.op != "call_module" or not self.gm.get_submodule(node.target)._forward_pre_hooks:
+            return value
+        return self.g.create_node("call_function", K.forward_pre_hooks, (self.g.get_attr(node.target), value), {},
+                                  name=f"{node.name}_pre_hooks")
+
     def frame_conv(self, node):
         spec, x = node.meta["cofx_frame_spec"], node.args[0]
         impl = node.meta["cofx_impl"]
         kernel = K.FrameConv(self.ctx, spec.chunk_compute(impl), functools.partial(spec.window, impl),
                              x.meta["cofx_time"], co_labels(node))
-        return self.add_kernel(node.name, kernel, (self.env[x], *self.op_tensors(node)), node_name=node.name)
+        value = self.hooked_input(node, self.env[x])
+        return self.add_kernel(node.name, kernel, (value, *self.op_tensors(node)), node_name=node.name)
 
     def sliding(self, node, spec: SlidingSpec):
         x = node.args[0]
+        value = self.hooked_input(node, self.env[x])
         tensors = self.op_tensors(node)
         impl = node.meta.get("cofx_impl")
         window = functools.partial(spec.window, impl) if impl not in (None, "conv3d", "conv3d_cl") else None
@@ -300,7 +314,7 @@ class _Builder:
                            ceil_mode=spec.ceil_mode, avg_count=avg, window=window,
                            layout=torch.channels_last_3d if impl == "conv3d_cl" else None,
                            ring=spec.family == "conv" and spec.d == 1 and bool(tensors) and tensors[0] is not None)
-        return self.add_kernel(node.name, kernel, (self.env[x], *tensors), node_name=node.name)
+        return self.add_kernel(node.name, kernel, (value, *tensors), node_name=node.name)
 
     def pad(self, node, spec: PadSpec):
         x = node.args[0]

@@ -75,12 +75,13 @@ def _other_frames_equal(node, out, out_p, frame: int) -> bool:
     return True
 
 
-def _with_other_row(node_args, values, gen: torch.Generator, scale: float, windowed=()):
-    """The folded inputs of a node, and the stream inputs it takes as windows (`windowed`), with a second row
-    after their first (batch) row: noise `scale` times the size of the first."""
+def _with_other_row(node_args, values, gen: torch.Generator, scale: float):
+    """The stream and folded inputs of a node with a second row after their first (batch) row: noise `scale`
+    times the size of the first. (A node after a reduction or over a window runs on windows of its stream
+    inputs: one row each.)"""
     if isinstance(node_args, fx.Node):
         labels = node_args.meta.get("cofx_layout")
-        if (node_args.meta.get("cofx_role") == "folded" or node_args in windowed) and isinstance(labels, Labels) \
+        if node_args.meta.get("cofx_role") in ("folded", "stream") and isinstance(labels, Labels) \
                 and "B" in labels and isinstance(values, torch.Tensor) and values.is_floating_point():
             b = labels.index("B")
             row = values.narrow(b, 0, 1)
@@ -88,9 +89,9 @@ def _with_other_row(node_args, values, gen: torch.Generator, scale: float, windo
             return torch.cat([row, noise], b)
         return values
     if isinstance(node_args, (list, tuple)):
-        return type(node_args)(_with_other_row(a, v, gen, scale, windowed) for a, v in zip(node_args, values))
+        return type(node_args)(_with_other_row(a, v, gen, scale) for a, v in zip(node_args, values))
     if isinstance(node_args, dict):
-        return {k: _with_other_row(node_args[k], values[k], gen, scale, windowed) for k in node_args}
+        return {k: _with_other_row(node_args[k], values[k], gen, scale) for k in node_args}
     return values
 
 
@@ -116,11 +117,9 @@ def check_framewise(gm: fx.GraphModule, clip: torch.Tensor) -> None:
     failures = []
 
     def check_rows(node, args, kwargs, result):
-        windowed = node.meta.get("cofx_window_inputs", ())
-
         def with_row(scale):
-            return getattr(interp, node.op)(node.target, _with_other_row(node.args, args, gen, scale, windowed),
-                                            _with_other_row(node.kwargs, kwargs, gen, scale, windowed))
+            return getattr(interp, node.op)(node.target, _with_other_row(node.args, args, gen, scale),
+                                            _with_other_row(node.kwargs, kwargs, gen, scale))
         # statistics of the batch then cross any threshold they meet
         kept = all(_first_row_kept(node, result, with_row(scale)) for scale in (1e-3, 1.0, 1e3))
         if not kept:

@@ -35,6 +35,24 @@ class Labels(tuple):
     """Per-dimension labels of one tensor (a pytree leaf, unlike a plain tuple)."""
 
 
+class BatchRows(str):
+    """The label "B" of a dimension that holds `rows` rows per stream (persons folded into the batch,
+    ``x.view(N * M, C, T, V)``): equal to "B" everywhere, and sized ``rows`` times the batch."""
+
+    def __new__(cls, rows: int):
+        label = super().__new__(cls, "B")
+        label.rows = rows
+        return label
+
+    def __reduce__(self):
+        return BatchRows, (self.rows,)
+
+
+def rows_per_stream(label) -> int:
+    """How many rows per stream a dimension labelled `label` holds (1 unless `BatchRows` says more)."""
+    return getattr(label, "rows", 1)
+
+
 def _label(clip, longer, batch):
     t = longer is not None and longer != clip
     b = batch != clip
@@ -43,7 +61,7 @@ def _label(clip, longer, batch):
     if t:
         return "T"
     if b:
-        return "B"
+        return "B" if clip == 1 else BatchRows(clip)
     return clip
 
 

@@ -499,13 +499,20 @@ class _Classifier:
         if module.bidirectional:
             raise ConversionError("a bidirectional recurrent layer reads future frames", node=node,
                                   fix="use a unidirectional layer for streaming")
-        if len(node.args) > 1 or node.kwargs or x not in streams:
+        if len(node.args) > 1 or node.kwargs:
             raise ConversionError("the recurrent layer is given an initial state", node=node,
                                   fix="let it start from zeros; the continual model carries the state itself")
+        if x not in streams:
+            raise ConversionError("the recurrent layer runs over a window of the clip (after a per-position table, "
+                                  "a token put along time or attention): its state would restart at every window",
+                                  node=node, fix="run the recurrent layer on the frames as they come, before the "
+                                  "positions, tokens or attention")
         want = 1 if module.batch_first else 0
         if x.meta["cofx_time"] != want:
             raise ConversionError(f"time reaches the recurrent layer at dim {x.meta['cofx_time']}, not at its "
-                                  f"sequence dim {want}", node=node)
+                                  f"sequence dim {want}", node=node,
+                                  fix="give it the frames along its sequence dim (transpose them there, or set "
+                                  "batch_first to match)")
         self.set(node, "stream", "recurrent", time=None)
 
     def check_length_args(self, node, allowed):
