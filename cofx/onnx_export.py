@@ -27,7 +27,7 @@ from torch import nn
 from torch.utils._pytree import tree_flatten
 
 from .dtype_device import dtype_device
-from .masked_step import MaskedStep
+from .masked_step import MaskedStep, NotSteppable
 
 
 class _StaticShapes:
@@ -189,6 +189,10 @@ def export_onnx(co, path, opset: Optional[int] = None) -> dict:
                                       input_names=input_names, output_names=output_names,
                                       dynamic_axes={n: {a: "batch"} for n, a in batch_axes.items()},
                                       opset_version=opset, do_constant_folding=True)
+            except _Misaligned:
+                raise NotSteppable("cannot export this model to ONNX: an op of its step reads tensor sizes in "
+                                   "another order while torch.onnx traces it than when it runs (attention given "
+                                   "a key-padding mask does); the model still steps in PyTorch") from None
             finally:
                 wrapper.__dict__["shapes"] = None
         values = dict(zip(input_names, (frame, reset, *state)))

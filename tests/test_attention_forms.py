@@ -588,3 +588,26 @@ def test_causal_encoder_per_frame_outputs(causal, time_first):
 @pytest.mark.parametrize("causal", ["generated", "triu bool"])
 def test_causal_encoder_read_at_an_inner_token_is_exact(causal):
     assert_exact(Encoder(2, causal=causal))
+
+
+def test_key_padding_masks_run_out_of_phase_and_their_export_is_refused_with_a_reason(tmp_path):
+    """Streams restarted apart step exactly; torch.onnx traces the masked attention's size reads in another
+    order, which the export says (not a raw tracing error)."""
+    torch.manual_seed(0)
+    model = PaddedMHA(True, "last").to(D).eval()
+    co = cofx.convert(model, frames(1, N, seed=1), time_dim=1)
+    stream = frames(2, N + 8, Z_STREAM, seed=4)
+    with torch.no_grad():
+        co.clean_state()
+        for t in range(4):
+            co.forward_step(stream[:, t])
+        co.clean_state(streams=[1])
+        outs = [co.forward_step(stream[:, t]) for t in range(4, N + 8)]
+        for t, out in zip(range(4, N + 8), outs):
+            if t >= 4 + N - 1:   # row 1 has a whole window of its restarted stream
+                want = model(stream[1:, t - N + 1:t + 1])
+                assert torch.allclose(out[1:], want, atol=ATOL, rtol=0)
+            if t >= N - 1:
+                assert torch.allclose(out[:1], model(stream[:1, t - N + 1:t + 1]), atol=ATOL, rtol=0)
+    with pytest.raises(cofx.StreamError, match="cannot export this model to ONNX"):
+        cofx.export_onnx(co, str(tmp_path / "m.onnx"))
