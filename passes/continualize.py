@@ -54,7 +54,7 @@ from cofx.growing_window import ClipStart, NewestFrames
 from cofx.errors import ConversionError
 from cofx.sliding_ops import PadSpec, SlidingSpec
 
-from .layout import Labels, rows_per_stream
+from .layout import Labels, has_time, rows_per_stream
 from .node_kind import RESHAPES, node_inputs
 from .receptive_field import same_readiness
 from .shape_runs import Rec
@@ -401,6 +401,9 @@ class _Builder:
             return self.flatten_window(node, folded)
         # sizes read off the clip (a pool's kernel spanning it) are those of one window
         sizes = {a: a.meta["cofx_runs"]["clip"] for a in node.all_input_nodes if a.meta.get("cofx_length") is not None}
+        if raw and not has_time(node.meta["cofx_layout"]):   # the op on each window, skipped for a chunk of no
+            # windows (std and var warn on those); time flattened into features is reshaped, empty or not
+            return self.guard(node, replace={**sizes, x: folded})
         return self.pointwise(node, replace={**sizes, x: folded})
 
     def window(self, node, spec: WindowSpec):
