@@ -72,11 +72,26 @@ class CofxTracer(fx.Tracer):
         name = self.path_of_module(m)
         if self.is_leaf_module(m, name):
             return super().call_module(m, forward, args, kwargs)
+        given = _containers_copied((args, kwargs))   # as they came: a failed trace may have written into them
+        depth = len(self.module_stack)
         try:
             return super().call_module(m, forward, args, kwargs)
         except Exception as e:  # the module's code is not traceable: keep it whole
+            while len(self.module_stack) > depth:   # fx pops its module stack only when forward returns
+                self.module_stack.popitem()
             self.untraceable[name] = f"{type(e).__name__}: {e}"
-            return self.create_proxy("call_module", name, args, kwargs)
+            return self.create_proxy("call_module", name, *given)
+
+
+def _containers_copied(value):
+    """`value` with its lists, tuples and dicts copied (their tensors and proxies shared)."""
+    if isinstance(value, list):
+        return [_containers_copied(v) for v in value]
+    if type(value) is tuple:
+        return tuple(_containers_copied(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _containers_copied(v) for k, v in value.items()}
+    return value
 
 
 def trace(model: nn.Module, leaf_modules: Iterable[LeafSpec] = ()) -> fx.GraphModule:

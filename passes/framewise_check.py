@@ -35,6 +35,11 @@ def _is_stream(node: fx.Node) -> bool:
     return node.meta.get("cofx_role") == "stream" and isinstance(node.meta.get("cofx_layout"), Labels)
 
 
+def _container(node_args) -> type:
+    """A plain list for fx's immutable ones (a module may write into the list it is given)."""
+    return list if isinstance(node_args, list) else type(node_args)
+
+
 def _perturb_args(node_args, values, frame: int, gen: torch.Generator, chosen=_is_stream):
     """The values of `node_args` with frame `frame` of every `chosen` stream input replaced by noise."""
     if isinstance(node_args, fx.Node):
@@ -46,7 +51,7 @@ def _perturb_args(node_args, values, frame: int, gen: torch.Generator, chosen=_i
             return out
         return values
     if isinstance(node_args, (list, tuple)):
-        return type(node_args)(_perturb_args(a, v, frame, gen, chosen) for a, v in zip(node_args, values))
+        return _container(node_args)(_perturb_args(a, v, frame, gen, chosen) for a, v in zip(node_args, values))
     if isinstance(node_args, dict):
         return {k: _perturb_args(node_args[k], values[k], frame, gen, chosen) for k in node_args}
     return values
@@ -89,7 +94,7 @@ def _with_other_row(node_args, values, gen: torch.Generator, scale: float):
             return torch.cat([row, noise], b)
         return values
     if isinstance(node_args, (list, tuple)):
-        return type(node_args)(_with_other_row(a, v, gen, scale) for a, v in zip(node_args, values))
+        return _container(node_args)(_with_other_row(a, v, gen, scale) for a, v in zip(node_args, values))
     if isinstance(node_args, dict):
         return {k: _with_other_row(node_args[k], values[k], gen, scale) for k in node_args}
     return values

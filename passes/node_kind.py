@@ -568,7 +568,7 @@ class _Classifier:
                 return
             # tuple outputs (split, chunk, ...), checked frame by frame
             self.check_length_args(node, False)
-            self.check_keeps_frames(node, x)
+            self.check_keeps_frames(node, streams)
             n_time = len(streams) + len(folded)
             self.set(node, "stream", "merge" if n_time > 1 else "pointwise", check=True, time=None)
             return
@@ -599,14 +599,14 @@ class _Classifier:
         self.set(node, "stream", "merge" if n_time > 1 else "pointwise", time=t_out,
                  check=not self.elementwise_module(node, x))
 
-    def check_keeps_frames(self, node, x) -> None:
-        """Every tensor of a tuple output keeps the frames of the input (split or chunk channels, not time)."""
-        if not isinstance(x.meta["cofx_layout"], Labels):
-            return
-        frames = _time_len(x, "clip")
+    def check_keeps_frames(self, node, streams) -> None:
+        """Every tensor of a tuple output has as many frames as one of the inputs (split or chunk channels, not
+        time; pathways at several rates keep theirs)."""
+        given = {_time_len(a, "clip") for a in streams if isinstance(a.meta["cofx_layout"], Labels)}
         for labels, rec in zip(tree_flatten(node.meta["cofx_layout"])[0], tree_flatten(clip_value(node))[0]):
             axes = time_axes(labels)
-            if axes and rec.shape[axes[0]] != frames:
+            if given and axes and rec.shape[axes[0]] not in given:
+                frames = "/".join(map(str, sorted(given)))
                 raise ConversionError(f"splits the frames into parts ({frames} frames in, {rec.shape[axes[0]]} in a "
                                       "part): a stream has no end to split", node=node,
                                       fix="split channels rather than time; to use part of the clip, pool or "

@@ -121,7 +121,9 @@ def merge_timings(node: fx.Node, timings: list) -> Timing:
     strides = {t.stride for t in timings}
     if len(strides) > 1:
         raise ConversionError(f"merges branches with different temporal strides {sorted(strides)}", node=node,
-                              fix="branches that are added or concatenated must subsample time equally")
+                              fix="branches that are added or concatenated must subsample time equally "
+                              "(two pathways at different frame rates, as SlowFast's: pool the faster one to the "
+                              "slower rate, avg_pool3d(fast, (alpha, 1, 1), (alpha, 1, 1)), before joining them)")
     return Timing(lo=min(t.lo for t in timings), hi=max(t.hi for t in timings),
                   ready=max(t.ready for t in timings), stride=timings[0].stride)
 

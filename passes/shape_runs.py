@@ -90,6 +90,14 @@ def _summarise(value):
     return tree_map(one, value)
 
 
+def _writes_its_input(n: fx.Node, gm) -> bool:
+    """Whether `n` may write into its inputs (``y.mul_(2)``, ``torch.relu_``, a module built with inplace=True)."""
+    if n.op == "call_module":
+        return bool(getattr(gm.get_submodule(n.target), "inplace", False))
+    name = n.target if n.op == "call_method" else getattr(n.target, "__name__", "")
+    return isinstance(name, str) and name.endswith("_") and not name.startswith("__")
+
+
 class RecordingInterpreter(fx.Interpreter):
     """Runs the graph, summarising each node's value into ``meta['cofx_runs'][run]``.
 
@@ -112,6 +120,8 @@ class RecordingInterpreter(fx.Interpreter):
             if _contains_failed((args, kwargs)):
                 result = FAILED
             else:
+                given = _cloned((args, kwargs)) if self.on_node is not None and _writes_its_input(n, self.module) \
+                    else None
                 try:
                     result = getattr(self, n.op)(n.target, args, kwargs)
                 except Exception as e:
@@ -119,8 +129,8 @@ class RecordingInterpreter(fx.Interpreter):
                         raise
                     self.errors[n.name] = f"{type(e).__name__}: {e}"
                     result = FAILED
-            if result is not FAILED and self.on_node is not None:
-                self.on_node(n, args, kwargs, result)
+            if result is not FAILED and self.on_node is not None:   # the hook sees the inputs as they came
+                self.on_node(n, *(given or (args, kwargs)), result)
         n.meta.setdefault("cofx_runs", {})[self.run_name] = FAILED if result is FAILED else _summarise(result)
         return result
 
@@ -139,6 +149,10 @@ class _FakeRecordingInterpreter(RecordingInterpreter):
             if x.shape[1] == mod.num_features:
                 return torch.empty_like(x)
         return super().call_module(target, args, kwargs)
+
+
+def _cloned(value):
+    return tree_map(lambda v: v.clone() if isinstance(v, torch.Tensor) else v, value)
 
 
 def _run_fake(gm: fx.GraphModule, run: str, x: torch.Tensor) -> bool:
