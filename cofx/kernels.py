@@ -873,5 +873,6 @@ def reshape(x: torch.Tensor, spec: tuple, batch: int, batch_dims: int, static: i
     """
     n = x.numel() // (batch ** batch_dims * static)
     rows = rows or (1,) * len(spec)
-    sizes = [batch * r if s == "B" else n if s == "T" else batch * n * r if s == "BT" else s for s, r in zip(spec, rows)]
+    sizes = [batch * r if s == "B" else n if s == "T" else batch * n * r if s == "BT" else s
+             for s, r in zip(spec, rows)]
     return x.reshape(sizes)

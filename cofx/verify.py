@@ -155,7 +155,8 @@ def output_tolerance(ref) -> float:
     if ref is None:
         return 0.0
     leaves, _ = tree_flatten(ref)
-    return min((tolerance(t) for t in leaves if isinstance(t, torch.Tensor) and (t.is_floating_point() or t.is_complex())), default=0.0)
+    floats = [t for t in leaves if isinstance(t, torch.Tensor) and (t.is_floating_point() or t.is_complex())]
+    return min((tolerance(t) for t in floats), default=0.0)
 
 
 def cat_outputs(co, parts):
