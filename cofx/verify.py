@@ -1,4 +1,4 @@
-"""`cofx.verify`: measure that a continual model keeps the guarantees of DESIGN.md, on given or random input.
+"""`cofx.verify`: measure that a continual model keeps the guarantees of the README, on given or random input.
 
 The checks a user (or their CI) wants before trusting a converted model:
 

@@ -1,4 +1,4 @@
-"""Give every node its role in the stream and its kind (the DESIGN.md table).
+"""Give every node its role in the stream and its kind (the table "What each node becomes" of the README).
 
 Roles say what a node's value is in the continual graph:
 

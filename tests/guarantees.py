@@ -1,10 +1,10 @@
-"""The DESIGN.md guarantees as reusable assertions (imported by the test modules)."""
+"""The README's guarantees as reusable assertions (imported by the test modules)."""
 from __future__ import annotations
 
 import random
 
 import torch
-
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 
 def max_err(a, b) -> float:
@@ -38,6 +38,29 @@ def steps_frame_by_frame(co, stream, flush=True):
         if tail is not None:
             outs.append(tail)
     return torch.cat(outs, co._info["out_time_axes"]) if outs else None
+
+
+def by_forward_step(co, stream, like):
+    """`forward_step` frame by frame, then the end flush, joined per output along its time axis (in the
+    structure of `like`, a `forward_steps` result)."""
+    t = co.options["time_dim"]
+    axes, _ = tree_flatten(co._info["out_time_axes"], is_leaf=lambda a: a is None)
+    _, spec = tree_flatten(like)
+    parts = [[] for _ in axes]
+    for i in range(stream.shape[t]):
+        y = co.forward_step(stream.select(t, i))
+        if y is None:
+            continue
+        for j, v in enumerate(tree_flatten(y)[0]):
+            if v is not None:
+                parts[j].append(v if axes[j] is None else v.unsqueeze(axes[j]))
+    tail = co.forward_steps(stream.narrow(t, 0, 0), pad_end=True)
+    if tail is not None:
+        for j, v in enumerate(tree_flatten(tail)[0]):
+            if v is not None:
+                parts[j].append(v)
+    leaves = [None if not p else p[-1] if a is None else torch.cat(p, a) for p, a in zip(parts, axes)]
+    return tree_unflatten(leaves, spec)
 
 
 def steps_in_chunks(co, stream, sizes, flush=True):

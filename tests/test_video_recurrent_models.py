@@ -17,6 +17,7 @@ from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 import cofx
+from guarantees import by_forward_step
 from cofx.verify import as_steps, by_chunks, chunk_sizes, max_error, output_tolerance
 
 D = torch.float64
@@ -32,28 +33,6 @@ def two_streams(clip, time_dim, frames=None):
     x = torch.randn(shape, dtype=clip.dtype)
     x[1] *= 10.0   # the second stream at another scale
     return x
-
-
-def by_forward_step(co, stream, like):
-    """`forward_step` frame by frame, then the end flush, joined per output along its time axis (the
-    structure of `like`, a `forward_steps` result)."""
-    t = co.options["time_dim"]
-    axes, _ = tree_flatten(co._info["out_time_axes"], is_leaf=lambda a: a is None)
-    _, spec = tree_flatten(like)
-    parts = [[] for _ in axes]
-    for i in range(stream.shape[t]):
-        y = co.forward_step(stream.select(t, i))
-        if y is None:
-            continue
-        for j, v in enumerate(tree_flatten(y)[0]):
-            if v is not None:
-                parts[j].append(v if axes[j] is None else v.unsqueeze(axes[j]))
-    tail = co.forward_steps(stream.narrow(t, 0, 0), pad_end=True)
-    if tail is not None:
-        for j, v in enumerate(tree_flatten(tail)[0]):
-            parts[j].append(v)
-    leaves = [None if not p else p[-1] if a is None else torch.cat(p, a) for p, a in zip(parts, axes)]
-    return tree_unflatten(leaves, spec)
 
 
 def assert_exact(model, clip, time_dim=2, seed=0, **kwargs):
