@@ -100,11 +100,12 @@ def trace(model: nn.Module, leaf_modules: Iterable[LeafSpec] = ()) -> fx.GraphMo
     try:
         graph = tracer.trace(model, concrete_args=_defaults_after_first(model))
     except Exception as e:
-        raise ConversionError(
-            f"torch.fx could not trace the model ({type(e).__name__}: {e})",
-            fix="make the forward traceable (no Python control flow on tensor values), "
-            "or pass the offending submodules as leaf_modules=[...] if they act frame by frame",
-        ) from e
+        fix = ("make the forward traceable (no Python control flow on tensor values), "
+               "or pass the offending submodules as leaf_modules=[...] if they act frame by frame")
+        if "does not support item assignment" in str(e):
+            fix = ("build the tensor instead of assigning into its slices (torch.cat of the parts, F.pad for a "
+                   "shift along time), or pass the module as leaf_modules=[...] if it acts frame by frame")
+        raise ConversionError(f"torch.fx could not trace the model ({type(e).__name__}: {e})", fix=fix) from e
     fixed = [n for n in graph.nodes if n.op == "placeholder"][1:]
     for node in list(graph.nodes):   # the guards fx adds for arguments fixed at their default
         name = getattr(node.target, "__name__", "") if node.op == "call_function" else ""

@@ -528,10 +528,11 @@ def test_temporal_shift_with_pad_and_cat_is_exact(online):
 @pytest.mark.parametrize("make", [lambda: seeded(TSM, "inline"), lambda: seeded(TSM, "inline", True),
                                   lambda: seeded(TSMFolded)], ids=["offline", "online", "folded"])
 def test_temporal_shift_written_into_zeros_like_is_refused(make):
-    """Outcome: refused: fx cannot trace slice assignment. Correct; the quoted TypeError says why, though the
-    fix (leaf_modules / no control flow) does not apply: writing the shift with torch.cat converts exactly."""
-    assert_refused(make(), video(8, 4), "torch.fx could not trace the model",
-                   "'Proxy' object does not support item assignment")
+    """Refused: fx cannot trace slice assignment; the fix says to build the tensor (torch.cat, F.pad), which
+    converts exactly (test_temporal_shift_with_pad_and_cat_is_exact)."""
+    msg = assert_refused(make(), video(8, 4), "torch.fx could not trace the model",
+                         "'Proxy' object does not support item assignment")
+    assert "torch.cat" in msg.split("fix:")[1] and "F.pad" in msg.split("fix:")[1]
 
 
 @pytest.mark.parametrize("leaf", [True, False])
