@@ -494,7 +494,10 @@ class MaskedStep:
         return state
 
     # -- the step ----------------------------------------------------------------------------------
-    def step(self, x: torch.Tensor, reset: Optional[torch.Tensor], state: Sequence[torch.Tensor], record=None):
+    def step(self, x: torch.Tensor, reset: Optional[torch.Tensor], state: Sequence[torch.Tensor], record=None,
+             per_output: bool = False):
+        """(output, ready, next state): `ready` (B,) where every output with time has its frame (None: always),
+        or with `per_output` a list of each output leaf's own."""
         if reset is not None:
             state = self.reset_rows(state, reset)
         state = list(state)
@@ -512,8 +515,9 @@ class MaskedStep:
                 leaves, spec = tree_flatten(fx.node.map_arg(node.args[0], lambda a: a))
                 axes, _ = tree_flatten(self.out_time_axes, is_leaf=lambda a: a is None)
                 values = [env[leaf] if isinstance(leaf, fx.Node) else leaf for leaf in leaves]
-                out_ready = _and(ready.get(leaf) for leaf, ax in zip(leaves, axes)
-                                 if isinstance(leaf, fx.Node) and ax is not None)
+                own = [ready.get(leaf) if isinstance(leaf, fx.Node) and ax is not None else None
+                       for leaf, ax in zip(leaves, axes)]
+                out_ready = own if per_output else _and(own)
                 out_value = tree_unflatten(values, spec)
                 break
             args = fx.node.map_arg(node.args, lambda a: env[a])

@@ -9,11 +9,11 @@ own stream has one.
 
 While streams are out of phase:
 
-- ``co.forward_step(frame)`` returns the output for every row, with NaN in the
-  rows that have no output this step (their stream is starting up, or the
-  temporal stride skips this frame), or None when no row has one;
-  ``co.ready`` (B,) bool says which rows are real (after every step, in phase
-  too; not set when the model itself has something called ``ready``);
+- ``co.forward_step(frame)`` returns the output for every row, each output NaN
+  in the rows where it has no frame this step (their stream is starting up, or
+  the temporal stride skips this frame), or None when no row has one;
+  ``co.ready`` (B,) bool says which rows hold every output (after every step, in
+  phase too; not set when the model itself has something called ``ready``);
 - ``co.forward_steps`` takes chunks of one frame only, without ``pad_end``;
 - ``co.clean_state()`` (all streams) returns to the fast in-phase kernels;
 - ``get_state``/``set_state``/``update_state=False`` work as usual.
@@ -22,6 +22,8 @@ The state lives in a kernel of its own (`OutOfPhase`, child ``cofx_streams`` of
 the module), so the module's state functions handle it like any other kernel.
 """
 from __future__ import annotations
+
+import functools
 
 import numbers
 from typing import Optional
@@ -152,21 +154,22 @@ class OutOfPhase(Stateful):
                               "frames and pad_end need streams in phase (co.clean_state() restarts them all)")
         probe, state = self.state[0], self.state[1:]
         step = self.masked(probe.dtype, probe.device)
-        out, ready, new = step.step(x, None, state)
+        out, own, new = step.step(x, None, state, per_output=True)
         if update_state:
             self.state = [probe] + [s.detach() for s in new]
-        if ready is None:
-            ready = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
+        every = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
+        own = [every if r is None else r for r in own]
+        ready = functools.reduce(torch.logical_and, own, every)
         set_ready(co, ready)
-        if not bool(ready.any()):
+        if not any(bool(r.any()) for r in own):
             return None
         leaves, spec = tree_flatten(out)
         filled = []
-        for v, b in zip(leaves, step.out_batch_axes):
+        for v, b, r in zip(leaves, step.out_batch_axes, own):   # each output NaN where its own frame is not
             if isinstance(v, torch.Tensor) and b is not None and v.is_floating_point():
                 shape = [1] * v.dim()
                 shape[b] = -1
-                v = torch.where(ready.reshape(shape), v, torch.full_like(v, float("nan")))
+                v = torch.where(r.reshape(shape), v, torch.full_like(v, float("nan")))
             filled.append(v)
         return tree_unflatten(filled, spec)
 

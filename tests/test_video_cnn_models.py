@@ -1038,12 +1038,6 @@ def _alone_outputs(co, stream):
     return outs
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: streams out of phase lose per-frame outputs of a model with several outputs: after "
-    "clean_state(streams=[1]) the restarted row's features (stride 2, delay 2) are None/NaN until its logits "
-    "(a window of the clip) are ready, where the same stream run alone gives them from its 3rd frame "
-    "(cofx/masked_step.py ANDs the readiness of all outputs into one). Breaks 'each stream gives exactly what "
-    "it gives alone'."))
 def test_restarted_stream_of_a_model_with_several_outputs_keeps_each_output():
     co = cofx.convert(seeded(LogitsAndFeatures), video(8, 4))
     frames = video(30, 4, b=2)
