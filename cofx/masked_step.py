@@ -334,6 +334,15 @@ _OWN_STATE = (_RecurrentPlan, _WindowCountPlan)   # plans that make their initia
 
 # ---- the whole step -------------------------------------------------------------------------------
 
+def nan_where_not(value, ready: torch.Tensor, b: Optional[int]):
+    """An output with NaN in the rows (along its batch axis `b`) where `ready` is False."""
+    if not (isinstance(value, torch.Tensor) and value.is_floating_point() and b is not None):
+        return value
+    shape = [1] * value.dim()
+    shape[b] = -1
+    return torch.where(ready.reshape(shape), value, torch.full_like(value, float("nan")))
+
+
 def _check_one_frame_per_step(co) -> None:
     """A fixed-shape step takes one frame and gives one: refuse models whose output, or the input of a
     recurrent layer, has more frames than the model's input (padding at the start of time adds frames that

@@ -27,7 +27,7 @@ from torch import nn
 from torch.utils._pytree import tree_flatten
 
 from .dtype_device import dtype_device
-from .masked_step import MaskedStep, NotSteppable
+from .masked_step import MaskedStep, NotSteppable, nan_where_not
 
 
 class _StaticShapes:
@@ -127,13 +127,19 @@ class _OnnxStep(nn.Module):
 
     def _step(self, frame, reset, state):
         step = self.masked
-        out, ready, new = step.step(frame.unsqueeze(step.time_dim), reset, list(state))
+        out, own, new = step.step(frame.unsqueeze(step.time_dim), reset, list(state), per_output=True)
         leaves, _ = tree_flatten(out)
         axes, _ = tree_flatten(step.out_time_axes, is_leaf=lambda a: a is None)
         leaves = [v.squeeze(a) if a is not None and v.shape[a] == 1 else v for v, a in zip(leaves, axes)]
-        if ready is None:   # no kernel delays the output: every row is ready every step
-            ready = reset | ~reset
+        every = reset | ~reset
+        own = [every if r is None else r for r in own]
+        ready = own[0]
+        for r in own[1:]:   # a row is ready where any output has its frame, as forward_step returns not None
+            ready = ready | r
+        if len(own) > 1:    # each output NaN in the rows where it has no frame of its own
+            leaves = [nan_where_not(v, r, b) for v, r, b in zip(leaves, own, step.out_batch_axes)]
         return (*leaves, ready, *new)
+
 
 
 def export_onnx(co, path, opset: Optional[int] = None) -> dict:

@@ -33,7 +33,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .errors import StreamError
 from .kernels import STATE_FIX, Stateful, state_error
-from .masked_step import MaskedStep, NotSteppable, _SlidingPlan
+from .masked_step import MaskedStep, NotSteppable, _SlidingPlan, nan_where_not
 
 CHILD = "cofx_streams"
 
@@ -163,15 +163,8 @@ class OutOfPhase(Stateful):
         set_ready(co, ready)
         if not any(bool(r.any()) for r in own):
             return None
-        leaves, spec = tree_flatten(out)
-        filled = []
-        for v, b, r in zip(leaves, step.out_batch_axes, own):   # each output NaN where its own frame is not
-            if isinstance(v, torch.Tensor) and b is not None and v.is_floating_point():
-                shape = [1] * v.dim()
-                shape[b] = -1
-                v = torch.where(r.reshape(shape), v, torch.full_like(v, float("nan")))
-            filled.append(v)
-        return tree_unflatten(filled, spec)
+        leaves, spec = tree_flatten(out)   # each output NaN where its own frame is not
+        return tree_unflatten([nan_where_not(v, r, b) for v, r, b in zip(leaves, own, step.out_batch_axes)], spec)
 
 
 def set_ready(co, ready: torch.Tensor) -> None:
