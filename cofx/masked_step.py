@@ -647,6 +647,9 @@ def _batch_axis(one: torch.Tensor, two: torch.Tensor, what: str) -> int:
         diff = [i for i, (u, v) in enumerate(zip(one.shape, two.shape)) if u != v]
         if len(diff) == 1 and (one.shape[diff[0]], two.shape[diff[0]]) == (1, 2):
             return diff[0]
+        if len(diff) == 1 and two.shape[diff[0]] == 2 * one.shape[diff[0]]:
+            raise NotSteppable(f"the state of {what} holds {one.shape[diff[0]]} rows per stream (persons or joints "
+                               "folded into the batch): a fixed-shape step keeps one row per stream")
     raise NotSteppable(f"cannot tell the batch dimension of the state of {what} "
                        f"({tuple(one.shape)} for 1 stream, {tuple(two.shape)} for 2)")
 

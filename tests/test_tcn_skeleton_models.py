@@ -943,3 +943,15 @@ def test_causal_st_gcn(how):
     co = assert_exact(CausalSTGCN(how), xskel(12))
     if how in ("ZeroPad2d", "F.pad"):
         assert co.delay == 0 and co.receptive_field == 13
+
+
+def test_persons_folded_into_the_batch_are_not_restarted_apart():
+    """In phase exact; a fixed-shape step keeps one row per stream, so restarting one stream is refused, saying
+    why."""
+    torch.manual_seed(0)
+    model = PersonsInBatch("view(N * M, ...)").to(D).eval()
+    co = cofx.convert(model, torch.randn(1, 3, 8, V, 2, dtype=D))
+    with torch.no_grad():
+        co.forward_steps(torch.randn(2, 3, 5, V, 2, dtype=D))
+        with pytest.raises(cofx.StreamError, match="holds 2 rows per stream"):
+            co.clean_state(streams=[1])
