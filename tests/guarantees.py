@@ -40,6 +40,19 @@ def steps_frame_by_frame(co, stream, flush=True):
     return torch.cat(outs, co._info["out_time_axes"]) if outs else None
 
 
+def two_streams(clip, time_dim=2, frames=None):
+    """Two fresh streams shaped like `clip` (with `frames` frames), the second at 10 times the scale, in the
+    clip's memory format."""
+    shape = list(clip.shape)
+    shape[0] = 2
+    if frames is not None:
+        shape[time_dim] = frames
+    x = torch.randn(shape, dtype=clip.dtype)
+    x[1] *= 10.0   # the second stream at another scale
+    if clip.dim() == 5 and clip.is_contiguous(memory_format=torch.channels_last_3d) and not clip.is_contiguous():
+        x = x.contiguous(memory_format=torch.channels_last_3d)
+    return x
+
 def by_forward_step(co, stream, like):
     """`forward_step` frame by frame, then the end flush, joined per output along its time axis (in the
     structure of `like`, a `forward_steps` result)."""
@@ -61,6 +74,25 @@ def by_forward_step(co, stream, like):
                 parts[j].append(v)
     leaves = [None if not p else p[-1] if a is None else torch.cat(p, a) for p, a in zip(parts, axes)]
     return tree_unflatten(leaves, spec)
+
+
+def assert_clip_exact(co, model, x):
+    """From a clean state, `x` stepped as one chunk and frame by frame (each then flushed) gives the model's
+    output on `x`, and `co.forward` is the model's forward; returns (the stepped outputs, the model's)."""
+    from cofx.verify import as_steps, max_error, output_tolerance
+    with torch.no_grad():
+        ref_clip = model(x)
+        co.clean_state()
+        whole = co.forward_steps(x, pad_end=True)
+        assert whole is not None
+        ref = as_steps(ref_clip, whole)
+        tol = output_tolerance(ref)
+        assert max_error(whole, ref) <= tol, max_error(whole, ref)
+        co.clean_state()
+        framewise = by_forward_step(co, x, whole)
+        assert max_error(framewise, ref) <= tol, max_error(framewise, ref)
+        assert max_error(co.forward(x), ref_clip) == 0.0
+    return whole, ref_clip
 
 
 def steps_in_chunks(co, stream, sizes, flush=True):

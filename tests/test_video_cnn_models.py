@@ -23,8 +23,8 @@ from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 import cofx
-from guarantees import by_forward_step
-from cofx.verify import as_steps, by_chunks, chunk_sizes, max_error, output_tolerance
+from guarantees import assert_clip_exact, by_forward_step, two_streams
+from cofx.verify import by_chunks, chunk_sizes, max_error, output_tolerance
 
 warnings.filterwarnings("ignore", category=UserWarning)
 D = torch.float64
@@ -53,18 +53,6 @@ def video(t=8, hw=4, b=1, c=3, dtype=D):
     return torch.randn(b, c, t, hw, hw, dtype=dtype)
 
 
-def two_streams(clip, time_dim=2, frames=None):
-    shape = list(clip.shape)
-    shape[0] = 2
-    if frames is not None:
-        shape[time_dim] = frames
-    x = torch.randn(shape, dtype=clip.dtype)
-    x[1] *= 10.0   # the second stream at another scale
-    if clip.dim() == 5 and clip.is_contiguous(memory_format=torch.channels_last_3d) and not clip.is_contiguous():
-        x = x.contiguous(memory_format=torch.channels_last_3d)
-    return x
-
-
 def all_outputs_keep_time(co):
     axes, _ = tree_flatten(co._info["out_time_axes"], is_leaf=lambda a: a is None)
     out = next(n for n in co.graph.nodes if n.op == "output")
@@ -78,18 +66,8 @@ def assert_exact(model, clip, time_dim=2, extra=5, seed=0, **kwargs):
     co = cofx.convert(model, clip, time_dim=time_dim, **kwargs)
     assert co.is_exact, [(r.name, r.kind, r.note) for r in co.report if not r.exact]
     x = two_streams(clip, time_dim)
+    whole, _ = assert_clip_exact(co, model, x)
     with torch.no_grad():
-        ref_clip = model(x)
-        co.clean_state()
-        whole = co.forward_steps(x, pad_end=True)
-        assert whole is not None
-        ref = as_steps(ref_clip, whole)
-        tol = output_tolerance(ref)
-        assert max_error(whole, ref) <= tol, max_error(whole, ref)
-        co.clean_state()
-        framewise = by_forward_step(co, x, whole)
-        assert max_error(framewise, ref) <= tol, max_error(framewise, ref)
-        assert max_error(co.forward(x), ref_clip) == 0.0
         # a longer stream: one chunk == frame by frame == random chunkings (0-frame chunks among them)
         stream = two_streams(clip, time_dim, frames=clip.shape[time_dim] + extra)
         co.clean_state()

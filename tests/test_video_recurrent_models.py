@@ -17,23 +17,13 @@ from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 import cofx
-from guarantees import by_forward_step
-from cofx.verify import as_steps, by_chunks, chunk_sizes, max_error, output_tolerance
+from guarantees import assert_clip_exact, by_forward_step, two_streams
+from cofx.verify import by_chunks, chunk_sizes, max_error, output_tolerance
 
 D = torch.float64
 
 
 # ---- helpers ---------------------------------------------------------------------------------------
-
-def two_streams(clip, time_dim, frames=None):
-    shape = list(clip.shape)
-    shape[0] = 2
-    if frames is not None:
-        shape[time_dim] = frames
-    x = torch.randn(shape, dtype=clip.dtype)
-    x[1] *= 10.0   # the second stream at another scale
-    return x
-
 
 def assert_exact(model, clip, time_dim=2, seed=0, **kwargs):
     """Converts exactly: clip equivalence on a fresh 2-stream input (whole chunk and forward_step frame by
@@ -43,18 +33,8 @@ def assert_exact(model, clip, time_dim=2, seed=0, **kwargs):
     co = cofx.convert(model, clip, time_dim=time_dim, **kwargs)
     assert co.is_exact
     x = two_streams(clip, time_dim)
+    whole, _ = assert_clip_exact(co, model, x)
     with torch.no_grad():
-        ref_clip = model(x)
-        co.clean_state()
-        whole = co.forward_steps(x, pad_end=True)
-        assert whole is not None
-        ref = as_steps(ref_clip, whole)
-        tol = output_tolerance(ref)
-        assert max_error(whole, ref) <= tol, max_error(whole, ref)
-        co.clean_state()
-        framewise = by_forward_step(co, x, whole)
-        assert max_error(framewise, ref) <= tol, max_error(framewise, ref)
-        assert max_error(co.forward(x), ref_clip) == 0.0
         # a longer stream: random chunkings (0-frame chunks among them) == forward_step frame by frame
         stream = two_streams(clip, time_dim, frames=2 * clip.shape[time_dim] + 3)
         co.clean_state()
