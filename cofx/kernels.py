@@ -9,7 +9,6 @@ flushed.
 """
 from __future__ import annotations
 
-import math
 import operator
 from itertools import chain, repeat
 from typing import Callable, Optional, Sequence
@@ -19,6 +18,7 @@ from torch import nn
 
 from .derived import Derived
 from .errors import StreamError
+from .window_geometry import WindowGeometry
 
 
 class StreamContext:
@@ -316,11 +316,12 @@ class Sliding(Stateful):
                              _dring=None, _dpos=0, _dviews=None, _program=None, _weight=None)
         self.__dict__["compute"] = compute
         self.__dict__["window"] = window   # a faster compute for exactly one output window, if any
-        self.t, self.span, self.stride = t, span, stride
-        self.pad_l, self.pad_r, self.pad_value = pad_l, pad_r, pad_value
-        self.keep = max(span - 1, pad_l, 0)
+        # the rules of its window (completion, end padding, averages), shared by every path that steps it
+        self.__dict__["geometry"] = g = WindowGeometry(span, stride, pad_l, pad_r, ceil_mode, avg_count)
+        self.t, self.pad_value, self.keep = t, pad_value, g.keep
+        self.span, self.stride, self.pad_l, self.pad_r = span, stride, pad_l, pad_r
         self.out_labels = tuple(out_labels)
-        self.replicate, self.ceil_mode, self.avg_count = replicate, ceil_mode, avg_count
+        self.replicate, self.avg_count = replicate, avg_count
         self.ring = ring and self.keep == span - 1 and span > 1
         self.buf = self.m = self.next_j = None
 
@@ -370,7 +371,7 @@ class Sliding(Stateful):
         if m < self.pad_l:
             raise state_error(name, self, "m", f"a count of padded frames consumed of at least {self.pad_l} (the "
                                                "start padding)", f"{m}")
-        want = max(0, (m - self.span) // self.stride + 1)
+        want = self.geometry.next_window(m)
         if nj != want:
             raise state_error(name, self, "next_j", f"{want}, the next window after m={m} padded frames "
                                                     f"(span {self.span}, stride {self.stride})", f"{nj}")
@@ -450,9 +451,9 @@ class Sliding(Stateful):
             if self.program_layout is not self.layout:   # a convolution the program runs channels-last
                 compute = self.compute
         self.m += 1
-        j1 = (self.m - self.span) // self.stride
-        if j1 < self.next_j:
+        if not self.geometry.completes(self.m, self.next_j):
             return empty_like_labels(self.out_labels, self.ctx.batch, x)
+        j1 = self.next_j
         # read through an alias: inductor (2.14) cannot reinplace the frame's write when it feeds a
         # convolution fused with its activation directly
         out = compute(window.as_strided(window.shape, window.stride()), *tensors)
@@ -490,17 +491,6 @@ class Sliding(Stateful):
         self.m, self.next_j = self.pad_l, 0
         return True
 
-    def _end_frames(self, real_end: int) -> int:
-        """Frames of end padding a flush appends: the right padding, plus the ceil-mode overhang."""
-        total = real_end + self.pad_r
-        if not self.ceil_mode or total < self.span:
-            return self.pad_r
-        n_floor = (total - self.span) // self.stride + 1
-        n_ceil = -(-(total - self.span) // self.stride) + 1
-        if (n_ceil - 1) * self.stride >= real_end:
-            n_ceil -= 1
-        return self.pad_r + max(0, (n_ceil - 1) * self.stride + self.span - total) * (n_ceil > n_floor)
-
     def forward(self, x: torch.Tensor, *tensors) -> torch.Tensor:
         t = self.t
         if self.ring:   # the weight a compiled step's rolled ring bakes, rolled (see `rolled_ring`)
@@ -521,7 +511,7 @@ class Sliding(Stateful):
         real_end = None
         if self.ctx.flushing:
             real_end = self.m + x.shape[t]
-            extra = self._end_frames(real_end)
+            extra = self.geometry.end_frames(real_end)
             if extra:
                 replicate = self.replicate or self.ctx.init == "replicate"
                 last = torch.cat(parts, t).narrow(t, -1, 1) if replicate else None
@@ -530,7 +520,7 @@ class Sliding(Stateful):
         length = cat.shape[t]
         total = self.m + length - self.buf.shape[t]
         base = total - length
-        j1 = (total - self.span) // self.stride
+        j1 = self.geometry.last_window(total)
         if j1 >= self.next_j:
             start = self.next_j * self.stride - base
             count = j1 - self.next_j + 1
@@ -568,10 +558,9 @@ class Sliding(Stateful):
             oldest = (oldest + 1) % self.span
         self.__dict__["_oldest"] = oldest
         self.m += 1
-        j1 = (self.m - self.span) // self.stride
-        if j1 < self.next_j:
+        if not self.geometry.completes(self.m, self.next_j):
             return empty_like_labels(self.out_labels, self.ctx.batch, x)
-        self.next_j = j1 + 1
+        self.next_j += 1
         weight, rest = tensors[0], tensors[1:]
         compute = self.window or self.compute
         out = compute(ring, self._rolled_weight(weight, oldest), *rest)
@@ -590,17 +579,13 @@ class Sliding(Stateful):
 
     def _fix_average(self, out: torch.Tensor, j0: int, j1: int, real_end: Optional[int]) -> torch.Tensor:
         """Rescale averages whose window covers frames PyTorch would not count."""
-        k, include_pad = self.avg_count
-        if include_pad:
-            lo, hi = 0, math.inf if real_end is None else real_end + self.pad_r
-        else:
-            lo, hi = self.pad_l, math.inf if real_end is None else real_end
-        counts = [min(j * self.stride + k, hi) - max(j * self.stride, lo) for j in range(j0, j1 + 1)]
+        k = self.avg_count[0]
+        counts = [self.geometry.frames_counted(j, real_end) for j in range(j0, j1 + 1)]
         if all(c == k for c in counts):
             return out
         shape = [1] * out.dim()
         shape[self.t] = len(counts)
-        factor = torch.tensor([k / max(c, 1) for c in counts], dtype=out.dtype, device=out.device)
+        factor = torch.tensor([k / c for c in counts], dtype=out.dtype, device=out.device)
         return out * factor.view(shape)
 
 

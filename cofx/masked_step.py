@@ -37,7 +37,6 @@ Used by `cofx.export_onnx` (ONNX of one step) and by
 from __future__ import annotations
 
 import inspect
-import math
 import operator
 from typing import List, Optional, Sequence
 
@@ -188,13 +187,14 @@ class _SlidingPlan:
         if not self.plain and out.untyped_storage().data_ptr() == cat.untyped_storage().data_ptr():
             out = out.clone()   # a view of the frames (a crop): in-place ops downstream must not reach the state
         m1 = m + 1 if ready is None else m + ready.to(m.dtype)
-        done = m1 >= nj * k.stride + k.span
+        done = k.geometry.completes(m1, nj)
         if ready is not None:
             done = done & ready
-        if k.avg_count is not None and not k.avg_count[1]:
+        if k.geometry.uncounted_start:
             if self.out_b is None:
                 raise NotSteppable(f"'{self.name}' averages a tensor without a batch dimension")
-            out = out * _rows(self._average_factor(nj, out.dtype), out, self.out_b)
+            factor = k.avg_count[0] / k.geometry.frames_counted(nj).to(out.dtype)
+            out = out * _rows(factor, out, self.out_b)
         new = []
         if self.has_buf:
             shifted = cat.narrow(t, 1, k.keep)
@@ -202,13 +202,6 @@ class _SlidingPlan:
             new.append(kept.movedim(b, 0))
         new.append(torch.stack([m1, nj + done.to(nj.dtype)], 1))
         return out, done, new
-
-    def _average_factor(self, j: torch.Tensor, dtype) -> torch.Tensor:
-        """`Sliding._fix_average` for window j of each row, count_include_pad=False, no end padding."""
-        kk = self.k.avg_count[0]
-        missing = (self.k.pad_l - j * self.k.stride).clamp(min=0)
-        count = (kk - missing).clamp(min=1)
-        return kk / count.to(dtype)
 
 
 class _AlignPlan:
@@ -585,10 +578,9 @@ def _kernel_state(k):
 
 
 def _warmup(co) -> int:
-    """Steps after which every kernel has started and the arrivals at every merge repeat."""
-    rf = co.receptive_field
-    span = rf if rf != math.inf else co.clip_shape[co._info["time_dim"]]
-    return int(co.delay + span + 2 * co.stride + 2)
+    """Steps after which every kernel has started and the arrivals at every merge repeat: the warm-up
+    (``co.warmup_frames``), a stride and two frames more."""
+    return co.warmup_frames + co.stride + 2
 
 
 def _prime(co, dtype, device, kernels: dict):
@@ -657,11 +649,11 @@ def _batch_axis(one: torch.Tensor, two: torch.Tensor, what: str) -> int:
 def _check_burst(plan: "_SlidingPlan"):
     """A kernel that starts on its first frame (replicate padding) must not complete several windows then."""
     k = plan.k
-    first = k.pad_l + 1 - k.span   # padded frames beyond the first window after the first frame
-    if first >= k.stride:
+    windows = k.geometry.first_frame_windows()
+    if windows > 1:
         raise NotSteppable(
             f"kernel '{plan.name}' pads the start of the stream by repeating its first frame {k.pad_l} times, so "
-            f"that frame completes {first // k.stride + 1} windows at once; a one-frame step cannot express "
+            f"that frame completes {windows} windows at once; a one-frame step cannot express "
             "that burst (pad with zeros or a constant instead, or convert with init='zeros')")
 
 

@@ -115,7 +115,7 @@ class OutOfPhase(Stateful):
                         ok, want = nj == 0, "[-1, 0] (not started)"
                         rows[r][plan.name] = None
                     else:
-                        want_nj = max(0, (m - k.span) // k.stride + 1)
+                        want_nj = k.geometry.next_window(m)
                         ok = m >= k.pad_l and nj == want_nj
                         want = (f"[m, next_j] with m >= {k.pad_l} and next_j = {want_nj}" if m >= k.pad_l else
                                 f"[m, next_j] with m (padded frames consumed) >= {k.pad_l}")
