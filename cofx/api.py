@@ -15,6 +15,7 @@ from .errors import ConversionError
 from .kernels import StreamContext
 from .module import ContinualModule
 from .report import Report, Row, op_label, temporal_params
+from .scratch_stream import scratch_stream
 from .tracer import trace
 from .validate import validate as validate_steps
 
@@ -281,14 +282,9 @@ def _is_leaf(gm, node) -> bool:
 def _steady_state_bytes(co: ContinualModule) -> dict:
     """State bytes per kernel after a stream of batch 1 has run long enough to reach steady state."""
     info = co._info
-    snap = co._snapshot()
-    co.clean_state()
-    try:
+    with scratch_stream(co, eval_mode=False), torch.no_grad():
         dtype, device = dtype_device(co)
         shape = list(info["clip_shape"])
         shape[info["time_dim"]] = co.warmup_frames
-        with torch.no_grad():
-            co.forward_steps(torch.zeros(shape, dtype=dtype, device=device))
+        co.forward_steps(torch.zeros(shape, dtype=dtype, device=device))
         return {n: sum(t.numel() * t.element_size() for t in k.state_tensors()) for n, k in co._named_kernels()}
-    finally:
-        co._restore(snap)

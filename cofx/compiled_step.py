@@ -68,6 +68,7 @@ from .errors import StreamError
 from .dtype_device import dtype_device
 from .kernels import DoubleRings, Sliding
 from .pixel_convs import pixel_convs_as_sums
+from .scratch_stream import scratch_stream
 from .weight_marks import WeightMarks
 from .whole_pools import whole_pools_as_means
 
@@ -206,21 +207,15 @@ class CompiledSteps:
         t = co._info["time_dim"]
         shape = list(co.clip_shape)
         shape[0] = batch
-        saved = co._snapshot()
-        co.clean_state()
-        try:
-            with torch.no_grad():
-                frame = torch.zeros(shape[:t] + shape[t + 1:], dtype=dtype, device=device)
-                for _ in range(self.start + self.period):
-                    co._run(frame, False, True, framewise=True)
-                for n in sorted(self.chunks):
-                    shape[t] = n
-                    chunk = torch.zeros(shape, dtype=dtype, device=device)
-                    for _ in range(self.period):
-                        co._run(chunk, False, True)
-        finally:
-            co._restore(saved)
-            co.__dict__["_last_step_compiled"] = False   # the user's stream has not stepped
+        with scratch_stream(co, eval_mode=False), torch.no_grad():
+            frame = torch.zeros(shape[:t] + shape[t + 1:], dtype=dtype, device=device)
+            for _ in range(self.start + self.period):
+                co._run(frame, False, True, framewise=True)
+            for n in sorted(self.chunks):
+                shape[t] = n
+                chunk = torch.zeros(shape, dtype=dtype, device=device)
+                for _ in range(self.period):
+                    co._run(chunk, False, True)
 
     @classmethod
     def from_file(cls, co, record: dict) -> "CompiledSteps":
@@ -353,46 +348,45 @@ class CompiledSteps:
         co = self.co
         framewise = key[1] == 1   # a frame without its time axis in, outputs as forward_step returns them
         t = co._info["time_dim"]
-        saved = co._snapshot()
-        co._step_module(x.unsqueeze(t) if framewise else x)   # refreshes the caches (BatchNorm folds) it bakes
-        co._restore(saved)
+        with scratch_stream(co, clean=False, eval_mode=False):
+            co._step_module(x.unsqueeze(t) if framewise else x)   # refreshes the caches (BatchNorm folds) it bakes
         rings = []
-        try:
-            slots, flat, counters, rings = _state_slots(co, rolled, ringed)
-            formats = _memory_formats(slots, flat, co._kernels())
-            layouts = [_canonical_layout(t, fmt) for t, fmt in zip(flat, formats)]
-            flat = [t.clone(memory_format=fmt) for t, (_, _, fmt) in zip(flat, layouts)]
-            now = [views() for _, views in rings]
-            views = [_copy_strided(v) for vs in now for v in vs]
-            outputs = []   # (pytree spec, empty, time axes taken off)
+        with scratch_stream(co, clean=False, eval_mode=False):
+            try:
+                slots, flat, counters, rings = _state_slots(co, rolled, ringed)
+                formats = _memory_formats(slots, flat, co._kernels())
+                layouts = [_canonical_layout(t, fmt) for t, fmt in zip(flat, formats)]
+                flat = [t.clone(memory_format=fmt) for t, (_, _, fmt) in zip(flat, layouts)]
+                now = [views() for _, views in rings]
+                views = [_copy_strided(v) for vs in now for v in vs]
+                outputs = []   # (pytree spec, empty, time axes taken off)
 
-            def step(frame, *args):
-                state, views = args[:len(flat)], args[len(flat):]
-                write_slots(slots, state)
-                at = 0
-                for (k, _), vs in zip(rings, now):
-                    k.__dict__["_program"] = views[at:at + len(vs)]
-                    at += len(vs)
-                out = co._step_module(frame.unsqueeze(t) if framewise else frame)
-                empty = co._none_if_empty(out) is None
-                axes = co._frame_axes(out) if framewise and not empty else []
-                partial = bool(axes) and any(v is None for v in tree_flatten(co._frame_output(out))[0])
-                if axes and not partial:
-                    out = co._frame_output(out)
-                leaves, spec = tree_flatten(out)
-                outputs.append((spec, empty, [] if partial else axes, partial))
-                return (*leaves, *lay_out(read_slots(slots), layouts))
+                def step(frame, *args):
+                    state, views = args[:len(flat)], args[len(flat):]
+                    write_slots(slots, state)
+                    at = 0
+                    for (k, _), vs in zip(rings, now):
+                        k.__dict__["_program"] = views[at:at + len(vs)]
+                        at += len(vs)
+                    out = co._step_module(frame.unsqueeze(t) if framewise else frame)
+                    empty = co._none_if_empty(out) is None
+                    axes = co._frame_axes(out) if framewise and not empty else []
+                    partial = bool(axes) and any(v is None for v in tree_flatten(co._frame_output(out))[0])
+                    if axes and not partial:
+                        out = co._frame_output(out)
+                    leaves, spec = tree_flatten(out)
+                    outputs.append((spec, empty, [] if partial else axes, partial))
+                    return (*leaves, *lay_out(read_slots(slots), layouts))
 
-            graph = make_fx(step)(x.clone(memory_format=torch.contiguous_format), *flat, *views)
-            pixel_convs_as_sums(graph)
-            whole_pools_as_means(graph)
-            after = {(id(k), name): getattr(k, name) for k, name, _ in counters}
-            counters = [(k, name, after[id(k), name] - v) for k, name, v in counters]
-            n_out = len(graph.graph.find_nodes(op="output")[0].args[0]) - len(flat)
-        finally:
-            for k, _ in rings:
-                k.__dict__["_program"] = None
-            co._restore(saved)
+                graph = make_fx(step)(x.clone(memory_format=torch.contiguous_format), *flat, *views)
+                pixel_convs_as_sums(graph)
+                whole_pools_as_means(graph)
+                after = {(id(k), name): getattr(k, name) for k, name, _ in counters}
+                counters = [(k, name, after[id(k), name] - v) for k, name, v in counters]
+                n_out = len(graph.graph.find_nodes(op="output")[0].args[0]) - len(flat)
+            finally:   # the kernels step eagerly again
+                for k, _ in rings:
+                    k.__dict__["_program"] = None
         x = x.clone(memory_format=torch.contiguous_format)
         args = (x, *flat, *map(_copy_strided, views))
         run = self._program(graph, args, key, rolled) if self.backend == "inductor" else \

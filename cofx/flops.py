@@ -15,6 +15,7 @@ import torch.fx as fx
 from torch.utils.flop_counter import FlopCounterMode
 
 from .dtype_device import dtype_device
+from .scratch_stream import scratch_stream
 
 
 def _example(co, time_dim_size=None) -> torch.Tensor:
@@ -42,15 +43,9 @@ def _in_steady_state(co, count: Callable) -> object:
     `delay + stride` warm-up frames reach the steady cost. The frames further back
     in the receptive field change what a step computes, not how much.
     """
-    saved = co.get_state()
-    co.clean_state()
-    try:
-        with torch.no_grad():
-            co.forward_steps(_example(co, co.delay + co.stride))
-            return count()
-    finally:
-        co.clean_state()
-        co.set_state(saved)
+    with scratch_stream(co, eval_mode=False), torch.no_grad():
+        co.forward_steps(_example(co, co.delay + co.stride))
+        return count()
 
 
 def step_flops(co) -> int:

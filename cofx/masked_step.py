@@ -48,6 +48,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from . import kernels as K
 from .errors import StreamError
 from .growing_window import ClipStart, NewestFrames
+from .scratch_stream import scratch_stream
 
 
 class NotSteppable(StreamError):
@@ -591,40 +592,28 @@ def _prime(co, dtype, device, kernels: dict):
     few strides, so that every pattern of arrivals at the merges has occurred; the
     most frames an `Align` input ever holds is its number of slots.
     """
-    snap = co._snapshot()
-    was_training = co.training
-    had_ready, ready = "ready" in co.__dict__, co.__dict__.get("ready")
     t = co._info["time_dim"]
     frame_shape = tuple(co._info["frame_shape"])
     steps = _warmup(co)
-    try:
-        co.eval()
-        primed = []
-        with torch.no_grad():
-            for batch in (1, 2):
-                co.clean_state()
-                co.forward_steps(torch.zeros((batch, *frame_shape[:t - 1], 0, *frame_shape[t - 1:]), dtype=dtype,
-                                             device=device))
-                primed.append({n: _kernel_state(k) for n, k in kernels.items()})
+    primed = []
+    with scratch_stream(co), torch.no_grad():
+        for batch in (1, 2):
             co.clean_state()
-            frame = torch.zeros((1, *frame_shape), dtype=dtype, device=device)
-            slots = {n: [0] * len(k.axes) for n, k in kernels.items() if isinstance(k, K.Align)}
-            seen = {}
-            for _ in range(steps):
-                co.forward_steps(frame.unsqueeze(t))
-                for n, k in kernels.items():
-                    if isinstance(k, K.Sliding):
-                        if k.buf is not None and n not in seen:
-                            seen[n] = _kernel_state(k)
-                    elif k.pending is not None:
-                        slots[n] = [max(s, p.shape[a]) for s, p, a in zip(slots[n], k.pending, k.axes)]
-    finally:
-        co._restore(snap)
-        co.train(was_training)
-        if had_ready:
-            co.__dict__["ready"] = ready
-        else:
-            co.__dict__.pop("ready", None)
+            co.forward_steps(torch.zeros((batch, *frame_shape[:t - 1], 0, *frame_shape[t - 1:]), dtype=dtype,
+                                         device=device))
+            primed.append({n: _kernel_state(k) for n, k in kernels.items()})
+        co.clean_state()
+        frame = torch.zeros((1, *frame_shape), dtype=dtype, device=device)
+        slots = {n: [0] * len(k.axes) for n, k in kernels.items() if isinstance(k, K.Align)}
+        seen = {}
+        for _ in range(steps):
+            co.forward_steps(frame.unsqueeze(t))
+            for n, k in kernels.items():
+                if isinstance(k, K.Sliding):
+                    if k.buf is not None and n not in seen:
+                        seen[n] = _kernel_state(k)
+                elif k.pending is not None:
+                    slots[n] = [max(s, p.shape[a]) for s, p, a in zip(slots[n], k.pending, k.axes)]
     for n, k in kernels.items():
         if isinstance(k, K.Sliding) and n not in seen:
             raise NotSteppable(f"kernel '{n}' received no frame in {steps} steps")

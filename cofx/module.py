@@ -16,6 +16,7 @@ from .flat_step import flat_step_module
 from .kernels import STATE_FIX, Align, Sliding, Stateful, StreamContext, state_spec
 from .masked_step import _warmup
 from .report import Report
+from .scratch_stream import scratch_stream
 from .streams import CHILD as STREAMS_CHILD, OutOfPhase, restart_streams, set_ready
 from .tracer import adopt_attributes
 
@@ -554,33 +555,18 @@ class _StateReference:
         def zeros(batch, n):
             return torch.zeros((batch, *frame[:t - 1], n, *frame[t - 1:]), dtype=dtype, device=device)
 
-        snap = co._snapshot()
-        training = {m: m.training for m in co.modules()}
-        had_ready, ready = "ready" in co.__dict__, co.__dict__.get("ready")
-        ctx_batch = co._ctx.batch
-        try:
-            co.eval()
-            with torch.no_grad():
-                self._run(co, zeros(2, self.warmup))
-                self.spec2 = {n: {e: state_spec(v) for e, v in k.get_state().items()} for n, k in self.kernels}
-                self._run(co, zeros(1, 0))
-                self.table = [self.signature()]
-                self.spec1 = None
-                frame1 = zeros(1, 1)
-                for n in range(1, length):
-                    self._run(co, frame1, clean=False)
-                    self.table.append(self.signature())
-                    if n == self.warmup:
-                        self.spec1 = {n: {e: state_spec(v) for e, v in k.get_state().items()} for n, k in self.kernels}
-        finally:
-            co._restore(snap)
-            for m, was in training.items():
-                m.training = was
-            co._ctx.batch = ctx_batch
-            if had_ready:
-                co.__dict__["ready"] = ready
-            else:
-                co.__dict__.pop("ready", None)
+        with scratch_stream(co, clean=False), torch.no_grad():
+            self._run(co, zeros(2, self.warmup))
+            self.spec2 = {n: {e: state_spec(v) for e, v in k.get_state().items()} for n, k in self.kernels}
+            self._run(co, zeros(1, 0))
+            self.table = [self.signature()]
+            self.spec1 = None
+            frame1 = zeros(1, 1)
+            for n in range(1, length):
+                self._run(co, frame1, clean=False)
+                self.table.append(self.signature())
+                if n == self.warmup:
+                    self.spec1 = {n: {e: state_spec(v) for e, v in k.get_state().items()} for n, k in self.kernels}
         self.limits = [None if all(s[i] is None for s in self.table) else
                        tuple(max(c) for c in zip(*[s[i] for s in self.table if s[i] is not None]))
                        for i in range(len(self.kernels))]
