@@ -122,6 +122,19 @@ class Phase:
         deque(map(operator.setitem, self._dicts, self._names, counts), maxlen=0)
 
 
+@dataclass(frozen=True)
+class CompiledStats:
+    """What a model's compiled steps have done since `compile_steps` (``co.compiled_stats``): `runs`, the calls
+    a compiled program served; `recordings`, the phases recorded (and compiled) so far, again after a change of
+    the weights; `phases`, the (phase, frames per call, batch) of each program the model holds now;
+    `keeps_layouts`, whether every program hands back its state in the layouts it takes (no copies between
+    steps)."""
+    runs: int
+    recordings: int
+    phases: tuple
+    keeps_layouts: bool
+
+
 @dataclass
 class Package:
     """The AOTInductor package of a phase: the fingerprint of the program it compiles (`fingerprint`), its file,
@@ -181,6 +194,7 @@ class CompiledSteps:
         self.written_as: tuple = ()   # their (dtype, device)
         self.ready: Optional[torch.Tensor] = None   # `co.ready` after the last compiled step
         self.runs = 0            # compiled steps taken
+        self.recordings = 0      # phases recorded
         self.packages: dict = {}  # key -> Package: the AOTInductor packages of the phases compiled or loaded
         self.loaded = False       # the packages came from a file: a phase without one steps eagerly (`from_file`)
         self.folder = tempfile.mkdtemp(prefix="cofx-steps-")   # their files, removed with self
@@ -307,6 +321,10 @@ class CompiledSteps:
         out = tree_unflatten(list(out), phase.out_spec)
         return self.co._frame_output(out) if phase.partial and framewise else out
 
+    def stats(self) -> CompiledStats:
+        return CompiledStats(self.runs, self.recordings, tuple(key[:3] for key in self.phases),
+                             all(p.keeps_layouts for p in self.phases.values()))
+
     def _eagerly(self, x: torch.Tensor, framewise: bool, why: str):
         """The eager step of `x`, and eager steps from here on: the packages loaded do not serve this stream."""
         warnings.warn(f"cofx: {why}; steps run eagerly (co.compile_steps() compiles them here)", stacklevel=5)
@@ -327,6 +345,7 @@ class CompiledSteps:
                 raise StreamError(f"module {type(m).__name__} has a forward hook: compiled steps record tensor "
                                   "ops only and would skip it; remove the hook or call co.compile_steps(None)")
         began = time.perf_counter()
+        self.recordings += 1
         self.say(f"recording the step of phase {key[0] + 1}/{self.period} ({key[1]} frame(s), batch {key[2]}, "
                  f"{key[3]})")
         if key[1] > 1:   # a chunk: the ordered frames of the kernels' state in, the new ones out (no rings)

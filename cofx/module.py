@@ -475,6 +475,14 @@ class ContinualModule(fx.GraphModule):
         return self._last_step_compiled
 
     @property
+    def compiled_stats(self):
+        """What compiled steps have done (`cofx.compiled_step.CompiledStats`: calls served, phases recorded,
+        the programs held), or None where steps are not compiled (no `compile_steps`, or a loaded model whose
+        saved programs could not be used)."""
+        compiled = self._compiled
+        return None if compiled is None else compiled.stats()
+
+    @property
     def is_exact(self) -> bool:
         """True when every step output equals the original model's (no windowed approximation)."""
         return self._info["exact"]

@@ -116,7 +116,7 @@ def test_an_untrusted_file_loads_without_its_compiled_steps(saved, monkeypatch):
                                "them if you trust the file, co.compile_steps() compiles them here"]
     frames = stream()
     outs, ran = stepped(co, frames)
-    assert co._compiled is None and not any(ran) and equal(outs, eager(frames))
+    assert co.compiled_stats is None and not any(ran) and equal(outs, eager(frames))
 
 
 @pytest.mark.parametrize("machine", [{"torch": "2.0.0"}, {"cpu": "Other CPU (AVX-512)"}])
@@ -132,7 +132,7 @@ def test_compiled_steps_of_another_machine_are_not_loaded(saved, machine):
                             "here")
     frames = stream()
     outs, ran = stepped(co, frames)
-    assert co._compiled is None and not any(ran) and equal(outs, eager(frames))
+    assert co.compiled_stats is None and not any(ran) and equal(outs, eager(frames))
 
 
 def test_this_machine_described_otherwise_loads_no_compiled_steps(saved, monkeypatch):
@@ -140,7 +140,7 @@ def test_this_machine_described_otherwise_loads_no_compiled_steps(saved, monkeyp
                                                                    "cpu": "Other CPU (AVX2)"})
     with pytest.warns(UserWarning, match=r"built for another machine \(cpu '.*', here 'Other CPU \(AVX2\)'\)"):
         co = cofx.load(saved, trust=True)
-    assert co._compiled is None
+    assert co.compiled_stats is None
 
 
 @pytest.mark.parametrize("case", ["batch", "fingerprint", "weights"])
@@ -174,7 +174,7 @@ def test_a_stream_the_saved_programs_do_not_serve_steps_eagerly_with_a_notice(sa
     # a recording (the tampered fingerprint) leaves the convolutions' rings: the eager steps after it add in
     # another order, equal to float rounding; declined before it, they are the eager steps bit for bit
     same = close if case == "fingerprint" else equal
-    assert co._compiled is None and not any(ran) and same(outs, stepped(ref, frames)[0])
+    assert co.compiled_stats is None and not any(ran) and same(outs, stepped(ref, frames)[0])
 
 
 def test_steps_compiled_with_other_backends_or_since_changed_are_not_saved(tmp_path, no_inductor):

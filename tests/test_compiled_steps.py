@@ -63,7 +63,7 @@ def test_compiled_steps_equal_eager_steps_on_random_nets(net, moves):
         head = ["frame"] * warm
         got, want = run(co, stream, head + moves), run(ref, stream, head + moves)
     assert all(same(a, b) for a, b in zip(got, want))
-    assert co._compiled.runs >= moves.count("frame") + moves.count("view") + moves.count("chunk") + moves.count("one") - 1
+    assert co.compiled_stats.runs >= moves.count("frame") + moves.count("view") + moves.count("chunk") + moves.count("one") - 1
 
 
 def test_strided_nets_compile_every_phase_and_skip_frames_as_eager():
@@ -71,9 +71,9 @@ def test_strided_nets_compile_every_phase_and_skip_frames_as_eager():
     model = CausalTCN().double().eval()
     clip = torch.randn(2, 2, 12, dtype=D)
     co, ref = compiled_and_eager(model, clip)
-    assert co._info["period"] == 2 and len(co._compiled.phases) == 2
+    assert co._info["period"] == 2 and len(co.compiled_stats.phases) == 2
     stream = torch.randn(2, 2, co.warmup_frames + 20, dtype=D)
-    runs = co._compiled.runs
+    runs = co.compiled_stats.runs
     with torch.no_grad():
         got, want = [], []
         for i in range(stream.shape[2]):
@@ -82,7 +82,7 @@ def test_strided_nets_compile_every_phase_and_skip_frames_as_eager():
             assert torch.equal(co.ready, ref.ready)
     assert [g is None for g in got] == [w is None for w in want]
     assert all(same(a, b) for a, b in zip(got, want))
-    assert co._compiled.runs - runs == 20
+    assert co.compiled_stats.runs - runs == 20
 
 
 @pytest.mark.parametrize("cell", [nn.LSTM, nn.GRU])
@@ -93,12 +93,12 @@ def test_recurrent_layers_compile_with_their_hidden_state(cell):
     clip = torch.randn(2, 3, 7, dtype=D)
     co, ref = compiled_and_eager(model, clip)
     stream = torch.randn(2, 3, co.warmup_frames + 10, dtype=D)
-    runs = co._compiled.runs
+    runs = co.compiled_stats.runs
     with torch.no_grad():
         got = run(co, stream, ["frame"] * (stream.shape[2] - 4) + ["chunk", "frame"])
         want = run(ref, stream, ["frame"] * (stream.shape[2] - 4) + ["chunk", "frame"])
     assert all(same(a, b) for a, b in zip(got, want))
-    assert co._compiled.runs - runs == 10 - 4 + 1   # the steady frames, not the chunk
+    assert co.compiled_stats.runs - runs == 10 - 4 + 1   # the steady frames, not the chunk
 
 
 def steady_steps(co, ref, stream):
@@ -119,9 +119,10 @@ def test_compiled_steps_follow_changed_weights():
         with torch.no_grad():
             fn(co)
             fn(ref)
-        runs, marks = co._compiled.runs, co._compiled.weights
+        before = co.compiled_stats
         assert steady_steps(co, ref, stream)
-        assert co._compiled.runs > runs and co._compiled.weights is not marks   # recorded again
+        after = co.compiled_stats
+        assert after.runs > before.runs and after.recordings > before.recordings   # recorded again
     assert steady_steps(co, ref, stream)
     change(lambda m: m.get_submodule("0").weight.add_(0.5))              # in place (an optimizer step)
     change(lambda m: m.get_submodule("1").running_var.mul_(3))          # a BatchNorm statistic
@@ -146,11 +147,11 @@ def test_frozen_weights_are_not_checked_until_compiled_again():
     co = cofx.convert(model, clip).compile_steps("eager", check_weights=False)
     ref = cofx.convert(copy.deepcopy(model), clip)   # weights of its own
     stream = torch.randn(1, 3, co.warmup_frames + 12, 3, 3, dtype=D)
-    marks, warm = co._compiled.weights, co.warmup_frames + 2
+    recorded, warm = co.compiled_stats.recordings, co.warmup_frames + 2
     assert steady_steps(co, ref, stream[:, :, :warm])
     with torch.no_grad():
         co.get_submodule("1").running_var.mul_(3)
-    assert steady_steps(co, ref, stream[:, :, warm:warm + 4]) and co._compiled.weights is marks
+    assert steady_steps(co, ref, stream[:, :, warm:warm + 4]) and co.compiled_stats.recordings == recorded
     with torch.no_grad():
         ref.get_submodule("1").running_var.mul_(3)
     co.compile_steps("eager", check_weights=False)
@@ -166,14 +167,14 @@ def test_gradients_and_single_calls_run_eagerly_from_the_same_state():
         co.forward_steps(stream[:, :, :-6])
         ref.forward_steps(stream[:, :, :-6])
         assert same(co.forward_step(stream[:, :, -6]), ref.forward_step(stream[:, :, -6]))
-    runs = co._compiled.runs
+    runs = co.compiled_stats.runs
     y = co.forward_step(stream[:, :, -5])           # gradients on: eager, and differentiable
-    assert y.requires_grad and co._compiled.runs == runs
+    assert y.requires_grad and co.compiled_stats.runs == runs
     with torch.no_grad():
         assert same(y, ref.forward_step(stream[:, :, -5]))
         assert same(co.forward_step(stream[:, :, -4], update_state=False),
                     ref.forward_step(stream[:, :, -4], update_state=False))
-        assert co._compiled.runs == runs
+        assert co.compiled_stats.runs == runs
         assert same(co.forward_steps(stream[:, :, -4:], pad_end=True), ref.forward_steps(stream[:, :, -4:],
                                                                                            pad_end=True))
 
@@ -183,7 +184,7 @@ def test_other_batch_sizes_are_recorded_when_met_and_nothing_recompiles_behind_t
     model = conv_bn_net()
     clip = torch.randn(1, 3, 5, 3, 3, dtype=D)
     co, ref = compiled_and_eager(model, clip)
-    assert len(co._compiled.phases) == 1
+    assert len(co.compiled_stats.phases) == 1
     for batch in (1, 3):
         co.clean_state()
         ref.clean_state()
@@ -193,7 +194,7 @@ def test_other_batch_sizes_are_recorded_when_met_and_nothing_recompiles_behind_t
             co.forward_steps(stream[:, :, :2])
             ref.forward_steps(stream[:, :, :2])
         assert steady_steps(co, ref, stream)
-    assert len(co._compiled.phases) == 2
+    assert len(co.compiled_stats.phases) == 2
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2
 
 
@@ -206,16 +207,16 @@ def test_compiled_streams_keep_the_guarantees():
     with torch.no_grad():
         got = steps_frame_by_frame(co, stream)
         want = clip_output(co, model(stream))
-    assert co._compiled.runs > 6 and got.shape == want.shape and max_err(got, want) <= tolerance(want)
+    assert co.compiled_stats.runs > 6 and got.shape == want.shape and max_err(got, want) <= tolerance(want)
     # chunk invariance: the same stream in chunks of 2 (compiled past the warm-up) and a flush
     co.clean_state()
-    runs, t = co._compiled.runs, co.warmup_frames + co.warmup_frames % 2
+    runs, t = co.compiled_stats.runs, co.warmup_frames + co.warmup_frames % 2
     with torch.no_grad():
         parts = [co.forward_steps(stream[:, :, :t])]
         parts += [co.forward_steps(stream[:, :, i:i + 2]) for i in range(t, stream.shape[2] - 1, 2)]
         parts.append(co.forward_steps(stream[:, :, stream.shape[2] - (stream.shape[2] - t) % 2:], pad_end=True))
     chunked = torch.cat([y for y in parts if y is not None], 2)
-    assert co._compiled.runs - runs >= 2 and chunked.shape == got.shape and max_err(chunked, got) <= tolerance(got)
+    assert co.compiled_stats.runs - runs >= 2 and chunked.shape == got.shape and max_err(chunked, got) <= tolerance(got)
     with torch.no_grad():
         co.forward_steps(stream[:, :, :-1])
         before = co.get_state()
@@ -241,7 +242,7 @@ def test_hooks_are_refused_and_compiling_can_be_turned_off():
         co.compile_steps("eager")
     handle.remove()
     co.compile_steps("eager")
-    assert co.compile_steps(None) is co and co._compiled is None
+    assert co.compile_steps(None) is co and co.compiled_stats is None
     with pytest.raises(ValueError, match="batch"):
         co.compile_steps("eager", batch=0)
 
@@ -268,17 +269,17 @@ def test_inductor_compiles_a_conv_net_to_the_eager_results():
     clip = torch.randn(1, 3, 6, 8, 8)
     co, ref = compiled_and_eager(model, clip, backend="inductor", chunks=(3,))
     stream = torch.randn(1, 3, co.warmup_frames + 12, 8, 8)
-    runs = co._compiled.runs
+    runs = co.compiled_stats.runs
     with torch.no_grad():
         got = [co.forward_step(stream[:, :, i]) for i in range(stream.shape[2] - 6)]
         want = [ref.forward_step(stream[:, :, i]) for i in range(stream.shape[2] - 6)]
         for at in (stream.shape[2] - 6, stream.shape[2] - 3):   # chunks of 3 frames, compiled too
             got.append(co.forward_steps(stream[:, :, at:at + 3]))
             want.append(ref.forward_steps(stream[:, :, at:at + 3]))
-    assert co._compiled.runs - runs == 8
+    assert co.compiled_stats.runs - runs == 8
     assert all(same(a, b) for a, b in zip(got, want))
     # the compiled library hands back its state in the layouts it takes: no copies between steps
-    assert all(phase.keeps_layouts for phase in co._compiled.phases.values())
+    assert co.compiled_stats.keeps_layouts
 
 
 def dense(t: torch.Tensor) -> bool:
@@ -324,7 +325,7 @@ def test_compiled_steps_write_each_frame_into_its_ring_in_place():
     # untuned: a convolution timed faster on channels-last frames keeps a double ring instead (one dense block)
     co, ref = compiled_and_eager(model, clip, tune=False)
     stream = torch.randn(1, 3, co.warmup_frames + 8, 5, 5, dtype=D)
-    runs = co._compiled.runs
+    runs = co.compiled_stats.runs
     with torch.no_grad():
         warm = co.warmup_frames + 1
         for i in range(warm):
@@ -338,7 +339,7 @@ def test_compiled_steps_write_each_frame_into_its_ring_in_place():
         for i in range(warm, stream.shape[2]):
             assert same(co.forward_step(stream[:, :, i]), ref.forward_step(stream[:, :, i]))
             assert [t.data_ptr() for k, _ in phase.rings for t in k.state_tensors()] == memory
-    assert co._compiled.runs - runs == stream.shape[2] - co.warmup_frames
+    assert co.compiled_stats.runs - runs == stream.shape[2] - co.warmup_frames
 
 
 class PixelGate(nn.Module):
@@ -369,7 +370,7 @@ def test_pixel_convolutions_compile_as_sums_to_the_eager_results():
             got, want = run(co, stream, ["frame"] * stream.shape[2]), run(ref, stream, ["frame"] * stream.shape[2])
     finally:
         compiled_step.pixel_convs_as_sums = original
-    assert rewritten == [2] and co._compiled.runs > 0
+    assert rewritten == [2] and co.compiled_stats.runs > 0
     assert all(same(a, b) for a, b in zip(got, want))
 
 
@@ -419,15 +420,14 @@ def test_delay_buffers_take_the_layout_of_channels_last_convolutions():
     co.compile_steps("eager")
     align, = [k for k in co._kernels() if isinstance(k, Align)]
     stream = torch.randn(1, 4, co.warmup_frames + 6, 3, 3, dtype=D)
-    runs = co._compiled.runs
+    runs = co.compiled_stats.runs
     with torch.no_grad():
         for i in range(stream.shape[2]):
             assert same(co.forward_step(stream[:, :, i]), ref.forward_step(stream[:, :, i]))
-        phase, = co._compiled.phases.values()
         held = [p for p in align.pending if p.numel()]
         assert held and all(p.is_contiguous(memory_format=torch.channels_last_3d) and not p.is_contiguous()
                             for p in held)
-        assert phase.keeps_layouts and co._compiled.runs - runs == stream.shape[2] - co.warmup_frames
+        assert len(co.compiled_stats.phases) == 1 and co.compiled_stats.keeps_layouts and co.compiled_stats.runs - runs == stream.shape[2] - co.warmup_frames
 
 
 def test_depthwise_convolutions_keep_channels_last_rings_in_compiled_steps():
@@ -447,7 +447,7 @@ def test_depthwise_convolutions_keep_channels_last_rings_in_compiled_steps():
     with torch.no_grad():
         got = run(co, stream, ["frame"] * (co.warmup_frames + 4) + ["chunk", "save", "frame", "frame", "peek"])
         want = run(ref, stream, ["frame"] * (ref.warmup_frames + 4) + ["chunk", "save", "frame", "frame", "peek"])
-        assert all(same(a, b) for a, b in zip(got, want)) and co._compiled.runs > 0
+        assert all(same(a, b) for a, b in zip(got, want)) and co.compiled_stats.runs > 0
         depthwise, dense = [k for k in co._kernels() if isinstance(k, Sliding) and k.span > 1]
         assert depthwise.layout is None and dense.layout is None
         assert depthwise.program_layout == torch.channels_last_3d and dense.program_layout is None
@@ -464,14 +464,14 @@ def test_compiled_chunks_continue_any_stream_exactly():
                           nn.Conv3d(4, 4, 3, stride=(2, 1, 1), padding=1, groups=4), nn.SiLU()).double().eval()
     clip = torch.randn(1, 3, 6, 4, 4, dtype=D)
     co, ref = compiled_and_eager(model, clip, chunks=(3,))
-    assert {key[:2] for key in co._compiled.phases} == {(0, 1), (1, 1), (0, 3), (1, 3)}
+    assert {key[:2] for key in co.compiled_stats.phases} == {(0, 1), (1, 1), (0, 3), (1, 3)}
     moves = ["frame"] * co.warmup_frames + ["chunk", "frame", "chunk", "chunk", "save", "chunk", "peek", "frame"]
     stream = torch.randn(1, 3, co.warmup_frames + 20, 4, 4, dtype=D)
-    runs = co._compiled.runs
+    runs = co.compiled_stats.runs
     with torch.no_grad():
         got, want = run(co, stream, moves), run(ref, stream, moves)
     assert all(same(a, b) for a, b in zip(got, want))
-    assert co._compiled.runs - runs >= 5
+    assert co.compiled_stats.runs - runs >= 5
 
 
 @pytest.mark.parametrize("chunks", [(1,), (0,), (2.5,), ("16",)])
@@ -493,11 +493,11 @@ def test_phases_recorded_mid_stream_take_the_stream_batch_not_the_last_prepared_
         for c in (co, ref):
             c.forward_steps(stream[:, :, :co.warmup_frames])
         co.compile_steps("eager", batch=2)
-        assert {key[2] for key in co._compiled.phases} == {2}
+        assert {key[2] for key in co.compiled_stats.phases} == {2}
         for i in range(co.warmup_frames, stream.shape[2]):
             assert same(co.forward_step(stream[:, :, i]), ref.forward_step(stream[:, :, i]))
             assert torch.equal(co.ready, ref.ready)
-    assert {key[2] for key in co._compiled.phases} == {1, 2} and co._compiled.runs >= 10
+    assert {key[2] for key in co.compiled_stats.phases} == {1, 2} and co.compiled_stats.runs >= 10
 
 
 def test_last_step_compiled_says_which_kind_of_step_ran():
