@@ -74,6 +74,7 @@ def convert(model: nn.Module, example_input: Optional[torch.Tensor] = None, *, s
             say(f"input implied by the model: {tuple(example_input.shape)}")
         clip = _check_example(example_input, time_dim, model)
         _check_single_input(gm)
+        _check_no_namedtuples(gm)
         say("recording shapes on the clip, a longer clip and two streams")
         errors = passes.record_runs(gm, _runs(clip, time_dim))
         if errors["longer"] and clip.shape[time_dim] > 1:   # time told apart by a shorter clip there
@@ -161,7 +162,7 @@ def _restore(model: nn.Module, modes: dict, kept: dict) -> None:
             owner, _, leaf = name.rpartition(".")
             module = model.get_submodule(owner)
             slots = module._parameters if leaf in module._parameters else module._buffers
-            if slots.get(leaf) is not tensor:
+            if (slots[leaf] if leaf in slots else None) is not tensor:   # (a scripted module's have no .get)
                 slots[leaf] = tensor
             if not _same(tensor.detach(), copy):
                 tensor.detach().copy_(copy)
@@ -183,8 +184,12 @@ def _check_arguments(model: nn.Module, time_dim, leaf_modules) -> None:
 
 
 def _check_example(x, time_dim, model: nn.Module) -> torch.Tensor:
+    if isinstance(x, (tuple, list, dict)):
+        raise ConversionError(f"example_input is a {type(x).__name__} of {len(x)}: cofx streams one input tensor",
+                              fix="wrap the model so that forward takes one clip (streams concatenated along the "
+                              "channels, say) and pass that clip")
     if not isinstance(x, torch.Tensor):
-        raise TypeError(f"example_input must be a tensor, got {type(x).__name__}")
+        raise ConversionError(f"example_input must be a clip tensor (B, C, T, ...), got {type(x).__name__}")
     if x.dim() <= time_dim:
         raise ConversionError(f"example_input of shape {tuple(x.shape)} has no time dimension {time_dim}",
                               fix="pass a clip shaped (B, C, T, ...) or set time_dim=")
@@ -206,6 +211,18 @@ def _check_single_input(gm) -> None:
     if any(n.users for n in placeholders[1:]):
         raise ConversionError("the model takes more than one input", node=placeholders[1],
                               fix="wrap the model so that forward takes the clip only")
+
+
+def _check_no_namedtuples(gm) -> None:
+    """fx records a namedtuple passed on (returned, say) as a call of its class, which the continual graph has
+    no meaning for: refused with the forms it has."""
+    for node in gm.graph.nodes:
+        target = node.target
+        if node.op == "call_function" and isinstance(target, type) and issubclass(target, tuple) and hasattr(target, "_fields"):
+            raise ConversionError(f"builds the namedtuple {target.__name__}{tuple(target._fields)} of tensors: the "
+                                  "outputs cofx streams are tensors, tuples, lists and dicts", node=node,
+                                  fix=f"return a tuple or a dict (dict({', '.join(f'{f}=...' for f in target._fields)}"
+                                  f")) instead of {target.__name__}(...)")
 
 
 def _runs(clip: torch.Tensor, time_dim: int) -> dict:

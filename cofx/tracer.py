@@ -72,6 +72,9 @@ class CofxTracer(fx.Tracer):
         name = self.path_of_module(m)
         if self.is_leaf_module(m, name):
             return super().call_module(m, forward, args, kwargs)
+        if isinstance(m, torch.jit.ScriptModule):   # fx cannot see into TorchScript: kept whole, checked as a leaf
+            self.untraceable[name] = "it is a TorchScript module: give cofx the module before torch.jit.script"
+            return self.create_proxy("call_module", name, args, kwargs)
         given = _containers_copied((args, kwargs))   # as they came: a failed trace may have written into them
         depth = len(self.module_stack)
         try:

@@ -219,3 +219,62 @@ def test_bad_convert_arguments_are_conversion_errors_with_the_fix(call, words):
     with pytest.raises(cofx.ConversionError) as e:
         call(model)
     assert words in str(e.value) and "fix:" in str(e.value)
+
+
+class Scripted(nn.Module):
+    """A model holding a TorchScript submodule (fx cannot see into it)."""
+
+    def __init__(self, k):
+        super().__init__()
+        self.conv = nn.Conv1d(3, 4, 3, padding=1)
+        self.head = torch.jit.script(nn.Conv1d(4, 2, k, padding=k // 2))
+
+    def forward(self, x):
+        return self.head(self.conv(x).relu())
+
+
+def test_a_scripted_pointwise_submodule_converts_exactly_and_a_temporal_one_is_refused_saying_why():
+    torch.manual_seed(0)
+    x = torch.randn(1, 3, 10, dtype=torch.float64)
+    model = Scripted(1).double().eval()
+    co = cofx.convert(model, x)
+    assert torch.allclose(co.forward_steps(x, pad_end=True), model(x), rtol=0, atol=1e-12)
+    model = Scripted(3).double().eval()
+    kept = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(cofx.ConversionError, match="(?s)module 'head'.*TorchScript module: give cofx the module before"):
+        cofx.convert(model, x)
+    assert all(torch.equal(v, kept[k]) for k, v in model.state_dict().items())   # given back as it came
+
+
+class TwoInputs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv1d(3, 4, 3, padding=1), nn.Conv1d(2, 4, 3, padding=1)
+
+    def forward(self, x, y):
+        return self.a(x) + self.b(y)
+
+
+@pytest.mark.parametrize("example", [(torch.randn(1, 3, 8), torch.randn(1, 2, 8)), [torch.randn(1, 3, 8)]])
+def test_an_example_of_several_tensors_is_refused_with_the_fix(example):
+    with pytest.raises(cofx.ConversionError, match=f"(?s)example_input is a {type(example).__name__} of "
+                                                   f"{len(example)}.*fix: wrap the model"):
+        cofx.convert(TwoInputs().eval(), example)
+
+
+def test_a_namedtuple_output_is_refused_with_the_forms_that_stream():
+    from collections import namedtuple
+    Out = namedtuple("Out", "frames pooled")
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv1d(3, 4, 3, padding=1)
+
+        def forward(self, x):
+            h = self.conv(x)
+            return Out(h, h.mean(2))
+
+    with pytest.raises(cofx.ConversionError, match=r"(?s)namedtuple Out\('frames', 'pooled'\).*fix: return a tuple or "
+                                                   r"a dict \(dict\(frames=\.\.\., pooled=\.\.\.\)\)"):
+        cofx.convert(Model().eval(), torch.randn(1, 3, 8))
