@@ -225,8 +225,9 @@ class ContinualModule(fx.GraphModule):
             raise StreamError(f"expected input shaped {want}, got {tuple(x.shape)}; {hint}")
         p = self._first_float_parameter()
         if p is not None and x.dtype != p.dtype:
+            model = f" or the model (co.to({x.dtype}))" if x.is_floating_point() else ""
             raise StreamError(f"input dtype {x.dtype} differs from the model's {p.dtype}; "
-                              f"convert the input (x.to({p.dtype})) or the model (co.to({x.dtype}))")
+                              f"convert the input (x.to({p.dtype})){model}")
         if p is not None and x.device != p.device:
             raise StreamError(f"input is on {x.device} but the model is on {p.device}; move one of them")
 

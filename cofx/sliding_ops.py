@@ -50,6 +50,10 @@ _FUNCTIONAL = _functional_table()
 _MODULES = {nn.Conv1d: ("conv", 1), nn.Conv2d: ("conv", 2), nn.Conv3d: ("conv", 3),
             nn.AvgPool1d: ("avg_pool", 1), nn.AvgPool2d: ("avg_pool", 2), nn.AvgPool3d: ("avg_pool", 3),
             nn.MaxPool1d: ("max_pool", 1), nn.MaxPool2d: ("max_pool", 2), nn.MaxPool3d: ("max_pool", 3)}
+TRANSPOSED = "a transposed convolution with a temporal kernel is not supported (at a stride above 1 it upsamples time)"
+TRANSPOSED_FIX = ("use a temporal kernel of 1; at stride 1 an ordinary convolution computes the same (the kernel "
+                  "flipped in time and its channel axes swapped, padding (k - 1) * dilation - padding)")
+
 TRANSPOSED_MODULES = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 TRANSPOSED_FUNCTIONS = {F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d}
 
@@ -249,8 +253,7 @@ def sliding_spec(node: fx.Node, gm: fx.GraphModule, t_axis: int):
     if node.op == "call_module":
         mod = gm.get_submodule(node.target)
         if isinstance(mod, TRANSPOSED_MODULES):
-            raise ConversionError("transposed convolutions upsample time", node=node,
-                                  fix="temporal upsampling is not supported; use a temporal kernel of 1")
+            raise ConversionError(TRANSPOSED, node=node, fix=TRANSPOSED_FIX)
         entry = next((v for k, v in _MODULES.items() if type(mod) is k or isinstance(mod, k)), None)
         if entry is None:
             return None
@@ -286,8 +289,7 @@ def sliding_spec(node: fx.Node, gm: fx.GraphModule, t_axis: int):
                                       fix="use return_indices=False")
             tensors = ()
     elif node.op == "call_function" and node.target in TRANSPOSED_FUNCTIONS:
-        raise ConversionError("transposed convolutions upsample time", node=node,
-                              fix="temporal upsampling is not supported; use a temporal kernel of 1")
+        raise ConversionError(TRANSPOSED, node=node, fix=TRANSPOSED_FIX)
     else:
         return None
     t = t_axis - 2

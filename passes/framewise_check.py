@@ -27,7 +27,7 @@ from torch.utils._pytree import tree_flatten
 from cofx.errors import ConversionError
 
 from .layout import Labels, time_axes
-from .node_kind import ATTENTION_FIX, attention_hint
+from .node_kind import ATTENTION_FIX, LENGTH_BUILT, attention_hint
 from .shape_runs import RecordingInterpreter
 
 
@@ -212,9 +212,13 @@ def check_causal(gm: fx.GraphModule, clip: torch.Tensor) -> None:
             before, after = plain[leaf].narrow(axis, 0, frame), changed[leaf].narrow(axis, 0, frame)
             if not torch.allclose(before, after, rtol=1e-5, atol=1e-6 * float(before.abs().max()) + 1e-30):
                 source = leaf.meta["cofx_window_source"]
+                what = source.meta["cofx_spec"].what
+                built = "; or build constants from the frames (torch.ones_like(x[:, :1]), not torch.ones(B, 1, T))" \
+                    if what == LENGTH_BUILT else ""
                 raise ConversionError(
-                    f"returns per-frame outputs computed over a window of the clip ({source.meta['cofx_spec'].what} at "
-                    f"node '{source.name}'), and frame {frame} of the window changes the outputs of the frames before "
-                    "it: the attention is not causal, so a step cannot answer for its newest frame", node=leaf,
+                    f"returns per-frame outputs computed over a window of the clip ({what} at node '{source.name}'), "
+                    f"and frame {frame} of the window changes the outputs of the frames before it: the attention is "
+                    "not causal (or an op after it looks ahead: a convolution or pool padded at the end), so a step "
+                    "cannot answer for its newest frame", node=leaf,
                     fix="make the attention causal (is_causal=True, a causal mask) to get per-frame outputs, or return "
-                    "one value per clip (a class token, the last frame out[:, -1], a pool over time)")
+                    f"one value per clip (a class token, the last frame out[:, -1], a pool over time){built}")

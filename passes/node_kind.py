@@ -62,6 +62,8 @@ ATTENTION = (nn.MultiheadAttention, nn.TransformerEncoderLayer, nn.TransformerDe
              nn.TransformerEncoder, nn.TransformerDecoder, nn.Transformer)
 
 
+LENGTH_BUILT = "a tensor built for the clip length (positions, a mask)"   # what starts its window
+
 ATTENTION_FIX = ("attention converts where its tokens are frames (time its own axis, as in (B, T, C) or "
                  "(B, heads, T, d)); tokens that mix frames with pixels in one axis (MViT, Swin3D) do not: attend "
                  "over frames (per pixel or per pooled frame), or keep that part out of the streamed model")
@@ -429,7 +431,7 @@ class _Classifier:
             source = node
             kind = "attention" if why == "attention" else "window"
             what = {"attention": "attention over the clip", "token": "a token put along time",
-                    "positions": "a tensor built for the clip length (positions, a mask)"}[why]
+                    "positions": LENGTH_BUILT}[why]
         self.check_window_values(node)
         self.set(node, "folded", kind, spec=WindowSpec(frames, what), window_inputs=tuple(streams))
         self.mark_from_window(node, frames, source)

@@ -119,6 +119,11 @@ class _Readiness:
 
 def merge_timings(node: fx.Node, timings: list) -> Timing:
     strides = {t.stride for t in timings}
+    if len(strides) > 1 and node.op == "output":
+        raise ConversionError(f"the model's outputs have different temporal strides {sorted(strides)}: a continual "
+                              "model steps its outputs at one rate", node=node,
+                              fix="return outputs of one temporal stride (pool the faster ones to the slowest "
+                              "rate), or convert a model per rate")
     if len(strides) > 1:
         raise ConversionError(f"merges branches with different temporal strides {sorted(strides)}", node=node,
                               fix="branches that are added or concatenated must subsample time equally "

@@ -278,3 +278,39 @@ def test_a_namedtuple_output_is_refused_with_the_forms_that_stream():
     with pytest.raises(cofx.ConversionError, match=r"(?s)namedtuple Out\('frames', 'pooled'\).*fix: return a tuple or "
                                                    r"a dict \(dict\(frames=\.\.\., pooled=\.\.\.\)\)"):
         cofx.convert(Model().eval(), torch.randn(1, 3, 8))
+
+
+def test_outputs_at_different_temporal_strides_are_refused_as_outputs():
+    class TwoRates(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Conv1d(3, 4, 3, padding=1), nn.Conv1d(4, 4, 3, stride=2, padding=1)
+
+        def forward(self, x):
+            h = self.a(x)
+            return h, self.b(h)
+
+    with pytest.raises(cofx.ConversionError, match=r"(?s)outputs have different temporal strides \[1, 2\].*fix: "
+                                                   "return outputs of one temporal stride"):
+        cofx.convert(TwoRates().eval(), torch.randn(1, 3, 12))
+
+
+def test_a_constant_built_for_the_clip_length_before_a_look_ahead_says_how_to_build_it_per_frame():
+    class BiasChannel(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv1d(4, 4, 3, padding=1)
+
+        def forward(self, x):
+            b, _, t = x.shape
+            return self.conv(torch.cat([x[:, :3], torch.ones(b, 1, t)], 1))
+
+    with pytest.raises(cofx.ConversionError, match=r"(?s)a convolution or pool padded at the end.*"
+                                                   r"torch.ones_like\(x\[:, :1\]\)"):
+        cofx.convert(BiasChannel().eval(), torch.randn(1, 4, 12))
+
+
+def test_an_integer_chunk_is_told_to_become_the_models_dtype_only():
+    co = cofx.convert(nn.Conv1d(3, 3, 3).eval(), torch.randn(1, 3, 8))
+    with pytest.raises(cofx.StreamError, match=r"convert the input \(x.to\(torch.float32\)\)$"):
+        co.forward_step(torch.zeros(1, 3, dtype=torch.int64))

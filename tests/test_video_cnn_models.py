@@ -762,7 +762,7 @@ class Upsample(nn.Module):
         return self.cls(y).mean([3, 4])
 
 
-@pytest.mark.parametrize("kind,words", [("convT", "transposed convolutions upsample time"),
+@pytest.mark.parametrize("kind,words", [("convT", "a transposed convolution with a temporal kernel is not supported"),
                                         ("nearest", "changes the number of frames (4 in, 8 out)"),
                                         ("trilinear", "changes the number of frames (4 in, 8 out)"),
                                         ("repeat_interleave", "changes the number of frames (4 in, 8 out)")])
