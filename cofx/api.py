@@ -16,7 +16,7 @@ from .kernels import StreamContext
 from .module import ContinualModule
 from .report import Report, Row, op_label, temporal_params
 from .scratch_stream import scratch_stream
-from .tracer import trace
+from .tracer import is_namedtuple_call, trace
 from .validate import validate as validate_steps
 
 INITS = ("zeros", "replicate")
@@ -214,15 +214,16 @@ def _check_single_input(gm) -> None:
 
 
 def _check_no_namedtuples(gm) -> None:
-    """fx records a namedtuple passed on (returned, say) as a call of its class, which the continual graph has
-    no meaning for: refused with the forms it has."""
+    """A namedtuple returned is an output like a tuple (`tracer`); one passed to an op is a call of its class,
+    which the continual graph has no meaning for: refused with the forms it has."""
     for node in gm.graph.nodes:
-        target = node.target
-        if node.op == "call_function" and isinstance(target, type) and issubclass(target, tuple) and hasattr(target, "_fields"):
-            raise ConversionError(f"builds the namedtuple {target.__name__}{tuple(target._fields)} of tensors: the "
-                                  "outputs cofx streams are tensors, tuples, lists and dicts", node=node,
-                                  fix=f"return a tuple or a dict (dict({', '.join(f'{f}=...' for f in target._fields)}"
-                                  f")) instead of {target.__name__}(...)")
+        if is_namedtuple_call(node):
+            fields = node.target._fields
+            raise ConversionError(f"passes the namedtuple {node.target.__name__}{tuple(fields)} of tensors to another "
+                                  "op or returns it inside a container: cofx streams a namedtuple only as the whole "
+                                  "output", node=node,
+                                  fix=f"pass a tuple or a dict (dict({', '.join(f'{f}=...' for f in fields)})) "
+                                  f"instead of {node.target.__name__}(...)")
 
 
 def _runs(clip: torch.Tensor, time_dim: int) -> dict:

@@ -120,6 +120,7 @@ def trace(model: nn.Module, leaf_modules: Iterable[LeafSpec] = ()) -> fx.GraphMo
             graph.erase_node(node)
             if not condition.users:
                 graph.erase_node(condition)
+    _namedtuples_returned_as_values(graph)
     gm = fx.GraphModule(model, graph, model.__class__.__name__)
     if tracer.untraceable:  # drop what was traced of them before tracing gave up
         gm.graph.eliminate_dead_code()
@@ -127,6 +128,24 @@ def trace(model: nn.Module, leaf_modules: Iterable[LeafSpec] = ()) -> fx.GraphMo
     adopt_attributes(gm, model)
     gm.meta["cofx_untraceable"] = dict(tracer.untraceable)
     return gm
+
+
+def is_namedtuple_call(node: fx.Node) -> bool:
+    target = node.target
+    return node.op == "call_function" and isinstance(target, type) and issubclass(target, tuple) \
+        and hasattr(target, "_fields")
+
+
+def _namedtuples_returned_as_values(graph: fx.Graph) -> None:
+    """A namedtuple returned, which fx records as a call of its class, becomes the output's value: a namedtuple
+    of nodes, a pytree of them as every output is in cofx (and fx's code builds it the same). One passed to an
+    op, or returned inside a container (fx's code cannot build that), stays a call, which `convert` refuses."""
+    output = graph.find_nodes(op="output")[0]
+    value = output.args[0]
+    if isinstance(value, fx.Node) and is_namedtuple_call(value) and set(value.users) == {output} \
+            and not value.kwargs and not any(is_namedtuple_call(a) for a in value.all_input_nodes):
+        output.args = (value.target(*value.args),)
+        graph.erase_node(value)
 
 
 def _defaults_after_first(model: nn.Module) -> dict:

@@ -262,7 +262,7 @@ def test_an_example_of_several_tensors_is_refused_with_the_fix(example):
         cofx.convert(TwoInputs().eval(), example)
 
 
-def test_a_namedtuple_output_is_refused_with_the_forms_that_stream():
+def test_a_namedtuple_inside_a_container_is_refused_with_the_forms_that_stream():
     from collections import namedtuple
     Out = namedtuple("Out", "frames pooled")
 
@@ -273,10 +273,11 @@ def test_a_namedtuple_output_is_refused_with_the_forms_that_stream():
 
         def forward(self, x):
             h = self.conv(x)
-            return Out(h, h.mean(2))
+            return {"out": Out(h, h.mean(2)), "last": h[:, :, -1]}
 
-    with pytest.raises(cofx.ConversionError, match=r"(?s)namedtuple Out\('frames', 'pooled'\).*fix: return a tuple or "
-                                                   r"a dict \(dict\(frames=\.\.\., pooled=\.\.\.\)\)"):
+    with pytest.raises(cofx.ConversionError, match=r"(?s)namedtuple Out\('frames', 'pooled'\).*returns it inside a "
+                                                   r"container.*fix: pass a tuple or a dict \(dict\(frames=\.\.\., "
+                                                   r"pooled=\.\.\.\)\)"):
         cofx.convert(Model().eval(), torch.randn(1, 3, 8))
 
 

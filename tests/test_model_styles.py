@@ -263,3 +263,35 @@ class PerFrameGRU(nn.Module):
 def test_per_frame_recurrent_outputs_have_no_delay():
     co = check(PerFrameGRU(), torch.randn(2, 3, 6, dtype=D))
     assert co.delay == 0
+
+
+def test_a_namedtuple_output_streams_as_the_same_namedtuple():
+    """torchvision-style outputs: the namedtuple comes back from forward, forward_steps and forward_step, each
+    field streamed as a tuple's element would be (per-frame frames, one pooled value per window)."""
+    from collections import namedtuple
+
+    from guarantees import assert_clip_exact
+    Out = namedtuple("Out", "frames pooled")
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv1d(3, 4, 3, padding=1)
+            self.fc = nn.Linear(4, 2)
+
+        def forward(self, x):
+            h = self.conv(x).relu()
+            return Out(h, self.fc(h.mean(2)))
+
+    torch.manual_seed(0)
+    model = Model().double().eval()
+    x = torch.randn(2, 3, 10, dtype=torch.float64)
+    co = cofx.convert(model, x[:1])
+    whole, ref = assert_clip_exact(co, model, x)
+    assert type(whole) is Out and type(ref) is Out and type(co(x)) is Out
+    assert whole.frames.shape == ref.frames.shape and whole.pooled.shape == (2, 2, 1)
+    co.clean_state()
+    assert co.forward_step(x[:, :, 0]) is None
+    step = co.forward_step(x[:, :, 1])
+    assert type(step) is Out and step.pooled is None
+    assert torch.allclose(step.frames, ref.frames[:, :, 0], rtol=0, atol=1e-12)
