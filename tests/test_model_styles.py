@@ -295,3 +295,26 @@ def test_a_namedtuple_output_streams_as_the_same_namedtuple():
     step = co.forward_step(x[:, :, 1])
     assert type(step) is Out and step.pooled is None
     assert torch.allclose(step.frames, ref.frames[:, :, 0], rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("n, dim, method", [(1, 2, False), (1, -1, True), (2, 2, False), (3, -1, True),
+                                            (1, 1, False), (0, 2, True)])
+def test_torch_diff_streams_as_frame_differences(n, dim, method):
+    """Velocity and acceleration features as sensor and skeleton models write them: exact, with delay n."""
+    from guarantees import assert_clip_exact
+
+    class Velocity(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv1d(3, 4, 3, padding=1)
+
+        def forward(self, x):
+            h = self.conv(x)
+            return h.diff(n=n, dim=dim) if method else torch.diff(h, n=n, dim=dim)
+
+    torch.manual_seed(n)
+    model = Velocity().double().eval()
+    x = torch.randn(2, 3, 11, dtype=torch.float64)
+    co = cofx.convert(model, x[:1])
+    assert co.is_exact and co.delay == 1 + (n if dim != 1 else 0)
+    assert_clip_exact(co, model, x)
