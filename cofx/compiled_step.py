@@ -466,12 +466,12 @@ def _state_slots(co, rolled: bool, ringed: bool = True):
         if kind == "double":
             k.program_views()   # enters the double ring
             rings.append((k, k.program_views))
-            counters.append((k, "_dpos", k._dpos))
+            counters.append((k.store, "pos", k.store.pos))
         elif kind == "rolled":
             views = RolledRing(k)
             views()   # enters the ring
             rolled_rings.append((k, views))
-            counters.append((k, "_oldest", k._oldest))
+            counters.append((k.store, "oldest", k.store.oldest))
         for name in k.state_names:
             value = getattr(k, name) if not (ring and name == "buf") else None
             if isinstance(value, torch.Tensor):

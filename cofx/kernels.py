@@ -18,6 +18,7 @@ from torch import nn
 
 from .derived import Derived
 from .errors import StreamError
+from .frame_window import FrameWindow
 from .window_geometry import WindowGeometry
 
 
@@ -312,8 +313,9 @@ class Sliding(Stateful):
                  window: Optional[Callable] = None, layout: Optional[torch.memory_format] = None,
                  ring: bool = False):
         super().__init__(ctx)
-        self.__dict__.update(layout=layout, _ring=None, _oldest=0, _rolled={}, _buf=None,
-                             _dring=None, _dpos=0, _dviews=None, _program=None, _weight=None)
+        # the kept frames, in the storage form the last step wanted (`FrameWindow`)
+        self.__dict__.update(layout=layout, _rolled={}, _program=None, _weight=None,
+                             store=FrameWindow(t, span, max(span - 1, pad_l, 0), pad_value, layout))
         self.__dict__["compute"] = compute
         self.__dict__["window"] = window   # a faster compute for exactly one output window, if any
         # the rules of its window (completion, end padding, averages), shared by every path that steps it
@@ -327,24 +329,24 @@ class Sliding(Stateful):
 
     @property
     def buf(self) -> Optional[torch.Tensor]:
-        """The last `keep` frames of the padded stream, in order."""
-        if self._dring is not None:   # leave the double ring: its last `keep` frames
-            p = self._dpos % self.span
-            self.__dict__.update(_buf=self._dring.narrow(self.t, p + 1, self.keep), _dring=None, _dviews=None)
-        ring = self._ring
-        if ring is not None:   # leave the ring: later paths read and write ordered frames
-            t, oldest = self.t, self._oldest % self.span
-            ordered = ring if oldest == 0 else torch.cat([ring.narrow(t, oldest, self.span - oldest),
-                                                           ring.narrow(t, 0, oldest)], t)
-            self.__dict__.update(_buf=ordered.narrow(t, 1, self.keep), _ring=None)
-        return self._buf
+        """The last `keep` frames of the padded stream, in order (read without changing how they are kept)."""
+        return self.store.ordered()
 
     @buf.setter
     def buf(self, value: Optional[torch.Tensor]) -> None:
-        self.__dict__.update(_buf=value, _ring=None, _dring=None, _dviews=None)
+        self.store.set_ordered(value)
 
     def state_tensors(self):
-        yield from (t for t in (self._ring, self._dring, self._buf) if t is not None)
+        yield from self.store.tensors()
+
+    def detach_state(self) -> None:
+        self.store.detach()
+
+    def get_state(self) -> dict:
+        """The state, its frames in order; the kernel goes on from them too (leaving a ring), so that the
+        stream it continues and one resumed from this state compute the same bits."""
+        self.store.to_ordered()
+        return super().get_state()
 
     def state_signature(self, state: dict) -> Optional[tuple]:
         return None if state["m"] is None else (state["m"], state["next_j"])
@@ -380,9 +382,10 @@ class Sliding(Stateful):
     def program_ring(self) -> Optional[str]:
         """How compiled steps keep this kernel's frames: "double" (`program_views`: its window is one dense
         block), "rolled" (`rolled_ring`: a convolution whose double-ring window would not be), or None."""
-        if self.keep != self.span - 1 or self.span < 2 or self.buf is None:
+        held = self.store.tensors()
+        if self.keep != self.span - 1 or self.span < 2 or not held:
             return None
-        outer = self.buf.shape[:1] if self.program_layout is not None else self.buf.shape[:self.t]
+        outer = held[0].shape[:1] if self.program_layout is not None else held[0].shape[:self.t]
         return "rolled" if self.ring and any(size > 1 for size in outer) else "double"
 
     @property
@@ -398,39 +401,16 @@ class Sliding(Stateful):
         return {4: torch.channels_last, 5: torch.channels_last_3d}.get(weight.dim())
 
     def rolled_ring(self) -> tuple:
-        """(ring, slot): the ring of `span` frames eager steps keep, and the slot the next frame overwrites.
-
-        A compiled step writes the frame there (`index_copy_`) and convolves the
-        whole ring with the weight rolled by slot + 1: one frame copied, and the
-        window is the ring itself, dense for any batch.
-        """
-        if self._ring is None:   # enter from the ordered frames: they follow the slot the next frame takes
-            buf, t = self.buf, self.t
-            ring = self._frames(buf, self.span)
-            ring.narrow(t, 1, self.keep).copy_(buf)
-            self.__dict__.update(_ring=ring, _oldest=0, _buf=None)
-        slot = self._oldest % self.span
-        self.__dict__["_oldest"] = slot
-        return self._ring, slot
+        """(ring, slot): the ring of `span` frames (`FrameWindow.rolled_ring`), and the slot the next frame
+        overwrites. A compiled step writes the frame there (`index_copy_`) and convolves the whole ring with the
+        weight rolled by slot + 1: one frame copied, and the window is the ring itself, dense for any batch."""
+        return self.store.rolled_ring()
 
     def program_views(self) -> tuple:
-        """(window, mirror): where the next single-frame step of a compiled program writes and reads.
-
-        The double ring holds 2 * span frames; frame n goes to slots p and p + span
-        (p = n mod span), so the window of the last span frames is always the
-        contiguous slots p + 1 ... p + span: a compiled step writes the new frame
-        into the window's last slot and into the mirror slot p, then reads the
-        window in place. No frame is concatenated or shifted. The ring is in the
-        layout `compute` wants (`layout`): with channels-last frames, a window of
-        a single stream is one dense block.
-        """
-        if self._dring is None:   # enter from the ordered frames: they go where the last window put them
-            buf, t, span = self.buf, self.t, self.span
-            ring = self._frames(buf, 2 * span, layout=self.program_layout)
-            ring.narrow(t, 1, self.keep).copy_(buf)
-            views = [(ring.narrow(t, p + 1, span), ring.narrow(t, p, 1)) for p in range(span)]
-            self.__dict__.update(_dring=ring, _dpos=0, _dviews=views, _buf=None)
-        return self._dviews[self._dpos % self.span]
+        """(window, mirror): where the next single-frame step of a compiled program writes and reads
+        (`FrameWindow.double_views`), in `program_layout`: no frame is concatenated or shifted, and with
+        channels-last frames the window of a single stream is one dense block."""
+        return self.store.double_views(self.program_layout)
 
     def _program_step(self, x: torch.Tensor, tensors: tuple) -> torch.Tensor:
         """The step (of one frame or none) a compiled program records; its inputs are the ring views (a double
@@ -440,14 +420,10 @@ class Sliding(Stateful):
         compute = self.window or self.compute
         if len(self._program) == 3:   # rolled: (ring, slot index, rolled weight)
             window, slot, weight = self._program
-            window.index_copy_(self.t, slot, x)
+            self.store.write_rolled(window, slot, x)
             tensors = (weight, *tensors[1:])
-            self.__dict__["_oldest"] += 1
         else:
-            window, mirror = self._program
-            window.narrow(self.t, self.keep, 1).copy_(x)
-            mirror.copy_(x)
-            self.__dict__["_dpos"] += 1
+            window = self.store.write_double(self._program, x)
             if self.program_layout is not self.layout:   # a convolution the program runs channels-last
                 compute = self.compute
         self.m += 1
@@ -468,26 +444,15 @@ class Sliding(Stateful):
         return (f"span={self.span}, stride={self.stride}, pad=({self.pad_l}, {self.pad_r}), "
                 f"keep={self.keep}")
 
-    def _frames(self, like: torch.Tensor, n: int, value=None, layout=None) -> torch.Tensor:
-        shape = list(like.shape)
-        shape[self.t] = n
-        layout = layout or self.layout
-        if value is None:
-            if layout is not None:
-                return torch.empty(shape, dtype=like.dtype, device=like.device,
-                                   memory_format=layout).fill_(self.pad_value)
-            return like.new_full(shape, self.pad_value)
-        return value.expand(shape).clone() if n else like.new_empty(shape)
-
     def _start(self, x: torch.Tensor) -> bool:
         """Fill the start padding; False when it must wait for a first frame (replicate)."""
         replicate = self.replicate or self.ctx.init == "replicate"
         if replicate and self.pad_l > 0:
             if x.shape[self.t] == 0:
                 return False
-            self.buf = self._frames(x, self.keep, x.narrow(self.t, 0, 1))
+            self.buf = self.store.padding(x, self.keep, x.narrow(self.t, 0, 1))
         else:
-            self.buf = self._frames(x, self.keep)
+            self.buf = self.store.padding(x, self.keep)
         self.m, self.next_j = self.pad_l, 0
         return True
 
@@ -497,17 +462,18 @@ class Sliding(Stateful):
             self.__dict__["_weight"] = tensors[0]
         if self._program is not None:   # a compiled step is being recorded
             return self._program_step(x, tensors)
-        if self.ring and x.shape[t] == 1 and (self._ring is not None or self._buf is not None) \
-                and not self.ctx.flushing:
+        form = self.store.form
+        if self.ring and x.shape[t] == 1 and form in ("ordered", "ring") and not self.ctx.flushing:
             return self._ring_step(x, tensors)
         if self.layout is not None:
             x = x.contiguous(memory_format=self.layout)
-        if self.buf is None:
+        if form is None:
             if not self._start(x):
                 return empty_like_labels(self.out_labels, self.ctx.batch, x)
         elif x.shape[t] == 0 and not self.ctx.flushing:   # nothing new: no window can complete
             return empty_like_labels(self.out_labels, self.ctx.batch, x)
-        parts = [self.buf, x]
+        buf = self.store.to_ordered()
+        parts = [buf, x]
         real_end = None
         if self.ctx.flushing:
             real_end = self.m + x.shape[t]
@@ -515,10 +481,10 @@ class Sliding(Stateful):
             if extra:
                 replicate = self.replicate or self.ctx.init == "replicate"
                 last = torch.cat(parts, t).narrow(t, -1, 1) if replicate else None
-                parts.append(self._frames(x, extra, last))
+                parts.append(self.store.padding(x, extra, last))
         cat = torch.cat(parts, t)
         length = cat.shape[t]
-        total = self.m + length - self.buf.shape[t]
+        total = self.m + length - buf.shape[t]
         base = total - length
         j1 = self.geometry.last_window(total)
         if j1 >= self.next_j:
@@ -546,17 +512,7 @@ class Sliding(Stateful):
 
     def _ring_step(self, x: torch.Tensor, tensors: tuple) -> torch.Tensor:
         """One frame in, the window's output (if a window completes) out; copies the new frame only."""
-        t, ring = self.t, self._ring
-        if ring is None:   # enter the ring from ordered frames: slot i holds tap i
-            ring, oldest = torch.cat([self._buf, x], t), 0
-            if self.layout is not None:   # (a concatenation with an empty chunk loses the layout)
-                ring = ring.contiguous(memory_format=self.layout)
-            self.__dict__.update(_ring=ring, _buf=None)
-        else:
-            oldest = self._oldest % self.span
-            ring.select(t, oldest).copy_(x.select(t, 0))
-            oldest = (oldest + 1) % self.span
-        self.__dict__["_oldest"] = oldest
+        ring, oldest = self.store.ring_push(x)
         self.m += 1
         if not self.geometry.completes(self.m, self.next_j):
             return empty_like_labels(self.out_labels, self.ctx.batch, x)
@@ -596,15 +552,15 @@ class DoubleRings:
 
     def __init__(self, kernels: Sequence[Sliding]):
         self.kernels = list(kernels)
-        self.dicts = [k.__dict__ for k in self.kernels]
+        self.dicts = [k.store.__dict__ for k in self.kernels]
         self.spans = [k.span for k in self.kernels]
 
     def __call__(self) -> list:
         dicts = self.dicts
-        if None in map(dict.get, dicts, repeat("_dviews")):   # one is not in its double ring: enter
+        if None in map(dict.get, dicts, repeat("views")):   # one is not in its double ring: enter
             return [v for k in self.kernels for v in k.program_views()]
-        at = map(operator.mod, map(dict.get, dicts, repeat("_dpos")), self.spans)
-        return list(chain.from_iterable(map(operator.getitem, map(dict.get, dicts, repeat("_dviews")), at)))
+        at = map(operator.mod, map(dict.get, dicts, repeat("pos")), self.spans)
+        return list(chain.from_iterable(map(operator.getitem, map(dict.get, dicts, repeat("views")), at)))
 
 
 class Align(Stateful):

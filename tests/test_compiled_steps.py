@@ -299,21 +299,21 @@ def dense(t: torch.Tensor) -> bool:
 def test_double_rings_hold_the_last_frames_in_order(shape, t, layout):
     """The window a compiled step reads is the last `span` frames in order, across several turns of the ring
     (one dense block for one stream in channels-last frames); leaving the ring gives the ordered frames."""
-    from cofx.kernels import Sliding, StreamContext
+    from cofx.frame_window import FrameWindow
     span = 3
-    k = Sliding(StreamContext(), lambda frames: frames * 1, t, span, 1, span - 1, 0, 0.0, ["?"] * len(shape),
-                layout=layout)
+    store = FrameWindow(t, span, span - 1, 0.0, layout)
     stream = torch.randn(shape)
-    k(stream.narrow(t, 0, 2))   # eager frames first: the ring starts from them
+    store.set_ordered(stream.narrow(t, 0, 2))   # eager frames first: the ring starts from them
     for n in range(2, shape[t]):
-        k.__dict__["_program"] = window, _ = k.program_views()
-        out = k(stream.narrow(t, n, 1))
-        assert torch.equal(out, stream.narrow(t, n - span + 1, span))
+        window = store.write_double(store.double_views(layout), stream.narrow(t, n, 1))
+        assert store.form == "double" and torch.equal(window, stream.narrow(t, n - span + 1, span))
+        assert torch.equal(store.ordered(), stream.narrow(t, n - span + 2, span - 1))   # read, not left
         outer = shape[:1] if layout is not None else shape[:t]   # the dims laid out outside time
         assert dense(window) == all(size == 1 for size in outer)
-    k.__dict__["_program"] = None
-    assert torch.equal(k.buf, stream.narrow(t, shape[t] - span + 1, span - 1))
-    assert k._dring is None
+    assert store.form == "double"
+    assert torch.equal(store.to_ordered(), stream.narrow(t, shape[t] - span + 1, span - 1))
+    assert store.form == "ordered"
+
 
 
 def test_compiled_steps_write_each_frame_into_its_ring_in_place():
@@ -453,7 +453,8 @@ def test_depthwise_convolutions_keep_channels_last_rings_in_compiled_steps():
         assert depthwise.program_layout == torch.channels_last_3d and dense.program_layout is None
         for i in range(co.warmup_frames + 2):
             co.forward_step(stream[:, :, i])
-        assert depthwise._dring is not None and depthwise._dring.is_contiguous(memory_format=torch.channels_last_3d)
+        ring, = depthwise.state_tensors()   # the double ring compiled steps keep its frames in
+        assert depthwise.store.form == "double" and ring.is_contiguous(memory_format=torch.channels_last_3d)
 
 
 def test_compiled_chunks_continue_any_stream_exactly():

@@ -408,7 +408,8 @@ REFUSED_OPS = {   # op -> words the message must hold
     "roll": (lambda m, h: torch.roll(h, 1, 2), "does not act frame by frame"),
     "log_softmax over time": (lambda m, h: F.log_softmax(h, dim=-1), "does not act frame by frame"),
     "normalize over time": (lambda m, h: F.normalize(h, dim=2), "does not act frame by frame"),
-    "torch.diff": (lambda m, h: torch.diff(h, dim=2), "node 'diff'"),
+    "torch.diff with the first frame prepended": (lambda m, h: torch.diff(h, dim=2, prepend=h[:, :, :1]),
+                                                  "changes the number of frames"),
     "narrow at T - 1": (lambda m, h: h.narrow(2, h.shape[2] - 1, 1), "fixed distance from the start and the end"),
     "halves of the clip": (lambda m, h: h[:, :, :h.shape[2] // 2].mean(2) - h[:, :, h.shape[2] // 2:].mean(2),
                            "fixed distance"),
@@ -438,7 +439,7 @@ def test_transposed_convs_and_upsampling_decoders_are_refused():
     torch.manual_seed(0)
     for model in (nn.Sequential(nn.Conv1d(C, C, 3, padding=1), nn.ConvTranspose1d(C, C, 3, padding=1)),
                   nn.Sequential(nn.Conv1d(C, C, 3, padding=1), nn.ConvTranspose1d(C, C, 2, stride=2))):
-        assert_refused(model, x1d(12), "transposed convolutions")
+        assert_refused(model, x1d(12), "a transposed convolution with a temporal kernel")
     assert_refused(nn.Sequential(nn.Conv1d(C, C, 3, padding=1), nn.MaxPool1d(2), nn.Upsample(scale_factor=2),
                                  nn.Conv1d(C, C, 3, padding=1)), x1d(12), "changes the number of frames (6 in, 12 out)")
 
