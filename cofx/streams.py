@@ -103,6 +103,7 @@ class OutOfPhase(Stateful):
             if tuple(v.shape) != want:
                 raise state_error(name, None, label, f"shape {want} for a batch of {batch}", f"{tuple(v.shape)}")
         rows = [{} for _ in range(batch)]
+        primed = dict(zip((n for n, _ in ref.kernels), ref.table[0]))   # the counters a fresh row starts from
         for node in step.order:
             plan = step.plans[node]
             lo, hi = step._slices[node]
@@ -126,7 +127,7 @@ class OutOfPhase(Stateful):
                 for r, (seen,) in enumerate(counters.tolist()):
                     if seen < 0:
                         raise state_error(name, None, label, f"a count >= 0 for stream {r}", f"[{seen}]")
-                    rows[r][plan.name] = (seen,) if seen else None
+                    rows[r][plan.name] = (seen,) if seen else primed.get(plan.name)
             else:
                 for r, counts in enumerate(counters.tolist()):
                     if any(c < 0 or c > s for c, s in zip(counts, plan.slots)) or min(counts) != 0:
