@@ -16,6 +16,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .dtype_device import dtype_device
 from .scratch_stream import scratch_stream
+from .unfused import unfused_attention
 
 
 def _example(co, time_dim_size=None) -> torch.Tensor:
@@ -30,7 +31,7 @@ def _example(co, time_dim_size=None) -> torch.Tensor:
 def clip_flops(co) -> int:
     """FLOPs of one `forward` on a clip of `co.clip_shape`: the cost per output of a sliding-window clip model."""
     counter = FlopCounterMode(display=False)
-    with torch.no_grad(), counter:
+    with torch.no_grad(), unfused_attention(), counter:
         co.forward(_example(co))
     return int(counter.get_total_flops())
 
@@ -59,7 +60,7 @@ def step_flops(co) -> int:
 
     def count():
         counter = FlopCounterMode(display=False)
-        with counter:
+        with unfused_attention(), counter:
             for _ in range(co.stride):
                 co.forward_step(frame)
         return round(counter.get_total_flops() / co.stride)

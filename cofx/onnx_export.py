@@ -29,6 +29,7 @@ from torch.utils._pytree import tree_flatten
 from .dtype_device import dtype_device
 from .masked_step import MaskedStep, NotSteppable, nan_where_not
 from .scratch_stream import scratch_stream
+from .unfused import unfused_attention
 
 
 class _StaticShapes:
@@ -160,67 +161,63 @@ def export_onnx(co, path, opset: Optional[int] = None) -> dict:
         raise TypeError(f"export_onnx takes a converted model (cofx.convert(...)), got {type(co).__name__}")
     import onnx
 
-    fastpath = torch.backends.mha.get_fastpath_enabled()
-    torch.backends.mha.set_fastpath_enabled(False)   # transformer layers as ops ONNX has, not as fused kernels
-    try:
-        with scratch_stream(co, clean=False):   # what the export steps is not the user's stream
-            dtype, device = dtype_device(co)
-            step = MaskedStep(co, dtype, device)
-            step.exporting()
-            wrapper = _OnnxStep(co, step)
-            batch = 2
-            frame = torch.randn((batch, *co._info["frame_shape"]), dtype=dtype, device=device)
-            reset = torch.tensor([True, False], device=device)
-            state = step.initial_state(batch)
-            with torch.no_grad():
-                outs = wrapper(frame, reset, *state)
-            n_out = len(outs) - 1 - len(state)
-            out_names = ["output"] if n_out == 1 else [f"output_{i}" for i in range(n_out)]
-            state_in = [f"state_{i}" for i in range(len(state))]
-            state_out = [f"next_state_{i}" for i in range(len(state))]
-            input_names = ["frame", "reset", *state_in]
-            output_names = [*out_names, "ready", *state_out]
-            batch_axes = {"frame": 0, "reset": 0, "ready": 0, **{n: 0 for n in state_in + state_out}}
-            for name, axis in zip(out_names, step.out_batch_axes):
-                if axis is not None:
-                    batch_axes[name] = axis
-            shapes = _record_shapes(wrapper, step, co)
-            with torch.no_grad(), warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                wrapper.__dict__["shapes"] = shapes
-                try:
-                    with shapes:
-                        torch.onnx.export(wrapper, (frame, reset, *state), os.fspath(path), dynamo=False,
-                                          input_names=input_names, output_names=output_names,
-                                          dynamic_axes={n: {a: "batch"} for n, a in batch_axes.items()},
-                                          opset_version=opset, do_constant_folding=True)
-                except _Misaligned:
-                    raise NotSteppable("cannot export this model to ONNX: an op of its step reads tensor sizes in "
-                                       "another order while torch.onnx traces it than when it runs (attention given "
-                                       "a key-padding mask does); the model still steps in PyTorch") from None
-                finally:
-                    wrapper.__dict__["shapes"] = None
-            values = dict(zip(input_names, (frame, reset, *state)))
-            values.update(zip(output_names, outs))
-            model = onnx.load(os.fspath(path))
-            _static_shapes(model, values, batch_axes)
-            names = step.state_names
-            meta = {"cofx.state_names": json.dumps(names), "cofx.delay": str(co.delay),
-                    "cofx.stride": str(co.stride), "cofx.receptive_field": str(co.receptive_field),
-                    "cofx.time_dim": str(co._info["time_dim"]), "cofx.exact": str(co.is_exact)}
-            for key, value in meta.items():
-                entry = model.metadata_props.add()
-                entry.key, entry.value = key, value
-            model.doc_string = (f"cofx continual step: frame, reset, state_0..state_{len(state) - 1} -> "
-                                f"{', '.join(out_names)}, ready, next_state_*; start each stream with zero states "
-                                "and reset=True")
-            onnx.checker.check_model(model, full_check=True)   # with shape inference
-            onnx.save(model, os.fspath(path))
-            return dict(inputs=input_names, outputs=output_names, state_names=names,
-                        shapes={n: _shape(v, batch_axes.get(n)) for n, v in values.items()},
-                        dtypes={n: str(v.dtype).replace("torch.", "") for n, v in values.items()})
-    finally:
-        torch.backends.mha.set_fastpath_enabled(fastpath)
+    # transformer layers as ops ONNX has; what the export steps is not the user's stream
+    with unfused_attention(), scratch_stream(co, clean=False):
+        dtype, device = dtype_device(co)
+        step = MaskedStep(co, dtype, device)
+        step.exporting()
+        wrapper = _OnnxStep(co, step)
+        batch = 2
+        frame = torch.randn((batch, *co._info["frame_shape"]), dtype=dtype, device=device)
+        reset = torch.tensor([True, False], device=device)
+        state = step.initial_state(batch)
+        with torch.no_grad():
+            outs = wrapper(frame, reset, *state)
+        n_out = len(outs) - 1 - len(state)
+        out_names = ["output"] if n_out == 1 else [f"output_{i}" for i in range(n_out)]
+        state_in = [f"state_{i}" for i in range(len(state))]
+        state_out = [f"next_state_{i}" for i in range(len(state))]
+        input_names = ["frame", "reset", *state_in]
+        output_names = [*out_names, "ready", *state_out]
+        batch_axes = {"frame": 0, "reset": 0, "ready": 0, **{n: 0 for n in state_in + state_out}}
+        for name, axis in zip(out_names, step.out_batch_axes):
+            if axis is not None:
+                batch_axes[name] = axis
+        shapes = _record_shapes(wrapper, step, co)
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            wrapper.__dict__["shapes"] = shapes
+            try:
+                with shapes:
+                    torch.onnx.export(wrapper, (frame, reset, *state), os.fspath(path), dynamo=False,
+                                      input_names=input_names, output_names=output_names,
+                                      dynamic_axes={n: {a: "batch"} for n, a in batch_axes.items()},
+                                      opset_version=opset, do_constant_folding=True)
+            except _Misaligned:
+                raise NotSteppable("cannot export this model to ONNX: an op of its step reads tensor sizes in "
+                                   "another order while torch.onnx traces it than when it runs (attention given "
+                                   "a key-padding mask does); the model still steps in PyTorch") from None
+            finally:
+                wrapper.__dict__["shapes"] = None
+        values = dict(zip(input_names, (frame, reset, *state)))
+        values.update(zip(output_names, outs))
+        model = onnx.load(os.fspath(path))
+        _static_shapes(model, values, batch_axes)
+        names = step.state_names
+        meta = {"cofx.state_names": json.dumps(names), "cofx.delay": str(co.delay),
+                "cofx.stride": str(co.stride), "cofx.receptive_field": str(co.receptive_field),
+                "cofx.time_dim": str(co._info["time_dim"]), "cofx.exact": str(co.is_exact)}
+        for key, value in meta.items():
+            entry = model.metadata_props.add()
+            entry.key, entry.value = key, value
+        model.doc_string = (f"cofx continual step: frame, reset, state_0..state_{len(state) - 1} -> "
+                            f"{', '.join(out_names)}, ready, next_state_*; start each stream with zero states "
+                            "and reset=True")
+        onnx.checker.check_model(model, full_check=True)   # with shape inference
+        onnx.save(model, os.fspath(path))
+        return dict(inputs=input_names, outputs=output_names, state_names=names,
+                    shapes={n: _shape(v, batch_axes.get(n)) for n, v in values.items()},
+                    dtypes={n: str(v.dtype).replace("torch.", "") for n, v in values.items()})
 
 
 def _record_shapes(wrapper, step, co) -> "_StaticShapes":

@@ -61,15 +61,15 @@ def save(co, path, *, source: str = None) -> None:
     far, one AOTInductor package each (each about the size of the weights, which
     it bakes in).
     """
+    from .module import ContinualModule
+    if not isinstance(co, ContinualModule):
+        raise TypeError(f"cofx.save takes a converted model (cofx.convert(...)), got {type(co).__name__}")
     record = {"format": FORMAT, "version": 1, "meta": _facts(co), "source": source}
     compiled = co._compiled.to_record() if co._compiled is not None else None
     if compiled is not None:
         record.update(version=VERSION, compiled=compiled)
     if source is not None:
-        model = from_spec(source)
-        if model.state_dict().keys() != co.state_dict().keys():
-            raise ValueError(f"'{source}' does not build the model that was converted (its state_dict keys "
-                             "differ); pass the import spec of the same architecture")
+        _check_architecture(from_spec(source), co.state_dict(), source, "the model that was converted")
         record["options"] = _plain_options(co.options)
         record["state_dict"] = co.state_dict()
     else:
@@ -146,7 +146,9 @@ def load(path, *, trust: bool = False, source: str = None, leaf_modules=None):
         model, options = saved["model"], saved["options"]
     else:
         _check_named(path, record, trust, source, leaf_modules)
-        model = from_spec(source or record["source"]).to(dtype)
+        spec = source or record["source"]
+        model = from_spec(spec).to(dtype)
+        _check_architecture(model, record["state_dict"], spec, f"the model saved in '{path}'")
         model.load_state_dict(record["state_dict"], strict=True)
         options = _live_options(record["options"], leaf_modules)
     co = convert(model.eval(), torch.zeros(meta["clip_shape"], dtype=dtype), **options)
@@ -222,6 +224,21 @@ def _check_named(path, record, trust, source, leaf_modules) -> None:
                      f"file can name any callable; load it only if you trust the file: cofx.load({str(path)!r}, "
                      f"trust=True) (on the command line: --trust), or name that code yourself: "
                      f"cofx.load({str(path)!r}, {given})")
+
+
+def _check_architecture(model, state_dict: dict, spec: str, what: str) -> None:
+    """Refuse an import spec that builds another architecture than the weights' (keys or shapes differ)."""
+    mine = model.state_dict()
+    shapes = {k: tuple(v.shape) for k, v in mine.items()}
+    theirs = {k: tuple(v.shape) for k, v in state_dict.items()}
+    if shapes != theirs:
+        missing, unexpected = sorted(theirs.keys() - shapes.keys()), sorted(shapes.keys() - theirs.keys())
+        resized = sorted(k for k in shapes.keys() & theirs.keys() if shapes[k] != theirs[k])
+        detail = "; ".join(f"{label} {keys[:3]}{' ...' if len(keys) > 3 else ''}" for label, keys in
+                           (("weights it lacks:", missing), ("weights it adds:", unexpected),
+                            ("weights of other shapes:", resized)) if keys)
+        raise ValueError(f"'{spec}' does not build {what} ({detail}); pass the import spec of the same "
+                         "architecture")
 
 
 def _facts(co) -> dict:

@@ -33,6 +33,9 @@ class CofxTracer(fx.Tracer):
     def __init__(self, leaf_modules: Iterable[LeafSpec] = ()):
         super().__init__()
         self.record_stack_traces = True
+        # buffers read in forward are graph inputs, as parameters are: a table or mask sliced by the clip length
+        # (`self.pe[:x.size(1)]`) is then an op cofx can give a meaning, not a constant fx cannot slice
+        self.proxy_buffer_attributes = True
         leaves = list(leaf_modules)
         self._leaf_types = tuple(x for x in leaves if isinstance(x, type))
         self._leaf_ids = {id(x) for x in leaves if isinstance(x, nn.Module)}
@@ -164,7 +167,9 @@ def adopt_attributes(gm: nn.Module, model: nn.Module) -> None:
     fx copies only what the graph uses, into stand-in containers; adopting the
     originals keeps `state_dict()` identical to the model's (keys, order, tensors).
     """
-    constants = {k: v for k, v in gm._buffers.items() if k.startswith("_tensor_constant")}
+    # tensors created in forward, and plain tensor attributes of the root (`self.scale = torch.tensor(2.)`),
+    # which fx copied in as buffers: the graph reads them, the model's state does not hold them
+    constants = {k: v for k, v in gm._buffers.items() if k not in model._buffers and k not in model._parameters}
     gm._modules.clear()
     gm._parameters.clear()
     gm._buffers.clear()

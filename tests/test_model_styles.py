@@ -318,3 +318,61 @@ def test_torch_diff_streams_as_frame_differences(n, dim, method):
     co = cofx.convert(model, x[:1])
     assert co.is_exact and co.delay == 1 + (n if dim != 1 else 0)
     assert_clip_exact(co, model, x)
+
+
+class TutorialPositions(nn.Module):
+    """The PyTorch tutorial's sinusoidal PositionalEncoding: a registered buffer sliced by the clip length."""
+
+    def __init__(self, d=8, max_len=32):
+        super().__init__()
+        pos = torch.arange(max_len).unsqueeze(1)
+        div = torch.exp(torch.arange(0, d, 2) * (-np.log(10000.0) / d))
+        pe = torch.zeros(max_len, d)
+        pe[:, 0::2], pe[:, 1::2] = torch.sin(pos * div), torch.cos(pos * div)
+        self.register_buffer("pe", pe)
+        self.inp = nn.Linear(4, d)
+        self.enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(d, 2, 16, dropout=0.0, batch_first=True), 1,
+                                         enable_nested_tensor=False)
+
+    def forward(self, x):   # (B, T, 4)
+        h = self.inp(x)
+        return self.enc(h + self.pe[:h.size(1)])[:, -1]
+
+
+class MaskBuffer(nn.Module):
+    """nanoGPT's causal attention: a registered lower-triangular mask sliced [:T, :T], per-frame outputs."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp, self.qkv = nn.Linear(4, 8), nn.Linear(8, 24)
+        self.register_buffer("bias", torch.tril(torch.ones(16, 16)).view(1, 1, 16, 16))
+
+    def forward(self, x):   # (B, T, 4)
+        t = x.shape[1]
+        q, k, v = self.qkv(self.inp(x)).split(8, 2)
+        att = (q @ k.transpose(-2, -1)) / np.sqrt(8)
+        return att.masked_fill(self.bias[0, :, :t, :t] == 0, float("-inf")).softmax(-1) @ v
+
+
+class TensorAttribute(nn.Module):
+    """A plain tensor attribute of the root (not a buffer) read in forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv1d(3, 4, 3, padding=1)
+        self.scale = torch.tensor(2.5, dtype=torch.float64)
+
+    def forward(self, x):
+        return self.conv(x) * self.scale
+
+
+@pytest.mark.parametrize("make, shape, time_dim", [(TutorialPositions, (2, 6, 4), 1), (MaskBuffer, (2, 6, 4), 1),
+                                                   (TensorAttribute, (2, 3, 9), 2)])
+def test_tables_masks_and_tensors_held_by_the_model_convert_exactly(make, shape, time_dim):
+    from guarantees import assert_clip_exact
+    torch.manual_seed(0)
+    model = make().double().eval()
+    x = torch.randn(shape, dtype=torch.float64)
+    co = cofx.convert(model, x[:1], time_dim=time_dim)
+    assert co.is_exact and co.state_dict().keys() == model.state_dict().keys()
+    assert_clip_exact(co, model, x)

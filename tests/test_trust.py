@@ -160,3 +160,17 @@ def test_the_callers_source_is_what_builds_the_model(saved):
     path, co = saved
     loaded = cofx.load(path, source="cli_models:hub_style", leaf_modules=(nn.Linear,))   # pretrained=False
     assert all(torch.equal(loaded.state_dict()[k], v) for k, v in co.state_dict().items())
+
+
+def test_a_source_of_another_architecture_is_refused_on_save_and_on_load(saved):
+    path, co = saved
+    for act in (lambda: cofx.load(path, source="cli_models:recurrent", leaf_modules=(nn.Linear,)),
+                lambda: cofx.save(co, str(path) + ".2", source="cli_models:recurrent")):
+        with pytest.raises(ValueError, match="'cli_models:recurrent' does not build the model .*weights it "
+                                             ".*pass the import spec of the same architecture"):
+            act()
+
+
+def test_save_of_a_plain_module_says_what_it_takes(tmp_path):
+    with pytest.raises(TypeError, match=r"cofx.save takes a converted model \(cofx.convert\(...\)\), got Tiny"):
+        cofx.save(cli_models.tiny(), tmp_path / "m.continual.pt")
