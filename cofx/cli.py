@@ -355,6 +355,11 @@ def run_verify(args) -> int:
     return 0
 
 
+def ratio(speedup: float) -> str:
+    """A speed-up in words that stay true below 1."""
+    return f"{speedup:.1f}x faster" if speedup >= 1 else f"{1 / speedup:.1f}x slower"
+
+
 def run_bench(args) -> int:
     from cofx.bench import bench
     from cofx.summary import human, human_bytes, summary
@@ -379,7 +384,7 @@ def run_bench(args) -> int:
     for name, t in rows:
         print(f"  {name:<{width}}  {t.median * ms:8.3f} ms  {t.q1 * ms:.3f} - {t.q3 * ms:.3f} ms")
     print(f"  per output: continual {result.per_output * ms:.3f} ms vs clip model {result.clip.median * ms:.3f} ms "
-          f"({result.speedup:.1f}x faster: the median of the rounds' ratios)")
+          f"({ratio(result.speedup)}: the median of the rounds' ratios)")
     print(f"  FLOPs per step {human(facts['flops_per_step'])}, per clip {human(facts['flops_per_clip'])}")
     print(f"  state memory {human_bytes(facts['state_bytes'] * args.batch)} for {args.batch} stream(s)")
     if args.plot:

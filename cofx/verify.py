@@ -88,8 +88,9 @@ def verify(co, model=None, *, steps: Optional[int] = None, video: Optional[str] 
     time_dim = co.options["time_dim"]
     clip_len = co.clip_shape[time_dim]
     steps = steps if steps is not None else clip_len + co.delay + 8 * co.stride
-    if steps < 1:
-        raise ValueError(f"steps must be at least 1, got {steps}")
+    if steps <= co.delay:
+        raise ValueError(f"steps must exceed the delay ({co.delay} frames) so that the checks see outputs, got "
+                         f"{steps}")
     clip, stream, where = _inputs(co, steps, video, seed)
     model = model if model is not None else co
     report = VerifyReport(exact=co.is_exact, dtype=str(clip.dtype).removeprefix("torch."), input=where)

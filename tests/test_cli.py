@@ -19,6 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 import cli_models
 import cofx
@@ -519,3 +520,15 @@ def test_save_without_source_needs_a_picklable_model(tmp_path):
     co = cofx.convert(cli_models.unpicklable())
     with pytest.raises(ValueError, match="cannot be pickled.*source="):
         cofx.save(co, tmp_path / "x.continual.pt")
+
+
+def test_a_speed_up_below_one_reads_as_slower():
+    from cofx.cli import ratio
+    assert ratio(2.04) == "2.0x faster" and ratio(0.8) == "1.2x slower" and ratio(1.0) == "1.0x faster"
+
+
+def test_verify_refuses_a_stream_too_short_to_reach_an_output():
+    co = cofx.convert(nn.Conv1d(2, 2, 5, padding=2).eval(), torch.randn(1, 2, 8))
+    with pytest.raises(ValueError, match=r"steps must exceed the delay \(2 frames\)"):
+        cofx.verify(co, steps=2)
+    assert cofx.verify(co, steps=3).ok
