@@ -308,7 +308,7 @@ class CompiledSteps:
         if x.stride() != phase.frame_strides:   # a view of a longer tensor (strides of size-1 dims count too)
             x = x.clone(memory_format=torch.contiguous_format)
         res = phase.run(x, *state, *phase.ring_views())
-        self.co.__dict__["_last_step_compiled"] = True
+        self.co._position.compiled = True
         self.written, self.written_as = res[phase.n_out:], key[3:]
         phase.write_state(self.written)
         self.runs += 1

@@ -16,6 +16,7 @@ from .flat_step import flat_step_module
 from .kernels import STATE_FIX, Align, Sliding, Stateful, StreamContext, state_spec
 from .masked_step import _warmup
 from .report import Report
+from .stream_position import StreamPosition
 from .scratch_stream import scratch_stream
 from .streams import CHILD as STREAMS_CHILD, OutOfPhase, restart_streams, set_ready
 from .tracer import adopt_attributes
@@ -45,10 +46,8 @@ class ContinualModule(fx.GraphModule):
         self.__dict__["_info"] = info
         self.__dict__["_step_graph"] = step_graph
         self.__dict__["_step_module"] = flat_step_module(self, step_graph)
-        self.__dict__["_stream_batch"] = None
-        self.__dict__["_frames"] = 0         # frames since the stream started (None: unknown)
+        self.__dict__["_position"] = StreamPosition()
         self.__dict__["_compiled"] = None    # CompiledSteps, see compile_steps()
-        self.__dict__["_last_step_compiled"] = False   # set by `CompiledSteps.__call__`, see last_step_compiled
         self.__dict__["_report"] = None
         self.__dict__["_call_mode"] = "forward"
         self.__dict__["_steps_need_eval"] = info.get("training_differs", False) or any(
@@ -109,35 +108,36 @@ class ContinualModule(fx.GraphModule):
 
     def _run(self, x, pad_end, update_state, framewise=False):
         """A chunk, or one frame without its time axis (`framewise`, whose output is `_frame_output`'s)."""
-        self.__dict__["_last_step_compiled"] = False
+        position = self._position
+        position.compiled = False
         if self.training and self._steps_need_eval:
             raise StreamError("the model is in training mode: BatchNorm would normalise each chunk by its own "
                               "statistics, Dropout would drop frames at random and branches on self.training "
                               "were traced in eval mode; call co.eval() before stepping")
-        if self._stream_batch is not None and x.shape[0] != self._stream_batch:
-            raise StreamError(f"the batch size changed mid-stream from {self._stream_batch} to {x.shape[0]}: "
+        if position.batch is not None and x.shape[0] != position.batch:
+            raise StreamError(f"the batch size changed mid-stream from {position.batch} to {x.shape[0]}: "
                               "each row of the batch is one stream; call co.clean_state() to start new streams")
         t = self._info["time_dim"]
-        frames, n = self._frames, 1 if framewise else x.shape[t]
+        frames, n = position.frames, 1 if framewise else x.shape[t]
         self._ctx.batch = x.shape[0]   # kernels read it in eager steps, and in the steps a recording runs
         compiled = self._compiled
         if compiled is not None and compiled.applies_to(n) and update_state and not pad_end \
                 and frames is not None and frames >= compiled.start and not torch.is_grad_enabled() \
                 and compiled.applies() and not self._streams_out_of_phase():
             out = compiled(x, frames, framewise)   # the output as returned (None when empty), state advanced
-            self.__dict__["_frames"] = frames + n
+            position.frames = frames + n
             set_ready(self, compiled.ready)
             return out
         self._check_state(x)
         if framewise:
             x = x.unsqueeze(t)
         if self._streams_out_of_phase():   # streams restarted apart (clean_state(streams=...))
-            self.__dict__["_frames"] = None
+            position.frames = None
             out = self._modules[STREAMS_CHILD].run(x, pad_end, update_state)
             return self._frame_output(out) if framewise else out
         saved = None if update_state else self._snapshot()
         ctx = self._ctx
-        self.__dict__["_stream_batch"] = x.shape[0]
+        position.batch = x.shape[0]
         try:
             out = self._step_module(x)
             if pad_end:
@@ -153,7 +153,7 @@ class ContinualModule(fx.GraphModule):
             elif pad_end:
                 self.clean_state()
             else:
-                self.__dict__["_frames"] = None if frames is None else frames + n
+                position.frames = None if frames is None else frames + n
                 if torch.is_grad_enabled():   # the next call must not backpropagate into this one
                     for k in self._kernels():
                         k.detach_state()
@@ -310,16 +310,15 @@ class ContinualModule(fx.GraphModule):
 
     def _snapshot(self) -> dict:
         snap = {n: {s: getattr(k, s) for s in k.state_names} for n, k in self._named_kernels()}
-        snap["_stream_batch"] = self._stream_batch
-        snap["_stream_frames"] = self._frames
+        snap["_position"] = self._position.copy()
         return snap
 
     def _restore(self, snap: dict) -> None:
         for n, k in self._named_kernels():
             for s, v in snap[n].items():
                 setattr(k, s, v)
-        self.__dict__["_stream_batch"] = snap["_stream_batch"]
-        self.__dict__["_frames"] = snap["_stream_frames"]
+        saved, position = snap["_position"], self._position   # (in place: a call in progress holds it)
+        position.batch, position.frames, position.compiled = saved.batch, saved.frames, saved.compiled
 
     def clean_state(self, streams=None) -> None:
         """Forget the stream: the next frame starts a new one.
@@ -329,20 +328,20 @@ class ContinualModule(fx.GraphModule):
         ``clean_state()``: see `cofx.streams` (forward_step fills the rows without an
         output with NaN and sets ``co.ready``).
         """
-        self.__dict__["_last_step_compiled"] = False
+        position = self._position
+        position.compiled = False
         if streams is not None and restart_streams(self, streams):
-            self.__dict__["_frames"] = None
+            position.frames = None
             return
         for k in self._kernels():
             k.clean()
-        self.__dict__["_stream_batch"] = None
-        self.__dict__["_frames"] = 0
+        position.batch, position.frames = None, 0
 
     def get_state(self) -> dict:
         """A copy of the whole stream state; `set_state` resumes from it exactly."""
         state = {n: k.get_state() for n, k in self._named_kernels()}
-        state["_stream_batch"] = self._stream_batch
-        state["_stream_frames"] = self._frames
+        state["_stream_batch"] = self._position.batch
+        state["_stream_frames"] = self._position.frames
         return state
 
     def set_state(self, state: dict) -> None:
@@ -360,8 +359,7 @@ class ContinualModule(fx.GraphModule):
                 k.set_state(state[n])
             else:
                 k.clean()
-        self.__dict__["_stream_batch"] = state["_stream_batch"]
-        self.__dict__["_frames"] = state.get("_stream_frames")
+        self._position.batch, self._position.frames = state["_stream_batch"], state.get("_stream_frames")
 
     def _check_new_state(self, state) -> None:
         """Raise a `StreamError` unless `state` is one this model's own stream can be in (see `set_state`)."""
@@ -473,7 +471,7 @@ class ContinualModule(fx.GraphModule):
         after ``clean_state()``, and where a loaded model's saved programs could not
         be used: benchmarks and services see which kind of step they measure.
         """
-        return self._last_step_compiled
+        return self._position.compiled
 
     @property
     def compiled_stats(self):

@@ -29,7 +29,7 @@ def scratch_stream(co, clean: bool = True, eval_mode: bool = True):
     on exit, the user's stream and modes are back exactly as they were, whatever the body raised."""
     snap = co._snapshot()
     d = co.__dict__
-    ready, compiled = d.get("ready", _MISSING), d.get("_last_step_compiled", False)
+    ready = d.get("ready", _MISSING)
     modes = [(m, m.training) for m in co.modules()]
     batch = co._ctx.batch
     try:
@@ -43,7 +43,6 @@ def scratch_stream(co, clean: bool = True, eval_mode: bool = True):
         for m, was in modes:
             m.training = was
         co._ctx.batch = batch
-        d["_last_step_compiled"] = compiled
         if ready is _MISSING:
             d.pop("ready", None)
         else:

@@ -234,7 +234,7 @@ def _rows(streams, batch: int, device) -> torch.Tensor:
 
 def restart_streams(co, streams) -> bool:
     """Restart the rows `streams` of the running batch; False when the whole batch restarts instead."""
-    batch = co._stream_batch
+    batch = co._position.batch
     if batch is None:          # nothing running: every stream starts with its first frame anyway
         _indices(streams)      # (but a malformed argument is refused all the same)
         return True

@@ -143,7 +143,7 @@ def test_clean_and_primed_states_round_trip(zoo):
     name, co, clip = zoo[0]
     co.clean_state()
     co.set_state(co.get_state())
-    assert co._stream_batch is None and all(v is None for v in co.get_state()["co__0"].values())
+    assert co.get_state()["_stream_batch"] is None and all(v is None for v in co.get_state()["co__0"].values())
     frames = torch.randn(2, 2, 12, dtype=D)
     co.forward_steps(frames[:, :, :0])      # primed by an empty chunk
     saved = co.get_state()

@@ -161,7 +161,7 @@ def test_restart_arguments():
         with pytest.raises(cofx.StreamError, match="one entry per stream"):
             co.clean_state(streams=torch.tensor([True, False]))
         co.clean_state(streams=[0, 1, 2])   # every row: the same as clean_state()
-        assert co._stream_batch is None
+        assert co.get_state()["_stream_batch"] is None
         co.forward_steps(frames[:, :, :12])
         co.clean_state(streams=-1)          # the last row, like indexing
         y = co.forward_step(frames[:, :, 12])

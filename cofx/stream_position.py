@@ -1,0 +1,22 @@
+"""Where a continual module's stream is, besides the state its kernels hold.
+
+One record, so that a snapshot, a restore and a scratch stream each copy it
+whole instead of field by field.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+
+@dataclass
+class StreamPosition:
+    """`batch`: the streams in the batch (None before the first call of a stream); `frames`: the frames since
+    the stream started (None when unknown: streams restarted apart); `compiled`: whether the last call ran a
+    compiled program (``co.last_step_compiled``)."""
+    batch: Optional[int] = None
+    frames: Optional[int] = 0
+    compiled: bool = False
+
+    def copy(self) -> "StreamPosition":
+        return StreamPosition(self.batch, self.frames, self.compiled)
