@@ -339,6 +339,9 @@ class _Classifier:
                 any(a.meta["cofx_role"] == "static" and isinstance(a.meta["cofx_layout"], Labels)
                     for a in node_inputs(node)):
             return "positions"   # a table sized for the clip, added whole
+        if node.op == "call_module" and node.meta.get("cofx_longer_failed") and \
+                not any(a.meta.get("cofx_longer_failed") for a in streams) and self.sized_for_clip(node, streams):
+            return "sized"       # a layer sized for the clip (nn.Linear over time): it runs on windows of N frames
         if node.op == "call_function" and node.target in (torch.cat, torch.concat) and \
                 any(a.meta["cofx_role"] == "static" for a in node_inputs(node)) and isinstance(layout, Labels):
             t_out = time_axes(layout)
@@ -346,6 +349,12 @@ class _Classifier:
                              if isinstance(a.meta["cofx_layout"], Labels)):
                 return "token"
         return None
+
+    def sized_for_clip(self, node, streams) -> bool:
+        """Whether a layer's parameters have a dimension of its stream inputs' clip length (`nn.Linear(T, H)`
+        over time, `nn.LayerNorm([C, T])`): a layer made for that many frames, not one that fails on them."""
+        lengths = {_time_len(a, "clip") for a in streams if a.meta.get("cofx_time") is not None}
+        return any(size in lengths for p in self.module(node).parameters() for size in p.shape)
 
     def is_attention(self, node, ins) -> bool:
         """A layer or function of attention (its tokens checked to be the frames of `ins`), or a product of two
@@ -431,7 +440,7 @@ class _Classifier:
             source = node
             kind = "attention" if why == "attention" else "window"
             what = {"attention": "attention over the clip", "token": "a token put along time",
-                    "positions": LENGTH_BUILT}[why]
+                    "positions": LENGTH_BUILT, "sized": "a layer sized for the clip length"}[why]
         self.check_window_values(node)
         self.set(node, "folded", kind, spec=WindowSpec(frames, what), window_inputs=tuple(streams))
         self.mark_from_window(node, frames, source)

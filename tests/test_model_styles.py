@@ -376,3 +376,31 @@ def test_tables_masks_and_tensors_held_by_the_model_convert_exactly(make, shape,
     co = cofx.convert(model, x[:1], time_dim=time_dim)
     assert co.is_exact and co.state_dict().keys() == model.state_dict().keys()
     assert_clip_exact(co, model, x)
+
+
+class TimeMixer(nn.Module):
+    """A TSMixer-style forecaster on (B, T, C): linear layers over time (sized for the clip) and over features,
+    then a horizon of H steps from the last T frames."""
+
+    def __init__(self, t=12, c=3, h=4):
+        super().__init__()
+        self.feat, self.time, self.head = nn.Linear(c, c), nn.Linear(t, t), nn.Linear(t, h)
+
+    def forward(self, x):
+        x = x + self.time(x.transpose(1, 2)).relu().transpose(1, 2)
+        x = x + self.feat(x).relu()
+        return self.head(x.transpose(1, 2)).transpose(1, 2)
+
+
+def test_linear_layers_over_time_forecast_from_the_last_clip_of_frames_each_step():
+    torch.manual_seed(0)
+    n = 12
+    model = TimeMixer(t=n).double().eval()
+    co = cofx.convert(model, torch.randn(1, n, 3, dtype=torch.float64), time_dim=1)
+    assert co.is_exact and any(r.kind == "window" and "sized for the clip" in r.note for r in co.report)
+    stream = torch.randn(2, n + 9, 3, dtype=torch.float64)
+    with torch.no_grad():
+        outs = [co.forward_step(stream[:, i]) for i in range(stream.shape[1])]
+        assert all(y is None for y in outs[:n - 1])
+        for t in range(n - 1, stream.shape[1]):   # the forecast of the model on the last n frames
+            assert torch.allclose(outs[t], model(stream[:, t - n + 1:t + 1]), rtol=0, atol=1e-12)

@@ -515,8 +515,20 @@ def test_norms_with_statistics_over_time_are_refused(name, norm):
     assert_refused(Norm(norm()), x1d(12), "node 'n'", "does not act frame by frame")
 
 
-def test_layernorm_over_channels_and_time_is_refused():
-    assert_refused(Norm(nn.LayerNorm([C, 12])), x1d(12), "the model fails on clips longer than the example")
+def test_layernorm_over_channels_and_time_is_a_window_over_the_clip():
+    """A norm sized for the clip's frames: each step runs it and what follows on the last 12 frames of its
+    input stream (the conv before it streams as ever)."""
+    torch.manual_seed(0)
+    model = Norm(nn.LayerNorm([C, 12])).double().eval()
+    co = cofx.convert(model, x1d(12))
+    stream = torch.randn(2, C, 20, dtype=torch.float64)
+    with torch.no_grad():
+        outs = [co.forward_step(stream[:, :, i]) for i in range(20)]
+        frames = model.c(stream)   # the conv's output stream: frame j once frame j + 1 has come
+        assert all(y is None for y in outs[:12])   # the window, and the frame the conv waits for
+        for t in range(12, 20):
+            want = model.c2(torch.relu(model.n(frames[:, :, t - 12:t])))
+            assert outs[t].shape == want.shape and torch.allclose(outs[t], want, rtol=0, atol=1e-12)
 
 
 class GroupNormJoints(nn.Module):
