@@ -128,11 +128,14 @@ class CompiledStats:
     a compiled program served; `recordings`, the phases recorded (and compiled) so far, again after a change of
     the weights; `phases`, the (phase, frames per call, batch) of each program the model holds now;
     `keeps_layouts`, whether every program hands back its state in the layouts it takes (no copies between
-    steps)."""
+    steps); `rings`, per program, how each kernel that keeps its frames in a ring keeps them ("double" or
+    "rolled", `cofx.frame_window`); `tensors`, per program, the state tensors it takes besides the rings."""
     runs: int
     recordings: int
     phases: tuple
     keeps_layouts: bool
+    rings: dict
+    tensors: dict
 
 
 @dataclass
@@ -322,8 +325,11 @@ class CompiledSteps:
         return self.co._frame_output(out) if phase.partial and framewise else out
 
     def stats(self) -> CompiledStats:
-        return CompiledStats(self.runs, self.recordings, tuple(key[:3] for key in self.phases),
-                             all(p.keeps_layouts for p in self.phases.values()))
+        phases = {key[:3]: p for key, p in self.phases.items()}
+        return CompiledStats(self.runs, self.recordings, tuple(phases), all(p.keeps_layouts for p in phases.values()),
+                             {k: tuple("rolled" if isinstance(v, RolledRing) else "double" for _, v in p.rings)
+                              for k, p in phases.items()},
+                             {k: len(p.layouts) for k, p in phases.items()})
 
     def _eagerly(self, x: torch.Tensor, framewise: bool, why: str):
         """The eager step of `x`, and eager steps from here on: the packages loaded do not serve this stream."""

@@ -5,6 +5,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from torch import nn
 
 import cofx
+from cofx.kernels import Sliding
 from guarantees import clip_output, max_err, steps_frame_by_frame, tolerance
 from random_nets import CausalTCN, random_nets, shortest_clip
 from test_step_fast_paths import conv_bn_net
@@ -315,9 +316,7 @@ def test_double_rings_hold_the_last_frames_in_order(shape, t, layout):
     assert store.form == "ordered"
 
 
-
 def test_compiled_steps_write_each_frame_into_its_ring_in_place():
-    from cofx.compiled_step import RolledRing
     """A temporal convolution's window is never concatenated or shifted: the compiled step writes the new frame
     into the same ring memory, step after step, and computes what eager steps compute."""
     model = conv_bn_net()
@@ -330,15 +329,16 @@ def test_compiled_steps_write_each_frame_into_its_ring_in_place():
         warm = co.warmup_frames + 1
         for i in range(warm):
             assert same(co.forward_step(stream[:, :, i]), ref.forward_step(stream[:, :, i]))
-        phase, = co._compiled.phases.values()
-        assert len(phase.rings) == 2 and not phase.slots   # both convolutions' frames live in rings
-        # rolled rings: contiguous frames of several channels would give a double ring no dense window
-        assert all(isinstance(views, RolledRing) for _, views in phase.rings)
-        memory = [t.data_ptr() for k, _ in phase.rings for t in k.state_tensors()]
+        stats = co.compiled_stats
+        # both convolutions' frames live in rings, rolled: contiguous frames of several channels would give a
+        # double ring no dense window
+        assert list(stats.rings.values()) == [("rolled", "rolled")] and list(stats.tensors.values()) == [0]
+        convs = [k for k in co.modules() if isinstance(k, Sliding) and k.span > 1]
+        memory = [t.data_ptr() for k in convs for t in k.state_tensors()]
         assert len(memory) == 2
         for i in range(warm, stream.shape[2]):
             assert same(co.forward_step(stream[:, :, i]), ref.forward_step(stream[:, :, i]))
-            assert [t.data_ptr() for k, _ in phase.rings for t in k.state_tensors()] == memory
+            assert [t.data_ptr() for k in convs for t in k.state_tensors()] == memory
     assert co.compiled_stats.runs - runs == stream.shape[2] - co.warmup_frames
 
 
@@ -377,7 +377,6 @@ def test_pixel_convolutions_compile_as_sums_to_the_eager_results():
 def test_a_compiler_that_fails_on_rolled_rings_gets_double_rings():
     """Rolled rings give the compiler a slot index and a weight as inputs; if it cannot compile that (as
     AOTInductor 2.14 could not for X3D-S at batch 8), the phase is recorded with double rings instead."""
-    from cofx.compiled_step import RolledRing
     failed = []
 
     def picky(gm, example_inputs):
@@ -391,8 +390,7 @@ def test_a_compiler_that_fails_on_rolled_rings_gets_double_rings():
     stream = torch.randn(1, 3, co.warmup_frames + 5, 5, 5, dtype=D)
     with torch.no_grad():
         got, want = run(co, stream, ["frame"] * stream.shape[2]), run(ref, stream, ["frame"] * stream.shape[2])
-    phase, = co._compiled.phases.values()
-    assert failed and len(phase.rings) == 2 and not any(isinstance(v, RolledRing) for _, v in phase.rings)
+    assert failed and list(co.compiled_stats.rings.values()) == [("double", "double")]
     assert all(same(a, b) for a, b in zip(got, want))
 
 
@@ -410,7 +408,7 @@ class Residual(nn.Module):
 def test_delay_buffers_take_the_layout_of_channels_last_convolutions():
     """Inductor computes the feature maps around a channels-last convolution channels-last: the delay buffer
     of its skip connection is taken and returned in that layout (no transposes in and out at every step)."""
-    from cofx.kernels import Align, Sliding
+    from cofx.kernels import Align
     torch.manual_seed(0)
     clip = torch.randn(1, 4, 5, 3, 3, dtype=D)
     model = Residual().double().eval()
@@ -434,7 +432,6 @@ def test_depthwise_convolutions_keep_channels_last_rings_in_compiled_steps():
     """A convolution with one input channel per group runs channels-last in compiled steps, whatever eager steps
     chose (X3D's temporal stem): its double ring is channels-last, and leaving and re-entering it for eager
     calls keeps every result equal to eager steps."""
-    from cofx.kernels import Sliding
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv3d(3, 4, (1, 3, 3), padding=(0, 1, 1)),
                           nn.Conv3d(4, 4, (5, 1, 1), padding=(2, 0, 0), groups=4), nn.ReLU(),
