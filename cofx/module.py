@@ -455,6 +455,18 @@ class ContinualModule(fx.GraphModule):
         return self._info["stride"]
 
     @property
+    def period(self) -> int:
+        """Input frames after which the steps repeat what they compute (the least common multiple of the
+        temporal strides): compiled steps record one program per phase of it."""
+        return self._info["period"]
+
+    @property
+    def output_time_axes(self):
+        """Per output (in the structure of the outputs), the axis `forward_steps` gives its frames along, or
+        None for an output `forward_step` returns whole (one value per window)."""
+        return self._info["out_time_axes"]
+
+    @property
     def warmup_frames(self) -> int:
         """Frames after which every state buffer is in steady state (the receptive field, or the clip after
         a recurrent layer), plus the delay and one stride."""

@@ -27,17 +27,17 @@ def clip_output(co, model_out):
 
 
 def steps_frame_by_frame(co, stream, flush=True):
-    t = co._info["time_dim"]
+    t = co.options["time_dim"]
     outs = []
     for i in range(stream.shape[t]):
         y = co.forward_step(stream.select(t, i))
         if y is not None:
-            outs.append(y.unsqueeze(co._info["out_time_axes"]))
+            outs.append(y.unsqueeze(co.output_time_axes))
     if flush:
         tail = co.forward_steps(stream.narrow(t, 0, 0), pad_end=True)
         if tail is not None:
             outs.append(tail)
-    return torch.cat(outs, co._info["out_time_axes"]) if outs else None
+    return torch.cat(outs, co.output_time_axes) if outs else None
 
 
 def two_streams(clip, time_dim=2, frames=None):
@@ -57,7 +57,7 @@ def by_forward_step(co, stream, like):
     """`forward_step` frame by frame, then the end flush, joined per output along its time axis (in the
     structure of `like`, a `forward_steps` result)."""
     t = co.options["time_dim"]
-    axes, _ = tree_flatten(co._info["out_time_axes"], is_leaf=lambda a: a is None)
+    axes, _ = tree_flatten(co.output_time_axes, is_leaf=lambda a: a is None)
     _, spec = tree_flatten(like)
     parts = [[] for _ in axes]
     for i in range(stream.shape[t]):
@@ -96,7 +96,7 @@ def assert_clip_exact(co, model, x):
 
 
 def steps_in_chunks(co, stream, sizes, flush=True):
-    t = co._info["time_dim"]
+    t = co.options["time_dim"]
     outs, at = [], 0
     for n in sizes:
         y = co.forward_steps(stream.narrow(t, at, n))
@@ -107,7 +107,7 @@ def steps_in_chunks(co, stream, sizes, flush=True):
         tail = co.forward_steps(stream.narrow(t, 0, 0), pad_end=True)
         if tail is not None:
             outs.append(tail)
-    return torch.cat(outs, co._info["out_time_axes"]) if outs else None
+    return torch.cat(outs, co.output_time_axes) if outs else None
 
 
 def random_chunks(total: int, rng: random.Random) -> list:
@@ -139,7 +139,7 @@ def assert_equivalent(co, model, clip):
 def assert_stream_discipline(co, stream, seed=0):
     """Guarantees 2 and 3 on a stream longer than the receptive field."""
     rng = random.Random(seed)
-    t = co._info["time_dim"]
+    t = co.options["time_dim"]
     with torch.no_grad():
         co.clean_state()
         whole = co.forward_steps(stream, pad_end=True)
@@ -172,7 +172,7 @@ def assert_stream_discipline(co, stream, seed=0):
         co.forward_steps(stream.narrow(t, 0, half))
         peek2 = co.forward_steps(stream.narrow(t, half, 2), update_state=False)
         assert (peek is None) == (peek2 is None) and (peek is None or torch.equal(peek, peek2))
-        assert peek_flush is None or peek_flush.shape[co._info["out_time_axes"]] >= 0
+        assert peek_flush is None or peek_flush.shape[co.output_time_axes] >= 0
 
         # clean_state restarts: the same stream gives the same outputs
         co.clean_state()
@@ -205,7 +205,7 @@ def assert_stream_discipline(co, stream, seed=0):
 
 def assert_delay(co, stream):
     """The first `delay` steps return None, the next one returns a frame."""
-    t = co._info["time_dim"]
+    t = co.options["time_dim"]
     co.clean_state()
     with torch.no_grad():
         results = [co.forward_step(stream.select(t, i)) for i in range(co.delay + 1)]
@@ -215,7 +215,7 @@ def assert_delay(co, stream):
 
 def assert_chunk_invariance(co, stream, chunk=5):
     """Guarantee 2 on a long stream, cheaply: frame by frame == one call == fixed chunks."""
-    t = co._info["time_dim"]
+    t = co.options["time_dim"]
     with torch.no_grad():
         co.clean_state()
         whole = co.forward_steps(stream, pad_end=True)

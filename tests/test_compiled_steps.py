@@ -27,7 +27,7 @@ def same(a, b, tol_of=None):
 
 def run(co, stream, moves, at=0):
     """Feed `stream` to `co` by `moves`; returns the outputs of every call (None where there was none)."""
-    t = co._info["time_dim"]
+    t = co.options["time_dim"]
     outs = []
     for move in moves:
         if move == "save":
@@ -58,7 +58,7 @@ def test_compiled_steps_equal_eager_steps_on_random_nets(net, moves):
     model, nd = net
     clip = shortest_clip(model, nd, extra=2)
     co, ref = compiled_and_eager(model, clip, chunks=(3,))
-    warm = co.warmup_frames + co._info["period"]
+    warm = co.warmup_frames + co.period
     stream = torch.randn(*clip.shape[:2], warm + 3 * len(moves), *clip.shape[3:], dtype=D)
     with torch.no_grad():
         head = ["frame"] * warm
@@ -72,7 +72,7 @@ def test_strided_nets_compile_every_phase_and_skip_frames_as_eager():
     model = CausalTCN().double().eval()
     clip = torch.randn(2, 2, 12, dtype=D)
     co, ref = compiled_and_eager(model, clip)
-    assert co._info["period"] == 2 and len(co.compiled_stats.phases) == 2
+    assert co.period == 2 and len(co.compiled_stats.phases) == 2
     stream = torch.randn(2, 2, co.warmup_frames + 20, dtype=D)
     runs = co.compiled_stats.runs
     with torch.no_grad():
@@ -413,10 +413,10 @@ def test_delay_buffers_take_the_layout_of_channels_last_convolutions():
     clip = torch.randn(1, 4, 5, 3, 3, dtype=D)
     model = Residual().double().eval()
     co, ref = cofx.convert(model, clip), cofx.convert(model, clip)
-    conv, = [k for k in co._kernels() if isinstance(k, Sliding)]
+    conv, = [k for k in co.modules() if isinstance(k, Sliding)]
     conv.__dict__["layout"] = torch.channels_last_3d   # as select_kernels sets it where that runs fastest
     co.compile_steps("eager")
-    align, = [k for k in co._kernels() if isinstance(k, Align)]
+    align, = [k for k in co.modules() if isinstance(k, Align)]
     stream = torch.randn(1, 4, co.warmup_frames + 6, 3, 3, dtype=D)
     runs = co.compiled_stats.runs
     with torch.no_grad():
@@ -445,7 +445,7 @@ def test_depthwise_convolutions_keep_channels_last_rings_in_compiled_steps():
         got = run(co, stream, ["frame"] * (co.warmup_frames + 4) + ["chunk", "save", "frame", "frame", "peek"])
         want = run(ref, stream, ["frame"] * (ref.warmup_frames + 4) + ["chunk", "save", "frame", "frame", "peek"])
         assert all(same(a, b) for a, b in zip(got, want)) and co.compiled_stats.runs > 0
-        depthwise, dense = [k for k in co._kernels() if isinstance(k, Sliding) and k.span > 1]
+        depthwise, dense = [k for k in co.modules() if isinstance(k, Sliding) and k.span > 1]
         assert depthwise.layout is None and dense.layout is None
         assert depthwise.program_layout == torch.channels_last_3d and dense.program_layout is None
         for i in range(co.warmup_frames + 2):

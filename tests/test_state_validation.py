@@ -219,7 +219,7 @@ def _refused(co, state, *words):
 
 
 def _first_sliding(co):
-    return next(n for n, k in co._named_kernels() if type(k).__name__ == "Sliding")
+    return next(n for n, k in co.named_modules() if type(k).__name__ == "Sliding")
 
 
 def test_a_state_of_a_model_with_another_kernel_size_is_refused():
@@ -315,7 +315,7 @@ def test_a_long_stream_is_checked_exactly(zoo):
 def test_a_tampered_merge_buffer_is_refused(zoo):
     name, co, clip = zoo[3]
     state = _running(co, clip, 9)
-    n = next(n for n, k in co._named_kernels() if type(k).__name__ == "Align")
+    n = next(n for n, k in co.named_modules() if type(k).__name__ == "Align")
     k = co.get_submodule(n)
     bad = copy.deepcopy(state)
     held = [p.shape[a] for p, a in zip(bad[n]["pending"], k.axes)]

@@ -54,7 +54,7 @@ def video(t=8, hw=4, b=1, c=3, dtype=D):
 
 
 def all_outputs_keep_time(co):
-    axes, _ = tree_flatten(co._info["out_time_axes"], is_leaf=lambda a: a is None)
+    axes, _ = tree_flatten(co.output_time_axes, is_leaf=lambda a: a is None)
     out = next(n for n in co.graph.nodes if n.op == "output")
     leaves = [a for a in tree_flatten(out.args[0])[0] if isinstance(a, torch.fx.Node)]
     return all(a.meta.get("cofx_role") == "stream" for a in leaves)
