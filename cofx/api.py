@@ -76,6 +76,7 @@ def convert(model: nn.Module, example_input: Optional[torch.Tensor] = None, *, s
         _check_single_input(gm)
         _check_no_namedtuples(gm)
         passes.diff_as_slices(gm)
+        passes.unfold_as_slices(gm)
         say("recording shapes on the clip, a longer clip and two streams")
         errors = passes.record_runs(gm, _runs(clip, time_dim))
         if errors["longer"] and clip.shape[time_dim] > 1:   # time told apart by a shorter clip there

@@ -4,6 +4,7 @@ Analysis passes write ``node.meta`` the way ``torch.fx.passes.shape_prop`` does;
 the rewrite pass builds the continual graph from what they wrote.
 """
 from .diff_as_slices import diff_as_slices
+from .unfold_as_slices import unfold_as_slices
 from .shape_runs import record_runs
 from .layout import label_layouts
 from .length_values import mark_length_values
@@ -15,7 +16,7 @@ from .select_kernels import select_kernels
 from .fold_batchnorm import mark_batchnorm_folds
 from .continualize import build_step_graph
 
-__all__ = ["diff_as_slices", "record_runs", "label_layouts", "mark_length_values", "classify_nodes", "fold_crops", "check_framewise",
+__all__ = ["diff_as_slices", "unfold_as_slices", "record_runs", "label_layouts", "mark_length_values", "classify_nodes", "fold_crops", "check_framewise",
            "check_causal",
            "annotate_timing",
            "select_kernels", "mark_batchnorm_folds", "build_step_graph"]

@@ -29,7 +29,7 @@ def _is_diff(node: fx.Node) -> bool:
         (node.op == "call_method" and node.target == "diff")
 
 
-def _along(dim: int, part: slice) -> tuple:
+def along(dim: int, part: slice) -> tuple:
     """An index taking `part` along `dim` (negative dims counted from the end, with an Ellipsis)."""
     if dim >= 0:
         return (*[slice(None)] * dim, part)
@@ -47,8 +47,8 @@ def _slices(graph: fx.Graph, node: fx.Node):
     if len(parts) > 1:
         x = graph.call_function(torch.cat, (parts,), {"dim": dim})
     for _ in range(n):
-        later = graph.call_function(operator.getitem, (x, _along(dim, slice(1, None))))
-        earlier = graph.call_function(operator.getitem, (x, _along(dim, slice(None, -1))))
+        later = graph.call_function(operator.getitem, (x, along(dim, slice(1, None))))
+        earlier = graph.call_function(operator.getitem, (x, along(dim, slice(None, -1))))
         x = graph.call_function(operator.sub, (later, earlier))
     return x
 

@@ -404,3 +404,28 @@ def test_linear_layers_over_time_forecast_from_the_last_clip_of_frames_each_step
         assert all(y is None for y in outs[:n - 1])
         for t in range(n - 1, stream.shape[1]):   # the forecast of the model on the last n frames
             assert torch.allclose(outs[t], model(stream[:, t - n + 1:t + 1]), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("size, step, dim", [(3, 1, 2), (4, 2, 2), (2, 3, -1), (1, 1, 2), (2, 2, 1)])
+def test_frames_stacked_into_windows_by_unfold_stream_exactly(size, step, dim):
+    """`h.unfold(2, k, s)`, frame stacking as audio and sensor front ends write it, then a classifier per window."""
+    from guarantees import assert_clip_exact
+
+    class Stacked(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv1d(3, 4, 3, padding=1)
+            self.fc = nn.Linear(4 * size, 5)
+
+        def forward(self, x):
+            h = self.conv(x).unfold(dim, size, step)
+            if dim == 1:   # windows of channels: each frame's own, (B, windows, T, size)
+                return h.sum(-1)
+            return self.fc(h.permute(0, 2, 1, 3).flatten(2)).transpose(1, 2)
+
+    torch.manual_seed(size)
+    model = Stacked().double().eval()
+    x = torch.randn(2, 3, 13, dtype=torch.float64)
+    co = cofx.convert(model, x[:1])
+    assert co.is_exact and co.stride == (step if dim != 1 else 1)
+    assert_clip_exact(co, model, x)

@@ -351,6 +351,8 @@ class Lam(nn.Module):
 
 
 EXACT_OPS = {
+    "unfold(2, 3, 1)": lambda m, h: h.unfold(2, 3, 1).mean(-1),
+    "unfold(2, 4, 2)": lambda m, h: h.unfold(2, 4, 2).amax(-1),
     "max_pool1d k2 s2 ceil": lambda m, h: F.max_pool1d(h, 2, 2, ceil_mode=True),
     "max_pool1d pad dilation ceil": lambda m, h: F.max_pool1d(h, 3, 2, padding=1, dilation=2, ceil_mode=True),
     "avg_pool1d ceil count_include_pad=False": lambda m, h: F.avg_pool1d(h, 3, 2, padding=1, ceil_mode=True,
@@ -397,8 +399,6 @@ REFUSED_OPS = {   # op -> words the message must hold
     "pool then upsample back": (lambda m, h: h + F.interpolate(F.max_pool1d(h, 2, 2), size=h.shape[2]),
                                 "changes the number of frames"),
     "repeat_interleave": (lambda m, h: h.repeat_interleave(2, dim=2), "changes the number of frames"),
-    "unfold(2, 3, 1)": (lambda m, h: h.unfold(2, 3, 1).mean(-1), "node 'unfold'"),
-    "unfold(2, 4, 2)": (lambda m, h: h.unfold(2, 4, 2).amax(-1), "node 'unfold'"),
     "cumsum": (lambda m, h: torch.cumsum(h, 2), "does not act frame by frame"),
     "cummax": (lambda m, h: torch.cummax(h, 2).values, "does not act frame by frame"),
     "cummax method [0]": (lambda m, h: h.cummax(dim=2)[0], "does not act frame by frame"),

@@ -810,9 +810,13 @@ def test_time_idioms_that_read_the_clip_are_windows_over_it(kind):
     assert co.delay == 8
 
 
+def test_segments_stacked_by_unfold_stream_as_strided_windows():
+    co = assert_exact(seeded(TimeIdioms, "unfold_segments"), video(8, 4))
+    assert co.stride == 4
+
+
 @pytest.mark.parametrize("kind,words", [
     ("reshape_segments", ["node 'reshape'", "changes the number of frames (8 in, 2 out)"]),
-    ("unfold_segments", ["node 'unfold'", "changes the number of frames (8 in, 2 out)"]),
     ("chunk_halves", ["node 'chunk'", "splits the frames into parts", "fix:"])])
 def test_time_idioms_that_regroup_frames_are_refused(kind, words):
     assert_refused(seeded(TimeIdioms, kind), video(8, 4), *words)
