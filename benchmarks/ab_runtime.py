@@ -57,7 +57,7 @@ def tcn():
     return model, torch.randn(1, 16, 32)
 
 
-def worker(tree: str, threads: int, steps: int) -> None:
+def worker(tree: str, threads: int, steps: int, tune: bool) -> None:
     """Answer `case` lines on stdin with a JSON median step time (seconds), importing cofx from `tree`."""
     import importlib.util
     tree_path = Path(tree)
@@ -77,7 +77,7 @@ def worker(tree: str, threads: int, steps: int) -> None:
         key = (name, kind)
         if key not in models:
             net, clip = tcn() if name == "tcn" else build(name)
-            co = cofx.convert(net, clip)
+            co = cofx.convert(net, clip, tune=tune)
             if kind == "compiled":
                 co.compile_steps()
             models[key] = (co, clip)
@@ -132,6 +132,9 @@ def main(argv=None):
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--steps", type=int, default=20, help="timed calls per case and round")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--no-tune", dest="tune", action="store_false",
+                        help="convert without timing each Conv3d's implementations (each worker's timings may pick "
+                             "others: a difference of the machine's moment, not of the code)")
     args = parser.parse_args(argv)
     base = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", args.base], check=True,
                           capture_output=True, text=True).stdout.strip()
@@ -143,7 +146,7 @@ def main(argv=None):
     workers = {}
     for side, tree in trees.items():
         workers[side] = subprocess.Popen(
-            [sys.executable, __file__, "--worker", tree, str(args.threads), str(args.steps)],
+            [sys.executable, __file__, "--worker", tree, str(args.threads), str(args.steps), str(int(args.tune))],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
         imported = json.loads(workers[side].stdout.readline())
         assert all(Path(f).is_relative_to(tree) for f in imported.values()), (side, tree, imported)
@@ -176,7 +179,7 @@ def main(argv=None):
     lines = [f"# Step speed, A/B: A = {base}, B = {head}{' + uncommitted changes' if dirty else ''}", "",
              machine(), load_line(load, os.getloadavg()[0], args.threads),
              f"{args.rounds} rounds, interleaved in a random order; each figure the median over rounds of the median "
-             f"of {args.steps} calls.", "",
+             f"of {args.steps} calls; {'tuned' if args.tune else 'untuned (tune=False)'} conversions.", "",
              "| case | A ms | B ms | B/A |", "|---|---|---|---|"]
     for case in args.cases:
         a, b = (statistics.median(times[side, case]) * 1e3 for side in ("A", "B"))
@@ -186,6 +189,6 @@ def main(argv=None):
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--worker":
-        worker(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
+        worker(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), bool(int(sys.argv[5])))
     else:
         main()
