@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import fnmatch
 import operator
+import warnings
 from typing import Mapping, Optional
 
 import torch
@@ -298,10 +299,13 @@ class _Classifier:
             self.set(node, "stream", "merge", time=streams[0].meta["cofx_time"])
             return
         if streams and node.meta.get("cofx_longer_failed"):
+            clip = clip_value(next(n for n in self.gm.graph.nodes if n.op == "placeholder"))
+            last = " (time is the input's last dim here: for (B, T, C) inputs convert with time_dim=1, on the " \
+                "command line --time-dim 1)" if self.time_dim == len(clip.shape) - 1 else ""
             raise ConversionError(f"the model fails on clips longer than the example "
                                   f"({self.longer_errors.get(node.name) or next(iter(self.longer_errors.values()), '')})",
                                   node=node, fix="a continual model must accept any number of frames; "
-                                  "remove fixed clip lengths from the model")
+                                  f"remove fixed clip lengths from the model{last}")
         if streams:
             self.stream_op(node, streams, folded)
         else:
@@ -341,6 +345,10 @@ class _Classifier:
             return "positions"   # a table sized for the clip, added whole
         if node.op == "call_module" and node.meta.get("cofx_longer_failed") and \
                 not any(a.meta.get("cofx_longer_failed") for a in streams) and self.sized_for_clip(node, streams):
+            if any(a.op == "placeholder" for a in streams) and self.time_dim == len(clip_value(streams[0]).shape) - 1:
+                warnings.warn(f"cofx: layer '{node.target}' takes the input's last dim, the time dim given, whole "
+                              f"({_time_len(streams[0], 'clip')} frames): it runs on a window of the clip; if time is "
+                              "at dim 1, as in (B, T, C), convert with time_dim=1", stacklevel=2)
             return "sized"       # a layer sized for the clip (nn.Linear over time): it runs on windows of N frames
         if node.op == "call_function" and node.target in (torch.cat, torch.concat) and \
                 any(a.meta["cofx_role"] == "static" for a in node_inputs(node)) and isinstance(layout, Labels):

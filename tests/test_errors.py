@@ -1,4 +1,6 @@
 """Guarantee 5: every unsupported op and every bad stream gets an error naming the cause and the fix."""
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -315,3 +317,14 @@ def test_an_integer_chunk_is_told_to_become_the_models_dtype_only():
     co = cofx.convert(nn.Conv1d(3, 3, 3).eval(), torch.randn(1, 3, 8))
     with pytest.raises(cofx.StreamError, match=r"convert the input \(x.to\(torch.float32\)\)$"):
         co.forward_step(torch.zeros(1, 3, dtype=torch.int64))
+
+
+def test_a_layer_taking_the_input_time_dim_whole_warns_about_time_dim():
+    """(B, T, C) given without time_dim=1: the first Linear takes what cofx was told is time whole."""
+    model = nn.Sequential(nn.Linear(4, 8)).eval()
+    with pytest.warns(UserWarning, match=r"layer '0' takes the input's last dim.*convert with time_dim=1"):
+        co = cofx.convert(model, torch.randn(1, 10, 4))
+    assert any(r.kind == "window" for r in co.report)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cofx.convert(model, torch.randn(1, 10, 4), time_dim=1)   # told right: a per-frame layer, no warning
