@@ -3,9 +3,11 @@
 A step runs every op on one frame, where a BatchNorm costs as much dispatch as the
 convolution before it and far more than its arithmetic. Folded, it is gone:
 ``w' = w * g``, ``b' = (b - mean) * g + beta`` with ``g = gamma / sqrt(var + eps)``.
-The folded tensors are cached and rebuilt when any of the six source tensors
-changes (in place, e.g. by an optimizer or ``load_state_dict``, or replaced), so
-a step pays a version check. Results differ from conv-then-BatchNorm by float
+The folded tensors are cached and rebuilt when any of the source tensors
+changes (in place, e.g. by an optimizer or ``load_state_dict``, or replaced) or
+the epsilon does, so a step pays a version check. A training-mode forward
+updates the running statistics without counting a version of them; it counts
+``num_batches_tracked`` up, which is among the sources. Results differ from conv-then-BatchNorm by float
 rounding only.
 """
 from __future__ import annotations
@@ -36,11 +38,11 @@ class BatchNormFold(Kernel):
                               "statistics; call co.eval() before stepping")
         tensors = (weight, bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)
         if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
-            return self._fold(*tensors)   # differentiable, never cached
-        return self._cached(tensors)
+            return self._fold(*tensors, bn.eps)   # differentiable, never cached
+        return self._cached((*tensors, bn.eps, bn.num_batches_tracked))
 
-    def _fold(self, weight, bias, gamma, beta, mean, var):
-        scale = torch.rsqrt(var + self.bn.eps)
+    def _fold(self, weight, bias, gamma, beta, mean, var, eps, batches=None):
+        scale = torch.rsqrt(var + eps)
         if gamma is not None:
             scale = scale * gamma
         shift = -mean * scale if bias is None else (bias - mean) * scale

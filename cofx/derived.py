@@ -1,8 +1,9 @@
 """A value derived from tensors (folded or rolled weights), rebuilt only when one of them changed.
 
 "Changed" means another tensor object, other memory, or a write in place (the
-version counter). The cache holds its sources, so their memory cannot be freed
-and reused by a new tensor that would look like the old one.
+version counter); a source that is a plain number (an epsilon) changes with its
+value. The cache holds its sources, so their memory cannot be freed and reused
+by a new tensor that would look like the old one.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ class Derived:
         self.value = None
 
     def __call__(self, sources: Sequence[Optional[torch.Tensor]]):
-        marks = [None if t is None else (t.data_ptr(), t._version) for t in sources]
+        marks = [(t.data_ptr(), t._version) if isinstance(t, torch.Tensor) else t for t in sources]
         if self.sources is None or marks != self.marks or any(a is not b for a, b in zip(sources, self.sources)):
             self.value = self.make(*sources)
             self.sources, self.marks = tuple(sources), marks

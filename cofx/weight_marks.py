@@ -114,8 +114,9 @@ class WeightMarks:
     A slot has changed when it holds another tensor (replaced, or added where there was
     None), or its tensor was written in place (version) or given other memory (`.data =`).
     A write that bypasses version counting (through `.data` or `.detach()`) is not seen:
-    call `co.compile_steps()` again after one. BatchNorm's `num_batches_tracked` is left
-    out, as steps compile in eval mode only, where BatchNorm does not read it.
+    call `co.compile_steps()` again after one. BatchNorm's `num_batches_tracked` is marked too:
+    a training-mode forward updates the running statistics without counting a version of
+    theirs, and counts it up.
     `python_only` skips the C++ check.
     """
 
@@ -123,9 +124,8 @@ class WeightMarks:
                  say: Callable[[str], None] = lambda msg: None):
         self.slots, self.names = [], []
         for m in module.modules():
-            unread = ("num_batches_tracked",) if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) else ()
             for d in (m._parameters, m._buffers):
-                names = [name for name in d if name not in unread]
+                names = list(d)
                 self.slots.extend([d] * len(names))
                 self.names.extend(names)
         self.tensors = list(map(dict.get, self.slots, self.names))

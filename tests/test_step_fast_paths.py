@@ -194,3 +194,27 @@ def test_fast_layouts_never_leak_to_the_models_code(impl, monkeypatch):
     assert impl in {n.meta.get("cofx_impl") for n in co.graph.nodes}
     assert_equivalent(co, model, x)
     assert_steps_match_forward(co, x)
+
+
+@pytest.mark.parametrize("change", ["training forward", "eps"])
+def test_folded_batchnorm_follows_statistics_a_training_forward_updates(change):
+    """BatchNorm re-calibration (forwards in training mode, no optimizer) and a changed epsilon reach the
+    folded weights of steps: the running statistics change without a version of their own."""
+    model = conv_bn_net().double().eval()
+    clip = torch.randn(1, 3, 6, 5, 5, dtype=D)
+    co = cofx.convert(model, clip)
+    with torch.no_grad():
+        co.forward_steps(clip, pad_end=True)   # folds cached
+        if change == "eps":
+            model[1].eps = 0.5
+        else:
+            co.train()
+            for _ in range(2):
+                co(torch.randn(2, 3, 6, 5, 5, dtype=D))
+            co.eval()
+        co.clean_state()
+        got, want = co.forward_steps(clip, pad_end=True), model(clip)
+        frames = [co.forward_step(clip[:, :, i]) for i in range(6)]
+    assert max_err(got, want) <= tolerance(want)
+    stepped = torch.stack([f for f in frames if f is not None], 2)   # frame by frame: the ring's rolled weights
+    assert max_err(stepped, want[:, :, :stepped.shape[2]]) <= tolerance(want)
