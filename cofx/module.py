@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import inspect
+from itertools import repeat
 from typing import Optional
 
 import torch
@@ -50,9 +51,9 @@ class ContinualModule(fx.GraphModule):
         self.__dict__["_compiled"] = None    # CompiledSteps, see compile_steps()
         self.__dict__["_report"] = None
         self.__dict__["_call_mode"] = "forward"
-        self.__dict__["_steps_need_eval"] = info.get("training_differs", False) or any(
-            isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd))
-            for m in traced.modules())
+        # the modules whose training mode changes what a step would compute (their dicts, read in a C loop)
+        self.__dict__["_moded"] = [m.__dict__ for m in traced.modules()
+                                   if isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd))]
 
     def recompile(self):
         """The graph's forward, which is the model's own forward while any module trains: the graph was traced
@@ -110,10 +111,15 @@ class ContinualModule(fx.GraphModule):
         """A chunk, or one frame without its time axis (`framewise`, whose output is `_frame_output`'s)."""
         position = self._position
         position.compiled = False
-        if self.training and self._steps_need_eval:
-            raise StreamError("the model is in training mode: BatchNorm would normalise each chunk by its own "
-                              "statistics, Dropout would drop frames at random and branches on self.training "
-                              "were traced in eval mode; call co.eval() before stepping")
+        if any(map(dict.get, self._moded, repeat("training"))) or \
+                (self.training and self._info.get("training_differs", False)):
+            moded = (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd)
+            which = [f"'{n}' ({type(m).__name__})" for n, m in self.named_modules() if isinstance(m, moded) and m.training]
+            raise StreamError(f"{', '.join(which[:3]) + (' ...' if len(which) > 3 else '') or 'the model'} "
+                              f"{'is' if len(which) < 2 else 'are'} in training mode where a step would compute "
+                              "otherwise: a BatchNorm would normalise each chunk by its own statistics, a Dropout "
+                              "would drop frames at random, and branches on self.training were traced in eval "
+                              "mode; call co.eval() before stepping")
         if position.batch is not None and x.shape[0] != position.batch:
             raise StreamError(f"the batch size changed mid-stream from {position.batch} to {x.shape[0]}: "
                               "each row of the batch is one stream; call co.clean_state() to start new streams")

@@ -76,8 +76,23 @@ def test_folded_batchnorm_passes_gradients():
 def test_batchnorm_switched_to_training_alone_is_refused():
     co = cofx.convert(conv_bn_net(), stream())
     co.get_submodule("1").train()
-    with pytest.raises(cofx.StreamError, match="BatchNorm is in training mode"):
+    with pytest.raises(cofx.StreamError, match=r"'1' \(BatchNorm3d\) is in training mode.*co.eval\(\)"):
         co.forward_step(stream()[:, :, 0])
+
+
+def test_a_model_in_training_mode_with_every_batchnorm_frozen_steps():
+    """Fine-tuning a head with the backbone's BatchNorms frozen in eval: nothing a step computes changes."""
+    model = conv_bn_net().double()
+    co = cofx.convert(model, stream())
+    co.train()
+    for m in co.modules():
+        if isinstance(m, nn.BatchNorm3d):
+            m.eval()
+    x = stream()
+    with torch.no_grad():
+        got = co.forward_steps(x, pad_end=True)
+        want = model.eval()(x)
+    assert max_err(got, want) <= tolerance(want)
 
 
 class MutatesAfterMerge(nn.Module):
