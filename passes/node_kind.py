@@ -334,7 +334,7 @@ class _Classifier:
             return None
         if any(a.meta.get("cofx_from_window") for a in folded):
             return "join"
-        if self.is_attention(node, streams):
+        if self.is_attention(node, streams) or self.softmax_over_time(node, streams):
             return "attention"
         layout = node.meta["cofx_layout"]
         if any(a.meta.get("cofx_clip_const") for a in node_inputs(node)):
@@ -357,6 +357,21 @@ class _Classifier:
                              if isinstance(a.meta["cofx_layout"], Labels)):
                 return "token"
         return None
+
+    @staticmethod
+    def softmax_over_time(node, streams) -> bool:
+        """A softmax over the frames (attention pooling with a learned query: ``softmax(q @ h^T) @ h``): the
+        weights of the frames of a clip, a window over it."""
+        softmax = (node.op == "call_function" and node.target in (F.softmax, torch.softmax, F.log_softmax,
+                                                                   torch.log_softmax)) or \
+            (node.op == "call_method" and node.target in ("softmax", "log_softmax"))
+        if not softmax or len(streams) != 1:
+            return False
+        labels = streams[0].meta["cofx_layout"]
+        dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
+        if not isinstance(dim, int) or not isinstance(labels, Labels):
+            return False
+        return (dim % len(labels)) in time_axes(labels)
 
     def sized_for_clip(self, node, streams) -> bool:
         """Whether a layer's parameters have a dimension of its stream inputs' clip length (`nn.Linear(T, H)`

@@ -606,3 +606,34 @@ def test_key_padding_masks_run_out_of_phase_and_their_export_is_refused_with_a_r
                 assert torch.allclose(out[:1], model(stream[:1, t - N + 1:t + 1]), atol=ATOL, rtol=0)
     with pytest.raises(cofx.StreamError, match="cannot export this model to ONNX"):
         cofx.export_onnx(co, str(tmp_path / "m.onnx"))
+
+
+class LearnedQueryPool(nn.Module):
+    """Attention pooling over frames with a learned query, written by hand (softmax over time, weighted sum)."""
+
+    def __init__(self, form):
+        super().__init__()
+        self.inp, self.score, self.head = nn.Linear(C, 8), nn.Linear(8, 1), nn.Linear(8, 3)
+        self.q = nn.Parameter(torch.randn(1, 1, 8))
+        self.form = form
+
+    def forward(self, x):   # (B, T, C)
+        z = self.inp(x).relu()
+        if self.form == "query":
+            return self.head((torch.softmax(self.q @ z.transpose(-2, -1) / 8 ** 0.5, -1) @ z).squeeze(1))
+        if self.form == "score":
+            return self.head((self.score(z).softmax(dim=1) * z).sum(1))
+        return self.head((F.log_softmax(z @ self.q.squeeze(0).t(), 1).exp() * z).sum(1))
+
+
+@pytest.mark.parametrize("form", ["query", "score", "log_softmax"])
+def test_hand_written_attention_pooling_with_a_learned_query_is_exact(form):
+    assert_exact(LearnedQueryPool(form))
+
+
+def test_a_softmax_over_frames_returned_per_frame_is_refused_as_not_causal():
+    class PerFrame(LearnedQueryPool):
+        def forward(self, x):
+            return self.inp(x).softmax(1)
+
+    assert_refused(PerFrame("query"), "(?s)frame .* of the window changes the outputs of the frames before it")

@@ -679,7 +679,8 @@ def test_exact(name, make, clip, time_dim):
     assert_exact(make(), clip(), time_dim=time_dim)
 
 
-@pytest.mark.parametrize("how", ["mean", "amax", "logsumexp", "std", "var", "median", "norm", "prod", "topk"])
+@pytest.mark.parametrize("how", ["mean", "amax", "logsumexp", "std", "var", "median", "norm", "prod", "topk",
+                                 "softmax_pool"])
 def test_temporal_pooling_heads(how):
     co = assert_exact(seeded(PoolHead, how), video(6, 4))
     assert co.delay == 6
@@ -736,8 +737,6 @@ REFUSED_CASES = [
      ["node 'pad'", "reflect padding along time needs frames from the future"]),
     ("circular padding_mode", lambda: seeded(nn.Conv1d, 3, 4, 3, padding=1, padding_mode="circular"), seq,
      ["circular padding along time needs frames from the future"]),
-    ("softmax-weighted pooling over time", lambda: seeded(PoolHead, "softmax_pool"), lambda: video(6, 4),
-     ["node 'softmax'", "does not act frame by frame"]),
     ("cumsum over time", lambda: seeded(PoolHead, "cumsum"), lambda: video(6, 4), ["node 'cumsum'"]),
     ("sort over time", lambda: seeded(PoolHead, "sort"), lambda: video(6, 4), ["node 'sort'"]),
     ("InstanceNorm1d over time", lambda: seeded(LayerNormGRU, "instance"), seq,
