@@ -56,7 +56,7 @@ import warnings
 import weakref
 from collections import deque
 from dataclasses import dataclass
-from itertools import count, repeat
+from itertools import count
 from typing import Callable, Optional
 
 import torch
@@ -203,14 +203,6 @@ class CompiledSteps:
         self.folder = tempfile.mkdtemp(prefix="cofx-steps-")   # their files, removed with self
         weakref.finalize(self, shutil.rmtree, self.folder, ignore_errors=True)
         self._names = count()
-        # the attributes of modules whose training mode changes what they compute (the recording baked eval
-        # mode), read from their dicts in a C loop before every step: X3D-S has 84, out of cache after a step
-        self.moded = [m.__dict__ for m in co.modules()
-                      if isinstance(m, (torch.nn.modules.batchnorm._BatchNorm, torch.nn.modules.dropout._DropoutNd))]
-
-    def applies(self) -> bool:
-        """False while a BatchNorm or Dropout is in training mode: eager steps then say what happens."""
-        return not any(map(dict.get, self.moded, repeat("training")))
 
     def applies_to(self, frames: int) -> bool:
         """Whether a chunk of `frames` frames runs compiled (in steady state, without gradients, ...)."""

@@ -129,7 +129,7 @@ class ContinualModule(fx.GraphModule):
         compiled = self._compiled
         if compiled is not None and compiled.applies_to(n) and update_state and not pad_end \
                 and frames is not None and frames >= compiled.start and not torch.is_grad_enabled() \
-                and compiled.applies() and not self._streams_out_of_phase():
+                and not self._streams_out_of_phase():   # (no module trains: refused above otherwise)
             out = compiled(x, frames, framewise)   # the output as returned (None when empty), state advanced
             position.frames = frames + n
             set_ready(self, compiled.ready)
