@@ -313,13 +313,13 @@ class Sliding(Stateful):
                  window: Optional[Callable] = None, layout: Optional[torch.memory_format] = None,
                  ring: bool = False):
         super().__init__(ctx)
-        # the kept frames, in the storage form the last step wanted (`FrameWindow`)
-        self.__dict__.update(layout=layout, _rolled={}, _program=None, _weight=None,
-                             store=FrameWindow(t, span, max(span - 1, pad_l, 0), pad_value, layout))
-        self.__dict__["compute"] = compute
-        self.__dict__["window"] = window   # a faster compute for exactly one output window, if any
         # the rules of its window (completion, end padding, averages), shared by every path that steps it
         self.__dict__["geometry"] = g = WindowGeometry(span, stride, pad_l, pad_r, ceil_mode, avg_count)
+        # the kept frames, in the storage form the last step wanted (`FrameWindow`)
+        self.__dict__.update(layout=layout, _rolled={}, _program=None, _weight=None,
+                             store=FrameWindow(t, span, g.keep, pad_value, layout))
+        self.__dict__["compute"] = compute
+        self.__dict__["window"] = window   # a faster compute for exactly one output window, if any
         self.t, self.pad_value, self.keep = t, pad_value, g.keep
         self.span, self.stride, self.pad_l, self.pad_r = span, stride, pad_l, pad_r
         self.out_labels = tuple(out_labels)
