@@ -98,6 +98,7 @@ def convert(model: nn.Module, example_input: Optional[torch.Tensor] = None, *, s
         ctx = StreamContext(init)
         say("building the continual graph")
         graph, kernels, out_axes, node_kernels = passes.build_step_graph(gm, ctx)
+        passes.read_rows(graph, kernels, gm)
         info = _summary(gm, clip, time_dim, out_axes, node_kernels, init)
         info["options"] = dict(strict=strict, leaf_modules=tuple(leaf_modules), time_dim=time_dim,
                                window=dict(window or {}), init=init, tune=tune)
@@ -283,6 +284,9 @@ def _report(gm, co: ContinualModule, node_kernels: dict, exact: dict) -> Report:
             continue
         timing = node.meta.get("cofx_timing")
         k, s, p, d, note = temporal_params(node.meta.get("cofx_spec"))
+        if "cofx_rows" in node.meta:   # narrowed to the row the model reads (passes.read_rows)
+            dim, row = node.meta["cofx_rows"]
+            note = "; ".join(filter(None, (note, f"row {row} of dim {dim} only, the row read")))
         rows.append(Row(name=node.name, op=op_label(node), kind=node.meta.get("cofx_kind", "time-free"),
                         kernel=k, stride=s, padding=p, dilation=d,
                         receptive_field=timing.receptive_field if timing else None,

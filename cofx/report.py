@@ -55,7 +55,7 @@ def temporal_params(spec) -> tuple:
             note += f", clip length here is {spec.clip_window}"
         return spec.window, 1, None, None, note
     if name == "WindowSpec":
-        return spec.window, 1, None, None, f"{spec.what}: a window of the last {spec.window} frames, run whole each step"
+        return spec.window, 1, None, None, f"{spec.what}: a window of the last {spec.window} frames, run each step"
     return None, None, None, None, ""
 
 

@@ -15,8 +15,9 @@ from .receptive_field import annotate_timing
 from .select_kernels import select_kernels
 from .fold_batchnorm import mark_batchnorm_folds
 from .continualize import build_step_graph
+from .read_rows import read_rows
 
 __all__ = ["diff_as_slices", "unfold_as_slices", "record_runs", "label_layouts", "mark_length_values", "classify_nodes", "fold_crops", "check_framewise",
            "check_causal",
            "annotate_timing",
-           "select_kernels", "mark_batchnorm_folds", "build_step_graph"]
+           "select_kernels", "mark_batchnorm_folds", "build_step_graph", "read_rows"]

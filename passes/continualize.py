@@ -643,8 +643,10 @@ def build_step_graph(gm: fx.GraphModule, ctx: K.StreamContext):
     """(step graph, kernels by name, time axis of each output leaf, kernel names by original node)."""
     b = _Builder(gm, ctx)
     graph, kernels = b.run()
-    for node, new in b.env.items():   # which step nodes carry an original node's frames (for diagnosis)
-        if isinstance(new, fx.Node) and node.meta.get("cofx_role") == "stream" and "cofx_folded_into" not in node.meta:
-            new.meta.setdefault("cofx_origin", node.name)
+    for node, new in b.env.items():
+        if isinstance(new, fx.Node) and "cofx_folded_into" not in node.meta:
+            new.meta.setdefault("cofx_source", node.name)   # the original node a step node computes
+            if node.meta.get("cofx_role") == "stream":   # which step nodes carry its frames (for diagnosis)
+                new.meta.setdefault("cofx_origin", node.name)
     graph.lint()
     return graph, kernels, b.out_time_axes, b.node_kernels

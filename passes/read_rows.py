@@ -1,0 +1,374 @@
+"""Compute only the rows of a window that the model reads.
+
+Over a window of the clip (attention, a per-position table) the step runs the
+model's ops on the window's N frames. A model that then reads one frame of the
+result (``blocks(x)[:, -1]``, a class token ``x[:, 0]``) needs that row alone
+from every op that acts row by row: its attention takes one query against all
+N keys and values, and its projection, norms and feed-forward run on one row
+instead of N. This pass walks back from such reads through the ops whose row r
+depends only on row r of their inputs (elementwise ops, `Linear`, `LayerNorm`,
+a softmax over another axis, transposes and reshapes that keep the axis, the
+query side of ``q @ k^T`` and of `F.scaled_dot_product_attention`) and narrows
+each to the row read; a value that is also needed whole (the keys and values)
+stays whole and is narrowed where the row is taken from it. Each rewrite is an
+identity of the op, so the step computes the same numbers.
+
+It rewrites the step graph that `build_step_graph` built, in place, and
+records ``meta['cofx_rows'] = (dim, row)`` on each original node it narrowed.
+
+Example::
+
+    >>> class Pool(torch.nn.Module):       # attention pooling of a window, read at its newest frame
+    ...     def __init__(self):
+    ...         super().__init__()
+    ...         self.q, self.k, self.fc = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4), torch.nn.Linear(4, 2)
+    ...     def forward(self, x):
+    ...         a = (self.q(x) @ self.k(x).transpose(1, 2)).softmax(-1)
+    ...         return self.fc(a @ x)[:, -1]
+    >>> co = cofx.convert(Pool().eval(), torch.randn(1, 6, 4), time_dim=1)
+    >>> {n.name: n.meta["cofx_rows"] for n in co.graph.nodes if "cofx_rows" in n.meta}   # (axis, row) computed
+    {'matmul': (1, 5), 'softmax': (1, 5), 'matmul_1': (1, 5), 'fc': (1, 5)}
+"""
+from __future__ import annotations
+
+import operator
+from typing import Optional
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+from cofx import kernels as K
+
+from .continualize import co_labels
+from .shape_runs import Rec
+
+_ELEMENTWISE_FUNCTIONS = {operator.add, operator.sub, operator.mul, operator.truediv, operator.neg, torch.add,
+                          torch.sub, torch.mul, torch.div, torch.relu, torch.sigmoid, torch.tanh, torch.exp,
+                          torch.where, torch.maximum, torch.minimum, torch.clamp, F.relu, F.gelu, F.silu,
+                          F.sigmoid, F.tanh, F.elu, F.leaky_relu, F.hardswish, F.mish, F.softplus}
+_ELEMENTWISE_METHODS = {"add", "sub", "mul", "div", "neg", "relu", "sigmoid", "tanh", "exp", "clamp", "abs",
+                        "masked_fill", "contiguous", "float", "double", "sqrt", "rsqrt", "pow"}
+_ELEMENTWISE_MODULES = (nn.ReLU, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Identity, nn.Dropout, nn.ELU,
+                        nn.LeakyReLU, nn.Mish, nn.Hardswish, nn.Softplus)
+_MATMULS = {torch.matmul, operator.matmul, torch.bmm}
+_SOFTMAX_FUNCTIONS = {F.softmax, torch.softmax, F.log_softmax, torch.log_softmax}
+
+
+class _Op:
+    """What a step node computes, seen through a `Framewise` guard: (op kind, target), and the original node."""
+
+    def __init__(self, node: fx.Node, step_gm_modules: dict, gm: fx.GraphModule, orig: fx.Node):
+        self.node, self.orig = node, orig
+        kernel = step_gm_modules.get(node.target) if node.op == "call_module" else None
+        self.guard = kernel if isinstance(kernel, K.Framewise) else None
+        if self.guard is not None:
+            if self.guard.method is not None:
+                self.kind, self.target = "call_method", self.guard.method
+            elif isinstance(self.guard.op, nn.Module):
+                self.kind, self.target = "call_module", self.guard.op
+            else:
+                self.kind, self.target = "call_function", self.guard.op
+        elif node.op == "call_module":
+            self.kind = "call_module"
+            self.target = gm.get_submodule(node.target) if node.target == orig.target else None
+        else:
+            self.kind, self.target = node.op, node.target
+
+
+def _shape(value) -> Optional[tuple]:
+    rec = value.meta.get("cofx_runs", {}).get("clip") if isinstance(value, fx.Node) else None
+    return tuple(rec.shape) if isinstance(rec, Rec) else None
+
+
+def _dim(d, ndim: int) -> Optional[int]:
+    return d % ndim if isinstance(d, int) and -ndim <= d < ndim else None
+
+
+class _Rows:
+    def __init__(self, graph: fx.Graph, kernels: dict, gm: fx.GraphModule):
+        self.graph, self.kernels, self.gm = graph, kernels, gm
+        origs = {n.name: n for n in gm.graph.nodes}
+        self.ops = {}
+        for n in graph.nodes:
+            orig = origs.get(n.meta.get("cofx_source"))
+            if orig is not None and orig.meta.get("cofx_from_window") and _shape(orig) is not None \
+                    and n.op in ("call_function", "call_method", "call_module"):
+                self.ops[n] = _Op(n, kernels, gm, orig)
+
+    # -- the rules: for an op narrowed to row `r` of its output's axis `d`, the axis of each input leaf --------
+    def input_axes(self, n: fx.Node, d: int) -> Optional[list]:
+        """For `n` narrowed at axis `d` of its output, the axis each leaf of its arguments (``tree_flatten((args,
+        kwargs))``) is narrowed at (None: taken whole), or None where `n` cannot be narrowed there."""
+        op = self.ops.get(n)
+        if op is None or op.target is None:
+            return None
+        if op.guard is not None and any(isinstance(lab, tuple) for lab in op.guard.out_labels):
+            return None   # several outputs
+        mine, spec = tree_flatten((n.args, n.kwargs))
+        none = [None] * len(mine)
+        out = _shape(op.orig)
+        ndim = len(out)
+        kind, target = op.kind, op.target
+        if kind == "call_function" and target is K.reshape:
+            axis = self.reshape_axis(n, d)
+            return None if axis is None else [axis] + none[1:]
+        theirs, orig_spec = tree_flatten((op.orig.args, op.orig.kwargs))
+        if spec != orig_spec:
+            return None
+        shapes = [_shape(o) if isinstance(m, fx.Node) else None for m, o in zip(mine, theirs)]
+
+        def first(axis):
+            return [axis] + none[1:] if shapes[0] is not None and axis is not None else None
+
+        def elementwise():
+            axes = []
+            for s in shapes:
+                a = None if s is None else d - (ndim - len(s))
+                axes.append(a if a is not None and a >= 0 and s[a] != 1 else None)
+            return axes
+
+        if kind == "call_module":
+            if isinstance(target, _ELEMENTWISE_MODULES) or isinstance(target, nn.Linear) and d != ndim - 1:
+                return first(d)
+            if isinstance(target, nn.LayerNorm) and d < ndim - len(target.normalized_shape):
+                return first(d)
+            if isinstance(target, (nn.Softmax, nn.LogSoftmax)) and _dim(target.dim, ndim) not in (d, None):
+                return first(d)
+            return None
+        args = list(n.args)
+        if kind == "call_function" and target in _ELEMENTWISE_FUNCTIONS or \
+                kind == "call_method" and target in _ELEMENTWISE_METHODS:
+            return elementwise()
+        if kind == "call_function" and target is F.linear and d != ndim - 1:
+            return first(d)
+        if kind == "call_function" and target is F.layer_norm and len(args) > 1 and \
+                d < ndim - len(tuple(args[1])):
+            return first(d)
+        if kind == "call_function" and target in _SOFTMAX_FUNCTIONS or \
+                kind == "call_method" and target in ("softmax", "log_softmax"):
+            axis = n.kwargs.get("dim", args[1] if len(args) > 1 else None)
+            return first(d) if _dim(axis, ndim) not in (d, None) else None
+        if (kind, target) in (("call_method", "transpose"), ("call_function", torch.transpose)):
+            a, b = (_dim(x, ndim) for x in args[1:3])
+            return first(b if d == a else a if d == b else d) if None not in (a, b) else None
+        if (kind, target) in (("call_method", "permute"), ("call_function", torch.permute)):
+            dims = args[1] if len(args) == 2 and isinstance(args[1], (tuple, list)) else args[1:]
+            return first(_dim(dims[d], ndim)) if len(dims) == ndim else None
+        if kind == "call_function" and target is operator.getitem and shapes[0] is not None:
+            return first(_index_axis(args[1], len(shapes[0]), d))
+        if kind == "call_function" and target in _MATMULS or kind == "call_method" and target == "matmul":
+            a, b = shapes[0], shapes[1]
+            if a is None or b is None or len(a) < 2 or len(b) < 2:
+                return None
+            if d == ndim - 2:
+                return [len(a) - 2, None] + none[2:]
+            return elementwise() if d < ndim - 2 else None
+        if kind == "call_function" and target is F.scaled_dot_product_attention and d == ndim - 2:
+            return self.attention_axes(n, shapes, none)
+        return None
+
+    def reshape_axis(self, n, d) -> Optional[int]:
+        """A reshape keeps axis `d` where it has the same size and what comes before it in its input the same
+        streams and the same number of elements (the batch counted apart: it varies from step to step)."""
+        spec = n.args[1]
+        labels_in = co_labels(self.ops[n].orig.args[0])
+        if len(n.args) > 5 or n.kwargs or not isinstance(spec[d], int) or not isinstance(labels_in, tuple):
+            return None
+
+        def prefixes(labels):
+            out, streams, size = [], 0, 1
+            for lab in labels:
+                out.append((streams, size))
+                if isinstance(lab, int):
+                    size *= lab
+                else:
+                    streams += 1
+            return out
+
+        want = prefixes(spec)[d]
+        for axis, (prefix, lab) in enumerate(zip(prefixes(labels_in), labels_in)):
+            if prefix == want and lab == spec[d]:
+                return axis
+        return None
+
+    def attention_axes(self, n, shapes, none):
+        """The query side of `F.scaled_dot_product_attention` (and the rows of its mask)."""
+        names = ("query", "key", "value", "attn_mask")
+        where, at = {}, 0
+        for i, arg in enumerate(n.args):   # the flat position of each argument (kwargs follow the args)
+            if i < len(names) and isinstance(arg, fx.Node):
+                where[names[i]] = at
+            at += len(tree_flatten(arg)[0])
+        for name, arg in n.kwargs.items():
+            if name in names and isinstance(arg, fx.Node):
+                where[name] = at
+            at += len(tree_flatten(arg)[0])
+        if not {"query", "key", "value"} <= set(where):
+            return None
+        axes = list(none)
+        axes[where["query"]] = len(shapes[where["query"]]) - 2
+        if "attn_mask" in where:
+            s = shapes[where["attn_mask"]]
+            if s is None or len(s) < 2:
+                return None
+            axes[where["attn_mask"]] = len(s) - 2 if s[-2] != 1 else None
+        return axes
+
+    # -- demands, from the reads back ----------------------------------------------------------------------
+    def reads(self, n: fx.Node) -> Optional[tuple]:
+        """(input, axis, row) when `n` reads one row of a windowed value at a fixed index."""
+        op = self.ops.get(n)
+        if op is None or op.guard is not None or n.op != "call_function" or n.target is not operator.getitem:
+            return None
+        x = n.args[0]
+        shape = _shape(op.orig.args[0]) if isinstance(op.orig.args[0], fx.Node) else None
+        if not isinstance(x, fx.Node) or x not in self.ops or shape is None:
+            return None
+        index = n.args[1] if isinstance(n.args[1], tuple) else (n.args[1],)
+        axis, ints = 0, []
+        for i, entry in enumerate(index):
+            if entry is Ellipsis or entry is None or not isinstance(entry, (int, slice)) or isinstance(entry, bool):
+                return None
+            if isinstance(entry, int):
+                ints.append((i, axis))
+            elif entry != slice(None):
+                return None
+            axis += 1
+        if len(ints) != 1:
+            return None
+        i, axis = ints[0]
+        if not isinstance(co_labels(op.orig.args[0])[axis], int):
+            return None
+        row = index[i]
+        if not -shape[axis] <= row < shape[axis]:
+            return None
+        return x, axis, row % shape[axis], i
+
+    def run(self) -> int:
+        nodes = list(self.graph.nodes)
+        demands: dict = {}   # node -> set of (axis, row), or None for 'whole'
+        narrowed: dict = {}
+        read_of: dict = {}
+        for n in nodes:
+            read = self.reads(n)
+            if read is not None:
+                read_of[n] = read
+
+        def demand_on(user, value):
+            if user in read_of and read_of[user][0] is value:
+                _, axis, row, _ = read_of[user]
+                return {(axis, row)}
+            if user not in narrowed:
+                return {None}
+            axis, row = narrowed[user]
+            axes = self.input_axes(user, axis)
+            mine, _ = tree_flatten((user.args, user.kwargs))
+            return {None if a is None else (a, row) for m, a in zip(mine, axes) if m is value}
+
+        for n in reversed(nodes):
+            if n not in self.ops or not n.users:
+                continue
+            wanted = set()
+            for user in n.users:
+                wanted |= demand_on(user, n)
+            demands[n] = wanted
+            if len(wanted) == 1 and None not in wanted:
+                (axis, row), = wanted
+                if self.input_axes(n, axis) is not None:
+                    narrowed[n] = (axis, row)
+        if not narrowed:
+            return 0
+        self.rewrite(narrowed, read_of)
+        return len(narrowed)
+
+    # -- the rewrite -------------------------------------------------------------------------------------------
+    def rewrite(self, narrowed: dict, read_of: dict) -> None:
+        rows: dict = {}
+
+        def row_of(value, axis, row, before):
+            if narrowed.get(value) == (axis, row):
+                return value
+            key = (value, axis, row)
+            if key not in rows:
+                with self.graph.inserting_before(before):
+                    rows[key] = self.graph.call_method("narrow", (value, axis, row, 1))
+            return rows[key]
+
+        for n in list(self.graph.nodes):
+            if n in narrowed:
+                axis, row = narrowed[n]
+                axes = self.input_axes(n, axis)
+                mine, spec = tree_flatten((n.args, n.kwargs))
+                new = [row_of(m, a, row, n) if a is not None else m for m, a in zip(mine, axes)]
+                n.args, n.kwargs = tree_unflatten(new, spec)
+                self.narrowed_op(n, axis, row)
+                self.ops[n].orig.meta["cofx_rows"] = (axis, row)
+            elif n in read_of and narrowed.get(read_of[n][0]) is not None:
+                _, axis, row, i = read_of[n]
+                index = n.args[1] if isinstance(n.args[1], tuple) else (n.args[1],)
+                index = tuple(0 if j == i else e for j, e in enumerate(index))
+                n.args = (n.args[0], index if isinstance(n.args[1], tuple) else index[0])
+
+    def narrowed_op(self, n: fx.Node, axis: int, row: int) -> None:
+        """What else changes with the rows: a reshape's sizes, a guard's empty output, a causal mask."""
+        op = self.ops[n]
+        if op.kind == "call_function" and op.target is K.reshape:
+            x, spec, batch, batch_dims, static = n.args[:5]
+            in_axis = self.input_axes(n, axis)[0]
+            frames = co_labels(op.orig.args[0])[in_axis]
+            n.args = (x, tuple(1 if i == axis else s for i, s in enumerate(spec)), batch, batch_dims,
+                      static // frames, *n.args[5:])
+        if op.guard is not None:
+            labels = tuple(1 if i == axis else lab for i, lab in enumerate(op.guard.out_labels))
+            self.kernels[n.target] = K.Framewise(op.guard.ctx, op.guard.op, op.guard.method, labels,
+                                                 op.guard.out_dtypes)
+        if op.kind == "call_function" and op.target is F.scaled_dot_product_attention and \
+                n.kwargs.get("is_causal", n.args[5] if len(n.args) > 5 else False):
+            keys = _shape(op.orig.args[1] if len(op.orig.args) > 1 else op.orig.kwargs["key"])[-2]
+            query = n.args[0] if n.args else n.kwargs["query"]
+            with self.graph.inserting_before(n):
+                mask = self.graph.call_function(causal_row, (query, keys, row))
+            args = list(n.args[:5])
+            kwargs = {k: v for k, v in n.kwargs.items() if k != "is_causal"}
+            if len(args) > 3:
+                args[3] = mask
+            else:
+                kwargs["attn_mask"] = mask
+            n.args, n.kwargs = tuple(args), kwargs
+
+
+def causal_row(query: torch.Tensor, keys: int, row: int) -> torch.Tensor:
+    """The mask ``is_causal`` gives query `row` of attention over `keys` keys: the keys up to it."""
+    return (torch.arange(keys, device=query.device) <= row).unsqueeze(0)
+
+
+def _index_axis(index, ndim: int, d: int) -> Optional[int]:
+    """The input axis that axis `d` of ``x[index]`` comes from, where that axis is taken whole."""
+    entries = index if isinstance(index, tuple) else (index,)
+    if any(e is Ellipsis or not isinstance(e, (int, slice)) or isinstance(e, bool) for e in entries if e is not None):
+        return None
+    axis, out = 0, 0
+    for e in entries:
+        if e is None:
+            if out == d:
+                return None
+            out += 1
+            continue
+        if isinstance(e, int):
+            axis += 1
+            continue
+        if out == d:
+            return axis if e == slice(None) else None
+        axis += 1
+        out += 1
+    return axis + (d - out) if d >= out and axis + (d - out) < ndim else None
+
+
+def read_rows(graph: fx.Graph, kernels: dict, gm: fx.GraphModule) -> int:
+    """Narrow the step graph's ops over a window to the rows its reads take; returns how many were narrowed."""
+    count = _Rows(graph, kernels, gm).run()
+    graph.lint()
+    return count

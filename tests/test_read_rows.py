@@ -1,0 +1,148 @@
+"""Windows over the clip compute only the rows the model reads (`cofx.passes.read_rows`).
+
+Random hand-written encoders (1-3 layers, 1-2 heads, pre- or post-norm, a class token first, last or none,
+learned positions sliced by the clip length or none, no mask, a causal mask or `is_causal=True`, attention written
+out or through `F.scaled_dot_product_attention`) read at one token: each must stay exact (at step t, the model on
+the last N frames) while its last layer's query, projection and feed-forward run on that token alone, and the
+step's FLOPs must fall accordingly.
+"""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from test_attention_forms import C, D, N, assert_exact, frames
+
+import cofx
+
+W = 8   # model width
+
+
+class Attention(nn.Module):
+    def __init__(self, heads: int, sdpa: bool, mask: str):
+        super().__init__()
+        self.heads, self.sdpa, self.mask = heads, sdpa, mask
+        self.qkv, self.proj = nn.Linear(W, 3 * W), nn.Linear(W, W)
+        self.scale = (W // heads) ** -0.5
+
+    def forward(self, x):
+        B, T, _ = x.shape
+        q, k, v = self.qkv(x).reshape(B, T, 3, self.heads, W // self.heads).permute(2, 0, 3, 1, 4)
+        causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
+        if self.sdpa:
+            if self.mask == "is_causal":
+                y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            else:
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=causal if self.mask == "causal" else None)
+        else:
+            a = (q @ k.transpose(-2, -1)) * self.scale
+            if self.mask != "none":
+                a = a.masked_fill(~causal, float("-inf"))
+            y = a.softmax(dim=-1) @ v
+        return self.proj(y.transpose(1, 2).reshape(B, T, W))
+
+
+class Layer(nn.Module):
+    def __init__(self, heads, sdpa, mask, pre_norm):
+        super().__init__()
+        self.pre_norm = pre_norm
+        self.attn = Attention(heads, sdpa, mask)
+        self.norm1, self.norm2 = nn.LayerNorm(W), nn.LayerNorm(W)
+        self.mlp = nn.Sequential(nn.Linear(W, 2 * W), nn.GELU(), nn.Linear(2 * W, W))
+
+    def forward(self, x):
+        if self.pre_norm:
+            x = x + self.attn(self.norm1(x))
+            return x + self.mlp(self.norm2(x))
+        x = self.norm1(x + self.attn(x))
+        return self.norm2(x + self.mlp(x))
+
+
+class Encoder(nn.Module):
+    def __init__(self, layers, heads, sdpa, mask, pre_norm, token, positions, read):
+        super().__init__()
+        self.token, self.positions, self.read = token, positions, read
+        self.embed = nn.Linear(C, W)
+        self.cls = nn.Parameter(torch.randn(1, 1, W))
+        self.pos = nn.Parameter(torch.randn(1, 16, W))
+        self.layers = nn.Sequential(*[Layer(heads, sdpa, mask, pre_norm) for _ in range(layers)])
+        self.head = nn.Linear(W, 3)
+
+    def forward(self, x):
+        h = self.embed(x)
+        if self.positions:
+            h = h + self.pos[:, :h.shape[1]]
+        cls = self.cls.expand(h.shape[0], -1, -1)
+        if self.token == "first":
+            h = torch.cat([cls, h], 1)
+        elif self.token == "last":
+            h = torch.cat([h, cls], 1)
+        return self.head(self.layers(h)[:, self.read])
+
+
+def encoders(count: int, seed: int):
+    rng = random.Random(seed)
+    for _ in range(count):
+        token = rng.choice(["first", "last", "none"])
+        mask = rng.choice(["none", "causal", "is_causal"]) if token != "first" else "none"
+        yield dict(layers=rng.randint(1, 3), heads=rng.choice([1, 2]), sdpa=rng.random() < 0.5, mask=mask,
+                   pre_norm=rng.random() < 0.5, token=token, positions=rng.random() < 0.5,
+                   read={"first": 0, "last": -1}.get(token, rng.choice([-1, 0, 2])))
+
+
+def narrowed(co) -> set:
+    return {n.name for n in co.graph.nodes if "cofx_rows" in n.meta}
+
+
+@pytest.mark.parametrize("config", list(encoders(12, seed=0)), ids=str)
+def test_random_encoders_read_at_a_token_compute_that_row_of_their_last_layer(config):
+    if config["mask"] == "is_causal" and not config["sdpa"]:
+        config = {**config, "mask": "causal"}
+    co = assert_exact(Encoder(**config))
+    last = f"layers_{config['layers'] - 1}"
+    rows = narrowed(co)
+    assert {f"{last}_mlp_0", f"{last}_mlp_2", f"{last}_attn_proj"} <= rows, rows
+    if config["layers"] > 1:   # an earlier layer gives every row: the next layer's keys and values need them
+        assert not any(name.startswith("layers_0_") for name in rows), rows
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config", list(encoders(40, seed=1)), ids=str)
+def test_more_random_encoders_read_at_a_token_are_exact(config):
+    if config["mask"] == "is_causal" and not config["sdpa"]:
+        config = {**config, "mask": "causal"}
+    assert_exact(Encoder(**config))
+
+
+def step_flops(co, frame) -> int:
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        co.forward_steps(frame)
+    return counter.get_total_flops()
+
+
+def test_one_layer_read_at_the_newest_frame_costs_a_row_per_step():
+    """One layer on a window of 32 frames read at the newest: keys and values come once per frame, so a step
+    is one query against 32 keys and one row of everything after it."""
+    torch.manual_seed(0)
+    model = Encoder(1, 2, False, "none", True, "none", False, -1).to(D).eval()
+    clip = torch.randn(1, 32, C, dtype=D)
+    co = cofx.convert(model, clip, time_dim=1)
+    with torch.no_grad():
+        co.forward_steps(torch.randn(1, 40, C, dtype=D))
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(clip)
+    per_clip = counter.get_total_flops()
+    per_step = step_flops(co, torch.randn(1, 1, C, dtype=D))
+    assert per_step * 20 < per_clip, (per_step, per_clip)
+
+
+def test_causal_sdpa_read_at_an_inner_token_sees_the_keys_up_to_it():
+    """`is_causal=True` on one query row becomes that row's mask (top-left aligned, as torch lays it out)."""
+    model = Encoder(2, 2, True, "is_causal", False, "none", True, 2)
+    co = assert_exact(model)
+    assert "causal_row" in co.step_code
