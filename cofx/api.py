@@ -121,30 +121,45 @@ def convert(model: nn.Module, example_input: Optional[torch.Tensor] = None, *, s
 def _training_graph_differs(model: nn.Module, leaf_modules, gm) -> bool:
     """Whether tracing in training mode gives another graph (`if self.training`, `F.dropout(training=...)`):
     steps, built from the eval graph, then need eval mode."""
+    slots = [(live, dict(live)) for m in model.modules() for live in (m._parameters, m._buffers)]
     model.train()
     try:
         return trace(model, leaf_modules).code != gm.code
     except ConversionError:
         return True
     finally:
+        for live, saved in slots:   # tracing ``if self.training: self.n += 1`` stores a Proxy in the slot
+            for name, tensor in saved.items():
+                if live[name] is not tensor:
+                    live[name] = tensor
         model.eval()
 
 
 def _kept_tensors(model: nn.Module) -> dict:
     """A copy of every parameter and buffer, to give the model back as it came and to see what its forward
-    changes."""
+    changes; and each module's plain number and flag attributes (a Python call counter), put back too."""
     named = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
-    return {k: (v, v.detach().clone()) for k, v in named if v is not None}
+    kept = {k: (v, v.detach().clone()) for k, v in named if v is not None}
+    kept[_ATTRIBUTES] = [(m, {k: v for k, v in vars(m).items() if type(v) in (int, float, bool)})
+                         for m in model.modules()]
+    return kept
+
+
+_ATTRIBUTES = object()   # the key of `_kept_tensors`'s plain attributes
 
 
 def _check_unchanged(model: nn.Module, kept: dict) -> None:
     now = {**dict(model.named_parameters(remove_duplicate=False)), **dict(model.named_buffers(remove_duplicate=False))}
-    for name, (tensor, copy) in kept.items():
+    for name, (tensor, copy) in _tensors(kept):
         if now.get(name) is not tensor or not _same(tensor.detach(), copy):
             raise ConversionError(f"the model's forward changes its {'parameter' if isinstance(tensor, nn.Parameter) else 'buffer'} "
                                   f"'{name}': a continual model cannot repeat that update once per clip",
                                   fix="keep running counters and statistics outside forward (or update them only "
                                   "in training mode)")
+
+
+def _tensors(kept: dict):
+    return ((name, pair) for name, pair in kept.items() if name is not _ATTRIBUTES)
 
 
 def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -160,8 +175,10 @@ def _set_modes(modes: dict) -> None:
 
 def _restore(model: nn.Module, modes: dict, kept: dict) -> None:
     _set_modes(modes)
+    for module, attributes in kept[_ATTRIBUTES]:
+        vars(module).update(attributes)
     with torch.no_grad():
-        for name, (tensor, copy) in kept.items():
+        for name, (tensor, copy) in _tensors(kept):
             owner, _, leaf = name.rpartition(".")
             module = model.get_submodule(owner)
             slots = module._parameters if leaf in module._parameters else module._buffers

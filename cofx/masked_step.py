@@ -346,6 +346,11 @@ def _check_one_frame_per_step(co) -> None:
         if isinstance(k, K.Recurrent) and k.window > frames:
             raise NotSteppable(f"the recurrent layer '{name}' takes {k.window} frames of a {frames}-frame clip: the "
                                "frames padding adds at the start cannot run one per step")
+    for node in co.step_graph.nodes:
+        rows = node.kwargs.get("rows") if node.op == "call_function" and node.target is K.reshape else None
+        if rows and any(r != 1 for r in rows):
+            raise NotSteppable(f"'{node.name}' folds {max(rows)} rows per stream into the batch (persons or joints): "
+                               "a fixed-shape step keeps one row per stream")
     out = next(n for n in co.graph.nodes if n.op == "output").args[0]
     for leaf in tree_flatten(out)[0]:
         if not isinstance(leaf, torch.fx.Node) or not isinstance(leaf.meta.get("cofx_layout"), tuple):
@@ -599,8 +604,12 @@ def _prime(co, dtype, device, kernels: dict):
     with scratch_stream(co), torch.no_grad():
         for batch in (1, 2):
             co.clean_state()
-            co.forward_steps(torch.zeros((batch, *frame_shape[:t - 1], 0, *frame_shape[t - 1:]), dtype=dtype,
-                                         device=device))
+            out = co.forward_steps(torch.zeros((batch, *frame_shape[:t - 1], 0, *frame_shape[t - 1:]),
+                                               dtype=dtype, device=device))
+            if any(isinstance(v, torch.Tensor) and v.numel() for v in tree_flatten(out)[0]):
+                raise NotSteppable("the model gives output frames before its first input frame (padding at the "
+                                   "start of time reaches its output): a fixed-shape step, one frame out per frame "
+                                   "in, would lose them")
             primed.append({n: _kernel_state(k) for n, k in kernels.items()})
         co.clean_state()
         frame = torch.zeros((1, *frame_shape), dtype=dtype, device=device)

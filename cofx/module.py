@@ -143,7 +143,7 @@ class ContinualModule(fx.GraphModule):
             return self._frame_output(out) if framewise else out
         saved = None if update_state else self._snapshot()
         ctx = self._ctx
-        position.batch = x.shape[0]
+        position.batch, position.like = x.shape[0], x.new_empty(0)
         try:
             out = self._step_module(x)
             if pad_end:
@@ -324,7 +324,8 @@ class ContinualModule(fx.GraphModule):
             for s, v in snap[n].items():
                 setattr(k, s, v)
         saved, position = snap["_position"], self._position   # (in place: a call in progress holds it)
-        position.batch, position.frames, position.compiled = saved.batch, saved.frames, saved.compiled
+        position.batch, position.frames, position.compiled, position.like = \
+            saved.batch, saved.frames, saved.compiled, saved.like
 
     def clean_state(self, streams=None) -> None:
         """Forget the stream: the next frame starts a new one.
@@ -341,7 +342,7 @@ class ContinualModule(fx.GraphModule):
             return
         for k in self._kernels():
             k.clean()
-        position.batch, position.frames = None, 0
+        position.batch, position.frames, position.like = None, 0, None
 
     def get_state(self) -> dict:
         """A copy of the whole stream state; `set_state` resumes from it exactly."""

@@ -8,15 +8,19 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+import torch
+
 
 @dataclass
 class StreamPosition:
     """`batch`: the streams in the batch (None before the first call of a stream); `frames`: the frames since
     the stream started (None when unknown: streams restarted apart); `compiled`: whether the last call ran a
-    compiled program (``co.last_step_compiled``)."""
+    compiled program (``co.last_step_compiled``); `like`: an empty tensor of the stream's dtype and device
+    (None before the first eager call), for what cofx builds for a running stream (a restart of some rows)."""
     batch: Optional[int] = None
     frames: Optional[int] = 0
     compiled: bool = False
+    like: Optional[torch.Tensor] = None
 
     def copy(self) -> "StreamPosition":
-        return StreamPosition(self.batch, self.frames, self.compiled)
+        return StreamPosition(self.batch, self.frames, self.compiled, self.like)

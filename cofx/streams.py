@@ -271,6 +271,9 @@ def _stream_tensor(co, child) -> torch.Tensor:
     if child is not None and child.state is not None:
         return child.state[0]
     s = next((s for k in co._kernels() for s in k.state_tensors() if s.is_floating_point()), None)
+    like = co._position.like
+    if s is None and like is not None and like.is_floating_point():   # a model with no state of its own
+        s = like
     if s is None:
         s = next((p for p in co.parameters() if p.is_floating_point()), torch.empty(0))
     return s.new_empty(0)

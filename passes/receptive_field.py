@@ -76,7 +76,9 @@ def _through_geometry(node: fx.Node, a: fx.Node) -> bool:
 
 
 class _Readiness:
-    """ready(node, j): the input frame after which output frame j of `node` is available.
+    """ready(node, j): the input frame after which output frame j of `node` is available; early(node, j): whether
+    it is emitted already by a first call without frames (a window of start padding only, and what is computed
+    from such frames alone).
 
     Tables are filled in topological order, each as long as its consumers need,
     so deep graphs need no recursion.
@@ -92,29 +94,37 @@ class _Readiness:
                 max(0, (length[node] - 1) * g.stride + g.span - g.pad_l)
             for a in _time_inputs(node):
                 length[a] = max(length.get(a, horizon), need if _through_geometry(node, a) else length[node], 1)
-        self.tables = {}
+        self.tables, self.early = {}, {}
         for node in nodes:
             n = length[node]
             if node.op == "placeholder":
-                self.tables[node] = list(range(n))
+                self.tables[node], self.early[node] = list(range(n)), [False] * n
                 continue
             g = geometry_of(node)
-            ins = [self.tables[a] for a in _time_inputs(node) if g is None or _through_geometry(node, a)]
-            passed = [self.tables[a] for a in _time_inputs(node) if g is not None and not _through_geometry(node, a)]
+            ins = [a for a in _time_inputs(node) if g is None or _through_geometry(node, a)]
+            passed = [a for a in _time_inputs(node) if g is not None and not _through_geometry(node, a)]
             if g is None:
-                self.tables[node] = [max(t[j] for t in ins) for j in range(n)]
+                self.tables[node] = [max(self.tables[a][j] for a in ins) for j in range(n)]
+                self.early[node] = [all(self.early[a][j] for a in ins) for j in range(n)]
                 continue
-            table = []
+            table, early = [], []
             for j in range(n):
                 last = j * g.stride + g.span - 1 - g.pad_l   # the last input frame the window needs
                 if last < 0:   # a window of start padding only: emitted on the first call
-                    table.append(max(t[0] for t in ins) if replicate and g.pad_l > 0 else 0)
+                    waits = replicate and g.pad_l > 0   # (replicate padding waits for the first frame)
+                    table.append(max(self.tables[a][0] for a in ins) if waits else 0)
+                    early.append(not waits)
                 else:
-                    table.append(max(t[last] for t in ins))
-            self.tables[node] = [max([r, *(t[j] for t in passed)]) for j, r in enumerate(table)]
+                    table.append(max(self.tables[a][last] for a in ins))
+                    early.append(all(self.early[a][last] for a in ins))
+            self.tables[node] = [max([r, *(self.tables[a][j] for a in passed)]) for j, r in enumerate(table)]
+            self.early[node] = [e and all(self.early[a][j] for a in passed) for j, e in enumerate(early)]
 
     def __call__(self, node: fx.Node, j: int) -> int:
         return self.tables[node][j]
+
+    def emitted_early(self, node: fx.Node, j: int) -> bool:
+        return self.early[node][j]
 
 
 def merge_timings(node: fx.Node, timings: list) -> Timing:
@@ -144,7 +154,7 @@ def same_readiness(gm: fx.GraphModule, nodes: list) -> bool:
     if any(t is None for t in timings) or len({t.stride for t in timings}) > 1:
         return False
     horizon = gm.meta["cofx_horizon"]
-    return all(len({ready(n, j) for n in nodes}) == 1 for j in range(horizon))
+    return all(len({(ready(n, j), ready.emitted_early(n, j)) for n in nodes}) == 1 for j in range(horizon))
 
 
 def annotate_timing(gm: fx.GraphModule, replicate: bool = False) -> None:

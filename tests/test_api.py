@@ -152,3 +152,26 @@ def test_float32_within_rounding():
     model = model.float()
     co = cofx.convert(model, clip.float())
     assert_equivalent(co, model, clip.float())
+
+
+def test_a_counter_updated_in_training_mode_only_converts_and_convert_leaves_counters_as_they_were():
+    """Tracing the training graph runs ``self.n += 1`` on a proxy; a Python call counter counts convert's own
+    runs: both are put back, and the eval graph (which updates nothing) converts."""
+    class Counting(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv1d(4, 4, 3, padding=1)
+            self.register_buffer("n", torch.zeros(()))
+            self.calls = 0
+
+        def forward(self, x):
+            self.calls += 1
+            if self.training:
+                self.n += 1
+            return self.conv(x)
+    for training in (False, True):
+        model = Counting().double().train(training)
+        buffer = model.n
+        co = cofx.convert(model, torch.randn(1, 4, 12, dtype=torch.float64))
+        assert co.is_exact and model.n is buffer and float(model.n) == 0.0 and model.calls == 0
+        assert model.training == training
