@@ -186,10 +186,12 @@ def by_frame(co, stream):
 
 
 def chunk_sizes(frames: int, rng) -> list:
-    """Random chunk lengths (0 to 8 frames, single frames among them) that add up to `frames`."""
-    sizes = []
+    """Random chunk lengths (0 to 8 frames) that add up to `frames`: an empty chunk first, then single frames
+    (the second and the fourth chunk), then any."""
+    sizes = [0]
     while sum(sizes) < frames:
-        sizes.append(min(frames - sum(sizes), rng.choice([0, 1, 2, 3, 5, 8])))
+        n = 1 if len(sizes) in (1, 3) else rng.choice([0, 1, 2, 3, 5, 8])
+        sizes.append(min(frames - sum(sizes), n))
     return sizes
 
 

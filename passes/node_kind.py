@@ -124,6 +124,19 @@ def attention_hint(node: fx.Node, gm: fx.GraphModule) -> str:
     return ""
 
 
+_ZEROS = {("call_function", torch.zeros), ("call_function", torch.zeros_like), ("call_method", "new_zeros")}
+_SAME_VALUES = {("call_method", m) for m in ("to", "type_as", "cuda", "cpu", "detach", "contiguous", "float",
+                                            "double", "half")}
+
+
+def _zeros_made(node) -> bool:
+    """Whether `node` is a tensor of zeros made in forward (``torch.zeros(1, x.size(0), H)``, ``x.new_zeros``),
+    moved or cast at most: a recurrent layer's initial state that is its default."""
+    while isinstance(node, fx.Node) and (node.op, node.target) in _SAME_VALUES:
+        node = node.args[0]
+    return isinstance(node, fx.Node) and (node.op, node.target) in _ZEROS
+
+
 def node_inputs(node: fx.Node) -> list:
     leaves, _ = tree_flatten((node.args, node.kwargs))
     return [a for a in leaves if isinstance(a, fx.Node)]
@@ -533,9 +546,11 @@ class _Classifier:
         if module.bidirectional:
             raise ConversionError("a bidirectional recurrent layer reads future frames", node=node,
                                   fix="use a unidirectional layer for streaming")
-        if len(node.args) > 1 or node.kwargs:
-            raise ConversionError("the recurrent layer is given an initial state", node=node,
-                                  fix="let it start from zeros; the continual model carries the state itself")
+        given = tree_flatten((node.args[1:], node.kwargs))[0]
+        if not all(_zeros_made(h) for h in given if h is not None):
+            raise ConversionError("the recurrent layer is given an initial state other than zeros", node=node,
+                                  fix="let it start from zeros (no initial state, or one made by torch.zeros); the "
+                                  "continual model carries the state itself")
         if x not in streams:
             raise ConversionError("the recurrent layer runs over a window of the clip (after a per-position table, "
                                   "a token put along time or attention): its state would restart at every window",

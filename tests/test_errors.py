@@ -107,9 +107,18 @@ def test_recurrent_layers_that_need_the_future_or_a_given_state_are_refused():
 
     class GivenState(Rnn):
         def forward(self, x):
-            return self.rnn(x.transpose(1, 2), x.new_zeros(1, x.shape[0], 4))[0]
-    with pytest.raises(cofx.ConversionError, match="given an initial state"):
+            return self.rnn(x.transpose(1, 2), x.new_ones(1, x.shape[0], 4))[0]
+    with pytest.raises(cofx.ConversionError, match="given an initial state other than zeros"):
         cofx.convert(GivenState().eval(), torch.randn(1, 3, 6))
+
+    class ZeroState(Rnn):   # zeros are the default: the state starts there
+        def forward(self, x):
+            return self.rnn(x.transpose(1, 2), x.new_zeros(1, x.shape[0], 4).to(x.dtype))[0]
+    model = ZeroState().eval()
+    co = cofx.convert(model, torch.randn(1, 3, 6))
+    x = torch.randn(2, 3, 9)
+    with torch.no_grad():
+        assert torch.allclose(co.forward_steps(x), model(x).transpose(1, 2), atol=1e-6)
 
 
 def test_time_derived_numbers_are_refused():

@@ -671,6 +671,8 @@ EXACT_CASES = [
     ("frame difference, per frame", lambda: seeded(FrameDiff, False), video, 2),
     ("optical-flow-like stacking of frame pairs", lambda: seeded(FlowStack), video, 2),
     ("replicate padding along time", lambda: seeded(TimeOp, lambda x: F.pad(x, (1, 1), mode="replicate")), seq, 2),
+    ("h0 zeros built from the batch size (LSTM)", lambda: seeded(H0Given, nn.LSTM), seq, 2),
+    ("h0 zeros built from the batch size (GRU)", lambda: seeded(H0Given, nn.GRU), seq, 2),
 ]
 
 
@@ -717,11 +719,8 @@ REFUSED_CASES = [
      video, ["node 'rnn'", "bidirectional recurrent layer reads future frames", "fix:"]),
     ("bidirectional GRU", lambda: seeded(Bidirectional, nn.GRU), seq,
      ["node 'rnn'", "bidirectional", "fix:"]),
-    ("h0 zeros built from the batch size (LSTM)", lambda: seeded(H0Given, nn.LSTM), seq,
-     ["node 'rnn'", "given an initial state", "fix:"]),
-    ("h0 zeros built from the batch size (GRU)", lambda: seeded(H0Given, nn.GRU), seq,
-     ["node 'rnn'", "given an initial state"]),
-    ("learned h0", lambda: seeded(H0Given, nn.GRU, True), seq, ["node 'rnn'", "given an initial state"]),
+    ("learned h0", lambda: seeded(H0Given, nn.GRU, True), seq, ["node 'rnn'", "given an initial state", "fix:"]),
+    ("learned h0, zero c0", lambda: seeded(H0Given, nn.LSTM, True), seq, ["node 'rnn'", "given an initial state"]),
     ("GRUCell loop over range(x.shape[2])", lambda: seeded(CellLoopShape, nn.GRUCell), seq,
      ["torch.fx could not trace", "fix:"]),
     ("LSTMCell loop over range(x.shape[2])", lambda: seeded(CellLoopShape, nn.LSTMCell), seq,
