@@ -135,6 +135,7 @@ class _Builder:
         self.current = None
         self.windows: dict = {}   # stream node -> its window over the clip, folded into the batch
         self.in_windows: dict = {}   # node -> its value over a window (see `in_window`)
+        self.constants: set = set()   # copies of time-free nodes (those a window uses are built again there)
 
     def name(self, hint: str) -> str:
         base = f"co_{hint}"
@@ -173,6 +174,7 @@ class _Builder:
                 continue
             if role in ("static", "shape"):
                 self.env[node] = self.copy(node)
+                self.constants.add(self.env[node])
                 continue
             if self.encoder_row(node):
                 continue
@@ -643,6 +645,9 @@ def build_step_graph(gm: fx.GraphModule, ctx: K.StreamContext):
     """(step graph, kernels by name, time axis of each output leaf, kernel names by original node)."""
     b = _Builder(gm, ctx)
     graph, kernels = b.run()
+    for node in reversed(graph.nodes):   # time-free values only a window used: not computed for each chunk too
+        if node in b.constants and not node.users and node.op != "call_module" and not node.is_impure():
+            graph.erase_node(node)
     for node, new in b.env.items():
         if isinstance(new, fx.Node) and "cofx_folded_into" not in node.meta:
             new.meta.setdefault("cofx_source", node.name)   # the original node a step node computes

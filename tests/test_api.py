@@ -175,3 +175,12 @@ def test_a_counter_updated_in_training_mode_only_converts_and_convert_leaves_cou
         co = cofx.convert(model, torch.randn(1, 4, 12, dtype=torch.float64))
         assert co.is_exact and model.n is buffer and float(model.n) == 0.0 and model.calls == 0
         assert model.training == training
+
+
+def test_a_leaf_that_acts_otherwise_on_single_frames_is_refused_by_validation():
+    class OneFrameOdd(torch.nn.Module):
+        def forward(self, x):
+            return x * 2 if x.shape[2] == 1 else x
+    model = torch.nn.Sequential(OneFrameOdd(), torch.nn.Conv1d(4, 4, 3, padding=1)).double().eval()
+    with pytest.raises(cofx.ConversionError, match="does not match the clip model"):
+        cofx.convert(model, torch.randn(1, 4, 12, dtype=torch.float64), leaf_modules=[OneFrameOdd])

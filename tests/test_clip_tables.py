@@ -1,0 +1,41 @@
+"""Tables indexed by the clip's positions (a relative-position bias ``bias[i[:, None] - i[None, :]]`` of
+``i = torch.arange(T)``): built for the window's N frames, never for a chunk's length, which may exceed the table."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from test_attention_forms import C, D, N, assert_exact
+
+import cofx
+
+
+class RelativeBias(nn.Module):
+    def __init__(self, max_frames=N + 2):
+        super().__init__()
+        self.qkv, self.max_frames = nn.Linear(C, 3 * C), max_frames
+        self.bias = nn.Parameter(torch.randn(2 * max_frames - 1))
+
+    def forward(self, x):   # (B, T, C)
+        T = x.shape[1]
+        q, k, v = self.qkv(x).chunk(3, -1)
+        i = torch.arange(T, device=x.device)
+        a = q @ k.transpose(-2, -1) + self.bias[i[:, None] - i[None, :] + self.max_frames - 1]
+        return (a.softmax(-1) @ v)[:, -1]
+
+
+def test_a_relative_position_bias_is_exact_over_the_window():
+    assert_exact(RelativeBias())
+
+
+def test_chunks_longer_than_the_table_step_as_frame_by_frame():
+    torch.manual_seed(0)
+    model = RelativeBias().to(D).eval()
+    co = cofx.convert(model, torch.randn(1, N, C, dtype=D), time_dim=1)
+    stream = torch.randn(2, 4 * N, C, dtype=D)
+    with torch.no_grad():
+        whole = co.forward_steps(stream)
+        co.clean_state()
+        by_frame = [co.forward_step(stream[:, t]) for t in range(4 * N)]
+    assert torch.allclose(whole, torch.stack(by_frame[N - 1:], -1), atol=1e-12, rtol=0)
+    assert torch.allclose(whole[..., -1], model(stream[:, -N:]), atol=1e-12, rtol=0)
