@@ -59,8 +59,7 @@ def convert(model: nn.Module, example_input: Optional[torch.Tensor] = None, *, s
         raise ValueError(f"init must be one of {INITS}, got {init!r}")
     if not isinstance(model, nn.Module):
         raise TypeError(f"cofx.convert takes an nn.Module, got {type(model).__name__}")
-    leaf_modules = tuple(leaf_modules)
-    _check_arguments(model, time_dim, leaf_modules)
+    leaf_modules = _check_arguments(model, time_dim, leaf_modules, window)
     say = (lambda msg: print(f"cofx: {msg}", file=sys.stderr, flush=True)) if verbose else (lambda msg: None)
     modes = {m: m.training for m in model.modules()}
     kept = _kept_tensors(model)
@@ -188,19 +187,38 @@ def _restore(model: nn.Module, modes: dict, kept: dict) -> None:
                 tensor.detach().copy_(copy)
 
 
-def _check_arguments(model: nn.Module, time_dim, leaf_modules) -> None:
+def _check_arguments(model: nn.Module, time_dim, leaf_modules, window) -> tuple:
+    """The leaf modules as a tuple: one module, type or name stands for itself (a string or an nn.Sequential
+    would otherwise be taken apart into its characters or its children)."""
     if not isinstance(time_dim, int) or isinstance(time_dim, bool) or time_dim < 1:
         raise ConversionError(f"time_dim must be a positive int (dim 0 is the batch of streams), got {time_dim!r}",
                               fix="pass the input's time dimension counted from the front: 2 for (B, C, T, ...), "
                               "1 for (B, T, C)")
+    leaf_fix = "name module types (nn.LSTM), instances (model.head) or qualified names ('blocks.3')"
+    if leaf_modules is None:
+        raise ConversionError("leaf_modules is None, not a list", fix=f"pass leaf_modules=() for none, or {leaf_fix}")
+    if isinstance(leaf_modules, (str, nn.Module, type)):
+        leaf_modules = (leaf_modules,)
+    try:
+        leaf_modules = tuple(leaf_modules)
+    except TypeError:
+        raise ConversionError(f"leaf_modules is {leaf_modules!r} ({type(leaf_modules).__name__}), not a list",
+                              fix=f"pass a list: {leaf_fix}") from None
     for leaf in leaf_modules:
         if not (isinstance(leaf, (str, nn.Module)) or (isinstance(leaf, type) and issubclass(leaf, nn.Module))):
-            raise ConversionError(f"leaf_modules holds {leaf!r} ({type(leaf).__name__})",
-                                  fix="name module types (nn.LSTM), instances (model.head) or qualified "
-                                  "names ('blocks.3')")
+            raise ConversionError(f"leaf_modules holds {leaf!r} ({type(leaf).__name__})", fix=leaf_fix)
         if isinstance(leaf, str) and leaf not in dict(model.named_modules()):
             raise ConversionError(f"leaf_modules names '{leaf}', which is not a submodule of the model",
                                   fix="use a name from dict(model.named_modules())")
+    window_fix = ('pass a dict of glob patterns to frames, e.g. window={"blocks.5.pool.pool": 64} '
+                  '(1 for per-frame gates), or leave window= out for the clip length')
+    if window is not None and not isinstance(window, Mapping):
+        raise ConversionError(f"window is {window!r} ({type(window).__name__}), not a dict", fix=window_fix)
+    for key, frames in (window or {}).items():
+        if not isinstance(key, str) or not isinstance(frames, int) or isinstance(frames, bool) or frames < 1:
+            raise ConversionError(f"window holds {key!r}: {frames!r} ({type(frames).__name__}); a window is a "
+                                  "pattern and a positive whole number of frames", fix=window_fix)
+    return leaf_modules
 
 
 def _check_example(x, time_dim, model: nn.Module) -> torch.Tensor:

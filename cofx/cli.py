@@ -250,17 +250,39 @@ def _default_output(model_arg: str) -> str:
     return (root if ext in (".pt", ".pth", ".pkl", ".bin") else model_arg) + ".continual.pt"
 
 
-def _output(path, flag: str, example: str):
-    """`path` when a file can be written there; checked before converting, which takes a while."""
-    if path is None:
-        return None
-    if os.path.isdir(path):
-        raise UsageError(f"{flag} '{path}' is a folder; give a file name, e.g. "
-                         f"{flag} {os.path.join(path, example)}")
-    folder = os.path.dirname(path)
-    if folder and not os.path.isdir(folder):
-        raise UsageError(f"{flag} '{path}': the folder '{folder}' does not exist; create it or give another path")
-    return path
+_WRITING = {"convert": "converting", "inspect": "inspecting", "bench": "benchmarking"}
+
+
+def _outputs(args, *outputs) -> None:
+    """Refuse, before converting (which takes a while), files the command cannot or must not write, given as
+    (flag, path, example name): a folder, a path in no folder, the model or weights file it reads (lost
+    once written), or a path two flags name (one file cannot hold both)."""
+    written = []
+    for flag, path, example in outputs:
+        if path is None:
+            continue
+        if os.path.isdir(path):
+            raise UsageError(f"{flag} '{path}' is a folder; give a file name, e.g. "
+                             f"{flag} {os.path.join(path, example)}")
+        folder = os.path.dirname(path)
+        if folder and not os.path.isdir(folder):
+            raise UsageError(f"{flag} '{path}': the folder '{folder}' does not exist; create it or give another path")
+        for given in (args.model, args.weights):
+            if given and os.path.exists(given) and _same_file(path, given):
+                raise UsageError(f"{flag} '{path}' is the input '{given}', which {_WRITING[args.command]} would "
+                                 f"overwrite; give another {flag}")
+        for other_flag, other in written:
+            if _same_file(path, other):
+                raise UsageError(f"{flag} '{path}' is the file {other_flag} '{other}' names, and one file cannot "
+                                 f"hold both; give another {flag}")
+        written.append((flag, path))
+
+
+def _same_file(a: str, b: str) -> bool:
+    """Whether two paths name one file: `samefile` where both exist (links, ./x and x), else the same real path."""
+    if os.path.exists(a) and os.path.exists(b):
+        return os.path.samefile(a, b)
+    return os.path.realpath(a) == os.path.realpath(b)
 
 
 # -- commands -----------------------------------------------------------------------------------
@@ -268,12 +290,8 @@ def _output(path, flag: str, example: str):
 def run_convert(args) -> int:
     from cofx import saving
     from cofx.summary import format_summary, summary
-    out = _output(args.output or _default_output(args.model), "-o", "model.continual.pt")
-    onnx = _output(args.onnx, "--onnx", "model.onnx")
-    for given in (args.model, args.weights):
-        if given and os.path.exists(given) and os.path.exists(out) and os.path.samefile(given, out):
-            raise UsageError(f"-o '{out}' is the input '{given}', which converting would overwrite; "
-                             "give another -o")
+    out, onnx = args.output or _default_output(args.model), args.onnx
+    _outputs(args, ("-o", out, "model.continual.pt"), ("--onnx", onnx, "model.onnx"))
     _, co, spec = _load(args)
     saving.save(co, out, source=spec)
     how = f"cofx.load({out!r}, source={spec!r})" if spec else (
@@ -292,7 +310,7 @@ def run_inspect(args) -> int:
     from cofx.flops import node_step_flops
     from cofx.latency_graph import write_dot
     from cofx.summary import format_summary, summary
-    _output(args.dot, "--dot", "latency.dot")
+    _outputs(args, ("--dot", args.dot, "latency.dot"))
     _, co, _ = _load(args)
     facts = summary(co)
     flops = node_step_flops(co)
@@ -363,7 +381,7 @@ def ratio(speedup: float) -> str:
 def run_bench(args) -> int:
     from cofx.bench import bench
     from cofx.summary import human, human_bytes, summary
-    _output(args.plot, "--plot", "latency.png")
+    _outputs(args, ("--plot", args.plot, "latency.png"))
     _, co, _ = _load(args)
     facts = summary(co)
 

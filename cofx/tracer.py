@@ -6,6 +6,8 @@ Differences from `torch.fx.symbolic_trace`:
   checks that such a leaf really acts frame by frame;
 - `leaf_modules` lets the user keep chosen modules (types, instances or
   qualified names) whole;
+- forward's optional arguments after the clip are bound to their defaults,
+  whatever they hold (tuples, tensors, functions), and leave no placeholder;
 - numpy scalars in arguments (pytorchvideo keeps kernel sizes as numpy ints)
   become Python numbers;
 - tensor factories given sizes read off tensors (``torch.ones(T, T)``, as
@@ -15,17 +17,20 @@ Differences from `torch.fx.symbolic_trace`:
 from __future__ import annotations
 
 import inspect
+import warnings
 from typing import Iterable, Union
 
 import numpy as np
 import torch
 import torch.fx as fx
 from torch import nn
-from torch.utils._pytree import tree_flatten
+from torch.fx.graph import _PyTreeCodeGen
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .errors import ConversionError
 
 LeafSpec = Union[type, nn.Module, str]
+MORE_INPUTS_FIX = "wrap the model so that forward takes the clip only"
 _FACTORIES = ("ones", "zeros", "empty", "full", "rand", "randn", "randint", "eye", "tril_indices", "triu_indices")
 
 
@@ -41,6 +46,9 @@ class CofxTracer(fx.Tracer):
         self._leaf_ids = {id(x) for x in leaves if isinstance(x, nn.Module)}
         self._leaf_names = {x for x in leaves if isinstance(x, str)}
         self.untraceable: dict[str, str] = {}
+        self.bound: list[fx.Node] = []   # the placeholders of the arguments `trace` binds to their defaults
+        self._bound_names: set = set()
+        self._params: dict = {}
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         if isinstance(m, self._leaf_types) or id(m) in self._leaf_ids or qualname in self._leaf_names:
@@ -54,12 +62,27 @@ class CofxTracer(fx.Tracer):
             return a.item()
         return super().create_arg(a)
 
+    def create_proxy(self, kind, target, args, kwargs, *rest, **more):
+        """A bound argument's placeholder without its default: forward runs on the default itself, and fx would
+        write it into the generated code (a tuple or a dict there does not compile; a function or a module
+        cannot be written at all)."""
+        name, _, count = target.rpartition("_") if kind == "placeholder" else ("", "", "")
+        bound = name in self._bound_names and count.isdigit() and target not in self._params
+        proxy = super().create_proxy(kind, target, () if bound else args, kwargs, *rest, **more)
+        if bound:
+            self.bound.append(proxy.node)
+        return proxy
+
     def trace(self, root, concrete_args=None):
+        self._bound_names = set(concrete_args or ()) if isinstance(concrete_args, dict) else set()
+        self._params = _parameters(root)
         originals = {name: getattr(torch, name) for name in _FACTORIES}
         try:   # as fx patches the functions it wraps, for the length of the trace
             for name, make in originals.items():
                 setattr(torch, name, self._factory(make))
-            return super().trace(root, concrete_args)
+            with warnings.catch_warnings():   # fx's warning that it cannot check a bound argument: none is passed
+                warnings.filterwarnings("ignore", message="Was not able to add assertion")
+                return super().trace(root, concrete_args)
         finally:
             for name, make in originals.items():
                 setattr(torch, name, make)
@@ -103,34 +126,70 @@ def _containers_copied(value):
 def trace(model: nn.Module, leaf_modules: Iterable[LeafSpec] = ()) -> fx.GraphModule:
     """Trace `model` into a GraphModule whose graph calls the model's own submodules."""
     tracer = CofxTracer(leaf_modules)
+    defaults = _defaults_after_first(model) or {}
     try:
-        graph = tracer.trace(model, concrete_args=_defaults_after_first(model))
+        graph = tracer.trace(model, concrete_args=defaults or None)
     except Exception as e:
+        held = [k for k, v in defaults.items() if any(isinstance(a, nn.Module) for a in tree_flatten(v)[0])]
+        if "not installed as a submodule" in str(e) and held:
+            raise ConversionError(f"forward's argument '{held[0]}' defaults to a module that the model does not "
+                                  "hold, which torch.fx cannot call",
+                                  fix=f"make it a submodule (self.{held[0]} = ...) or {MORE_INPUTS_FIX}") from e
         fix = ("make the forward traceable (no Python control flow on tensor values), "
                "or pass the offending submodules as leaf_modules=[...] if they act frame by frame")
         if "does not support item assignment" in str(e):
             fix = ("build the tensor instead of assigning into its slices (torch.cat of the parts, F.pad for a "
                    "shift along time), or pass the module as leaf_modules=[...] if it acts frame by frame")
         raise ConversionError(f"torch.fx could not trace the model ({type(e).__name__}: {e})", fix=fix) from e
-    fixed = [n for n in graph.nodes if n.op == "placeholder"][1:]
+    fixed = set(tracer.bound)
     for node in list(graph.nodes):   # the guards fx adds for arguments fixed at their default
         name = getattr(node.target, "__name__", "") if node.op == "call_function" else ""
         if name == "_assert_is_none":
             graph.erase_node(node)
         elif name == "_assert" and isinstance(node.args[0], fx.Node) \
-                and set(node.args[0].all_input_nodes) <= set(fixed):
+                and set(node.args[0].all_input_nodes) <= fixed:
             condition = node.args[0]
             graph.erase_node(node)
             if not condition.users:
                 graph.erase_node(condition)
+    for node in tracer.bound:   # forward ran on the defaults themselves: nothing reads these
+        if not node.users:
+            graph.erase_node(node)
+    _refuse_other_inputs(graph)
+    _unflattened(graph)
     _namedtuples_returned_as_values(graph)
-    gm = fx.GraphModule(model, graph, model.__class__.__name__)
+    try:
+        gm = fx.GraphModule(model, graph, model.__class__.__name__)
+    except Exception as e:
+        raise ConversionError(f"torch.fx could not write the code of the traced model ({type(e).__name__}: {e})",
+                              fix=f"{MORE_INPUTS_FIX} (forward's {', '.join(map(repr, defaults))} are bound to "
+                              "their defaults)" if defaults else None) from e
     if tracer.untraceable:  # drop what was traced of them before tracing gave up
         gm.graph.eliminate_dead_code()
         gm.recompile()
     adopt_attributes(gm, model)
     gm.meta["cofx_untraceable"] = dict(tracer.untraceable)
     return gm
+
+
+def _refuse_other_inputs(graph: fx.Graph) -> None:
+    """forward's arguments after the clip without a default that it never reads (`forward(self, x, lengths)`):
+    a stream has one input, and a step could not be given a value for them (`convert` refuses those it reads
+    once it has checked the example)."""
+    for node in [n for n in graph.nodes if n.op == "placeholder"][1:]:
+        if not node.users and not node.target.startswith("*"):   # *args and **kwargs are empty
+            raise ConversionError("the model takes more than one input", node=node, fix=MORE_INPUTS_FIX)
+
+
+def _unflattened(graph: fx.Graph) -> None:
+    """fx's plain calling convention and output again where a default was a tuple, list or dict: fx traced a
+    wrapper that takes every argument flattened and returns the outputs flattened, for code taking the bound
+    arguments, which no longer exist."""
+    if not isinstance(graph._codegen, _PyTreeCodeGen):
+        return
+    output = graph.find_nodes(op="output")[0]
+    output.args = (tree_unflatten(list(output.args[0]), graph._codegen.pytree_info.out_spec),)
+    graph._codegen = fx.graph.CodeGen()
 
 
 def is_namedtuple_call(node: fx.Node) -> bool:
@@ -151,12 +210,17 @@ def _namedtuples_returned_as_values(graph: fx.Graph) -> None:
         graph.erase_node(value)
 
 
-def _defaults_after_first(model: nn.Module) -> dict:
-    """forward's optional arguments after the clip, fixed at their defaults (a stream has one input)."""
+def _parameters(model: nn.Module) -> dict:
+    """forward's parameters by name (none where Python cannot tell them)."""
     try:
-        params = list(inspect.signature(model.forward).parameters.values())[1:]
+        return dict(inspect.signature(model.forward).parameters)
     except (TypeError, ValueError):
         return {}
+
+
+def _defaults_after_first(model: nn.Module) -> dict:
+    """forward's optional arguments after the clip, fixed at their defaults (a stream has one input)."""
+    params = list(_parameters(model).values())[1:]
     return {p.name: p.default for p in params
             if p.default is not inspect.Parameter.empty and p.kind is not inspect.Parameter.VAR_KEYWORD} or None
 

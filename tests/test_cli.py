@@ -451,6 +451,33 @@ def test_convert_refuses_to_overwrite_its_input(cli):
     assert torch.load("weights.pt", weights_only=True).keys() == cli_models.tiny().state_dict().keys()
 
 
+@pytest.mark.parametrize("args,expected", [
+    (["convert", "tiny.pt", "--trust", "--onnx", "tiny.pt"],
+     "--onnx 'tiny.pt' is the input 'tiny.pt', which converting would overwrite; give another --onnx"),
+    (["convert", "cli_models:tiny", "--weights", "weights.pt", "--onnx", "./weights.pt"],
+     "--onnx './weights.pt' is the input 'weights.pt', which converting would overwrite; give another --onnx"),
+    (["convert", "tiny.pt", "--trust", "--onnx", "alias.pt"],   # a link to the model
+     "--onnx 'alias.pt' is the input 'tiny.pt', which converting would overwrite; give another --onnx"),
+    (["convert", "cli_models:tiny", "-o", "out.pt", "--onnx", "./out.pt"],
+     "--onnx './out.pt' is the file -o 'out.pt' names, and one file cannot hold both; give another --onnx"),
+    (["convert", "cli_models:tiny", "--onnx", "tiny.continual.pt"],   # the default -o
+     "--onnx 'tiny.continual.pt' is the file -o 'tiny.continual.pt' names, and one file cannot hold both"),
+    (["inspect", "tiny.pt", "--trust", "--dot", "tiny.pt"],
+     "--dot 'tiny.pt' is the input 'tiny.pt', which inspecting would overwrite; give another --dot"),
+    (["bench", "cli_models:tiny", "--weights", "weights.pt", "--plot", "weights.pt"],
+     "--plot 'weights.pt' is the input 'weights.pt', which benchmarking would overwrite; give another --plot"),
+])
+def test_no_output_overwrites_an_input_or_another_output(cli, args, expected):
+    torch.save(cli_models.tiny(), "tiny.pt")
+    torch.save(cli_models.tiny().state_dict(), "weights.pt")
+    os.symlink("tiny.pt", "alias.pt")
+    before = {name: open(name, "rb").read() for name in ("tiny.pt", "weights.pt")}
+    line = _error_text(*cli(*args)[::2])
+    assert line == f"cofx {args[0]}: error: {expected}" or line.startswith(f"cofx {args[0]}: error: {expected};")
+    assert {name: open(name, "rb").read() for name in before} == before   # refused before writing anything
+    assert sorted(os.listdir()) == ["alias.pt", "tiny.pt", "weights.pt"]
+
+
 def _truncated(path):
     torch.save(cli_models.tiny().state_dict(), path)
     data = open(path, "rb").read()

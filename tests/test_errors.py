@@ -224,12 +224,104 @@ def test_state_from_another_model_is_refused(co):
     (lambda m: cofx.convert(m, torch.randn(1, 4, 8, dtype=torch.float64), leaf_modules=[3]), "leaf_modules holds 3"),
     (lambda m: cofx.convert(m, torch.randn(1, 4, 8, dtype=torch.float64), leaf_modules=["nope"]),
      "not a submodule"),
+    (lambda m: cofx.convert(m, torch.randn(1, 4, 8, dtype=torch.float64), leaf_modules=None),
+     "leaf_modules is None, not a list\n  fix: pass leaf_modules=() for none"),
+    (lambda m: cofx.convert(m, torch.randn(1, 4, 8, dtype=torch.float64), leaf_modules=3),
+     "leaf_modules is 3 (int), not a list"),
+    (lambda m: cofx.convert(m, torch.randn(1, 4, 8, dtype=torch.float64), leaf_modules="nope"),
+     "leaf_modules names 'nope', which is not a submodule"),   # the name, not its letters
 ])
 def test_bad_convert_arguments_are_conversion_errors_with_the_fix(call, words):
     model = torch.nn.Sequential(torch.nn.Conv1d(4, 4, 3, padding=1)).double()
     with pytest.raises(cofx.ConversionError) as e:
         call(model)
     assert words in str(e.value) and "fix:" in str(e.value)
+
+
+@pytest.mark.parametrize("window, shown", [
+    ({"0": 1.5}, "window holds '0': 1.5 (float)"),
+    ({"0": "3"}, "window holds '0': '3' (str)"),
+    ({"0": -2}, "window holds '0': -2 (int)"),
+    ({"0": 0}, "window holds '0': 0 (int)"),
+    ({"0": True}, "window holds '0': True (bool)"),
+    ({0: 3}, "window holds 0: 3 (int)"),
+    (3, "window is 3 (int), not a dict"),
+])
+@pytest.mark.parametrize("validate", [True, False])
+def test_bad_windows_are_refused_showing_the_entry_and_the_form(window, shown, validate):
+    model = nn.Sequential(nn.Conv1d(4, 4, 3, padding=1), nn.AdaptiveAvgPool1d(1)).double().eval()
+    with pytest.raises(cofx.ConversionError) as e:
+        cofx.convert(model, torch.randn(1, 4, 8, dtype=torch.float64), window=window, validate=validate)
+    assert str(e.value) == (f"cannot convert: {shown}; a window is a pattern and a positive whole number of frames"
+                            if "holds" in shown else f"cannot convert: {shown}") + (
+        '\n  fix: pass a dict of glob patterns to frames, e.g. window={"blocks.5.pool.pool": 64} (1 for per-frame '
+        'gates), or leave window= out for the clip length')
+
+
+def test_one_leaf_module_needs_no_list():
+    """A module, type or name given alone is that one leaf: a Sequential is not taken apart into its children,
+    nor a name into its letters."""
+    from collections import OrderedDict
+    model = nn.Sequential(OrderedDict(block=nn.Sequential(nn.Conv1d(4, 4, 1), nn.ReLU()),
+                                      head=nn.Conv1d(4, 2, 3, padding=1))).double().eval()
+    x = torch.randn(1, 4, 8, dtype=torch.float64)
+    for leaf in (model.block, "block", [model.block]):
+        co = cofx.convert(model, x, leaf_modules=leaf)
+        assert [r.op for r in co.report][1:] == ["block", "head"]
+    co = cofx.convert(model, x, leaf_modules=nn.ReLU)
+    assert [r.op for r in co.report][1:] == ["block.0", "block.1", "head"] and co.options["leaf_modules"] == (nn.ReLU,)
+
+
+class Defaults(nn.Module):
+    """Optional arguments that torch.fx cannot write into the code it generates (a tuple, a dict, a tensor, a
+    function), read and not."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv1d(4, 4, 3, padding=1)
+
+    def forward(self, x, dims=(2,), keep=[0, 1], scale={"k": 2.0}, bias=torch.ones(1), act=F.relu, unused=(1, 2)):
+        h = act(self.conv(x)) * scale["k"] + bias
+        return {"pooled": h.mean(dims), "kept": h[:, keep]}
+
+
+def test_forward_defaults_of_any_kind_are_bound():
+    torch.manual_seed(0)
+    model, x = Defaults().double().eval(), torch.randn(1, 4, 12, dtype=torch.float64)
+    co = cofx.convert(model, x)   # validated against the model: the defaults are the ones it ran on
+    assert co.is_exact and [r.name for r in co.report if r.op == "placeholder"] == ["x"]
+    assert set(co.forward_steps(x)) == {"pooled", "kept"}
+
+
+def test_an_argument_without_default_is_a_second_input_even_unread():
+    class Lengths(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv1d(4, 4, 3, padding=1)
+
+        def forward(self, x, lengths):
+            return self.conv(x)
+
+    with pytest.raises(cofx.ConversionError) as e:
+        cofx.convert(Lengths().eval(), torch.randn(1, 4, 8))
+    assert str(e.value) == ("cannot convert node 'lengths' (placeholder 'lengths'): the model takes more than one "
+                            "input\n  fix: wrap the model so that forward takes the clip only")
+
+
+def test_a_module_default_called_in_forward_is_named():
+    class Act(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv1d(4, 4, 3, padding=1)
+
+        def forward(self, x, act=nn.ReLU()):
+            return act(self.conv(x))
+
+    with pytest.raises(cofx.ConversionError) as e:
+        cofx.convert(Act().eval(), torch.randn(1, 4, 8))
+    assert str(e.value) == ("cannot convert: forward's argument 'act' defaults to a module that the model does not "
+                            "hold, which torch.fx cannot call\n  fix: make it a submodule (self.act = ...) or wrap "
+                            "the model so that forward takes the clip only")
 
 
 class Scripted(nn.Module):
