@@ -214,9 +214,10 @@ class _Builder:
             return self.reshape(node, replace)
         if node.meta.get("cofx_impl") not in (None, "conv3d"):
             return self.frame_conv(node)
+        if node.meta.get("cofx_role") == "folded":   # values over windows: numbers and tensors that follow the
+            replace = {**self.window_args(node, replace or {}), **(replace or {})}   # batch follow the windows
         if node.meta.get("cofx_from_window") or node.meta.get("cofx_role") == "folded" and \
                 any(a.meta.get("cofx_clip_const") for a in node.all_input_nodes):   # values over a clip's window
-            replace = {**self.window_args(node, replace or {}), **(replace or {})}
             if not _empty_safe(node, self.gm):   # no window completed: nothing to run on
                 return self.guard(node, replace)
         if node.meta.get("cofx_role") == "stream" and isinstance(node.meta["cofx_layout"], Labels) \
@@ -243,11 +244,14 @@ class _Builder:
         x = node.args[0]
         labels_in = co_labels(x)
         batch_dims = sum(1 for lab in labels_in if lab in ("B", "BT"))
+        # over a window of N frames, a dimension that holds the batch and the frames together holds N rows of
+        # each window (``x.reshape(B * T, P, C)`` inside attention over the clip)
+        frames = node.meta.get("cofx_window_frames", 1) if node.meta.get("cofx_from_window") else 1
         static = 1
         for lab, own in zip(labels_in, x.meta["cofx_layout"]):
-            static *= lab if isinstance(lab, int) else rows_per_stream(own)
+            static *= lab if isinstance(lab, int) else rows_per_stream(own) * (frames if own == "BT" else 1)
         labels = co_labels(node)
-        rows = tuple(map(rows_per_stream, node.meta["cofx_layout"]))
+        rows = tuple(rows_per_stream(own) * (frames if own == "BT" else 1) for own in node.meta["cofx_layout"])
         value = replace.get(x, self.env[x])
         return self.g.create_node("call_function", K.reshape, (value, tuple(labels), self.batch, batch_dims, static),
                                   {"rows": rows} if any(r != 1 for r in rows) else {}, name=node.name)
@@ -500,7 +504,10 @@ class _Builder:
     def in_window(self, a: fx.Node, windows):
         """`a` (a number or a tensor made outside the window) over a window: a number read off the clip's
         length is the clip's, the batch size is the number of windows times the batch (`windows()`), and
-        tensors built from them are built again; None where `a` is the same inside the window."""
+        tensors built from them are built again; None where `a` is the same inside the window (a stream read
+        for its dtype only, as ``x.new_zeros(B, H)`` reads it, among them)."""
+        if a.meta.get("cofx_role") in ("stream", "folded"):
+            return None
         if a.meta.get("cofx_length") is not None:
             runs = a.meta["cofx_runs"]
             if runs.get("batch") != runs["clip"]:

@@ -129,6 +129,22 @@ _SAME_VALUES = {("call_method", m) for m in ("to", "type_as", "cuda", "cpu", "de
                                             "double", "half")}
 
 
+_MADE_LIKE = {"new_zeros", "new_ones", "new_full", "new_empty", "new_tensor"}
+_BROADCASTS = {("call_method", m) for m in ("expand", "repeat", *_MADE_LIKE)} | \
+    {("call_function", f) for f in (torch.zeros, torch.ones, torch.full, torch.empty)}
+
+
+def _same_for_every_frame(node: fx.Node, ins: list) -> bool:
+    """A tensor with a row per stream and frame (``tok.expand(B * T, -1, -1)``, sized by a product of the batch
+    size and the frame count) that repeats a time-free tensor or a constant: the same for every frame, so each
+    chunk makes it for its own frames."""
+    labels = node.meta["cofx_layout"]
+    return (node.op, node.target) in _BROADCASTS and isinstance(labels, Labels) and "BT" in labels \
+        and "T" not in labels and not any(a.meta.get("cofx_clip_const") for a in ins) \
+        and all(not has_time(a.meta["cofx_layout"]) for a in ins
+                if isinstance(a.meta["cofx_layout"], Labels) and a.meta["cofx_role"] == "static")
+
+
 def _zeros_made(node) -> bool:
     """Whether `node` is a tensor of zeros made in forward (``torch.zeros(1, x.size(0), H)``, ``x.new_zeros``),
     moved or cast at most: a recurrent layer's initial state that is its default."""
@@ -270,6 +286,8 @@ class _Classifier:
 
     def classify(self, node):
         ins = node_inputs(node)
+        if node.op == "call_method" and node.target in _MADE_LIKE:   # x.new_zeros(B, H): x gives its dtype only
+            ins = [a for a in ins if a is not node.args[0]]
         roles = {a.meta["cofx_role"] for a in ins}
         streams = [a for a in ins if a.meta["cofx_role"] == "stream"]
         folded = [a for a in ins if a.meta["cofx_role"] == "folded"]
@@ -279,7 +297,8 @@ class _Classifier:
             return
         if not streams and not folded:
             if isinstance(layout, Labels) and (length_source(node) is not None or has_time(layout) or
-                                               any(a.meta.get("cofx_clip_const") for a in ins)):
+                                               any(a.meta.get("cofx_clip_const") for a in ins)) \
+                    and not _same_for_every_frame(node, ins):
                 # built for the clip's length (positions, masks): meaningful only over a window of the clip
                 self.set(node, "static", "time-free", clip_const=self.clip_const_source(node, ins))
                 return
@@ -401,6 +420,9 @@ class _Classifier:
             node.target in (F.scaled_dot_product_attention, F.multi_head_attention_forward)
             or "attention" in getattr(node.target, "__name__", "").lower())
         if named:
+            if all(isinstance(a.meta["cofx_layout"], Labels) and "T" not in a.meta["cofx_layout"]
+                   for a in ins if a.meta.get("cofx_role") == "stream"):
+                return False   # frames folded into the batch: attention within each frame (over its patches)
             self.check_tokens_are_frames(node, module, ins)
             return True
         layout = node.meta["cofx_layout"]
