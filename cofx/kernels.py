@@ -314,7 +314,8 @@ class Sliding(Stateful):
                  ring: bool = False):
         super().__init__(ctx)
         # the rules of its window (completion, end padding, averages), shared by every path that steps it
-        self.__dict__["geometry"] = g = WindowGeometry(span, stride, pad_l, pad_r, ceil_mode, avg_count)
+        replicate_end = (replicate or ctx.init == "replicate") and (pad_r > 0 or ceil_mode)
+        self.__dict__["geometry"] = g = WindowGeometry(span, stride, pad_l, pad_r, ceil_mode, avg_count, replicate_end)
         # the kept frames, in the storage form the last step wanted (`FrameWindow`)
         self.__dict__.update(layout=layout, _rolled={}, _program=None, _weight=None,
                              store=FrameWindow(t, span, g.keep, pad_value, layout))

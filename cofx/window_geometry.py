@@ -29,7 +29,8 @@ def _at_least_0(v):
 class WindowGeometry:
     """Output window j reads padded frames ``j*stride ... j*stride + span - 1``; the padded stream starts with
     `pad_l` frames of start padding, and a flush ends it with `pad_r` (more in ceil mode). `avg_count` =
-    (kernel, count_include_pad) for averages, which PyTorch divides by the frames it counts."""
+    (kernel, count_include_pad) for averages, which PyTorch divides by the frames it counts. `replicate_end`:
+    the end padding repeats the last frame, which the stream then keeps."""
 
     span: int
     stride: int
@@ -37,11 +38,13 @@ class WindowGeometry:
     pad_r: int
     ceil_mode: bool = False
     avg_count: Optional[tuple] = None
+    replicate_end: bool = False
 
     @property
     def keep(self) -> int:
-        """Padded frames a stream keeps between steps: the window but its newest frame, or the start padding."""
-        return max(self.span - 1, self.pad_l, 0)
+        """Padded frames a stream keeps between steps: the window but its newest frame, or the start padding
+        (or the last frame, that end padding repeats)."""
+        return max(self.span - 1, self.pad_l, 1 if self.replicate_end else 0)
 
     def completes(self, m, next_j):
         """Whether window `next_j` is complete once `m` padded frames have come."""
