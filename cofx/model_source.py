@@ -19,6 +19,8 @@ from typing import Optional
 import torch
 from torch import nn
 
+from .errors import first_line
+
 # checkpoint keys that commonly hold the state_dict, in the order they are tried
 STATE_KEYS = ("state_dict", "model_state", "model_state_dict", "model", "net", "weights", "params")
 
@@ -81,10 +83,10 @@ def from_file(path: str, trust: bool = False, command: str = "cofx convert") -> 
         try:
             obj = torch.load(path, map_location="cpu", weights_only=False)
         except (AttributeError, ImportError) as e:
-            raise SourceError(f"cannot load '{path}': {_first_line(e)}; the code of the model's classes must be "
+            raise SourceError(f"cannot load '{path}': {first_line(e)}; the code of the model's classes must be "
                               "importable: add its folder to PYTHONPATH")
         except Exception as e:
-            raise SourceError(f"cannot load '{path}': {_first_line(e)}")
+            raise SourceError(f"cannot load '{path}': {first_line(e)}")
     if isinstance(obj, nn.Module):
         return obj
     if _state_dict_in(obj) is not None:
@@ -116,7 +118,7 @@ def load_weights(model: nn.Module, path: str) -> None:
     except RuntimeError as e:
         missing, unexpected = model.state_dict().keys() - state.keys(), state.keys() - model.state_dict().keys()
         why = (f"missing {_few(missing)}, unexpected {_few(unexpected)}" if missing or unexpected
-               else _first_line(e))
+               else first_line(e))
         raise SourceError(f"the weights in '{path}' do not fit the model: {why}")
 
 
@@ -151,7 +153,3 @@ def _few(keys) -> str:
     keys = sorted(keys)
     return "none" if not keys else ", ".join(keys[:4]) + (f" and {len(keys) - 4} more" if len(keys) > 4 else "")
 
-
-def _first_line(e: Exception) -> str:
-    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-    return lines[0] if lines else type(e).__name__

@@ -27,7 +27,7 @@ from torch import nn
 from torch.fx.graph import _PyTreeCodeGen
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from .errors import ConversionError
+from .errors import ConversionError, first_line, raised_at
 
 LeafSpec = Union[type, nn.Module, str]
 MORE_INPUTS_FIX = "wrap the model so that forward takes the clip only"
@@ -140,7 +140,11 @@ def trace(model: nn.Module, leaf_modules: Iterable[LeafSpec] = ()) -> fx.GraphMo
         if "does not support item assignment" in str(e):
             fix = ("build the tensor instead of assigning into its slices (torch.cat of the parts, F.pad for a "
                    "shift along time), or pass the module as leaf_modules=[...] if it acts frame by frame")
-        raise ConversionError(f"torch.fx could not trace the model ({type(e).__name__}: {e})", fix=fix) from e
+        if "cannot be iterated" in str(e):
+            fix = ("name the sizes instead of iterating or star-unpacking a shape or a tensor (b, c, t, h, w = "
+                   "x.shape, then x.view(b, c, t, h * w); not x.view(b, c, *x.shape[2:]) or a loop over x.shape)")
+        raise ConversionError(f"torch.fx could not trace the model ({type(e).__name__}: {first_line(e)})",
+                              fix=fix, at=raised_at(e)) from e
     fixed = set(tracer.bound)
     for node in list(graph.nodes):   # the guards fx adds for arguments fixed at their default
         name = getattr(node.target, "__name__", "") if node.op == "call_function" else ""

@@ -33,7 +33,7 @@ import torch
 import torch.fx as fx
 from torch.utils._pytree import tree_flatten, tree_map
 
-from .errors import ConversionError
+from .errors import ConversionError, first_line
 from .passes.temporal_geometry import WindowSpec
 from .verify import as_steps, by_chunks, chunk_sizes, max_error, output_tolerance
 
@@ -85,7 +85,7 @@ def _check(co, model, x, what, runs, rng, longer=False, compare=True) -> bool:
         except Exception as e:
             if not longer:   # a longer clip may not fit a model bound to its clip length: then it is not compared
                 raise ConversionError(f"the model fails on {what} shaped like the example "
-                                      f"({type(e).__name__}: {_first_line(e)})") from None
+                                      f"({type(e).__name__}: {first_line(e)})") from None
     t = co.options["time_dim"]
     chunkings = {"as one chunk": [x.shape[t]], "in random chunks": chunk_sizes(x.shape[t], rng)}
     first = None
@@ -98,7 +98,7 @@ def _check(co, model, x, what, runs, rng, longer=False, compare=True) -> bool:
         except ConversionError:
             raise
         except Exception as e:
-            fail(f"stepping {what} {how} fails ({type(e).__name__}: {_first_line(e)})")
+            fail(f"stepping {what} {how} fails ({type(e).__name__}: {first_line(e)})")
         if first is None:
             first = out
             if ref is None:
@@ -138,9 +138,6 @@ def _disagreement(out, ref, rows: int) -> str:
             return f"max error {err:.3g}, tolerance {tol:.3g}" + (f", in stream {r}" if by_row and rows > 1 else "")
     return ""
 
-
-def _first_line(e: Exception) -> str:
-    return (str(e).strip().splitlines() or [""])[0][:200]
 
 
 def _shapes_of(value) -> list:
@@ -208,7 +205,7 @@ def first_divergent_node(co, x, sizes=None) -> tuple:
             steps.run(x.narrow(t, 0, 0))
         except _StepCrash as crash:
             node = clip_nodes.get(crash.origin)
-            return node, f"its step fails ({type(crash.error).__name__}: {_first_line(crash.error)})"
+            return node, f"its step fails ({type(crash.error).__name__}: {first_line(crash.error)})"
         finally:
             ctx.flushing = False
             co.clean_state()
