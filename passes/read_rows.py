@@ -83,6 +83,24 @@ def _shape(value) -> Optional[tuple]:
     return tuple(rec.shape) if isinstance(rec, Rec) else None
 
 
+def _attention_module(gm: fx.GraphModule, node: fx.Node) -> Optional[nn.MultiheadAttention]:
+    """The `nn.MultiheadAttention` an original node calls (its output: the attention and its weights)."""
+    if node.op == "call_module" and isinstance(gm.get_submodule(node.target), nn.MultiheadAttention):
+        return gm.get_submodule(node.target)
+    return None
+
+
+def _output_shape(gm: fx.GraphModule, node: fx.Node) -> Optional[tuple]:
+    """The shape of a node's tensor; of `nn.MultiheadAttention`'s, the attention's (its first output)."""
+    if _attention_module(gm, node) is not None:
+        rec = node.meta.get("cofx_runs", {}).get("clip")
+        return tuple(rec[0].shape) if isinstance(rec, tuple) and isinstance(rec[0], Rec) else None
+    return _shape(node)
+
+
+_MHA_ARGS = ("query", "key", "value", "key_padding_mask", "need_weights", "attn_mask")
+
+
 def _dim(d, ndim: int) -> Optional[int]:
     return d % ndim if isinstance(d, int) and -ndim <= d < ndim else None
 
@@ -94,7 +112,7 @@ class _Rows:
         self.ops = {}
         for n in graph.nodes:
             orig = origs.get(n.meta.get("cofx_source"))
-            if orig is not None and orig.meta.get("cofx_from_window") and _shape(orig) is not None \
+            if orig is not None and orig.meta.get("cofx_from_window") and _output_shape(gm, orig) is not None \
                     and n.op in ("call_function", "call_method", "call_module"):
                 self.ops[n] = _Op(n, kernels, gm, orig)
 
@@ -105,13 +123,21 @@ class _Rows:
         op = self.ops.get(n)
         if op is None or op.target is None:
             return None
-        if op.guard is not None and any(isinstance(lab, tuple) for lab in op.guard.out_labels):
+        attention = _attention_module(self.gm, op.orig)
+        if op.guard is not None and attention is None and any(isinstance(lab, tuple) for lab in op.guard.out_labels):
             return None   # several outputs
         mine, spec = tree_flatten((n.args, n.kwargs))
         none = [None] * len(mine)
-        out = _shape(op.orig)
+        out = _output_shape(self.gm, op.orig)
         ndim = len(out)
         kind, target = op.kind, op.target
+        if attention is not None:
+            return self.attention_axes(n, none, _MHA_ARGS, d == (1 if attention.batch_first else 0)) \
+                if kind == "call_module" and not n.kwargs.get("is_causal") else None
+        if kind == "call_function" and target is operator.getitem and n.args[1] == 0 and \
+                isinstance(n.args[0], fx.Node) and n.args[0] in self.ops and \
+                _attention_module(self.gm, self.ops[n.args[0]].orig) is not None:
+            return [d] + none[1:]   # the attention of `nn.MultiheadAttention`'s (attention, weights)
         if kind == "call_function" and target is K.reshape:
             axis = self.reshape_axis(n, d)
             return None if axis is None else [axis] + none[1:]
@@ -167,7 +193,7 @@ class _Rows:
                 return [len(a) - 2, None] + none[2:]
             return elementwise() if d < ndim - 2 else None
         if kind == "call_function" and target is F.scaled_dot_product_attention and d == ndim - 2:
-            return self.attention_axes(n, shapes, none)
+            return self.attention_axes(n, none, ("query", "key", "value", "attn_mask"), True)
         return None
 
     def reshape_axis(self, n, d) -> Optional[int]:
@@ -194,9 +220,9 @@ class _Rows:
                 return axis
         return None
 
-    def attention_axes(self, n, shapes, none):
-        """The query side of `F.scaled_dot_product_attention` (and the rows of its mask)."""
-        names = ("query", "key", "value", "attn_mask")
+    def attention_axes(self, n, none, names, query_axis: bool):
+        """Attention narrowed at its queries' axis (`query_axis`): the query and the rows of its mask; `names`
+        are the op's arguments in order (the query, key and value first, the mask named ``attn_mask``)."""
         where, at = {}, 0
         for i, arg in enumerate(n.args):   # the flat position of each argument (kwargs follow the args)
             if i < len(names) and isinstance(arg, fx.Node):
@@ -206,12 +232,17 @@ class _Rows:
             if name in names and isinstance(arg, fx.Node):
                 where[name] = at
             at += len(tree_flatten(arg)[0])
-        if not {"query", "key", "value"} <= set(where):
+        if not query_axis or not {"query", "key", "value"} <= set(where):
             return None
+        orig = tree_flatten((self.ops[n].orig.args, self.ops[n].orig.kwargs))[0]
+        shapes = {name: _shape(orig[i]) for name, i in where.items()}
         axes = list(none)
-        axes[where["query"]] = len(shapes[where["query"]]) - 2
+        if names is _MHA_ARGS:   # (B, L, E) or (L, B, E): the tokens where the output has them
+            axes[where["query"]] = 1 if _attention_module(self.gm, self.ops[n].orig).batch_first else 0
+        else:
+            axes[where["query"]] = len(shapes["query"]) - 2
         if "attn_mask" in where:
-            s = shapes[where["attn_mask"]]
+            s = shapes["attn_mask"]
             if s is None or len(s) < 2:
                 return None
             axes[where["attn_mask"]] = len(s) - 2 if s[-2] != 1 else None
@@ -273,6 +304,8 @@ class _Rows:
                 continue
             wanted = set()
             for user in n.users:
+                if user.op == "call_function" and user.target is operator.getitem and not user.users:
+                    continue   # a part of a tuple nothing reads (the weights `nn.MultiheadAttention` returns)
                 wanted |= demand_on(user, n)
             demands[n] = wanted
             if len(wanted) == 1 and None not in wanted:
@@ -321,7 +354,14 @@ class _Rows:
             frames = co_labels(op.orig.args[0])[in_axis]
             n.args = (x, tuple(1 if i == axis else s for i, s in enumerate(spec)), batch, batch_dims,
                       static // frames, *n.args[5:])
-        if op.guard is not None:
+        if op.guard is not None and _attention_module(self.gm, op.orig) is not None:
+            attention, weights = op.guard.out_labels   # the weights (B, [heads,] L, S): L second to last
+            labels = (tuple(1 if i == axis else lab for i, lab in enumerate(attention)),
+                      None if weights is None else tuple(1 if i == len(weights) - 2 else lab
+                                                         for i, lab in enumerate(weights)))
+            self.kernels[n.target] = K.Framewise(op.guard.ctx, op.guard.op, op.guard.method, labels,
+                                                 op.guard.out_dtypes)
+        elif op.guard is not None:
             labels = tuple(1 if i == axis else lab for i, lab in enumerate(op.guard.out_labels))
             self.kernels[n.target] = K.Framewise(op.guard.ctx, op.guard.op, op.guard.method, labels,
                                                  op.guard.out_dtypes)

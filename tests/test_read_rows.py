@@ -146,3 +146,35 @@ def test_causal_sdpa_read_at_an_inner_token_sees_the_keys_up_to_it():
     model = Encoder(2, 2, True, "is_causal", False, "none", True, 2)
     co = assert_exact(model)
     assert "causal_row" in co.step_code
+
+
+class MHABlock(nn.Module):
+    """`nn.MultiheadAttention` over the frames (batch first or time first, with or without a causal mask), a
+    residual, read at one token."""
+
+    def __init__(self, batch_first, mask, read):
+        super().__init__()
+        self.batch_first, self.mask, self.read = batch_first, mask, read
+        self.embed = nn.Linear(C, W)
+        self.attn = nn.MultiheadAttention(W, 2, batch_first=batch_first)
+        self.head = nn.Linear(W, 3)
+
+    def forward(self, x):
+        h = self.embed(x)
+        if not self.batch_first:
+            h = h.transpose(0, 1)
+        T = h.shape[1 if self.batch_first else 0]
+        mask = torch.ones(T, T, dtype=torch.bool, device=x.device).triu(1) if self.mask else None
+        a, _ = self.attn(h, h, h, attn_mask=mask)
+        y = h + a
+        if not self.batch_first:
+            y = y.transpose(0, 1)
+        return self.head(y[:, self.read])
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("mask", [False, True])
+@pytest.mark.parametrize("read", [-1, 2])
+def test_multihead_attention_read_at_a_token_computes_that_query_only(batch_first, mask, read):
+    co = assert_exact(MHABlock(batch_first, mask, read))
+    assert {"attn", "add"} <= narrowed(co), narrowed(co)
