@@ -10,7 +10,9 @@ Models (N frames in the window, d channels):
 - a pre-norm encoder with a class token and learned positions (a table sliced by the clip length), read at
   the class token (N = 64, d = 256);
 - a per-frame 2D CNN (convolutions of temporal kernel 1 on 64x64 frames) followed by a 1-layer temporal
-  transformer read at the last frame (N = 16, d = 128).
+  transformer read at the last frame (N = 16, d = 128);
+- hand-written pre-norm blocks (timm's attention: one qkv Linear, heads by reshape and permute) of 1 and of 2
+  layers, and a post-norm block around `nn.MultiheadAttention`, read at the last frame (N = 64, d = 256).
 
 FLOPs are counted by torch.utils.flop_counter with the transformer layers' fused inference path off (the
 fused kernel hides its matrix products from the counter); latency is the median of `rounds` rounds, one
@@ -87,9 +89,65 @@ class FrameCNNTransformer(nn.Module):
         return self.head(self.encoder(h)[:, -1])
 
 
+class Attention(nn.Module):
+    """Hand-written multi-head self-attention, as timm's ViT blocks write it."""
+
+    def __init__(self, d: int, heads: int):
+        super().__init__()
+        self.heads, self.scale = heads, (d // heads) ** -0.5
+        self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
+
+    def forward(self, x):
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).reshape(B, T, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
+        a = ((q @ k.transpose(-2, -1)) * self.scale).softmax(dim=-1)
+        return self.proj((a @ v).transpose(1, 2).reshape(B, T, C))
+
+
+class Block(nn.Module):
+    """A pre-norm block: attention and an MLP, each with a residual."""
+
+    def __init__(self, d: int, heads: int, ff: int):
+        super().__init__()
+        self.norm1, self.attn = nn.LayerNorm(d), Attention(d, heads)
+        self.norm2, self.mlp = nn.LayerNorm(d), nn.Sequential(nn.Linear(d, ff), nn.GELU(), nn.Linear(ff, d))
+
+    def forward(self, x):
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class HandWrittenEncoder(nn.Module):
+    """(B, T, d) features -> hand-written pre-norm blocks -> the last frame's token."""
+
+    def __init__(self, layers: int, d: int = 256, heads: int = 4, ff: int = 1024):
+        super().__init__()
+        self.blocks = nn.Sequential(*[Block(d, heads, ff) for _ in range(layers)])
+
+    def forward(self, x):
+        return self.blocks(x)[:, -1]
+
+
+class MultiheadAttentionBlock(nn.Module):
+    """(B, T, d) features -> `nn.MultiheadAttention` and an MLP with residuals -> the last frame's token."""
+
+    def __init__(self, d: int = 256, heads: int = 4, ff: int = 1024):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(d, heads, batch_first=True)
+        self.norm1, self.norm2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.mlp = nn.Sequential(nn.Linear(d, ff), nn.GELU(), nn.Linear(ff, d))
+
+    def forward(self, x):
+        x = self.norm1(x + self.attn(x, x, x, need_weights=False)[0])
+        return self.norm2(x + self.mlp(x))[:, -1]
+
+
 MODELS = {
     "encoder 1 layer, last frame": (lambda: LastFrameEncoder(1), (1, 64, 256), 1),
     "encoder 2 layers, last frame": (lambda: LastFrameEncoder(2), (1, 64, 256), 1),
+    "hand-written blocks, 1 layer, last frame": (lambda: HandWrittenEncoder(1), (1, 64, 256), 1),
+    "hand-written blocks, 2 layers, last frame": (lambda: HandWrittenEncoder(2), (1, 64, 256), 1),
+    "nn.MultiheadAttention block, last frame": (MultiheadAttentionBlock, (1, 64, 256), 1),
     "pre-norm encoder, class token, learned positions": (ClassTokenEncoder, (1, 64, 256), 1),
     "per-frame 2D CNN + temporal transformer": (FrameCNNTransformer, (1, 3, 16, 64, 64), 2),
 }

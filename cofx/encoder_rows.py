@@ -41,24 +41,47 @@ def layers_of(encoder: nn.Module) -> list:
     return list(encoder.layers) if isinstance(encoder, nn.TransformerEncoder) else [encoder]
 
 
-def caches_projections(encoder: nn.Module) -> bool:
-    """Whether the first layer's attention projects queries, keys and values with one weight of the model's width
-    (what `Projections` computes)."""
-    attention = layers_of(encoder)[0].self_attn
+def projects_in_one(attention: nn.MultiheadAttention) -> bool:
+    """Whether `attention` projects queries, keys and values with one weight of its width (what `Projections`
+    computes), with nothing added to its keys."""
     return attention._qkv_same_embed_dim and attention.bias_k is None and not attention.add_zero_attn
 
 
-class Projections(Kernel):
-    """The queries, keys and values the first layer of `encoder` projects from each frame (..., d) -> (..., 3d)."""
+def caches_projections(encoder: nn.Module) -> bool:
+    """Whether the first layer's attention projects queries, keys and values as `Projections` does."""
+    return projects_in_one(layers_of(encoder)[0].self_attn)
 
-    def __init__(self, encoder: nn.Module):
+
+class Projections(Kernel):
+    """The queries, keys and values an attention projects from each frame (..., d) -> (..., 3d): those of the
+    first layer of an encoder (after its first norm where it is pre-norm), or of an `nn.MultiheadAttention`."""
+
+    def __init__(self, owner: nn.Module):
         super().__init__()
-        self.__dict__["layer"] = layers_of(encoder)[0]
+        layer = owner if isinstance(owner, nn.MultiheadAttention) else layers_of(owner)[0]
+        self.__dict__["layer"] = layer
 
     def forward(self, frames: torch.Tensor) -> torch.Tensor:
         layer = self.layer
+        if isinstance(layer, nn.MultiheadAttention):
+            return F.linear(frames, layer.in_proj_weight, layer.in_proj_bias)
         x = layer.norm1(frames) if layer.norm_first else frames
         return F.linear(x, layer.self_attn.in_proj_weight, layer.self_attn.in_proj_bias)
+
+
+class ProjectedAttention(Kernel):
+    """`nn.MultiheadAttention` (same arguments, the weights not returned) on `Projections` of its query, key and
+    value instead of on them: each frame's projections are computed once, before a window over the clip."""
+
+    def __init__(self, attention: nn.MultiheadAttention):
+        super().__init__()
+        self.__dict__["attention"] = attention
+
+    def forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
+                average_attn_weights=True, is_causal=False):
+        assert key_padding_mask is None and not is_causal, "converted only without them"
+        out = attend(self.attention, query, key, attn_mask, 1 if self.attention.batch_first else 0)
+        return out, None
 
 
 class EncoderRow(Kernel):
@@ -109,16 +132,25 @@ def _layer(layer: nn.TransformerEncoderLayer, x: torch.Tensor, row, t: int, proj
 
 
 def _attend(attention: nn.MultiheadAttention, projections: torch.Tensor, row, t: int):
-    """The self-attention of the queries at `row` (every row for None) where queries, keys and values are
-    projected already (`projections`, tokens at dim `t`)."""
+    """The self-attention of the queries at `row` (every row for None) of `projections` (tokens at dim `t`)."""
+    return attend(attention, projections if row is None else projections.narrow(t, row, 1), projections, None, t)
+
+
+def attend(attention: nn.MultiheadAttention, queries: torch.Tensor, keys: torch.Tensor, mask, t: int):
+    """`attention` of the queries projected in `queries` over the keys and values projected in `keys`
+    (`Projections`, tokens at dim `t`), with `nn.MultiheadAttention`'s `attn_mask` (True where not allowed, or
+    added), as the layer computes it."""
     d, heads = attention.embed_dim, attention.num_heads
     if t == 0:   # (tokens, batch, 3d) -> (batch, tokens, 3d)
-        projections = projections.transpose(0, 1)
-    q, k, v = projections.split(d, -1)
-    q = q if row is None else q.narrow(1, row, 1)
+        queries, keys = queries.transpose(0, 1), keys.transpose(0, 1)
+    q, k, v = queries[..., :d], keys[..., d:2 * d], keys[..., 2 * d:]
 
     def split(x):
         return x.unflatten(-1, (heads, d // heads)).transpose(1, 2)
-    y = F.scaled_dot_product_attention(split(q), split(k), split(v)).transpose(1, 2).flatten(2)
+    if mask is not None:
+        mask = ~mask if mask.dtype == torch.bool else mask
+        if mask.dim() == 3:   # (batch * heads, L, S)
+            mask = mask.unflatten(0, (-1, heads))
+    y = F.scaled_dot_product_attention(split(q), split(k), split(v), attn_mask=mask).transpose(1, 2).flatten(2)
     y = attention.out_proj(y)
     return y.transpose(0, 1) if t == 0 else y

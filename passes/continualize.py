@@ -49,7 +49,8 @@ from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from cofx import kernels as K
 from cofx.bn_fold import BatchNormFold, FoldedConv
-from cofx.encoder_rows import ENCODERS, EncoderRow, Projections, batch_first, caches_projections
+from cofx.encoder_rows import (ENCODERS, EncoderRow, ProjectedAttention, Projections, batch_first,
+                                caches_projections, projects_in_one)
 from cofx.growing_window import ClipStart, NewestFrames
 from cofx.errors import ConversionError
 from cofx.sliding_ops import PadSpec, SlidingSpec
@@ -136,6 +137,8 @@ class _Builder:
         self.windows: dict = {}   # stream node -> its window over the clip, folded into the batch
         self.in_windows: dict = {}   # node -> its value over a window (see `in_window`)
         self.constants: set = set()   # copies of time-free nodes (those a window uses are built again there)
+        self.clip_batch = next(n.meta["cofx_runs"]["clip"].shape[0] for n in gm.graph.nodes
+                               if n.op == "placeholder" and n.meta.get("cofx_role") == "stream")
 
     def name(self, hint: str) -> str:
         base = f"co_{hint}"
@@ -417,6 +420,8 @@ class _Builder:
         folded into the batch), aligned with what already comes per window."""
         ins = list(dict.fromkeys(a for a in node_inputs(node) if a.meta.get("cofx_role") in ("stream", "folded")))
         windowed = node.meta["cofx_window_inputs"]
+        if len(ins) == 1 and ins[0] in windowed and self.projected_attention(node, ins[0], spec):
+            return self.env[node]
         values = {a: self.windowed(a, spec) if a in windowed else self.env[a] for a in ins}
         ready = self.gm.meta["cofx_readiness"]
         horizon = self.gm.meta["cofx_horizon"]
@@ -426,6 +431,32 @@ class _Builder:
         if len(arrivals) > 1:
             values = self.align_windows(node, ins, values)
         return self.pointwise(node, values)
+
+    def projected_attention(self, node, frames, spec: WindowSpec) -> bool:
+        """`nn.MultiheadAttention` over a window of one stream's frames (self-attention, no key padding, its
+        weights not read): each frame's queries, keys and values projected once, then windowed
+        (`cofx.encoder_rows.ProjectedAttention`). True when `node` is that attention, now emitted."""
+        module = self.gm.get_submodule(node.target) if node.op == "call_module" else None
+        if not isinstance(module, nn.MultiheadAttention) or not projects_in_one(module) or spec.growing:
+            return False
+        args = dict(zip(("query", "key", "value", "key_padding_mask", "need_weights", "attn_mask",
+                         "average_attn_weights", "is_causal"), node.args), **node.kwargs)
+        if any(args.get(name) is not frames for name in ("query", "key", "value")) or \
+                args.get("key_padding_mask") is not None or args.get("is_causal") or \
+                any(not (u.op == "call_function" and u.target is operator.getitem and
+                         (u.args[1] == 0 or not u.users)) for u in node.users):
+            return False
+        labels = list(co_labels(frames))
+        labels[-1] *= 3
+        per_frame = self.add_kernel(f"{node.name}_projections", K.Framewise(self.ctx, Projections(module), None, labels),
+                                    (self.env[frames],), node_name=f"{node.name}_projections")
+        projected = self.window_of(per_frame, frames.meta["cofx_time"], labels, spec, f"{node.name}_projections")
+        replace = {**self.window_args(node, {frames: projected}), frames: projected}
+        kernel = K.Framewise(self.ctx, ProjectedAttention(module), None, co_labels(node), co_dtypes(node))
+        self.env[node] = self.add_kernel(node.name, kernel, fx.node.map_arg(node.args, replace.get),
+                                         node_name=node.name)
+        self.env[node].kwargs = fx.node.map_arg(node.kwargs, lambda a: replace.get(a, self.env.get(a)))
+        return True
 
     def encoder_row(self, node) -> bool:
         """A fixed token read off a transformer encoder over a window (``enc(h)[:, 0]``): its last layer runs
@@ -518,10 +549,12 @@ class _Builder:
             return runs["clip"]
         layout = a.meta.get("cofx_layout")
         if a.meta.get("cofx_role") == "shape" and layout == "B":
-            return windows()
-        if a.op == "get_attr" or not (a.meta.get("cofx_clip_const") or
-                                      (isinstance(layout, Labels) and "B" in layout)):
-            return None
+            runs = a.meta["cofx_runs"]
+            if runs.get("batch") == 2 * runs["clip"] == 2 * self.clip_batch:   # the batch size itself
+                return windows()
+        elif a.op == "get_attr" or not (a.meta.get("cofx_clip_const") or
+                                        (isinstance(layout, Labels) and "B" in layout)):
+            return None   # (a number made from the batch size, as B * heads, is made again from the windows')
         if a not in self.in_windows:
             def arg(x):
                 value = self.in_window(x, windows)

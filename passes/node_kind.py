@@ -420,8 +420,9 @@ class _Classifier:
             node.target in (F.scaled_dot_product_attention, F.multi_head_attention_forward)
             or "attention" in getattr(node.target, "__name__", "").lower())
         if named:
-            if all(isinstance(a.meta["cofx_layout"], Labels) and "T" not in a.meta["cofx_layout"]
-                   for a in ins if a.meta.get("cofx_role") == "stream"):
+            streams = [a for a in ins if a.meta.get("cofx_role") == "stream"]
+            if streams and all(isinstance(a.meta["cofx_layout"], Labels) and "T" not in a.meta["cofx_layout"]
+                               for a in streams):
                 return False   # frames folded into the batch: attention within each frame (over its patches)
             self.check_tokens_are_frames(node, module, ins)
             return True

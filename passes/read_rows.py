@@ -178,7 +178,8 @@ class _Rows:
             axis = n.kwargs.get("dim", args[1] if len(args) > 1 else None)
             return first(d) if _dim(axis, ndim) not in (d, None) else None
         if (kind, target) in (("call_method", "transpose"), ("call_function", torch.transpose)):
-            a, b = (_dim(x, ndim) for x in args[1:3])
+            given = dict(zip(("input", "dim0", "dim1"), args), **n.kwargs)
+            a, b = _dim(given.get("dim0"), ndim), _dim(given.get("dim1"), ndim)
             return first(b if d == a else a if d == b else d) if None not in (a, b) else None
         if (kind, target) in (("call_method", "permute"), ("call_function", torch.permute)):
             dims = args[1] if len(args) == 2 and isinstance(args[1], (tuple, list)) else args[1:]
@@ -300,7 +301,7 @@ class _Rows:
             return {None if a is None else (a, row) for m, a in zip(mine, axes) if m is value}
 
         for n in reversed(nodes):
-            if n not in self.ops or not n.users:
+            if n not in self.ops or not n.users or n in read_of:   # (a read is rewritten as a read)
                 continue
             wanted = set()
             for user in n.users:

@@ -178,3 +178,46 @@ class MHABlock(nn.Module):
 def test_multihead_attention_read_at_a_token_computes_that_query_only(batch_first, mask, read):
     co = assert_exact(MHABlock(batch_first, mask, read))
     assert {"attn", "add"} <= narrowed(co), narrowed(co)
+
+
+class ReadTwice(nn.Module):
+    """Attention written out, its heads merged by a transpose given by keywords, read at a token and then at a
+    channel (the second read of the first)."""
+
+    def __init__(self, read):
+        super().__init__()
+        self.read = read
+        self.embed, self.qkv, self.proj = nn.Linear(C, W), nn.Linear(W, 3 * W), nn.Linear(W, W)
+
+    def forward(self, x):
+        h = self.embed(x)
+        B, T, _ = h.shape
+        q, k, v = self.qkv(h).reshape(B, T, 3, 2, W // 2).permute(2, 0, 3, 1, 4).unbind(0)
+        y = ((q @ k.transpose(-2, -1) * 0.5).softmax(-1) @ v).transpose(dim0=1, dim1=2)
+        h = h + self.proj(y.reshape(B, T, W))
+        return self.read(h)
+
+
+@pytest.mark.parametrize("read", [lambda h: h[:, -1], lambda h: torch.sigmoid(h[:, 2])[:, 0],
+                                  lambda h: h[:, 2][:, 1], lambda h: torch.tanh(h[:, :, 1])[:, -1]],
+                         ids=["last", "inner then channel", "read of a read", "channel then last"])
+def test_reads_of_reads_and_keyword_transposes(read):
+    assert_exact(ReadTwice(read))
+
+
+class BatchSizedMask(nn.Module):
+    """A causal mask expanded to the batch times the heads, as `nn.MultiheadAttention` takes a 3-d mask."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.attn = nn.Linear(C, W), nn.MultiheadAttention(W, 2, batch_first=True)
+
+    def forward(self, x):
+        h = self.embed(x)
+        T = h.shape[1]
+        mask = torch.ones(T, T, dtype=torch.bool, device=x.device).triu(1).expand(x.shape[0] * 2, T, T)
+        return (h + self.attn(h, h, h, attn_mask=mask)[0])[:, -1]
+
+
+def test_a_mask_sized_by_the_batch_times_the_heads_follows_the_windows():
+    assert_exact(BatchSizedMask())
