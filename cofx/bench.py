@@ -17,6 +17,7 @@ from typing import Callable, Optional
 import torch
 
 from .dtype_device import dtype_device
+from .scratch_stream import scratch_stream
 
 
 @dataclass
@@ -78,12 +79,9 @@ def bench(co, *, batch: int = 1, threads: Optional[int] = None, rounds: int = 20
     old_threads = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
-    was_training = co.training
-    co.eval()
     step_times, clip_times = [], []
     try:
-        with torch.no_grad():
-            co.clean_state()
+        with scratch_stream(co), torch.no_grad():   # the user's stream and every submodule's mode kept
             for _ in range(0, co.warmup_frames, 8):   # in short chunks: a long one at batch 8 takes gigabytes
                 co.forward_steps(frames(8))
             for r in range(rounds + 1):
@@ -100,8 +98,6 @@ def bench(co, *, batch: int = 1, threads: Optional[int] = None, rounds: int = 20
                     if progress:
                         progress(r, rounds)
     finally:
-        co.clean_state()
-        co.train(was_training)
         torch.set_num_threads(old_threads)
     speedups = [whole / (step * co.stride) if step else float("inf") for step, whole in zip(step_times, clip_times)]
     return BenchResult(Timing.of(step_times), Timing.of(clip_times), co.stride, batch,

@@ -431,9 +431,10 @@ class MaskedStep:
     def _output_batch_axes(self) -> list:
         """Batch axis of each output leaf (None for leaves that are not batched tensors); fills `self.pins`.
 
-        `pins` holds, for the output of every `Sliding` kernel, its shape with -1 on
-        the batch axis: an exported graph reshapes to it, so that every size but the
-        batch is static in the file, whatever a kernel's compute read off its input.
+        `pins` holds, for the output of every `Sliding` kernel and for its input (key
+        ``(node, "in")``), its shape with -1 on the batch axis: an exported graph
+        reshapes to it, so that every size but the batch is static in the file,
+        whatever a kernel's compute read off its input.
         """
         t = self.time_dim
         frame = tuple(self.co._info["frame_shape"])
@@ -544,7 +545,12 @@ class MaskedStep:
                 else:
                     a, b = slices[node]
                     if isinstance(plan, _SlidingPlan):
-                        value, r_in, new = plan.step(args[0], ready.get(node.args[0]), state[a:b], args[1:])
+                        frames = args[0]   # static in an export too, whatever op made it (a unfold needs that)
+                        if record is not None:
+                            record[(node, "in")] = tuple(frames.shape)
+                        elif self.pin and (node, "in") in self.pins:
+                            frames = _pin(frames, self.pins[(node, "in")], x)
+                        value, r_in, new = plan.step(frames, ready.get(node.args[0]), state[a:b], args[1:])
                     elif isinstance(plan, _OWN_STATE):   # a recurrent layer's r_in: that of each of its outputs
                         value, r_in, new = plan.step(args[0], ready.get(node.args[0]), state[a:b])
                     else:

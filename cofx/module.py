@@ -164,7 +164,7 @@ class ContinualModule(fx.GraphModule):
                     for k in self._kernels():
                         k.detach_state()
         out = self._none_if_empty(out)
-        set_ready(self, torch.full((x.shape[0],), out is not None, device=x.device))
+        set_ready(self, torch.full((x.shape[0],), self._every_output_has_frames(out), device=x.device))
         return self._frame_output(out) if framewise else out
 
     def _streams_out_of_phase(self) -> bool:
@@ -200,13 +200,19 @@ class ContinualModule(fx.GraphModule):
         return tree_unflatten([torch.cat([u, v], ax) if ax is not None else u for u, v, ax in zip(la, lb, axes)],
                               spec)
 
-    def _none_if_empty(self, out):
+    def _frames_per_output(self, out) -> list:
+        """The number of frames of each output that has a time axis."""
         leaves, _ = tree_flatten(out)
         axes, _ = tree_flatten(self._info["out_time_axes"], is_leaf=lambda v: v is None)
-        timed = [v for v, a in zip(leaves, axes) if a is not None]
-        if timed and all(v.shape[a] == 0 for v, a in zip(timed, [a for a in axes if a is not None])):
-            return None
-        return out
+        return [v.shape[a] for v, a in zip(leaves, axes) if a is not None]
+
+    def _none_if_empty(self, out):
+        frames = self._frames_per_output(out)
+        return None if frames and not any(frames) else out
+
+    def _every_output_has_frames(self, out) -> bool:
+        """What ``co.ready`` says of every row after a step in phase: each output has a frame."""
+        return out is not None and all(self._frames_per_output(out))
 
     def _check_input(self, x, with_time: bool) -> None:
         info = self._info

@@ -31,6 +31,7 @@ from typing import Optional
 import torch
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from .containers import containers_copied
 from .errors import StreamError
 from .kernels import STATE_FIX, Stateful, state_error
 from .masked_step import MaskedStep, NotSteppable, _SlidingPlan, nan_where_not
@@ -164,7 +165,7 @@ class OutOfPhase(Stateful):
         set_ready(co, ready)
         if not any(bool(r.any()) for r in own):
             return None
-        leaves, spec = tree_flatten(out)   # each output NaN where its own frame is not
+        leaves, spec = tree_flatten(containers_copied(out))   # each output NaN where its own frame is not
         return tree_unflatten([nan_where_not(v, r, b) for v, r, b in zip(leaves, own, step.out_batch_axes)], spec)
 
 

@@ -27,6 +27,7 @@ from torch import nn
 from torch.fx.graph import _PyTreeCodeGen
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from .containers import containers_copied
 from .errors import ConversionError, first_line, raised_at
 
 LeafSpec = Union[type, nn.Module, str]
@@ -101,7 +102,7 @@ class CofxTracer(fx.Tracer):
         if isinstance(m, torch.jit.ScriptModule):   # fx cannot see into TorchScript: kept whole, checked as a leaf
             self.untraceable[name] = "it is a TorchScript module: give cofx the module before torch.jit.script"
             return self.create_proxy("call_module", name, args, kwargs)
-        given = _containers_copied((args, kwargs))   # as they came: a failed trace may have written into them
+        given = containers_copied((args, kwargs))   # as they came: a failed trace may have written into them
         depth = len(self.module_stack)
         try:
             return super().call_module(m, forward, args, kwargs)
@@ -110,17 +111,6 @@ class CofxTracer(fx.Tracer):
                 self.module_stack.popitem()
             self.untraceable[name] = f"{type(e).__name__}: {e}"
             return self.create_proxy("call_module", name, *given)
-
-
-def _containers_copied(value):
-    """`value` with its lists, tuples and dicts copied (their tensors and proxies shared)."""
-    if isinstance(value, list):
-        return [_containers_copied(v) for v in value]
-    if type(value) is tuple:
-        return tuple(_containers_copied(v) for v in value)
-    if isinstance(value, dict):
-        return {k: _containers_copied(v) for k, v in value.items()}
-    return value
 
 
 def trace(model: nn.Module, leaf_modules: Iterable[LeafSpec] = ()) -> fx.GraphModule:

@@ -35,6 +35,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 from .errors import ConversionError, first_line
 from .passes.temporal_geometry import WindowSpec
+from .scratch_stream import scratch_stream
 from .verify import as_steps, by_chunks, chunk_sizes, max_error, output_tolerance
 
 SCALES = (-2.0, 2.0)   # log10 range of the per-frame scales of the scaled input
@@ -57,20 +58,14 @@ def validate(co, model, clip: torch.Tensor, *, seed: int = 0) -> None:
     scale = 10 ** torch.empty(x.shape[t], dtype=torch.float64).uniform_(*SCALES, generator=gen)
     x[1:] *= scale.to(x.dtype).view([-1 if i == t else 1 for i in range(x.dim())])
     longer = fresh(1, clip.shape[t] + max(3, 2 * co.stride * co._info["period"]))
-    was_training = co.training
-    co.eval()
-    try:
-        with torch.no_grad():
-            what = "a random clip of two streams (the second scaled by 1e-2 to 1e2 frame by frame)"
-            keeps_time = _check(co, model, x, what, ("in random chunks", "as one chunk"), rng)
-            # a model's output on a longer clip is comparable only where each output keeps time as the steps
-            # do (a reduction's steps give one window per step, the model pools the longer clip whole) and no
-            # window over the clip answers for the last N frames
-            _check(co, model, longer, f"a longer clip ({longer.shape[t]} frames)",
-                   ("as one chunk", "in random chunks"), rng, longer=True, compare=keeps_time and not _windows(co))
-    finally:
-        co.clean_state()
-        co.train(was_training)
+    with scratch_stream(co), torch.no_grad():   # the user's stream and every submodule's mode kept
+        what = "a random clip of two streams (the second scaled by 1e-2 to 1e2 frame by frame)"
+        keeps_time = _check(co, model, x, what, ("in random chunks", "as one chunk"), rng)
+        # a model's output on a longer clip is comparable only where each output keeps time as the steps
+        # do (a reduction's steps give one window per step, the model pools the longer clip whole) and no
+        # window over the clip answers for the last N frames
+        _check(co, model, longer, f"a longer clip ({longer.shape[t]} frames)",
+               ("as one chunk", "in random chunks"), rng, longer=True, compare=keeps_time and not _windows(co))
 
 
 def _check(co, model, x, what, runs, rng, longer=False, compare=True) -> bool:

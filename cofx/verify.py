@@ -26,6 +26,7 @@ import torch
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .dtype_device import dtype_device
+from .scratch_stream import scratch_stream
 
 
 @dataclass
@@ -94,17 +95,11 @@ def verify(co, model=None, *, steps: Optional[int] = None, video: Optional[str] 
     clip, stream, where = _inputs(co, steps, video, seed)
     model = model if model is not None else co
     report = VerifyReport(exact=co.is_exact, dtype=str(clip.dtype).removeprefix("torch."), input=where)
-    was_training = co.training
-    co.eval()
-    try:
-        with torch.no_grad():
-            report.checks.append(_clip_equivalence(co, model, clip, strict))
-            whole, chunked = _chunk_invariance(co, stream, random.Random(seed))
-            report.checks.append(chunked)
-            report.checks.append(_state_reset(co, stream, whole))
-    finally:
-        co.clean_state()
-        co.train(was_training)
+    with scratch_stream(co), torch.no_grad():   # the user's stream and every submodule's mode kept
+        report.checks.append(_clip_equivalence(co, model, clip, strict))
+        whole, chunked = _chunk_invariance(co, stream, random.Random(seed))
+        report.checks.append(chunked)
+        report.checks.append(_state_reset(co, stream, whole))
     return report
 
 

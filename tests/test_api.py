@@ -4,6 +4,7 @@ import torch
 from torch import nn
 
 import cofx
+from cofx.bench import bench
 from guarantees import assert_equivalent, max_err
 
 D = torch.float64
@@ -184,3 +185,23 @@ def test_a_leaf_that_acts_otherwise_on_single_frames_is_refused_by_validation():
     model = torch.nn.Sequential(OneFrameOdd(), torch.nn.Conv1d(4, 4, 3, padding=1)).double().eval()
     with pytest.raises(cofx.ConversionError, match="does not match the clip model"):
         cofx.convert(model, torch.randn(1, 4, 12, dtype=torch.float64), leaf_modules=[OneFrameOdd])
+
+
+def test_verify_and_bench_leave_every_submodule_mode_and_the_stream_as_they_were():
+    model = torch.nn.Sequential(torch.nn.Conv1d(4, 4, 3, padding=1), torch.nn.BatchNorm1d(4),
+                                torch.nn.ReLU()).double()
+    model.train()
+    model[1].eval()   # a frozen BatchNorm in a model that trains
+    co = cofx.convert(model, torch.randn(1, 4, 8, dtype=torch.float64))
+    co.eval()
+    x = torch.randn(1, 4, 12, dtype=torch.float64)
+    with torch.no_grad():
+        head = co.forward_steps(x[:, :, :5])
+        co.train()
+        model[1].eval()
+        cofx.verify(co, model)
+        bench(co, rounds=1)
+        assert [m.training for m in model.modules()] == [True, True, False, True]
+        co.eval()
+        tail = co.forward_steps(x[:, :, 5:], pad_end=True)
+        assert torch.allclose(torch.cat([head, tail], 2), model(x), atol=1e-12)

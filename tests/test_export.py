@@ -372,3 +372,15 @@ def test_recurrent_streams_run_out_of_phase_in_pytorch():
     for i, out in enumerate(outs):
         for b in (0, 1):
             assert np.abs(out[b] - alone[b][i]).max() <= 1e-6
+
+
+class PaddedThenPooled(nn.Module):
+    """A pad of the channels (not of time) before a pool over time: the window's input has static sizes too."""
+
+    def forward(self, x):
+        return F.pad(x, (0, 0, 0, 2)).mean(2)
+
+
+def test_a_pad_of_the_channels_before_a_pool_over_time_exports(tmp_path):
+    co = cofx.convert(_seeded(PaddedThenPooled()), torch.randn(1, 4, 8))
+    export_and_compare(co, tmp_path, torch.randn(2, 4, 14), restart=(5, 1))

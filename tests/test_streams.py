@@ -300,3 +300,30 @@ def test_a_state_read_right_after_a_restart_resumes_exactly(after):
     for j, y in enumerate(again):
         want = own[5 + after + j]
         assert torch.isnan(y[1]).all() if want is None else torch.allclose(y[1], want[0], rtol=0, atol=1e-12)
+
+
+class FramesAndPooled(torch.nn.Module):
+    """Per-frame features and a pool over the clip, as a dict: the pool has no frame for the first steps."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv1d(2, 3, 1)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return {"frames": y, "pooled": y.mean(2)}
+
+
+def test_ready_says_whether_every_output_has_its_frame_in_phase_and_out():
+    co = cofx.convert(FramesAndPooled().double().eval(), torch.randn(1, 2, 4, dtype=torch.float64))
+    x = torch.randn(2, 2, 8, dtype=torch.float64)
+    with torch.no_grad():
+        y = co.forward_step(x[:, :, 0])
+        assert y["pooled"] is None and not co.ready.any()   # in phase: one output has no frame yet
+        for i in range(1, 4):
+            y = co.forward_step(x[:, :, i])
+        assert y["pooled"] is not None and co.ready.all()
+        co.clean_state(streams=[1])
+        y = co.forward_step(x[:, :, 4])
+        assert type(y) is dict and co.ready.tolist() == [True, False]   # a plain dict out of phase too
+        y["extra"] = y["pooled"]
