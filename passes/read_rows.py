@@ -48,9 +48,11 @@ from .shape_runs import Rec
 _ELEMENTWISE_FUNCTIONS = {operator.add, operator.sub, operator.mul, operator.truediv, operator.neg, torch.add,
                           torch.sub, torch.mul, torch.div, torch.relu, torch.sigmoid, torch.tanh, torch.exp,
                           torch.where, torch.maximum, torch.minimum, torch.clamp, F.relu, F.gelu, F.silu,
-                          F.sigmoid, F.tanh, F.elu, F.leaky_relu, F.hardswish, F.mish, F.softplus}
+                          F.sigmoid, F.tanh, F.elu, F.leaky_relu, F.hardswish, F.mish, F.softplus, torch.rsqrt,
+                          torch.sqrt, torch.pow, torch.square}
 _ELEMENTWISE_METHODS = {"add", "sub", "mul", "div", "neg", "relu", "sigmoid", "tanh", "exp", "clamp", "abs",
-                        "masked_fill", "contiguous", "float", "double", "sqrt", "rsqrt", "pow"}
+                        "masked_fill", "contiguous", "float", "double", "sqrt", "rsqrt", "pow", "square"}
+_REDUCTIONS = {"mean", "sum", "amax", "amin"}   # over other axes: row by row (an RMSNorm's mean of squares)
 _ELEMENTWISE_MODULES = (nn.ReLU, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Identity, nn.Dropout, nn.ELU,
                         nn.LeakyReLU, nn.Mish, nn.Hardswish, nn.Softplus)
 _MATMULS = {torch.matmul, operator.matmul, torch.bmm}
@@ -177,7 +179,10 @@ class _Rows:
                 kind == "call_method" and target in ("softmax", "log_softmax"):
             axis = n.kwargs.get("dim", args[1] if len(args) > 1 else None)
             return first(d) if _dim(axis, ndim) not in (d, None) else None
-        if (kind, target) in (("call_method", "transpose"), ("call_function", torch.transpose)):
+        if kind in ("call_method", "call_function") and getattr(target, "__name__", target) in _REDUCTIONS:
+            return first(self.reduced_axis(n, d, len(shapes[0]))) if shapes[0] is not None else None
+        if (kind, target) in (("call_method", "transpose"), ("call_function", torch.transpose),
+                              ("call_method", "swapaxes"), ("call_method", "swapdims")):
             given = dict(zip(("input", "dim0", "dim1"), args), **n.kwargs)
             a, b = _dim(given.get("dim0"), ndim), _dim(given.get("dim1"), ndim)
             return first(b if d == a else a if d == b else d) if None not in (a, b) else None
@@ -196,6 +201,24 @@ class _Rows:
         if kind == "call_function" and target is F.scaled_dot_product_attention and d == ndim - 2:
             return self.attention_axes(n, none, ("query", "key", "value", "attn_mask"), True)
         return None
+
+    @staticmethod
+    def reduced_axis(n, d: int, ndim: int) -> Optional[int]:
+        """The input axis of output axis `d` of a reduction over other axes (``x.pow(2).mean(-1, keepdim=True)``),
+        or None where it reduces over `d` or its axes are not given."""
+        given = dict(zip(("input", "dim", "keepdim"), n.args), **n.kwargs)
+        dims = given.get("dim")
+        dims = [dims] if isinstance(dims, int) else dims
+        if not isinstance(dims, (list, tuple)) or not dims or any(_dim(a, ndim) is None for a in dims):
+            return None
+        dims = sorted({_dim(a, ndim) for a in dims})
+        if given.get("keepdim", False):
+            return None if d in dims else d
+        axis = d
+        for a in dims:   # each reduced axis before it moves it one further in the input
+            if a <= axis:
+                axis += 1
+        return axis if axis < ndim else None
 
     def reshape_axis(self, n, d) -> Optional[int]:
         """A reshape keeps axis `d` where it has the same size and what comes before it in its input the same
@@ -251,18 +274,30 @@ class _Rows:
 
     # -- demands, from the reads back ----------------------------------------------------------------------
     def reads(self, n: fx.Node) -> Optional[tuple]:
-        """(input, axis, row) when `n` reads one row of a windowed value at a fixed index."""
+        """(input, axis, row, where the row is given) when `n` reads one row of a windowed value at a fixed
+        index (``x[:, r]``: the position of r in the index; ``x.select(axis, r)``: None)."""
         op = self.ops.get(n)
-        if op is None or op.guard is not None or n.op != "call_function" or n.target is not operator.getitem:
+        if op is None or not n.args:
             return None
         x = n.args[0]
         shape = _shape(op.orig.args[0]) if isinstance(op.orig.args[0], fx.Node) else None
         if not isinstance(x, fx.Node) or x not in self.ops or shape is None:
             return None
+        if (op.kind, op.target) in (("call_method", "select"), ("call_function", torch.select)) and not n.kwargs:
+            axis, row = (_dim(n.args[1], len(shape)), n.args[2]) if len(n.args) == 3 else (None, None)
+            if axis is None or not isinstance(row, int) or not -shape[axis] <= row < shape[axis] or \
+                    not isinstance(co_labels(op.orig.args[0])[axis], int):
+                return None
+            return x, axis, row % shape[axis], None
+        if op.guard is not None or n.op != "call_function" or n.target is not operator.getitem:
+            return None
         index = n.args[1] if isinstance(n.args[1], tuple) else (n.args[1],)
         axis, ints = 0, []
         for i, entry in enumerate(index):
-            if entry is Ellipsis or entry is None or not isinstance(entry, (int, slice)) or isinstance(entry, bool):
+            if entry is Ellipsis and index.count(Ellipsis) == 1:   # the axes nothing else names
+                axis += len(shape) - (len(index) - 1)
+                continue
+            if entry is None or not isinstance(entry, (int, slice)) or isinstance(entry, bool):
                 return None
             if isinstance(entry, int):
                 ints.append((i, axis))
@@ -340,8 +375,11 @@ class _Rows:
                 n.args, n.kwargs = tree_unflatten(new, spec)
                 self.narrowed_op(n, axis, row)
                 self.ops[n].orig.meta["cofx_rows"] = (axis, row)
-            elif n in read_of and narrowed.get(read_of[n][0]) is not None:
+            elif n in read_of and narrowed.get(read_of[n][0]) is not None:   # the row read is the only one left
                 _, axis, row, i = read_of[n]
+                if i is None:   # x.select(axis, row)
+                    n.args = (n.args[0], n.args[1], 0)
+                    continue
                 index = n.args[1] if isinstance(n.args[1], tuple) else (n.args[1],)
                 index = tuple(0 if j == i else e for j, e in enumerate(index))
                 n.args = (n.args[0], index if isinstance(n.args[1], tuple) else index[0])

@@ -221,3 +221,27 @@ class BatchSizedMask(nn.Module):
 
 def test_a_mask_sized_by_the_batch_times_the_heads_follows_the_windows():
     assert_exact(BatchSizedMask())
+
+
+class RMSBlock(nn.Module):
+    """Written-out attention and a hand-written RMSNorm, read by `select` or with an Ellipsis."""
+
+    def __init__(self, read):
+        super().__init__()
+        self.read = read
+        self.embed, self.qkv, self.proj = nn.Linear(C, W), nn.Linear(W, 3 * W), nn.Linear(W, W)
+        self.w = nn.Parameter(torch.randn(W))
+
+    def forward(self, x):
+        h = self.embed(x)
+        q, k, v = self.qkv(h).chunk(3, -1)
+        h = h + self.proj((q @ k.swapaxes(1, 2) / W ** 0.5).softmax(-1) @ v)
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6) * self.w
+        return self.read(h)
+
+
+@pytest.mark.parametrize("read", [lambda h: h.select(1, -1), lambda h: h[..., -1, :], lambda h: h[..., 2, :]],
+                         ids=["select", "ellipsis", "ellipsis inner"])
+def test_rms_norm_and_select_or_ellipsis_reads_narrow(read):
+    co = assert_exact(RMSBlock(read))
+    assert {"proj", "mean", "rsqrt", "mul_1"} <= narrowed(co), narrowed(co)
