@@ -839,9 +839,12 @@ class _Classifier:
             if self.reenters_stream(node):
                 if spec.mode == "raw" and spec.window > 1:
                     raise ConversionError(
-                        "a global temporal reduction feeds back into the stream, and this op cannot be "
-                        "computed as a causal window", node=node,
-                        fix="use mean/sum/amax/amin or adaptive pooling for squeeze-and-excitation style gates")
+                        "a value computed over the whole clip (a statistic such as std, or frames kept from fixed "
+                        "positions of the clip, as x[:, :, :1] keeps the first) is combined back with every frame, "
+                        "and as a causal window over the frames so far only mean, sum, amax and amin are computed",
+                        node=node, fix="pool with mean/sum/amax/amin or adaptive pooling (squeeze-and-excitation "
+                        "gates convert that way), or compute such a reference (the first or last frame, a "
+                        "normalisation's statistics) outside the model and pass it the normalised frames")
                 spec = ReductionSpec(spec.mode, spec.window, spec.clip_window, True, spec.partial)
                 node.meta["cofx_spec"] = spec
             if not spec.exact:

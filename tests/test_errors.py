@@ -88,8 +88,19 @@ class GateFromFlattenedClip(nn.Module):
 
 
 def test_flattening_time_into_features_mid_network_is_refused():
-    with pytest.raises(cofx.ConversionError, match="feeds back into the stream"):
+    with pytest.raises(cofx.ConversionError, match="computed over the whole clip .* combined back with every frame"):
         cofx.convert(GateFromFlattenedClip().eval(), torch.randn(1, 3, 8))
+
+
+class FirstFrameBaseline(nn.Module):
+    def forward(self, x):
+        return x - x[:, :, :1]
+
+
+def test_a_frame_kept_from_a_fixed_position_of_the_clip_and_combined_with_every_frame_is_refused_saying_so():
+    with pytest.raises(cofx.ConversionError, match=r"frames kept from fixed positions of the clip") as e:
+        cofx.convert(FirstFrameBaseline().eval(), torch.randn(1, 3, 8))
+    assert "squeeze-and-excitation gates convert that way" in str(e.value) and "outside the model" in str(e.value)
 
 
 class Rnn(nn.Module):
