@@ -349,8 +349,8 @@ def _check_one_frame_per_step(co) -> None:
     for node in co.step_graph.nodes:
         rows = node.kwargs.get("rows") if node.op == "call_function" and node.target is K.reshape else None
         if rows and any(r != 1 for r in rows):
-            raise NotSteppable(f"'{node.name}' folds {max(rows)} rows per stream into the batch (persons or joints): "
-                               "a fixed-shape step keeps one row per stream")
+            raise NotSteppable(f"'{node.name}' holds {max(rows)} rows per stream (persons or joints folded into the "
+                               "batch): a fixed-shape step keeps one row per stream")
     out = next(n for n in co.graph.nodes if n.op == "output").args[0]
     for leaf in tree_flatten(out)[0]:
         if not isinstance(leaf, torch.fx.Node) or not isinstance(leaf.meta.get("cofx_layout"), tuple):

@@ -673,6 +673,10 @@ EXACT_CASES = [
     ("replicate padding along time", lambda: seeded(TimeOp, lambda x: F.pad(x, (1, 1), mode="replicate")), seq, 2),
     ("h0 zeros built from the batch size (LSTM)", lambda: seeded(H0Given, nn.LSTM), seq, 2),
     ("h0 zeros built from the batch size (GRU)", lambda: seeded(H0Given, nn.GRU), seq, 2),
+    ("cell unrolled over a fixed length from a batch-sized h0",
+     lambda: seeded(CellLoopFixed, nn.GRUCell, 6, "last", "batch"), seq, 2),
+    ("cell unrolled over a fixed length from a learned h0",
+     lambda: seeded(CellLoopFixed, nn.LSTMCell, 6, "all", "learned"), seq, 2),
 ]
 
 
@@ -751,10 +755,6 @@ REFUSED_CASES = [
      lambda: video(5, 4), ["does not match the clip model"]),
     ("recurrent over pixel rows of each frame", lambda: seeded(RowLSTM), lambda: video(6, 4),
      ["node 'rnn'", "time reaches the recurrent layer at dim 0"]),
-    ("cell unrolled over a fixed length from a batch-sized h0", lambda: seeded(CellLoopFixed, nn.GRUCell, 6,
-     "last", "batch"), seq, ["node 'cell'", "does not match the clip model"]),
-    ("cell unrolled over a fixed length from a learned h0", lambda: seeded(CellLoopFixed, nn.LSTMCell, 6,
-     "all", "learned"), seq, ["node 'cell'", "does not match the clip model"]),
 ]
 
 
