@@ -129,6 +129,16 @@ _SAME_VALUES = {("call_method", m) for m in ("to", "type_as", "cuda", "cpu", "de
                                             "double", "half")}
 
 
+def _ancestors(node: fx.Node) -> set:
+    todo, seen = list(node.all_input_nodes), set()
+    while todo:
+        n = todo.pop()
+        if n not in seen:
+            seen.add(n)
+            todo.extend(n.all_input_nodes)
+    return seen
+
+
 _MADE_LIKE = {"new_zeros", "new_ones", "new_full", "new_empty", "new_tensor"}
 _BROADCASTS = {("call_method", m) for m in ("expand", "repeat", *_MADE_LIKE)} | \
     {("call_function", f) for f in (torch.zeros, torch.ones, torch.full, torch.empty)}
@@ -819,10 +829,16 @@ class _Classifier:
                     fix=ATTENTION_FIX if hint else
                     "keep time as its own dimension until a global temporal pooling")
             raise ConversionError("brings time back after a global temporal reduction", node=node)
-        self.check_length_args(node, (node.op, node.target) in RESHAPES)
+        # over a reduction's window, which is the clip's length unless window= says otherwise, the clip length
+        # is that window's (``x.sum(2) / x.shape[2]``), and the batch size each step's number of windows
+        sized_as_clip = not self.windows
+        self.check_length_args(node, (node.op, node.target) in RESHAPES or sized_as_clip)
+        if length_source(node) is not None and (node.op, node.target) not in RESHAPES:
+            node.meta["cofx_reads_length"] = True   # checked once the reductions are placed (a causal one is not
+            #                                         a window of the clip's length)
         for a in node_inputs(node):
             if a.meta["cofx_role"] == "shape" and a.meta["cofx_layout"] in ("B", "T", "BT") \
-                    and (node.op, node.target) not in RESHAPES:
+                    and (node.op, node.target) not in RESHAPES and (a.meta["cofx_layout"] == "BT" or not sized_as_clip):
                 raise ConversionError("uses the batch size or clip length as a number after a global "
                                       "temporal reduction", node=node,
                                       fix="read sizes from the tensor at hand (x.shape[0]) or use reshape")
@@ -849,6 +865,12 @@ class _Classifier:
                 node.meta["cofx_spec"] = spec
             if not spec.exact:
                 node.meta["cofx_kind"] = "windowed"
+        for node in self.gm.graph.nodes:
+            if node.meta.get("cofx_reads_length") and any(
+                    a.meta.get("cofx_kind") in ("reduction", "windowed") and a.meta["cofx_spec"].causal
+                    for a in _ancestors(node)):
+                raise _length_use(node, self.gm, "uses the clip length as a value over a causal window (a "
+                                  "reduction that feeds back into the stream covers the frames so far)", _LENGTH_FIX)
         unknown = set(self.windows) - self.used_windows
         if unknown:
             raise ConversionError(f"window= names {sorted(unknown)}, which are not global temporal reductions",
