@@ -1,27 +1,29 @@
-"""The last layer of a transformer encoder for the one token a model reads.
+"""A transformer encoder computed for the one token a model reads, and on projections computed per frame.
 
 A model that reads one token of its encoder's output (``enc(h)[:, 0]``, a class
 token; ``enc(h)[:, -1]``, the newest frame) needs that row of the last layer
 only: its attention takes every key and value but a single query, and its
-feed-forward a single row. Over a window of the clip (`cofx.passes.continualize`)
-the step computes that row instead of all N (each earlier layer still computes
-every row, as the next layer's keys and values need them). Same weights and the
-same ops as the layer's own (unfused) path.
+feed-forward a single row (`cofx.passes.read_rows` asks `EncoderRows` for it).
+Each earlier layer still computes every row, as the next layer's keys and values
+need them. Same weights, masks and ops as the layer's own (unfused) path.
 
-Where the encoder takes the frames of the stream as they are (nothing that
-depends on a frame's place in the window lies between the frame and the first
-layer), the queries, keys and values of that layer are per-frame projections:
-the step computes each frame's once (`Projections`) and keeps them in a window
-of their own.
+Where an attention takes the frames of the stream as they are (nothing that
+depends on a frame's place in the window lies between the frame and it), its
+queries, keys and values are per-frame projections: the step computes each
+frame's once (`Projections`) and keeps them in a window of their own
+(`cofx.passes.continualize`), for the first layer of an encoder and for an
+`nn.MultiheadAttention` (`ProjectedAttention`).
 
 Example::
 
     >>> layer = torch.nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True).eval()
-    >>> x = torch.randn(3, 5, 8)
-    >>> torch.allclose(EncoderRow(layer, -1)(x), layer(x)[:, -1], atol=1e-6)
+    >>> x, mask = torch.randn(3, 5, 8), torch.ones(5, 5, dtype=torch.bool).triu(1)
+    >>> torch.allclose(EncoderRows(layer, -2)(x, src_mask=mask), layer(x, src_mask=mask)[:, -2:-1], atol=1e-6)
     True
 """
 from __future__ import annotations
+
+import inspect
 
 import torch
 import torch.nn.functional as F
@@ -84,12 +86,13 @@ class ProjectedAttention(Kernel):
         return out, None
 
 
-class EncoderRow(Kernel):
-    """``encoder(x)`` at token `row` (a fixed position, negative from the end), without the token axis; with
-    `projections` (`Projections` of x, same layout), the first layer's attention takes them instead of
-    projecting x."""
+class EncoderRows(Kernel):
+    """``encoder(src, ...)`` with the encoder's own arguments (a mask, key padding, ``is_causal``) at token `row`
+    only (a fixed position, negative from the end; the token axis kept, of size 1), or at every token (None);
+    with `projections` (`Projections` of src, same layout) the first layer's attention takes them instead of
+    projecting src."""
 
-    def __init__(self, encoder: nn.Module, row: int):
+    def __init__(self, encoder: nn.Module, row=None):
         super().__init__()
         self.__dict__["encoder"] = encoder   # the model's own module, not a submodule of the kernel
         self.row = row
@@ -97,27 +100,37 @@ class EncoderRow(Kernel):
     def extra_repr(self) -> str:
         return f"row={self.row}"
 
-    def forward(self, x: torch.Tensor, projections: torch.Tensor = None) -> torch.Tensor:
+    def forward(self, *args, projections: torch.Tensor = None, **kwargs) -> torch.Tensor:
         encoder = self.encoder
-        layers = layers_of(encoder)
+        if self.row is None and projections is None:
+            return encoder(*args, **kwargs)
+        given = inspect.signature(encoder.forward).bind(*args, **kwargs).arguments
+        x = given.get("src")
+        mask, padding = given.get("mask", given.get("src_mask")), given.get("src_key_padding_mask")
         t = 1 if batch_first(encoder) else 0
+        if mask is None and given.get("is_causal"):   # the mask is_causal stands for
+            mask = torch.ones(x.shape[t], x.shape[t], dtype=torch.bool, device=x.device).triu(1)
+        layers = layers_of(encoder)
         for i, layer in enumerate(layers):
             last = i == len(layers) - 1
-            x = _layer(layer, x, self.row % x.shape[t] if last else None, t, projections if i == 0 else None)
+            row = self.row % x.shape[t] if last and self.row is not None else None
+            x = _layer(layer, x, row, t, projections if i == 0 else None, mask, padding)
         if isinstance(encoder, nn.TransformerEncoder) and encoder.norm is not None:
             x = encoder.norm(x)
-        return x.select(t, 0)
+        return x
 
 
-def _layer(layer: nn.TransformerEncoderLayer, x: torch.Tensor, row, t: int, projections) -> torch.Tensor:
+def _layer(layer: nn.TransformerEncoderLayer, x: torch.Tensor, row, t: int, projections, mask,
+           padding) -> torch.Tensor:
     """The layer's unfused forward (`nn.TransformerEncoderLayer.forward`) for the query at `row` alone (every
-    row for None), its attention on `projections` where given."""
+    row for None), its attention on `projections` where given (then without a mask or padding)."""
     if row is None and projections is None:
-        return layer(x)
+        return layer(x, src_mask=mask, src_key_padding_mask=padding)
+    rows = mask if mask is None or row is None else mask.narrow(-2, row, 1)
 
     def attend(query, keys):
         if projections is None:
-            out = layer.self_attn(query, keys, keys, need_weights=False)[0]
+            out = layer.self_attn(query, keys, keys, attn_mask=rows, key_padding_mask=padding, need_weights=False)[0]
         else:
             out = _attend(layer.self_attn, projections, row, t)
         return layer.dropout1(out)

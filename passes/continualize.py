@@ -49,8 +49,8 @@ from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from cofx import kernels as K
 from cofx.bn_fold import BatchNormFold, FoldedConv
-from cofx.encoder_rows import (ENCODERS, EncoderRow, ProjectedAttention, Projections, batch_first,
-                                caches_projections, projects_in_one)
+from cofx.encoder_rows import (ENCODERS, EncoderRows, ProjectedAttention, Projections, caches_projections,
+                                projects_in_one)
 from cofx.growing_window import ClipStart, NewestFrames
 from cofx.errors import ConversionError
 from cofx.sliding_ops import PadSpec, SlidingSpec
@@ -178,8 +178,6 @@ class _Builder:
             if role in ("static", "shape"):
                 self.env[node] = self.copy(node)
                 self.constants.add(self.env[node])
-                continue
-            if self.encoder_row(node):
                 continue
             folded_into = node.meta.get("cofx_folded_into")
             if folded_into is not None:   # the convolution before it computes it (see fold_batchnorm)
@@ -420,7 +418,8 @@ class _Builder:
         folded into the batch), aligned with what already comes per window."""
         ins = list(dict.fromkeys(a for a in node_inputs(node) if a.meta.get("cofx_role") in ("stream", "folded")))
         windowed = node.meta["cofx_window_inputs"]
-        if len(ins) == 1 and ins[0] in windowed and self.projected_attention(node, ins[0], spec):
+        if len(ins) == 1 and ins[0] in windowed and not spec.growing and \
+                (self.projected_attention(node, ins[0], spec) or self.projected_encoder(node, ins[0], spec)):
             return self.env[node]
         values = {a: self.windowed(a, spec) if a in windowed else self.env[a] for a in ins}
         ready = self.gm.meta["cofx_readiness"]
@@ -437,7 +436,7 @@ class _Builder:
         weights not read): each frame's queries, keys and values projected once, then windowed
         (`cofx.encoder_rows.ProjectedAttention`). True when `node` is that attention, now emitted."""
         module = self.gm.get_submodule(node.target) if node.op == "call_module" else None
-        if not isinstance(module, nn.MultiheadAttention) or not projects_in_one(module) or spec.growing:
+        if not isinstance(module, nn.MultiheadAttention) or not projects_in_one(module):
             return False
         args = dict(zip(("query", "key", "value", "key_padding_mask", "need_weights", "attn_mask",
                          "average_attn_weights", "is_causal"), node.args), **node.kwargs)
@@ -446,11 +445,7 @@ class _Builder:
                 any(not (u.op == "call_function" and u.target is operator.getitem and
                          (u.args[1] == 0 or not u.users)) for u in node.users):
             return False
-        labels = list(co_labels(frames))
-        labels[-1] *= 3
-        per_frame = self.add_kernel(f"{node.name}_projections", K.Framewise(self.ctx, Projections(module), None, labels),
-                                    (self.env[frames],), node_name=f"{node.name}_projections")
-        projected = self.window_of(per_frame, frames.meta["cofx_time"], labels, spec, f"{node.name}_projections")
+        projected = self.projections(node, module, frames, spec)
         replace = {**self.window_args(node, {frames: projected}), frames: projected}
         kernel = K.Framewise(self.ctx, ProjectedAttention(module), None, co_labels(node), co_dtypes(node))
         self.env[node] = self.add_kernel(node.name, kernel, fx.node.map_arg(node.args, replace.get),
@@ -458,39 +453,27 @@ class _Builder:
         self.env[node].kwargs = fx.node.map_arg(node.kwargs, lambda a: replace.get(a, self.env.get(a)))
         return True
 
-    def encoder_row(self, node) -> bool:
-        """A fixed token read off a transformer encoder over a window (``enc(h)[:, 0]``): its last layer runs
-        for that token alone (`cofx.encoder_rows`). True when `node` is that read, now emitted."""
-        enc = node.args[0] if node.op == "call_function" and node.target is operator.getitem and node.args else None
-        if not (isinstance(enc, fx.Node) and enc.op == "call_module" and enc.meta.get("cofx_from_window")
-                and len(enc.users) == 1 and len(enc.args) == 1 and not enc.kwargs
-                and isinstance(self.gm.get_submodule(enc.target), ENCODERS)):
+    def projected_encoder(self, node, frames, spec: WindowSpec) -> bool:
+        """A transformer encoder over a window of one stream's frames (no mask): its first layer's queries,
+        keys and values projected once per frame, then windowed (`cofx.encoder_rows.EncoderRows`). True when
+        `node` is that encoder, now emitted."""
+        module = self.gm.get_submodule(node.target) if node.op == "call_module" else None
+        if not isinstance(module, ENCODERS) or not caches_projections(module) or node.args != (frames,) or \
+                node.kwargs:
             return False
-        module = self.gm.get_submodule(enc.target)
-        index = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
-        t = 1 if batch_first(module) else 0
-        if len(index) != t + 1 or not all(i == slice(None) for i in index[:t]) or type(index[t]) is not int:
-            return False
-        whole = self.env[enc]   # the encoder on every token, emitted already: its input, then it goes
-        value = whole.args[0]
-        self.g.erase_node(whole)
-        if whole.op == "call_module" and whole.target in self.kernels:
-            del self.kernels[whole.target]
-            self.node_kernels[enc.name].remove(whole.target)
-        args = (value,)
-        frames = enc.args[0]
-        if enc.meta.get("cofx_window_inputs") == (frames,) and caches_projections(module):
-            # the encoder takes the stream's frames as they are: each frame's projections once, windowed
-            labels = list(co_labels(frames))
-            labels[-1] *= 3
-            per_frame = self.add_kernel(f"{enc.name}_projections",
-                                        K.Framewise(self.ctx, Projections(module), None, labels),
-                                        (self.env[frames],), node_name=f"{enc.name}_projections")
-            args += (self.window_of(per_frame, frames.meta["cofx_time"], labels, enc.meta["cofx_spec"],
-                                    f"{enc.name}_projections"),)
-        rows = K.Framewise(self.ctx, EncoderRow(module, index[t]), None, co_labels(node))   # guarded: no window
-        self.env[node] = self.add_kernel(node.name, rows, args, node_name=node.name)
+        projected = self.projections(node, module, frames, spec)
+        kernel = K.Framewise(self.ctx, EncoderRows(module), None, co_labels(node), co_dtypes(node))
+        self.env[node] = self.add_kernel(node.name, kernel, (self.windowed(frames, spec),), node_name=node.name)
+        self.env[node].kwargs = {"projections": projected}
         return True
+
+    def projections(self, node, module, frames, spec: WindowSpec) -> fx.Node:
+        """The window of the queries, keys and values `module` projects from each frame of `frames`."""
+        labels = list(co_labels(frames))
+        labels[-1] *= 3
+        per_frame = self.add_kernel(f"{node.name}_projections", K.Framewise(self.ctx, Projections(module), None, labels),
+                                    (self.env[frames],), node_name=f"{node.name}_projections")
+        return self.window_of(per_frame, frames.meta["cofx_time"], labels, spec, f"{node.name}_projections")
 
     def windowed(self, a: fx.Node, spec: WindowSpec):
         """The last `spec.window` frames of stream `a` at each step, a window per frame folded into the batch:

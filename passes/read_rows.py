@@ -41,6 +41,7 @@ from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from cofx import kernels as K
+from cofx.encoder_rows import ENCODERS, EncoderRows, batch_first
 
 from .continualize import co_labels
 from .shape_runs import Rec
@@ -100,6 +101,15 @@ def _output_shape(gm: fx.GraphModule, node: fx.Node) -> Optional[tuple]:
     return _shape(node)
 
 
+def _encoder(op: "_Op") -> Optional[nn.Module]:
+    """The transformer encoder (or encoder layer) a guarded step node runs, whole or as `EncoderRows`."""
+    if op.guard is None:
+        return None
+    if isinstance(op.target, EncoderRows):
+        return op.target.encoder
+    return op.target if isinstance(op.target, ENCODERS) else None
+
+
 _MHA_ARGS = ("query", "key", "value", "key_padding_mask", "need_weights", "attn_mask")
 
 
@@ -136,6 +146,9 @@ class _Rows:
         if attention is not None:
             return self.attention_axes(n, none, _MHA_ARGS, d == (1 if attention.batch_first else 0)) \
                 if kind == "call_module" and not n.kwargs.get("is_causal") else None
+        encoder = _encoder(op)
+        if encoder is not None:   # every input whole: the encoder computes the row itself (`EncoderRows`)
+            return none if d == (1 if batch_first(encoder) else 0) else None
         if kind == "call_function" and target is operator.getitem and n.args[1] == 0 and \
                 isinstance(n.args[0], fx.Node) and n.args[0] in self.ops and \
                 _attention_module(self.gm, self.ops[n.args[0]].orig) is not None:
@@ -393,7 +406,11 @@ class _Rows:
             frames = co_labels(op.orig.args[0])[in_axis]
             n.args = (x, tuple(1 if i == axis else s for i, s in enumerate(spec)), batch, batch_dims,
                       static // frames, *n.args[5:])
-        if op.guard is not None and _attention_module(self.gm, op.orig) is not None:
+        if _encoder(op) is not None:
+            labels = tuple(1 if i == axis else lab for i, lab in enumerate(op.guard.out_labels))
+            self.kernels[n.target] = K.Framewise(op.guard.ctx, EncoderRows(_encoder(op), row), None, labels,
+                                                 op.guard.out_dtypes)
+        elif op.guard is not None and _attention_module(self.gm, op.orig) is not None:
             attention, weights = op.guard.out_labels   # the weights (B, [heads,] L, S): L second to last
             labels = (tuple(1 if i == axis else lab for i, lab in enumerate(attention)),
                       None if weights is None else tuple(1 if i == len(weights) - 2 else lab

@@ -245,3 +245,38 @@ class RMSBlock(nn.Module):
 def test_rms_norm_and_select_or_ellipsis_reads_narrow(read):
     co = assert_exact(RMSBlock(read))
     assert {"proj", "mean", "rsqrt", "mul_1"} <= narrowed(co), narrowed(co)
+
+
+class MaskedEncoder(nn.Module):
+    """`nn.TransformerEncoder` (batch first or time first) given a boolean mask, a float causal mask with
+    ``is_causal=True``, or nothing, read at one token."""
+
+    def __init__(self, batch_first, mask, read, norm_first):
+        super().__init__()
+        self.batch_first, self.mask, self.read = batch_first, mask, read
+        self.embed = nn.Linear(C, W)
+        layer = nn.TransformerEncoderLayer(W, 2, 2 * W, dropout=0.0, batch_first=batch_first, norm_first=norm_first)
+        self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+
+    def forward(self, x):
+        h = self.embed(x)
+        if not self.batch_first:
+            h = h.transpose(0, 1)
+        T = h.shape[1 if self.batch_first else 0]
+        if self.mask == "boolean":
+            y = self.encoder(h, mask=torch.ones(T, T, dtype=torch.bool, device=h.device).triu(1))
+        elif self.mask == "is_causal":
+            y = self.encoder(h, mask=nn.Transformer.generate_square_subsequent_mask(T, dtype=h.dtype), is_causal=True)
+        else:
+            y = self.encoder(h)
+        if not self.batch_first:
+            y = y.transpose(0, 1)
+        return y[:, self.read]
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("mask", ["none", "boolean", "is_causal"])
+@pytest.mark.parametrize("read,norm_first", [(-1, False), (2, True)])
+def test_encoders_with_masks_or_time_first_compute_the_token_read(batch_first, mask, read, norm_first):
+    co = assert_exact(MaskedEncoder(batch_first, mask, read, norm_first))
+    assert "encoder" in narrowed(co), narrowed(co)
