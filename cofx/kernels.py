@@ -15,6 +15,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_map
 
 from .derived import Derived
 from .errors import StreamError
@@ -690,6 +691,8 @@ class Recurrent(Stateful):
         module, t = self.module, 1 if self.module.batch_first else 0
         n, seen = x.shape[t], self.seen or 0
         self.seen = seen + n
+        if self.hx is not None and torch.is_grad_enabled() and not torch.is_inference_mode_enabled():
+            self.hx = tree_map(lambda h: h.clone() if h.is_inference() else h, self.hx)   # (made in inference_mode)
         if n == 0:   # no frame: empty output (PyTorch's recurrent layers reject empty sequences)
             out, hx = module(x.new_zeros(*x.shape[:t], 1, *x.shape[t + 1:]), self.hx)
             empty = (lambda h: h.narrow(1, 0, 0))

@@ -235,6 +235,9 @@ class ContinualModule(fx.GraphModule):
                 hint = "for a chunk with a time axis use forward_steps" if x.dim() == len(frame) + 2 else \
                     "convert with an example_input of this frame size"
             raise StreamError(f"expected input shaped {want}, got {tuple(x.shape)}; {hint}")
+        if x.shape[0] == 0:
+            raise StreamError("the input holds no stream (a batch of 0): each row of the batch is one stream; "
+                              "skip the call while no stream runs")
         p = self._first_float_parameter()
         if p is not None and x.dtype != p.dtype:
             model = f" or the model (co.to({x.dtype}))" if x.is_floating_point() else ""

@@ -72,6 +72,7 @@ class CofxTracer(fx.Tracer):
         proxy = super().create_proxy(kind, target, () if bound else args, kwargs, *rest, **more)
         if bound:
             self.bound.append(proxy.node)
+        proxy.node.meta["cofx_grad"] = torch.is_grad_enabled()   # off inside `with torch.no_grad():`
         return proxy
 
     def trace(self, root, concrete_args=None):
@@ -118,7 +119,8 @@ def trace(model: nn.Module, leaf_modules: Iterable[LeafSpec] = ()) -> fx.GraphMo
     tracer = CofxTracer(leaf_modules)
     defaults = _defaults_after_first(model) or {}
     try:
-        graph = tracer.trace(model, concrete_args=defaults or None)
+        with torch.enable_grad():   # (so that a block that turns gradients off shows, whatever the caller's mode)
+            graph = tracer.trace(model, concrete_args=defaults or None)
     except Exception as e:
         held = [k for k, v in defaults.items() if any(isinstance(a, nn.Module) for a in tree_flatten(v)[0])]
         if "not installed as a submodule" in str(e) and held:
@@ -152,6 +154,7 @@ def trace(model: nn.Module, leaf_modules: Iterable[LeafSpec] = ()) -> fx.GraphMo
     _refuse_other_inputs(graph)
     _unflattened(graph)
     _namedtuples_returned_as_values(graph)
+    _grad_modes_kept(graph)
     try:
         gm = fx.GraphModule(model, graph, model.__class__.__name__)
     except Exception as e:
@@ -164,6 +167,23 @@ def trace(model: nn.Module, leaf_modules: Iterable[LeafSpec] = ()) -> fx.GraphMo
     adopt_attributes(gm, model)
     gm.meta["cofx_untraceable"] = dict(tracer.untraceable)
     return gm
+
+
+def _grad_modes_kept(graph: fx.Graph) -> None:
+    """``with torch.no_grad():`` inside forward, which fx does not record: the nodes traced with gradients off
+    run with them off, between a switch off and a switch back to the mode the caller had (a frozen backbone
+    under a head that trains gets no gradients, in forward and in the steps alike)."""
+    before, off = None, False
+    for node in list(graph.nodes):
+        if node.op in ("placeholder", "get_attr"):
+            continue
+        wants_off = node.op != "output" and node.meta.get("cofx_grad") is False
+        if wants_off != off:
+            with graph.inserting_before(node):
+                if wants_off:
+                    before = graph.call_function(torch.is_grad_enabled)
+                graph.call_function(torch._C._set_grad_enabled, (False if wants_off else before,))
+            off = wants_off
 
 
 def _refuse_other_inputs(graph: fx.Graph) -> None:

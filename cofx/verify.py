@@ -65,9 +65,13 @@ class VerifyReport:
 
 
 def tolerance(ref: torch.Tensor) -> float:
-    """The largest error allowed against `ref`: 1e-9 (float64) or 1e-4 (else) of its largest magnitude."""
+    """The largest error allowed against `ref`, of its largest magnitude: 1e-9 (float64), 1e-4 (float32), eight
+    rounding steps in half precision (float16, bfloat16: a step alone is 1e-3 and 8e-3)."""
     scale = float(ref.detach().abs().max()) if ref.numel() else 1.0
-    return (1e-9 if ref.dtype == torch.float64 else 1e-4) * max(scale, 1e-30)
+    relative = {torch.float64: 1e-9, torch.float32: 1e-4}.get(ref.dtype)
+    if relative is None:
+        relative = 8 * torch.finfo(ref.dtype).eps if ref.is_floating_point() else 1e-4
+    return relative * max(scale, 1e-30)
 
 
 def verify(co, model=None, *, steps: Optional[int] = None, video: Optional[str] = None, seed: int = 0,

@@ -205,3 +205,68 @@ def test_verify_and_bench_leave_every_submodule_mode_and_the_stream_as_they_were
         co.eval()
         tail = co.forward_steps(x[:, :, 5:], pad_end=True)
         assert torch.allclose(torch.cat([head, tail], 2), model(x), atol=1e-12)
+
+
+def test_a_batch_of_no_stream_is_refused():
+    co = cofx.convert(torch.nn.Conv1d(2, 3, 3, padding=1).eval(), torch.randn(1, 2, 8))
+    with pytest.raises(cofx.StreamError, match="a batch of 0"):
+        co.forward_steps(torch.randn(0, 2, 5))
+    with pytest.raises(cofx.StreamError, match="a batch of 0"):
+        co.forward_step(torch.randn(0, 2))
+
+
+def test_a_recurrent_state_made_in_inference_mode_continues_with_gradients():
+    class GRUHead(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gru = torch.nn.GRU(4, 5, batch_first=True)
+
+        def forward(self, x):
+            return self.gru(x)[0]
+    model = GRUHead().eval()
+    co = cofx.convert(model, torch.randn(1, 6, 4), time_dim=1)
+    x = torch.randn(1, 3, 4)
+    with torch.inference_mode():
+        co.forward_step(x[:, 0])
+    y = co.forward_steps(x[:, 1:])
+    y.sum().backward()   # gradients through the steps made with them
+    with torch.no_grad():
+        assert torch.allclose(y, model(x)[:, 1:], atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_models_convert_and_step_as_their_clip_model(dtype):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv1d(4, 8, 3, padding=1), torch.nn.ReLU(),
+                                torch.nn.Conv1d(8, 4, 3, padding=2, dilation=2)).to(dtype).eval()
+    co = cofx.convert(model, torch.randn(1, 4, 12, dtype=dtype))
+    x = torch.randn(2, 4, 16, dtype=dtype)
+    with torch.no_grad():
+        got, want = co.forward_steps(x, pad_end=True), model(x)
+    assert got.dtype == dtype
+    assert float((got - want).abs().max()) <= 8 * torch.finfo(dtype).eps * float(want.abs().max())
+
+
+def test_a_frozen_backbone_under_no_grad_in_forward_gets_no_gradients_in_forward_or_steps():
+    class FrozenBackbone(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.backbone, self.head = torch.nn.Conv1d(4, 8, 3, padding=1), torch.nn.Conv1d(8, 3, 3, padding=1)
+
+        def forward(self, x):
+            with torch.no_grad():
+                features = torch.relu(self.backbone(x))
+            return self.head(features)
+    model = FrozenBackbone().double().eval()
+    x = torch.randn(2, 4, 10, dtype=torch.float64)
+    with torch.no_grad():   # converted with gradients off: the block still shows
+        co = cofx.convert(model, x[:1])
+    for run in (lambda: co(x), lambda: co.forward_steps(x, pad_end=True)):
+        model.zero_grad(set_to_none=True)
+        co.clean_state()
+        run().sum().backward()
+        assert model.backbone.weight.grad is None and model.head.weight.grad is not None
+    assert torch.is_grad_enabled()
+    with torch.no_grad():
+        co.clean_state()
+        assert torch.allclose(co.forward_steps(x, pad_end=True), model(x), atol=1e-12)
