@@ -204,6 +204,15 @@ class _Builder:
             self.origin.setdefault(node, self.origin_of(node))
         return self.g, self.kernels
 
+    def rows(self, a: fx.Node):
+        """The rows a value's batch dimension holds per step and window: the streams, times the rows each stream
+        has there (persons folded into the batch: ``x.view(N * M, C, T, V)``)."""
+        labels = a.meta["cofx_layout"]
+        rows = rows_per_stream(labels[_batch_axis(a)]) if isinstance(labels, Labels) else 1
+        if rows == 1:
+            return self.batch
+        return self.g.create_node("call_function", operator.mul, (self.batch, rows), {}, name=f"{a.name}_rows")
+
     def origin_of(self, node):
         ins = [a for a in node_inputs(node) if a.meta.get("cofx_role") == "stream"]
         if node.meta.get("cofx_kind") == "pointwise" and node.meta.get("cofx_role") == "stream" and len(ins) == 1:
@@ -551,7 +560,7 @@ class _Builder:
                for a in ins):
             raise ConversionError("joins values computed over windows of the clip whose batch is not their first "
                                   "dimension", node=node)
-        frames = [self.g.create_node("call_function", K.split_frames, (values[a], self.batch), {},
+        frames = [self.g.create_node("call_function", K.split_frames, (values[a], self.rows(a)), {},
                                      name=f"{a.name}_frames") for a in ins]
         aligned = self.add_kernel(f"{node.name}_align", K.Align(self.ctx, [0] * len(ins)), frames,
                                   node_name=f"{node.name}_align")
@@ -593,7 +602,7 @@ class _Builder:
                                           "tensor has no size-1 time dimension to broadcast along", node=node,
                                           fix="keep the pooled time dimension (keepdim=True / AdaptiveAvgPool to 1)")
                 values.append(self.g.create_node("call_function", K.unfold_time,
-                                                 (self.env[a], pos, self.batch, _batch_axis(a)), {},
+                                                 (self.env[a], pos, self.rows(a), _batch_axis(a)), {},
                                                  name=f"{a.name}_unfold"))
                 axes.append(pos)
             else:
@@ -622,7 +631,7 @@ class _Builder:
         if any(co_labels(a)[0] != "BT" for a in ins):
             raise ConversionError("merges values of different temporal reductions whose batch is not their "
                                   "first dimension", node=node)
-        frames = [self.g.create_node("call_function", K.split_frames, (self.env[a], self.batch), {},
+        frames = [self.g.create_node("call_function", K.split_frames, (self.env[a], self.rows(a)), {},
                                      name=f"{a.name}_frames") for a in ins]
         aligned = self.add_kernel(f"{node.name}_align", K.Align(self.ctx, [0] * len(ins)), frames,
                                   node_name=f"{node.name}_align")
@@ -644,14 +653,14 @@ class _Builder:
                 newest = self.add_kernel(f"{leaf.name}_newest", NewestFrames(self.ctx, frames, pos, _batch_axis(leaf)),
                                          (self.env[leaf],), node_name=f"{leaf.name}_newest")
                 values.append(self.g.create_node("call_function", K.unfold_time,
-                                                 (newest, pos, self.batch, _batch_axis(leaf)), {},
+                                                 (newest, pos, self.rows(leaf), _batch_axis(leaf)), {},
                                                  name=f"{leaf.name}_frames"))
             elif leaf.meta["cofx_role"] == "folded":
                 labels = leaf.meta["cofx_layout"]
                 replace = len(labels) > 2 and labels[2] == 1
                 pos = 2 if replace else min(2, len(labels))
                 values.append(self.g.create_node("call_function", K.unfold_time,
-                                                 (self.env[leaf], pos, self.batch, _batch_axis(leaf)),
+                                                 (self.env[leaf], pos, self.rows(leaf), _batch_axis(leaf)),
                                                  {"replace": replace}, name=f"{leaf.name}_frames"))
             else:
                 if not isinstance(leaf.meta["cofx_layout"], Labels):

@@ -968,3 +968,23 @@ def test_persons_folded_into_the_batch_are_not_restarted_apart():
         co.forward_steps(torch.randn(2, 3, 5, V, 2, dtype=D))
         with pytest.raises(cofx.StreamError, match="holds 2 rows per stream"):
             co.clean_state(streams=[1])
+
+
+class PersonsGate(nn.Module):
+    """Persons folded into the batch (mmskeleton's N * M), a squeeze-and-excitation gate over the clip (AAGCN's
+    channel attention), persons averaged back: windowed, as the same gate is without persons."""
+
+    def __init__(self):
+        super().__init__()
+        self.c, self.fc = nn.Conv2d(3, 4, (3, 1), padding=(1, 0)), nn.Linear(4, 4)
+
+    def forward(self, x):
+        N, C, T, Vv, M = x.size()
+        h = self.c(x.permute(0, 4, 1, 2, 3).reshape(N * M, C, T, Vv))
+        h = h * torch.sigmoid(self.fc(h.mean(3).mean(2)))[:, :, None, None]
+        return h.mean(3).mean(2).view(N, M, -1).mean(1)
+
+
+def test_a_gate_over_the_clip_with_persons_folded_into_the_batch_is_windowed():
+    torch.manual_seed(0)
+    assert_windowed(PersonsGate(), torch.randn(1, 3, 10, V, 2, dtype=D))
