@@ -93,12 +93,24 @@ def _attention_module(gm: fx.GraphModule, node: fx.Node) -> Optional[nn.Multihea
     return None
 
 
+_SPLITS = {("call_method", "chunk"), ("call_function", torch.chunk), ("call_method", "split"),
+           ("call_function", torch.split), ("call_method", "unbind"), ("call_function", torch.unbind)}
+
+
 def _output_shape(gm: fx.GraphModule, node: fx.Node) -> Optional[tuple]:
-    """The shape of a node's tensor; of `nn.MultiheadAttention`'s, the attention's (its first output)."""
-    if _attention_module(gm, node) is not None:
+    """The shape of a node's tensor; of `nn.MultiheadAttention`'s, the attention's (its first output); of a
+    split (``chunk``, ``split``, ``unbind``), its first part's."""
+    if _attention_module(gm, node) is not None or (node.op, node.target) in _SPLITS:
         rec = node.meta.get("cofx_runs", {}).get("clip")
-        return tuple(rec[0].shape) if isinstance(rec, tuple) and isinstance(rec[0], Rec) else None
+        return tuple(rec[0].shape) if isinstance(rec, (tuple, list)) and rec and isinstance(rec[0], Rec) else None
     return _shape(node)
+
+
+def _labels_narrowed(labels, axis: int):
+    """Labels (or those of each output of a split) with a size-1 axis `axis`."""
+    if labels and isinstance(labels[0], tuple):
+        return tuple(_labels_narrowed(one, axis) for one in labels)
+    return tuple(1 if i == axis else lab for i, lab in enumerate(labels))
 
 
 def _encoder(op: "_Op") -> Optional[nn.Module]:
@@ -136,7 +148,9 @@ class _Rows:
         if op is None or op.target is None:
             return None
         attention = _attention_module(self.gm, op.orig)
-        if op.guard is not None and attention is None and any(isinstance(lab, tuple) for lab in op.guard.out_labels):
+        split = (op.kind, op.target) in _SPLITS
+        if op.guard is not None and attention is None and not split and \
+                any(isinstance(lab, tuple) for lab in op.guard.out_labels):
             return None   # several outputs
         mine, spec = tree_flatten((n.args, n.kwargs))
         none = [None] * len(mine)
@@ -183,6 +197,9 @@ class _Rows:
         if kind == "call_function" and target in _ELEMENTWISE_FUNCTIONS or \
                 kind == "call_method" and target in _ELEMENTWISE_METHODS:
             return elementwise()
+        if kind == "call_function" and target is F.dropout and \
+                dict(zip(("input", "p", "training"), args), **n.kwargs).get("training", True) is False:
+            return first(d)   # (off: as traced in eval mode, where steps run)
         if kind == "call_function" and target is F.linear and d != ndim - 1:
             return first(d)
         if kind == "call_function" and target is F.layer_norm and len(args) > 1 and \
@@ -202,6 +219,33 @@ class _Rows:
         if (kind, target) in (("call_method", "permute"), ("call_function", torch.permute)):
             dims = args[1] if len(args) == 2 and isinstance(args[1], (tuple, list)) else args[1:]
             return first(_dim(dims[d], ndim)) if len(dims) == ndim else None
+        if (kind, target) in (("call_method", "unflatten"), ("call_function", torch.unflatten)) and \
+                shapes[0] is not None:
+            given = dict(zip(("input", "dim", "sizes"), args), **n.kwargs)
+            at, parts = _dim(given.get("dim"), len(shapes[0])), len(given.get("sizes", ()))
+            if at is None or at <= d < at + parts:
+                return None
+            return first(d if d < at else d - parts + 1)
+        if (kind, target) in (("call_method", "flatten"), ("call_function", torch.flatten)) and \
+                shapes[0] is not None:
+            given = dict(zip(("input", "start_dim", "end_dim"), args), **n.kwargs)
+            start = _dim(given.get("start_dim", 0), len(shapes[0]))
+            end = _dim(given.get("end_dim", -1), len(shapes[0]))
+            if start is None or end is None or start <= d <= start and end > start:
+                return None
+            return first(d if d < start or end == start else d + end - start)
+        if split:   # along another axis than the one read: each part's row r is the input's row r
+            given = dict(zip(("input", "sizes", "dim") if op.target not in ("unbind", torch.unbind)
+                             else ("input", "dim"), args), **n.kwargs)
+            axis = _dim(given.get("dim", 0), len(shapes[0])) if shapes[0] is not None else None
+            if axis is None:
+                return None
+            if op.target in ("unbind", torch.unbind):
+                return first(d if d < axis else d + 1)
+            return first(d) if d != axis else None
+        if kind == "call_function" and target is operator.getitem and isinstance(args[0], fx.Node) and \
+                args[0] in self.ops and (self.ops[args[0]].kind, self.ops[args[0]].target) in _SPLITS:
+            return [d] + none[1:]   # a part of a split: its axes are the split's
         if kind == "call_function" and target is operator.getitem and shapes[0] is not None:
             return first(_index_axis(args[1], len(shapes[0]), d))
         if kind == "call_function" and target in _MATMULS or kind == "call_method" and target == "matmul":
@@ -418,7 +462,7 @@ class _Rows:
             self.kernels[n.target] = K.Framewise(op.guard.ctx, op.guard.op, op.guard.method, labels,
                                                  op.guard.out_dtypes)
         elif op.guard is not None:
-            labels = tuple(1 if i == axis else lab for i, lab in enumerate(op.guard.out_labels))
+            labels = _labels_narrowed(op.guard.out_labels, axis)
             self.kernels[n.target] = K.Framewise(op.guard.ctx, op.guard.op, op.guard.method, labels,
                                                  op.guard.out_dtypes)
         if op.kind == "call_function" and op.target is F.scaled_dot_product_attention and \

@@ -280,3 +280,49 @@ class MaskedEncoder(nn.Module):
 def test_encoders_with_masks_or_time_first_compute_the_token_read(batch_first, mask, read, norm_first):
     co = assert_exact(MaskedEncoder(batch_first, mask, read, norm_first))
     assert "encoder" in narrowed(co), narrowed(co)
+
+
+class SwiGLUBlock(nn.Module):
+    """Written-out attention, then a SwiGLU feed-forward whose two halves come from one Linear by `chunk`
+    (or `unbind` of a reshape): the split passes the row read on."""
+
+    def __init__(self, split):
+        super().__init__()
+        self.split = split
+        self.embed, self.qkv, self.proj = nn.Linear(C, W), nn.Linear(W, 3 * W), nn.Linear(W, W)
+        self.w12, self.w3 = nn.Linear(W, 4 * W), nn.Linear(2 * W, W)
+
+    def forward(self, x):
+        h = self.embed(x)
+        q, k, v = self.qkv(h).chunk(3, -1)
+        h = h + self.proj((q @ k.transpose(1, 2) / W ** 0.5).softmax(-1) @ v)
+        if self.split == "chunk":
+            a, b = self.w12(h).chunk(2, dim=-1)
+        else:
+            a, b = self.w12(h).unflatten(-1, (2, 2 * W)).unbind(-2)
+        return (h + self.w3(F.silu(a) * b))[:, -1]
+
+
+@pytest.mark.parametrize("split", ["chunk", "unbind"])
+def test_a_split_feed_forward_passes_the_row_read_on(split):
+    co = assert_exact(SwiGLUBlock(split))
+    assert {"w12", "proj", "matmul"} <= narrowed(co), narrowed(co)
+
+
+class FunctionalDropout(nn.Module):
+    """`F.dropout(..., training=self.training)` on the attention weights, traced in eval mode."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.qkv, self.proj = nn.Linear(C, W), nn.Linear(W, 3 * W), nn.Linear(W, W)
+
+    def forward(self, x):
+        h = self.embed(x)
+        q, k, v = self.qkv(h).chunk(3, -1)
+        a = F.dropout((q @ k.transpose(1, 2)).softmax(-1), 0.1, training=self.training)
+        return (h + self.proj(a @ v).flatten(2))[:, -1]
+
+
+def test_functional_dropout_off_passes_the_row_read_on():
+    co = assert_exact(FunctionalDropout())
+    assert {"dropout", "softmax", "matmul", "proj"} <= narrowed(co), narrowed(co)
