@@ -78,7 +78,9 @@ def convert(model: nn.Module, example_input: Optional[torch.Tensor] = None, *, s
         passes.unfold_as_slices(gm)
         say("recording shapes on the clip, a longer clip and two streams")
         errors = passes.record_runs(gm, _runs(clip, time_dim))
-        if passes.name_view_batches(gm):
+        rewritten = passes.name_view_batches(gm)
+        rewritten += passes.zeros_as_pad(gm)
+        if rewritten:
             errors = passes.record_runs(gm, _runs(clip, time_dim))
         if errors["longer"] and clip.shape[time_dim] > 1:   # time told apart by a shorter clip there
             passes.record_runs(gm, {"shorter": clip.narrow(time_dim, 0, clip.shape[time_dim] // 2)})

@@ -139,6 +139,9 @@ def _ancestors(node: fx.Node) -> set:
     return seen
 
 
+_ZEROS_KEPT = {("call_function", operator.getitem)} | {("call_method", m) for m in (
+    "narrow", "expand", "expand_as", "view", "reshape", "repeat", "permute", "transpose", "unsqueeze", "squeeze",
+    "flatten")}
 _MADE_LIKE = {"new_zeros", "new_ones", "new_full", "new_empty", "new_tensor"}
 _BROADCASTS = {("call_method", m) for m in ("expand", "repeat", *_MADE_LIKE)} | \
     {("call_function", f) for f in (torch.zeros, torch.ones, torch.full, torch.empty)}
@@ -155,10 +158,12 @@ def _same_for_every_frame(node: fx.Node, ins: list) -> bool:
                 if isinstance(a.meta["cofx_layout"], Labels) and a.meta["cofx_role"] == "static")
 
 
-def _zeros_made(node) -> bool:
+def zeros_made(node) -> bool:
     """Whether `node` is a tensor of zeros made in forward (``torch.zeros(1, x.size(0), H)``, ``x.new_zeros``),
-    moved or cast at most: a recurrent layer's initial state that is its default."""
-    while isinstance(node, fx.Node) and (node.op, node.target) in _SAME_VALUES:
+    moved, cast, sliced or reshaped at most: a recurrent layer's initial state that is its default, zero frames
+    put along time (`cofx.passes.zeros_as_pad`)."""
+    while isinstance(node, fx.Node) and ((node.op, node.target) in _SAME_VALUES or
+                                         (node.op, node.target) in _ZEROS_KEPT):
         node = node.args[0]
     return isinstance(node, fx.Node) and (node.op, node.target) in _ZEROS
 
@@ -580,7 +585,7 @@ class _Classifier:
             raise ConversionError("a bidirectional recurrent layer reads future frames", node=node,
                                   fix="use a unidirectional layer for streaming")
         given = tree_flatten((node.args[1:], node.kwargs))[0]
-        if not all(_zeros_made(h) for h in given if h is not None):
+        if not all(zeros_made(h) for h in given if h is not None):
             raise ConversionError("the recurrent layer is given an initial state other than zeros", node=node,
                                   fix="let it start from zeros (no initial state, or one made by torch.zeros); the "
                                   "continual model carries the state itself")

@@ -133,3 +133,41 @@ def test_restarting_a_stream_with_joints_folded_into_a_recurrent_layer_is_refuse
         co.forward_step(torch.randn(2, 5, 3, dtype=D))
         with pytest.raises(NotSteppable, match="5 rows per stream"):
             co.clean_state(streams=[1])
+
+
+class ZerosConcatenated(nn.Module):
+    """A motion stream padded back by concatenating zero frames made in forward (`torch.zeros_like`,
+    `x.new_zeros`, `torch.zeros`), after, before or around it: the zero padding it is."""
+
+    def __init__(self, how):
+        super().__init__()
+        self.how = how
+        self.conv = nn.Conv1d(3, 3, 3, padding=1)
+
+    def forward(self, x):
+        m = x[:, :, 1:] - x[:, :, :-1]
+        if self.how == "zeros_like after":
+            m = torch.cat([m, torch.zeros_like(x[:, :, :1])], 2)
+        elif self.how == "new_zeros before":
+            m = torch.cat([x.new_zeros(x.shape[0], x.shape[1], 1), m], 2)
+        else:
+            z = torch.zeros(x.shape[0], x.shape[1], 2, dtype=x.dtype)
+            m = torch.cat((z, m, z[:, :, :1]), dim=-1)
+        return self.conv(m + 0.5 * x[:, :, :m.shape[2]] if self.how != "around" else m)
+
+
+@pytest.mark.parametrize("how", ["zeros_like after", "new_zeros before", "around"])
+def test_zero_frames_concatenated_along_time_are_padding(how):
+    model = ZerosConcatenated(how).to(D).eval()
+    co = convert(model)
+    assert co.is_exact
+    x = torch.randn(2, 3, 13, dtype=D)
+    with torch.no_grad():
+        want = model(x)
+        co.clean_state()
+        assert torch.allclose(co.forward_steps(x, pad_end=True), want, atol=1e-12, rtol=0)
+        co.clean_state()
+        frames = [co.forward_step(x[:, :, t]) for t in range(13)]
+        tail = co.forward_steps(x[:, :, :0], pad_end=True)
+    got = torch.cat([f.unsqueeze(2) for f in frames if f is not None] + ([tail] if tail is not None else []), 2)
+    assert torch.allclose(got, want, atol=1e-12, rtol=0)
