@@ -645,10 +645,11 @@ class TSM(nn.Module):
         return self.c2(torch.cat([back, fwd, x[:, 2 * f:]], 1))
 
 
-def test_temporal_shift():
+@pytest.mark.parametrize("how", ["pad", "cat"])
+def test_temporal_shift(how):
+    """TSM's shift, by F.pad or (as its authors write it) by concatenating a zero frame: the same padding."""
     torch.manual_seed(0)
-    assert_exact(TSM("pad"), x1d(12))
-    assert_refused(TSM("cat"), x1d(12), "node 'cat'", "changes the number of frames")
+    assert_exact(TSM(how), x1d(12))
 
 
 # -- ST-GCN on (B, C, T, V) -----------------------------------------------------------------------------------
@@ -988,3 +989,23 @@ class PersonsGate(nn.Module):
 def test_a_gate_over_the_clip_with_persons_folded_into_the_batch_is_windowed():
     torch.manual_seed(0)
     assert_windowed(PersonsGate(), torch.randn(1, 3, 10, V, 2, dtype=D))
+
+
+class CTRGCNHead(nn.Module):
+    """CTR-GCN's head: persons split out of the batch and (frames, joints) flattened by one view, then pooled:
+    ``x.view(N, M, c, -1).mean(3).mean(1)``, a global pool over time."""
+
+    def __init__(self, reduce):
+        super().__init__()
+        self.c, self.reduce = nn.Conv2d(3, 4, (3, 1), padding=(1, 0)), reduce
+
+    def forward(self, x):
+        N, C, T, Vv, M = x.size()
+        h = self.c(x.permute(0, 4, 1, 2, 3).reshape(N * M, C, T, Vv))
+        return getattr(h.view(N, M, h.size(1), -1), self.reduce)(3).mean(1)
+
+
+@pytest.mark.parametrize("reduce", ["mean", "amax"])
+def test_ctr_gcn_head_flattening_frames_and_joints_is_a_global_pool(reduce):
+    torch.manual_seed(0)
+    assert_exact(CTRGCNHead(reduce), torch.randn(1, 3, 10, V, 2, dtype=D))
