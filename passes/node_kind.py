@@ -659,8 +659,11 @@ class _Classifier:
             n_time = len(streams) + len(folded)
             self.set(node, "stream", "merge" if n_time > 1 else "pointwise", check=True, time=None)
             return
-        if t_out is None:
-            self.reduction(node, x, streams, folded)
+        if t_out is None:   # a frame picked at an index read off the clip (h[:, :, T // 2]) is that frame of
+            picked = node.op == "call_function" and node.target is operator.getitem and \
+                isinstance(x.meta["cofx_layout"], Labels) and isinstance(
+                    _index_entry(node.args[1], len(x.meta["cofx_layout"]), x.meta["cofx_time"]), fx.Node)
+            self.reduction(node, x, streams, folded, kernel_read=picked)   # the window, the clip's length
             return
         for a in streams:
             if isinstance(a.meta["cofx_layout"], Labels):

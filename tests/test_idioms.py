@@ -78,6 +78,7 @@ EXACT = {   # idiom -> head; each must convert and step exactly
     "avg_pool1d with the kernel read off the clip": lambda m, h: F.avg_pool1d(h, h.size()[2:]).flatten(1),
     "max_pool1d with the kernel read off the clip": lambda m, h: F.max_pool1d(h, h.shape[2]).squeeze(-1),
     "sum over time / T (a mean written out)": lambda m, h: m.fc(h.sum(2) / h.shape[2]),
+    "the centre frame h[:, :, T // 2]": lambda m, h: m.fc(h[:, :, h.shape[2] // 2]),
     "sum over time / T with the batch read off": lambda m, h: (h.sum(2) / h.size(2)).view(h.shape[0], -1),
     "avg_pool2d with the kernel read off (frames, joints)": _gcn_head,
     # a classifier sized for the clip's frames: a window of the clip length
