@@ -95,6 +95,7 @@ class EncoderRows(Kernel):
     def __init__(self, encoder: nn.Module, row=None):
         super().__init__()
         self.__dict__["encoder"] = encoder   # the model's own module, not a submodule of the kernel
+        self.__dict__["signature"] = inspect.signature(encoder.forward)   # (bound at every step)
         self.row = row
 
     def extra_repr(self) -> str:
@@ -104,7 +105,7 @@ class EncoderRows(Kernel):
         encoder = self.encoder
         if self.row is None and projections is None:
             return encoder(*args, **kwargs)
-        given = inspect.signature(encoder.forward).bind(*args, **kwargs).arguments
+        given = self.signature.bind(*args, **kwargs).arguments
         x = given.get("src")
         mask, padding = given.get("mask", given.get("src_mask")), given.get("src_key_padding_mask")
         t = 1 if batch_first(encoder) else 0

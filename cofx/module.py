@@ -163,8 +163,10 @@ class ContinualModule(fx.GraphModule):
                 if torch.is_grad_enabled():   # the next call must not backpropagate into this one
                     for k in self._kernels():
                         k.detach_state()
-        out = self._none_if_empty(out)
-        set_ready(self, torch.full((x.shape[0],), self._every_output_has_frames(out), device=x.device))
+        frames = self._frames_per_output(out)
+        if frames and not any(frames):
+            out = None
+        set_ready(self, torch.full((x.shape[0],), out is not None and all(frames), device=x.device))
         return self._frame_output(out) if framewise else out
 
     def _streams_out_of_phase(self) -> bool:
@@ -209,10 +211,6 @@ class ContinualModule(fx.GraphModule):
     def _none_if_empty(self, out):
         frames = self._frames_per_output(out)
         return None if frames and not any(frames) else out
-
-    def _every_output_has_frames(self, out) -> bool:
-        """What ``co.ready`` says of every row after a step in phase: each output has a frame."""
-        return out is not None and all(self._frames_per_output(out))
 
     def _check_input(self, x, with_time: bool) -> None:
         info = self._info

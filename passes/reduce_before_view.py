@@ -26,21 +26,16 @@ import math
 
 from torch import fx
 
-from .shape_runs import Rec
+from .shape_runs import run_shapes
 
 _REDUCTIONS = ("mean", "sum", "amax", "amin")
-
-
-def _shapes(node: fx.Node) -> dict:
-    runs = node.meta.get("cofx_runs", {})
-    return {run: tuple(rec.shape) for run, rec in runs.items() if isinstance(rec, Rec)}
 
 
 def _flattened_from(view: fx.Node):
     """The first dimension of the view's input that its last dimension flattens (with every one after it), where
     the dimensions before reshape the input's before it, in every run; else None."""
     x = view.args[0]
-    x_shapes, shapes = _shapes(x), _shapes(view)
+    x_shapes, shapes = run_shapes(x), run_shapes(view)
     if not x_shapes or set(x_shapes) != set(shapes):
         return None
     ndim = len(x_shapes["clip"])
@@ -68,7 +63,7 @@ def reduce_before_view(gm: fx.GraphModule) -> int:
         first = _flattened_from(view)
         if first is None:
             continue
-        x_ndim = len(_shapes(view.args[0])["clip"])
+        x_ndim = len(run_shapes(view.args[0])["clip"])
         with gm.graph.inserting_before(view):
             pooled = gm.graph.call_method(reduce.target, (view.args[0], tuple(range(first, x_ndim))))
             reshaped = gm.graph.call_method(view.target, (pooled, *view.args[1:-1]))

@@ -46,6 +46,12 @@ class Rec:
     dtype: torch.dtype
 
 
+def run_shapes(node) -> dict:
+    """The shape of `node`'s tensor in each run that recorded one (run name -> shape)."""
+    runs = node.meta.get("cofx_runs", {})
+    return {run: tuple(rec.shape) for run, rec in runs.items() if isinstance(rec, Rec)}
+
+
 class _Failed:
     def __repr__(self):
         return "FAILED"

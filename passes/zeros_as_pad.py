@@ -28,12 +28,7 @@ import torch.nn.functional as F
 from torch import fx
 
 from .node_kind import zeros_made
-from .shape_runs import Rec
-
-
-def _shapes(node: fx.Node) -> dict:
-    runs = node.meta.get("cofx_runs", {})
-    return {run: tuple(rec.shape) for run, rec in runs.items() if isinstance(rec, Rec)}
+from .shape_runs import run_shapes
 
 
 def _padding(cat: fx.Node):
@@ -50,8 +45,8 @@ def _padding(cat: fx.Node):
         return None
     at = zeros.index(False)
     x = parts[at]
-    x_shapes = _shapes(x)
-    if set(x_shapes) != set(_shapes(cat)) or not x_shapes:
+    x_shapes = run_shapes(x)
+    if set(x_shapes) != set(run_shapes(cat)) or not x_shapes:
         return None
     ndim = len(x_shapes["clip"])
     d = dim % ndim
@@ -59,7 +54,7 @@ def _padding(cat: fx.Node):
     for z in parts:
         if z is x:
             continue
-        z_shapes = _shapes(z)
+        z_shapes = run_shapes(z)
         if set(z_shapes) != set(x_shapes) or len({s[d] for s in z_shapes.values()}) != 1 or any(
                 z_shapes[run][:d] + z_shapes[run][d + 1:] != x_shapes[run][:d] + x_shapes[run][d + 1:]
                 for run in x_shapes):

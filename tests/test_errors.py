@@ -440,3 +440,21 @@ def test_a_layer_taking_the_input_time_dim_whole_warns_about_time_dim():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         cofx.convert(model, torch.randn(1, 10, 4), time_dim=1)   # told right: a per-frame layer, no warning
+
+
+class StarUnpackedShape(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv3d(3, 3, 1)
+
+    def forward(self, x):
+        b, c = x.shape[:2]
+        return self.conv(x.view(b, c, *x.shape[2:]))
+
+
+def test_a_star_unpacked_shape_names_the_line_and_the_fix():
+    with pytest.raises(cofx.ConversionError) as e:
+        cofx.convert(StarUnpackedShape().eval(), torch.randn(1, 3, 4, 5, 5))
+    msg = str(e.value)
+    assert "cannot be iterated" in msg and "name the sizes" in msg
+    assert "test_errors.py" in msg and "x.view(b, c, *x.shape[2:])" in msg   # the user's line
