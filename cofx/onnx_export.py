@@ -26,6 +26,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten
 
+from . import onednn_conv
 from .dtype_device import dtype_device
 from .masked_step import MaskedStep, NotSteppable, nan_where_not
 from .scratch_stream import scratch_stream
@@ -162,7 +163,7 @@ def export_onnx(co, path, opset: Optional[int] = None) -> dict:
     import onnx
 
     # transformer layers as ops ONNX has; what the export steps is not the user's stream
-    with unfused_attention(), scratch_stream(co, clean=False):
+    with unfused_attention(), onednn_conv.standard_ops(), scratch_stream(co, clean=False):
         dtype, device = dtype_device(co)
         step = MaskedStep(co, dtype, device)
         step.exporting()

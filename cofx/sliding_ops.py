@@ -19,6 +19,7 @@ from torch.utils._pytree import tree_flatten
 import torch.nn.functional as F
 from torch import nn
 
+from . import onednn_conv
 from .errors import ConversionError
 
 _CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
@@ -133,7 +134,8 @@ class SlidingSpec:
         """The op on frames `x` (time already padded by the caller), spatial padding as the original."""
         x, padding = self._pad_spatial(x)
         if self.family == "conv":
-            return _CONV_FN[self.nd](x, weight, bias, self.stride, padding, self.dilation, self.groups)
+            conv = onednn_conv.conv3d if self.nd == 3 else _CONV_FN[self.nd]
+            return conv(x, weight, bias, self.stride, padding, self.dilation, self.groups)
         if self.family == "avg_pool":
             extra = () if self.nd == 1 else (self.divisor_override,)   # avg_pool1d has no divisor_override
             return _AVG_FN[self.nd](x, self.kernel, self.stride, padding, self.ceil_mode,

@@ -386,7 +386,8 @@ def test_a_compiler_that_fails_on_rolled_rings_gets_double_rings():
         return gm.forward
 
     model, clip = conv_bn_net(), torch.randn(1, 3, 6, 5, 5, dtype=D)
-    co, ref = compiled_and_eager(model, clip, backend=picky)
+    # untuned: a tuned channels-last kernel keeps a dense double ring, and then nothing is rolled
+    co, ref = compiled_and_eager(model, clip, backend=picky, tune=False)
     stream = torch.randn(1, 3, co.warmup_frames + 5, 5, 5, dtype=D)
     with torch.no_grad():
         got, want = run(co, stream, ["frame"] * stream.shape[2]), run(ref, stream, ["frame"] * stream.shape[2])
