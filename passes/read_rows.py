@@ -2,13 +2,15 @@
 
 Over a window of the clip (attention, a per-position table) the step runs the
 model's ops on the window's N frames. A model that then reads one frame of the
-result (``blocks(x)[:, -1]``, a class token ``x[:, 0]``) needs that row alone
-from every op that acts row by row: its attention takes one query against all
-N keys and values, and its projection, norms and feed-forward run on one row
-instead of N. This pass walks back from such reads through the ops whose row r
-depends only on row r of their inputs (elementwise ops, `Linear`, `LayerNorm`,
-a softmax over another axis, transposes and reshapes that keep the axis, the
-query side of ``q @ k^T`` and of `F.scaled_dot_product_attention`) and narrows
+result (``blocks(x)[:, -1]``, ``x[:, -1:]``, a class token ``x[:, 0]``) needs
+that row alone from every op that acts row by row: its attention takes one
+query against all N keys and values, and its projection, norms and
+feed-forward run on one row instead of N. This pass walks back from such reads
+through the ops whose row r depends only on row r of their inputs (elementwise
+ops, `Linear`, `LayerNorm`, a softmax over another axis, transposes and
+reshapes that keep the axis, heads folded into the batch included, the query
+side of ``q @ k^T``, of `torch.bmm`, of an einsum that keeps the query's letter
+and of `F.scaled_dot_product_attention`) and narrows
 each to the row read; a value that is also needed whole (the keys and values)
 stays whole and is narrowed where the row is taken from it. Each rewrite is an
 identity of the op, so the step computes the same numbers.
@@ -31,6 +33,7 @@ Example::
 """
 from __future__ import annotations
 
+import math
 import operator
 from typing import Optional
 
@@ -255,6 +258,8 @@ class _Rows:
             if d == ndim - 2:
                 return [len(a) - 2, None] + none[2:]
             return elementwise() if d < ndim - 2 else None
+        if kind == "call_function" and target is torch.einsum:
+            return _einsum_axes(args, n.kwargs, d, none)
         if kind == "call_function" and target is F.scaled_dot_product_attention and d == ndim - 2:
             return self.attention_axes(n, none, ("query", "key", "value", "attn_mask"), True)
         return None
@@ -280,23 +285,33 @@ class _Rows:
     def reshape_axis(self, n, d) -> Optional[int]:
         """A reshape keeps axis `d` where it has the same size and what comes before it in its input the same
         streams and the same number of elements (the batch counted apart: it varies from step to step)."""
-        spec = n.args[1]
+        spec, static = n.args[1], n.args[4]
         labels_in = co_labels(self.ops[n].orig.args[0])
         if len(n.args) > 5 or n.kwargs or not isinstance(spec[d], int) or not isinstance(labels_in, tuple):
             return None
 
         def prefixes(labels):
+            # a batch axis may carry more than the streams (heads folded into it: (B * heads, N, d)); with one
+            # such axis, what it carries per stream is the elements per stream not in the other axes
+            folded = 1
+            if sum(not isinstance(lab, int) for lab in labels) == 1:
+                folded, rest = divmod(static, math.prod(lab for lab in labels if isinstance(lab, int)))
+                if rest:
+                    return None
             out, streams, size = [], 0, 1
             for lab in labels:
                 out.append((streams, size))
                 if isinstance(lab, int):
                     size *= lab
                 else:
-                    streams += 1
+                    streams, size = streams + 1, size * folded
             return out
 
-        want = prefixes(spec)[d]
-        for axis, (prefix, lab) in enumerate(zip(prefixes(labels_in), labels_in)):
+        mine, theirs = prefixes(spec), prefixes(labels_in)
+        if mine is None or theirs is None:
+            return None
+        want = mine[d]
+        for axis, (prefix, lab) in enumerate(zip(theirs, labels_in)):
             if prefix == want and lab == spec[d]:
                 return axis
         return None
@@ -332,7 +347,8 @@ class _Rows:
     # -- demands, from the reads back ----------------------------------------------------------------------
     def reads(self, n: fx.Node) -> Optional[tuple]:
         """(input, axis, row, where the row is given) when `n` reads one row of a windowed value at a fixed
-        index (``x[:, r]``: the position of r in the index; ``x.select(axis, r)``: None)."""
+        index (``x[:, r]`` or ``x[:, -1:]``: the position of that entry in the index; ``x.select(axis, r)``:
+        None)."""
         op = self.ops.get(n)
         if op is None or not n.args:
             return None
@@ -356,20 +372,16 @@ class _Rows:
                 continue
             if entry is None or not isinstance(entry, (int, slice)) or isinstance(entry, bool):
                 return None
-            if isinstance(entry, int):
+            if entry != slice(None):
                 ints.append((i, axis))
-            elif entry != slice(None):
-                return None
             axis += 1
         if len(ints) != 1:
             return None
         i, axis = ints[0]
-        if not isinstance(co_labels(op.orig.args[0])[axis], int):
+        if axis >= len(shape) or not isinstance(co_labels(op.orig.args[0])[axis], int):
             return None
-        row = index[i]
-        if not -shape[axis] <= row < shape[axis]:
-            return None
-        return x, axis, row % shape[axis], i
+        rows = _rows_read(index[i], shape[axis])
+        return (x, axis, rows[0], i) if len(rows) == 1 else None
 
     def run(self) -> int:
         nodes = list(self.graph.nodes)
@@ -438,7 +450,7 @@ class _Rows:
                     n.args = (n.args[0], n.args[1], 0)
                     continue
                 index = n.args[1] if isinstance(n.args[1], tuple) else (n.args[1],)
-                index = tuple(0 if j == i else e for j, e in enumerate(index))
+                index = tuple((0 if isinstance(e, int) else slice(None)) if j == i else e for j, e in enumerate(index))
                 n.args = (n.args[0], index if isinstance(n.args[1], tuple) else index[0])
 
     def narrowed_op(self, n: fx.Node, axis: int, row: int) -> None:
@@ -478,6 +490,36 @@ class _Rows:
             else:
                 kwargs["attn_mask"] = mask
             n.args, n.kwargs = tuple(args), kwargs
+
+
+def _rows_read(entry, size: int) -> range:
+    """The rows index entry `entry` (an int, or a slice such as ``-1:``) reads of an axis of `size` rows."""
+    if isinstance(entry, int):
+        return range(entry % size, entry % size + 1) if -size <= entry < size else range(0)
+    if not all(v is None or isinstance(v, int) and not isinstance(v, bool) for v in (entry.start, entry.stop,
+                                                                                    entry.step)):
+        return range(0)
+    return range(*entry.indices(size))
+
+
+def _einsum_axes(args: list, kwargs: dict, d: int, none: list) -> Optional[list]:
+    """``torch.einsum(equation, *operands)`` narrowed at output axis `d`: each operand with that axis's letter is
+    narrowed where the letter is (the letter is summed nowhere, as it is in the output), the others taken whole."""
+    if kwargs or not args or not isinstance(args[0], str) or "..." in args[0] or "->" not in args[0]:
+        return None
+    inputs, output = args[0].replace(" ", "").split("->")
+    subscripts = inputs.split(",")
+    operands = args[1] if len(args) == 2 and isinstance(args[1], (list, tuple)) else args[1:]
+    if len(subscripts) != len(operands) or d >= len(output) or \
+            not all(isinstance(o, fx.Node) for o in operands):
+        return None
+    letter = output[d]
+    if any(sub.count(letter) > 1 for sub in subscripts):
+        return None   # a diagonal
+    axes = list(none)   # the flat leaves: the equation, then the operands in order
+    for i, sub in enumerate(subscripts):
+        axes[1 + i] = sub.index(letter) if letter in sub else None
+    return axes
 
 
 def causal_row(query: torch.Tensor, keys: int, row: int) -> torch.Tensor:

@@ -8,6 +8,7 @@ step's FLOPs must fall accordingly.
 """
 from __future__ import annotations
 
+import operator
 import random
 
 import pytest
@@ -326,3 +327,44 @@ class FunctionalDropout(nn.Module):
 def test_functional_dropout_off_passes_the_row_read_on():
     co = assert_exact(FunctionalDropout())
     assert {"dropout", "softmax", "matmul", "proj"} <= narrowed(co), narrowed(co)
+
+
+class HeadsAttention(nn.Module):
+    """Attention with its heads split three ways people write them, read at one token by an index or a slice."""
+
+    def __init__(self, form: str, read: str, heads: int = 2):
+        super().__init__()
+        self.form, self.read, self.heads = form, read, heads
+        self.qkv, self.out = nn.Linear(C, 3 * W), nn.Linear(W, 3)
+
+    def forward(self, x):
+        B, T, _ = x.shape
+        q, k, v = self.qkv(x).reshape(B, T, 3, self.heads, W // self.heads).permute(2, 0, 3, 1, 4)
+        if self.form == "einsum":
+            a = torch.einsum("bhqd,bhkd->bhqk", q, k).softmax(-1)
+            y = torch.einsum("bhqk,bhkd->bhqd", a, v)
+        elif self.form == "einsum of a list":
+            a = torch.einsum("b h q d, b h k d -> b h q k", [q, k]).softmax(-1)
+            y = torch.einsum("bhqk,bhkd->bhqd", [a, v])
+        elif self.form == "bmm":   # heads folded into the batch
+            q, k, v = (t.reshape(B * self.heads, T, W // self.heads) for t in (q, k, v))
+            y = torch.bmm(torch.bmm(q, k.transpose(1, 2)).softmax(-1), v).reshape(B, self.heads, T, -1)
+        else:
+            y = (q @ k.transpose(-2, -1)).softmax(-1) @ v
+        h = self.out(y.transpose(1, 2).reshape(B, T, W))
+        return {"h[:, -1]": lambda: h[:, -1], "h[:, 0]": lambda: h[:, 0], "h[:, -1:]": lambda: h[:, -1:].flatten(1),
+                "h[:, 2:3]": lambda: h[:, 2:3].squeeze(1)}[self.read]()
+
+
+@pytest.mark.parametrize("form,scores", [("matmul", "matmul"), ("einsum", "einsum"), ("einsum of a list", "einsum"),
+                                         ("bmm", "bmm")])
+@pytest.mark.parametrize("read", ["h[:, -1]", "h[:, 0]", "h[:, -1:]", "h[:, 2:3]"])
+def test_heads_split_by_einsum_or_folded_into_the_batch_read_by_index_or_slice_compute_one_query(form, scores,
+                                                                                                 read):
+    co = assert_exact(HeadsAttention(form, read))
+    rows = narrowed(co)
+    assert {scores, "softmax", "out"} <= rows, rows
+    assert co.graph.find_nodes(op="call_function", target=operator.getitem)   # the read itself stays a read
+    row = {"h[:, -1]": N - 1, "h[:, 0]": 0, "h[:, -1:]": N - 1, "h[:, 2:3]": 2}[read]
+    assert {co.graph.find_nodes(op="call_module", target="out")[0].meta["cofx_rows"]} == {(1, row)}
+
