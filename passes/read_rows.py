@@ -436,7 +436,14 @@ class _Rows:
             return rows[key]
 
         for n in list(self.graph.nodes):
-            if n in narrowed:
+            if n in narrowed and self.part_of_whole_split(n, narrowed):
+                axis, row = narrowed[n]   # the split gives its parts whole (another part is needed whole): the row
+                with self.graph.inserting_after(n):   # of this part is taken after it
+                    part = self.graph.call_method("narrow", (n, axis, row, 1))
+                n.replace_all_uses_with(part, delete_user_cb=lambda user: user is not part)
+                narrowed[part] = (axis, row)
+                self.ops[n].orig.meta["cofx_rows"] = (axis, row)
+            elif n in narrowed:
                 axis, row = narrowed[n]
                 axes = self.input_axes(n, axis)
                 mine, spec = tree_flatten((n.args, n.kwargs))
@@ -452,6 +459,12 @@ class _Rows:
                 index = n.args[1] if isinstance(n.args[1], tuple) else (n.args[1],)
                 index = tuple((0 if isinstance(e, int) else slice(None)) if j == i else e for j, e in enumerate(index))
                 n.args = (n.args[0], index if isinstance(n.args[1], tuple) else index[0])
+
+    def part_of_whole_split(self, n: fx.Node, narrowed: dict) -> bool:
+        """Whether `n` is a part of a split (``q, k, v = qkv.chunk(3, -1)``) that is not narrowed with it."""
+        split = n.args[0] if n.op == "call_function" and n.target is operator.getitem and n.args else None
+        return isinstance(split, fx.Node) and split in self.ops and \
+            (self.ops[split].kind, self.ops[split].target) in _SPLITS and narrowed.get(split) != narrowed[n]
 
     def narrowed_op(self, n: fx.Node, axis: int, row: int) -> None:
         """What else changes with the rows: a reshape's sizes, a guard's empty output, a causal mask."""

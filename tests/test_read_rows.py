@@ -368,3 +368,36 @@ def test_heads_split_by_einsum_or_folded_into_the_batch_read_by_index_or_slice_c
     row = {"h[:, -1]": N - 1, "h[:, 0]": 0, "h[:, -1:]": N - 1, "h[:, 2:3]": 2}[read]
     assert {co.graph.find_nodes(op="call_module", target="out")[0].meta["cofx_rows"]} == {(1, row)}
 
+
+
+class SplitQKV(nn.Module):
+    def __init__(self, how: str):
+        super().__init__()
+        self.how, self.qkv = how, nn.Linear(W, 3 * W)
+
+    def forward(self, x):
+        qkv = self.qkv(x)
+        q, k, v = {"chunk": lambda: qkv.chunk(3, dim=-1), "split": lambda: qkv.split(W, -1),
+                   "unbind": lambda: qkv.unflatten(-1, (3, W)).unbind(-2)}[self.how]()
+        return (q @ k.transpose(-2, -1) * W ** -0.5).softmax(-1) @ v
+
+
+@pytest.mark.parametrize("how", ["chunk", "split", "unbind"])
+@pytest.mark.parametrize("read", [-1, 0])
+def test_a_query_split_off_keys_needed_whole_is_narrowed_after_the_split(how, read):
+    """Two layers read at a token: the last layer's keys and values need every row of its `qkv` projection, so
+    the split is computed whole and only the query's row is taken from it."""
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed, self.a1, self.a2 = nn.Linear(C, W), SplitQKV(how), SplitQKV(how)
+
+        def forward(self, x):
+            x = self.embed(x)
+            x = x + self.a1(x)
+            return (x + self.a2(x))[:, read]
+
+    co = assert_exact(Model())
+    rows = narrowed(co)
+    assert {"matmul_2", "softmax_1", "matmul_3"} <= rows and "a2_qkv" not in rows, rows
