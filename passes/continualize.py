@@ -673,12 +673,21 @@ class _Builder:
         self.out_time_axes = tree_unflatten(time_axes_out, spec)
 
 
+def _torch_module(gm: fx.GraphModule, target: str) -> bool:
+    """Whether a module is one of torch.nn's (no side effects: a call nothing reads can go)."""
+    try:
+        return type(gm.get_submodule(target)).__module__.startswith("torch.nn.modules.")
+    except AttributeError:
+        return False
+
+
 def build_step_graph(gm: fx.GraphModule, ctx: K.StreamContext):
     """(step graph, kernels by name, time axis of each output leaf, kernel names by original node)."""
     b = _Builder(gm, ctx)
     graph, kernels = b.run()
     for node in reversed(graph.nodes):   # time-free values only a window used: not computed for each chunk too
-        if node in b.constants and not node.users and node.op != "call_module" and not node.is_impure():
+        if node in b.constants and not node.users and \
+                (_torch_module(gm, node.target) if node.op == "call_module" else not node.is_impure()):
             graph.erase_node(node)
     for node, new in b.env.items():
         if isinstance(new, fx.Node) and "cofx_folded_into" not in node.meta:

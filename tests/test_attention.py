@@ -34,14 +34,14 @@ class Positions(nn.Module):
         super().__init__()
         self.kind = kind
         self.table = nn.Parameter(torch.randn(1, frames if kind == "whole" else 40, d) * 0.3)
-        self.embedding = nn.Embedding(40, d)
+        self.embedding = nn.Embedding(frames if kind == "embedding of the clip's length" else 40, d)
 
     def forward(self, h):
         if self.kind == "sliced":
             return h + self.table[:, :h.shape[1]]
         if self.kind == "whole":
             return h + self.table
-        if self.kind == "embedding":
+        if self.kind in ("embedding", "embedding of the clip's length"):   # nanoGPT's wpe, block size T or more
             return h + self.embedding(torch.arange(h.shape[1], device=h.device))
         if self.kind == "sinusoid":
             t = torch.arange(h.shape[1], dtype=h.dtype, device=h.device)[:, None]
@@ -156,7 +156,8 @@ def random_config(rng: random.Random) -> dict:
     readouts = ["token"] if token != "none" else ["last", "mean", "max"] + (["frames"] * 2 if causal else [])
     return dict(d=rng.choice([4, 8]), heads=rng.choice([1, 2]), layers=rng.randint(1, 2), attention=attention,
                 prefix=rng.choice(["linear", "linear", "conv"]), token=token,
-                positions=rng.choice(["none", "sliced", "whole", "embedding", "sinusoid"]),
+                positions=rng.choice(["none", "sliced", "whole", "embedding", "embedding of the clip's length",
+                                     "sinusoid"]),
                 readout=rng.choice(readouts), frames=rng.randint(3, 8), causal=causal, norm_first=rng.random() < 0.5)
 
 
@@ -232,6 +233,8 @@ CASES = {
                                                                      readout="token", layers=2, norm_first=True),
     "MultiheadAttention time first, causal mask, last frame": dict(attention="mha", causal=True, readout="last"),
     "hand-written heads, embedding positions, mean": dict(attention="hand", positions="embedding", readout="mean"),
+    "MultiheadAttention, an embedding of exactly the clip's positions, mean":
+        dict(attention="mha", positions="embedding of the clip's length", readout="mean"),
     "SDPA causal, sinusoids, max": dict(attention="sdpa", causal=True, positions="sinusoid", readout="max"),
     "conv in front, encoder, class token": dict(prefix="conv", token="first"),
 }

@@ -269,6 +269,25 @@ def test_diagnosis_names_the_first_node_that_differs():
     assert "node 'gate'" in msg and "the first node that differs" in msg and "gated = self.gate(h)" in msg
 
 
+def test_diagnosis_of_an_input_the_clip_graph_cannot_take_says_so():
+    """Diagnosing a clip longer than a table sized for the example: the clip graph itself fails on it, and the
+    diagnosis says that rather than raising the graph's error."""
+    from cofx.validate import first_divergent_node
+
+    class Whole(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.table = conv(), nn.Parameter(torch.randn(1, C, 8))
+
+        def forward(self, x):
+            return (self.conv(x) + self.table).mean(2)
+
+    torch.manual_seed(0)
+    co = cofx.convert(Whole().to(D).eval(), clip())
+    node, detail = first_divergent_node(co, torch.randn(1, C, 11, dtype=D))
+    assert node is None and detail.startswith("the clip graph itself fails on it (RuntimeError: ")
+
+
 # -- a random mix of idioms and layers --------------------------------------------------------------
 class FrameLeaf(nn.Module):
     """A leaf that does act frame by frame."""
