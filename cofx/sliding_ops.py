@@ -255,7 +255,8 @@ def sliding_spec(node: fx.Node, gm: fx.GraphModule, t_axis: int):
     if node.op == "call_module":
         mod = gm.get_submodule(node.target)
         if isinstance(mod, TRANSPOSED_MODULES):
-            raise ConversionError(TRANSPOSED, node=node, fix=TRANSPOSED_FIX)
+            return _frame_by_frame_transposed(node, t_axis, mod.kernel_size, mod.stride, mod.padding,
+                                              mod.output_padding, len(mod.kernel_size))
         entry = next((v for k, v in _MODULES.items() if type(mod) is k or isinstance(mod, k)), None)
         if entry is None:
             return None
@@ -291,7 +292,14 @@ def sliding_spec(node: fx.Node, gm: fx.GraphModule, t_axis: int):
                                       fix="use return_indices=False")
             tensors = ()
     elif node.op == "call_function" and node.target in TRANSPOSED_FUNCTIONS:
-        raise ConversionError(TRANSPOSED, node=node, fix=TRANSPOSED_FIX)
+        b = _bind(("input", "weight", "bias", "stride", "padding", "output_padding"), {"stride": 1, "padding": 0,
+                                                                                   "output_padding": 0},
+                  node.args, node.kwargs)
+        w = b["weight"]
+        wshape = w.meta["cofx_runs"]["clip"].shape if isinstance(w, fx.Node) else tuple(w.shape)
+        nd = len(wshape) - 2
+        return _frame_by_frame_transposed(node, t_axis, tuple(wshape[2:]), *(_constant(b[k], k, node) for k in (
+            "stride", "padding", "output_padding")), nd)
     else:
         return None
     t = t_axis - 2
@@ -302,6 +310,18 @@ def sliding_spec(node: fx.Node, gm: fx.GraphModule, t_axis: int):
         raise ConversionError(f"padding_mode={spec.padding_mode!r} pads time with frames from the future",
                               node=node, fix="use padding_mode='zeros' or 'replicate', or no temporal padding")
     return spec, tensors
+
+
+def _frame_by_frame_transposed(node: fx.Node, t_axis: int, kernel, stride, padding, output_padding, nd: int):
+    """None for a transposed convolution that acts frame by frame (a temporal kernel and stride of 1, no temporal
+    padding: a U-Net decoder's spatial upsampling), which the frame-by-frame rules take; refused otherwise."""
+    t = t_axis - 2
+    if not 0 <= t < nd:
+        return None
+    if isinstance(padding, str) or any(_tuple(v, nd)[t] != want for v, want in (
+            (kernel, 1), (stride, 1), (padding, 0), (output_padding, 0))):
+        raise ConversionError(TRANSPOSED, node=node, fix=TRANSPOSED_FIX)
+    return None
 
 
 def _module_config(mod, family, nd, node) -> dict:

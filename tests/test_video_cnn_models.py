@@ -771,6 +771,32 @@ def test_temporal_upsampling_is_refused(kind, words):
     assert_refused(seeded(Upsample, kind), video(8, 4), words, "fix:")
 
 
+class SpatialDecoder(nn.Module):
+    """A U-Net decoder's upsampling by transposed convolutions of temporal kernel 1: frame by frame."""
+
+    def __init__(self, functional: bool):
+        super().__init__()
+        self.functional = functional
+        self.down = nn.Conv3d(3, 4, 3, stride=(1, 2, 2), padding=1)
+        self.up = nn.ConvTranspose3d(4, 4, (1, 2, 2), stride=(1, 2, 2))
+        self.up2d = nn.Parameter(torch.randn(4, 2, 1, 3, 3) * 0.3)
+
+    def forward(self, x):
+        y = torch.relu(self.down(x))
+        if self.functional:
+            return F.conv_transpose3d(y, self.up2d, None, (1, 2, 2), (0, 1, 1), (0, 1, 1))
+        return self.up(y) + x.mean(1, keepdim=True)
+
+
+@pytest.mark.parametrize("functional", [False, True])
+def test_transposed_convolutions_of_temporal_kernel_1_act_frame_by_frame(functional):
+    model, x = seeded(SpatialDecoder, functional), video(8, 8)
+    co = cofx.convert(model, x)
+    assert co.is_exact and co.delay == 1
+    assert_clip_exact(co, model, x)
+    assert_clip_exact(co, model, two_streams(video(11, 8)))
+
+
 class TimeIdioms(nn.Module):
     """Other ways video code handles time after a 3x3x3 conv on an 8-frame clip."""
 
