@@ -811,6 +811,48 @@ def test_persons_folded_into_the_batch_by_view_convert_exactly(model, x):
     assert_exact(model(), x())
 
 
+class FlatGraphConv(nn.Module):
+    """2s-AGCN's graph convolution: the joints mixed by a learned adjacency through a view that flattens
+    (channels, frames); `adaptive` adds a graph computed from the clip (its frames flattened into features)."""
+    def __init__(self, form, persons=False):
+        super().__init__()
+        self.form, self.persons = form, persons
+        self.A, self.B = nn.Parameter(torch.rand(V, V)), nn.Parameter(torch.rand(V, V) * 0.1)
+        self.conv, self.tcn = nn.Conv2d(3, 4, 1), nn.Conv2d(4, 4, (3, 1), padding=(1, 0))
+
+    def forward(self, x):
+        if self.persons:
+            N0, C, T, V_, M = x.size()
+            x = x.permute(0, 4, 1, 2, 3).contiguous().view(N0 * M, C, T, V_)
+        N, C, T, V_ = x.size()
+        if self.form == "matmul(view)":
+            y = torch.matmul(x.view(N, C * T, V_), self.A + self.B).view(N, C, T, V_)
+        elif self.form == "reshape(-1) @":
+            y = (x.reshape(N, -1, V_) @ self.A.softmax(0)).reshape(N, C, T, V_)
+        elif self.form == "adaptive":
+            a = self.conv(x).view(N, 4 * T, V_)
+            graph = torch.softmax(a.transpose(1, 2) @ a / a.size(1), -1)   # (N, V, V), from the whole clip
+            y = torch.matmul(x.view(N, C * T, V_), self.A + graph).view(N, C, T, V_)
+        y = self.tcn(torch.relu(self.conv(y)))
+        if self.persons:
+            return y.view(N0, M, 4, -1, V_).mean(1).mean(-1)
+        return y.mean(-1)
+
+
+@pytest.mark.parametrize("form,persons", [("matmul(view)", False), ("reshape(-1) @", False),
+                                          ("matmul(view)", True)])
+def test_graph_convolution_through_a_view_that_flattens_the_frames_is_exact(form, persons):
+    torch.manual_seed(0)
+    x = torch.randn(1, 3, 10, V, 2, dtype=D) if persons else xskel(10)
+    co = assert_exact(FlatGraphConv(form, persons), x)
+    assert co.delay == 1
+
+
+def test_an_adjacency_computed_from_the_whole_clip_is_refused():
+    torch.manual_seed(0)
+    assert_refused(FlatGraphConv("adaptive"), xskel(10), "time flattened together with other dimensions")
+
+
 class JointsInBatch(nn.Module):
     """A per-joint temporal conv: joints folded into the batch."""
     def __init__(self, fold):
