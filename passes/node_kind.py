@@ -178,6 +178,12 @@ def clip_value(v, run: str = "clip"):
     return v.meta["cofx_runs"][run] if isinstance(v, fx.Node) else v
 
 
+_FRAMES_FIX = ("write it with ops that stream: padding at either end (F.pad, zero frames concatenated), crops and "
+              "strided slices (x[:, :, a:-b], x[:, :, ::2]), frame differences, pools and convolutions over time; "
+              "pieces of time concatenated in another order, repeats, temporal resizing and reshapes of time are "
+              "not supported")
+
+
 def _time_len(node: fx.Node, run: str) -> int:
     return clip_value(node, run).shape[node.meta["cofx_time"]]
 
@@ -681,9 +687,9 @@ class _Classifier:
                         node.meta["cofx_flattens"] = True
                         return
                     hint = attention_hint(node, self.gm)
-                    raise ConversionError(f"changes the number of frames ({n_in} in, {n_out} out).{hint}",
-                                          node=node, fix="ops that concatenate, repeat, interpolate or index "
-                                          "along time are not supported")
+                    where = " on a longer clip" if run == "longer" else ""
+                    raise ConversionError(f"changes the number of frames (its input '{a.name}' has {n_in}{where}, "
+                                          f"its output {n_out}).{hint}", node=node, fix=_FRAMES_FIX)
         self.check_length_args(node, (node.op, node.target) in _SHAPE_RESTATING)
         n_time = len(streams) + len(folded)
         self.set(node, "stream", "merge" if n_time > 1 else "pointwise", time=t_out,

@@ -441,7 +441,7 @@ def test_transposed_convs_and_upsampling_decoders_are_refused():
                   nn.Sequential(nn.Conv1d(C, C, 3, padding=1), nn.ConvTranspose1d(C, C, 2, stride=2))):
         assert_refused(model, x1d(12), "a transposed convolution with a temporal kernel")
     assert_refused(nn.Sequential(nn.Conv1d(C, C, 3, padding=1), nn.MaxPool1d(2), nn.Upsample(scale_factor=2),
-                                 nn.Conv1d(C, C, 3, padding=1)), x1d(12), "changes the number of frames (6 in, 12 out)")
+                                 nn.Conv1d(C, C, 3, padding=1)), x1d(12), "changes the number of frames (its input", "has 6, its output 12)")
 
 
 # -- squeeze-excitation over time: windowed, never reported exact -----------------------------------------------

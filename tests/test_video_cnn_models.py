@@ -764,9 +764,9 @@ class Upsample(nn.Module):
 
 
 @pytest.mark.parametrize("kind,words", [("convT", "a transposed convolution with a temporal kernel is not supported"),
-                                        ("nearest", "changes the number of frames (4 in, 8 out)"),
-                                        ("trilinear", "changes the number of frames (4 in, 8 out)"),
-                                        ("repeat_interleave", "changes the number of frames (4 in, 8 out)")])
+                                        ("nearest", "has 4, its output 8)"),
+                                        ("trilinear", "has 4, its output 8)"),
+                                        ("repeat_interleave", "has 4, its output 8)")])
 def test_temporal_upsampling_is_refused(kind, words):
     assert_refused(seeded(Upsample, kind), video(8, 4), words, "fix:")
 
@@ -843,7 +843,7 @@ def test_segments_stacked_by_unfold_stream_as_strided_windows():
 
 
 @pytest.mark.parametrize("kind,words", [
-    ("reshape_segments", ["node 'reshape'", "changes the number of frames (8 in, 2 out)"]),
+    ("reshape_segments", ["node 'reshape'", "has 8, its output 2)"]),
     ("chunk_halves", ["node 'chunk'", "splits the frames into parts", "fix:"])])
 def test_time_idioms_that_regroup_frames_are_refused(kind, words):
     assert_refused(seeded(TimeIdioms, kind), video(8, 4), *words)
