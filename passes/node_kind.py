@@ -184,6 +184,22 @@ _FRAMES_FIX = ("write it with ops that stream: padding at either end (F.pad, zer
               "not supported")
 
 
+def _kept_frames(value: fx.Node) -> bool:
+    """Whether `value` comes from frames kept from fixed positions of the clip (``x[:, -1:]``, a raw reduction over
+    it), through ops on that value alone."""
+    todo, seen = [value], set()
+    while todo:
+        n = todo.pop()
+        if n in seen or n.meta.get("cofx_role") != "folded":
+            continue
+        seen.add(n)
+        spec = n.meta.get("cofx_spec")
+        if n.meta.get("cofx_kind") == "reduction" and getattr(spec, "mode", None) == "raw" and spec.window > 1:
+            return True
+        todo.extend(node_inputs(n))
+    return False
+
+
 def _time_len(node: fx.Node, run: str) -> int:
     return clip_value(node, run).shape[node.meta["cofx_time"]]
 
@@ -387,7 +403,8 @@ class _Classifier:
             return None
         if any(a.meta.get("cofx_from_window") for a in folded):
             return "join"
-        if self.is_attention(node, streams) or self.softmax_over_time(node, streams):
+        if self.is_attention(node, streams) or self.softmax_over_time(node, streams) or \
+                self.query_from_clip(node, folded):
             return "attention"
         layout = node.meta["cofx_layout"]
         if any(a.meta.get("cofx_clip_const") for a in node_inputs(node)):
@@ -410,6 +427,15 @@ class _Classifier:
                              if isinstance(a.meta["cofx_layout"], Labels)):
                 return "token"
         return None
+
+    @staticmethod
+    def query_from_clip(node, folded) -> bool:
+        """A product of the frames with frames kept from the clip (``q(x[:, -1:]) @ k(x).transpose(1, 2)``: the
+        newest frame's query against every frame), as `F.scaled_dot_product_attention` given that query is."""
+        product = (node.op == "call_function" and node.target in (torch.matmul, operator.matmul, torch.bmm,
+                                                                   torch.einsum)) or \
+            (node.op == "call_method" and node.target == "matmul")
+        return product and any(_kept_frames(a) for a in folded)
 
     @staticmethod
     def softmax_over_time(node, streams) -> bool:

@@ -637,3 +637,28 @@ def test_a_softmax_over_frames_returned_per_frame_is_refused_as_not_causal():
             return self.inp(x).softmax(1)
 
     assert_refused(PerFrame("query"), "(?s)frame .* of the window changes the outputs of the frames before it")
+
+
+class NewestQuery(nn.Module):
+    """Attention of the newest frame's query against every frame (an online detector's readout), by hand."""
+
+    def __init__(self, form: str, d: int = 8):
+        super().__init__()
+        self.form = form
+        self.q, self.k, self.v, self.head = nn.Linear(C, d), nn.Linear(C, d), nn.Linear(C, d), nn.Linear(d, 3)
+
+    def forward(self, x):
+        q, k, v = self.q(x[:, -1:]), self.k(x), self.v(x)
+        if self.form == "matmul":
+            y = (q @ k.transpose(1, 2) / 8 ** 0.5).softmax(-1) @ v
+        elif self.form == "einsum":
+            y = torch.einsum("bqk,bkd->bqd", torch.einsum("bqd,bkd->bqk", q, k).softmax(-1), v)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v)
+        return self.head(y[:, 0])
+
+
+@pytest.mark.parametrize("form", ["matmul", "einsum", "sdpa"])
+def test_the_newest_frames_query_against_every_frame_is_attention_over_the_clip(form):
+    co = assert_exact(NewestQuery(form))
+    assert any(r.kind == "attention" for r in co.report), str(co.report)
