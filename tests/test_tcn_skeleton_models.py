@@ -379,6 +379,13 @@ EXACT_OPS = {
     "adaptive_max_pool1d(1) with indices": lambda m, h: F.adaptive_max_pool1d(h, 1, return_indices=True)[0],
     "adaptive_avg_pool1d(4)": lambda m, h: F.adaptive_avg_pool1d(h, 4),
     "index_select fixed frames": lambda m, h: h.index_select(2, torch.tensor([0, 2, 4])),
+    # ops that return values and indices, the indices unread; power-average pools
+    "max_pool1d with indices, values read": lambda m, h: F.max_pool1d(h, 2, 2, return_indices=True)[0],
+    "torch.max over time [0]": lambda m, h: torch.max(h, 2)[0],
+    "min(dim=2).values": lambda m, h: h.min(dim=2).values,
+    "lp_pool1d p=2": lambda m, h: F.lp_pool1d(h, 2, 3, 2),
+    "lp_pool1d p=3 ceil": lambda m, h: F.lp_pool1d(h.abs(), 3, 2, ceil_mode=True),
+    "lp_pool1d p=inf": lambda m, h: F.lp_pool1d(h, float("inf"), 2),
 }
 
 
@@ -386,6 +393,12 @@ EXACT_OPS = {
 def test_ops_that_convert_exactly(op):
     torch.manual_seed(0)
     assert_exact(Lam(EXACT_OPS[op]), x1d(15 if "ceil" in op else 16))
+
+
+def test_power_average_pool_modules_are_exact():
+    torch.manual_seed(0)
+    assert_exact(nn.Sequential(nn.Conv1d(C, C, 3, padding=1), nn.ReLU(), nn.LPPool1d(2, 3, 2)), x1d(16))
+    assert_exact(nn.Sequential(nn.Conv2d(3, 4, (3, 1), padding=(1, 0)), nn.ReLU(), nn.LPPool2d(1.5, (2, 1))), xskel(12))
 
 
 REFUSED_OPS = {   # op -> words the message must hold
