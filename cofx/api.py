@@ -84,6 +84,7 @@ def convert(model: nn.Module, example_input: Optional[torch.Tensor] = None, *, s
         rewritten += passes.zeros_as_pad(gm)
         rewritten += passes.reduce_before_view(gm)
         rewritten += passes.matmul_before_view(gm)
+        rewritten += passes.frames_resized_alone(gm)
         if rewritten:
             errors = passes.record_runs(gm, _runs(clip, time_dim))
         if errors["longer"] and clip.shape[time_dim] > 1:   # time told apart by a shorter clip there

@@ -12,6 +12,7 @@ from .batch_views import name_view_batches
 from .zeros_as_pad import zeros_as_pad
 from .reduce_before_view import reduce_before_view
 from .matmul_before_view import matmul_before_view
+from .interpolate_frames import frames_resized_alone
 from .layout import label_layouts
 from .length_values import mark_length_values
 from .node_kind import classify_nodes
@@ -23,7 +24,7 @@ from .fold_batchnorm import mark_batchnorm_folds
 from .continualize import build_step_graph
 from .read_rows import read_rows
 
-__all__ = ["diff_as_slices", "unfold_as_slices", "values_only", "lp_pool_as_avg", "record_runs", "name_view_batches", "zeros_as_pad", "reduce_before_view", "matmul_before_view", "label_layouts", "mark_length_values", "classify_nodes", "fold_crops", "check_framewise",
+__all__ = ["diff_as_slices", "unfold_as_slices", "values_only", "lp_pool_as_avg", "record_runs", "name_view_batches", "zeros_as_pad", "reduce_before_view", "matmul_before_view", "frames_resized_alone", "label_layouts", "mark_length_values", "classify_nodes", "fold_crops", "check_framewise",
            "check_causal",
            "annotate_timing",
            "select_kernels", "mark_batchnorm_folds", "build_step_graph", "read_rows"]

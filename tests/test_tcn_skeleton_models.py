@@ -386,6 +386,7 @@ EXACT_OPS = {
     "lp_pool1d p=2": lambda m, h: F.lp_pool1d(h, 2, 3, 2),
     "lp_pool1d p=3 ceil": lambda m, h: F.lp_pool1d(h.abs(), 3, 2, ceil_mode=True),
     "lp_pool1d p=inf": lambda m, h: F.lp_pool1d(h, float("inf"), 2),
+    "interpolate to its own length": lambda m, h: F.interpolate(h, size=h.shape[2], mode="linear"),
 }
 
 
@@ -408,7 +409,6 @@ REFUSED_OPS = {   # op -> words the message must hold
                                 "max pooling that returns indices along time"),
     "nn.Upsample nearest x2": (lambda m, h: F.interpolate(h, scale_factor=2, mode="nearest"), "changes the number of frames"),
     "interpolate linear x2": (lambda m, h: F.interpolate(h, scale_factor=2, mode="linear"), "changes the number of frames"),
-    "interpolate size=T": (lambda m, h: F.interpolate(h, size=h.shape[2], mode="linear"), "uses the clip length as a value"),
     "pool then upsample back": (lambda m, h: h + F.interpolate(F.max_pool1d(h, 2, 2), size=h.shape[2]),
                                 "changes the number of frames"),
     "repeat_interleave": (lambda m, h: h.repeat_interleave(2, dim=2), "changes the number of frames"),

@@ -797,6 +797,32 @@ def test_transposed_convolutions_of_temporal_kernel_1_act_frame_by_frame(functio
     assert_clip_exact(co, model, two_streams(video(11, 8)))
 
 
+class SpatialResize(nn.Module):
+    """Feature-pyramid skips and heads that resize space to a size read off a tensor, time included and kept."""
+
+    def __init__(self, mode):
+        super().__init__()
+        self.mode = mode
+        self.c = nn.Conv3d(3, 4, 3, padding=1)
+        self.d = nn.Conv3d(4, 4, 3, stride=(1, 2, 2), padding=1)
+
+    def forward(self, x):
+        a = torch.relu(self.c(x))
+        b = self.d(a)
+        corners = {"align_corners": True} if self.mode == "trilinear" else {}
+        skip = a + F.interpolate(b, size=a.shape[2:], mode=self.mode, **corners)
+        return skip + F.interpolate(b, size=(b.shape[2], x.shape[3], x.shape[4]), mode=self.mode, **corners)
+
+
+@pytest.mark.parametrize("mode", ["nearest", "trilinear", "area", "nearest-exact"])
+def test_resizing_space_to_a_size_that_keeps_the_frames_is_exact(mode):
+    model, x = seeded(SpatialResize, mode), video(8, 8)
+    co = cofx.convert(model, x)
+    assert co.is_exact and co.delay == 2
+    assert_clip_exact(co, model, x)
+    assert_clip_exact(co, model, two_streams(video(11, 8)))
+
+
 class TimeIdioms(nn.Module):
     """Other ways video code handles time after a 3x3x3 conv on an 8-frame clip."""
 
