@@ -184,6 +184,15 @@ _FRAMES_FIX = ("write it with ops that stream: padding at either end (F.pad, zer
               "not supported")
 
 
+def _pooled_token(value: fx.Node) -> bool:
+    """Whether `value` is a global reduction over the clip kept as a token (``h.mean(1, keepdim=True)``): put along
+    time beside the frames, the window's own reduction."""
+    spec = value.meta.get("cofx_spec")
+    return value.meta.get("cofx_role") == "folded" and value.meta.get("cofx_kind") == "reduction" and \
+        getattr(spec, "window", None) is not None and spec.window == spec.clip_window and \
+        isinstance(value.meta.get("cofx_layout"), Labels)
+
+
 def _kept_frames(value: fx.Node) -> bool:
     """Whether `value` comes from frames kept from fixed positions of the clip (``x[:, -1:]``, a raw reduction over
     it), through ops on that value alone."""
@@ -420,8 +429,8 @@ class _Classifier:
                               f"({_time_len(streams[0], 'clip')} frames): it runs on a window of the clip; if time is "
                               "at dim 1, as in (B, T, C), convert with time_dim=1", stacklevel=2)
             return "sized"       # a layer sized for the clip (nn.Linear over time): it runs on windows of N frames
-        if node.op == "call_function" and node.target in (torch.cat, torch.concat) and \
-                any(a.meta["cofx_role"] == "static" for a in node_inputs(node)) and isinstance(layout, Labels):
+        if node.op == "call_function" and node.target in (torch.cat, torch.concat) and isinstance(layout, Labels) and \
+                any(a.meta["cofx_role"] == "static" or _pooled_token(a) for a in node_inputs(node)):
             t_out = time_axes(layout)
             if t_out and any(_time_len(a, "clip") != clip_value(node).shape[t_out[0]] for a in streams
                              if isinstance(a.meta["cofx_layout"], Labels)):

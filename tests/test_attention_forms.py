@@ -662,3 +662,24 @@ class NewestQuery(nn.Module):
 def test_the_newest_frames_query_against_every_frame_is_attention_over_the_clip(form):
     co = assert_exact(NewestQuery(form))
     assert any(r.kind == "attention" for r in co.report), str(co.report)
+
+
+class PooledToken(nn.Module):
+    """A token pooled over the frames put first along time, the frames attending to it, read at that token."""
+
+    def __init__(self, pool: str):
+        super().__init__()
+        self.pool = pool
+        self.embed, self.qkv, self.head = nn.Linear(C, 8), nn.Linear(8, 24), nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = self.embed(x)
+        token = h.mean(1, keepdim=True) if self.pool == "mean" else h.amax(1, keepdim=True)
+        q, k, v = self.qkv(torch.cat([token, h], 1)).chunk(3, -1)
+        return self.head(F.scaled_dot_product_attention(q, k, v)[:, 0])
+
+
+@pytest.mark.parametrize("pool", ["mean", "amax"])
+def test_a_token_pooled_over_the_frames_put_along_time_is_the_windows_own(pool):
+    co = assert_exact(PooledToken(pool))
+    assert [r.kind for r in co.report if r.name == "cat"] == ["window"], str(co.report)
