@@ -107,11 +107,12 @@ def convert(model: nn.Module, example_input: Optional[torch.Tensor] = None, *, s
         say("building the continual graph")
         graph, kernels, out_axes, node_kernels = passes.build_step_graph(gm, ctx)
         passes.read_rows(graph, kernels, gm)
+        newest = passes.newest_rows(graph, kernels, gm)
         info = _summary(gm, clip, time_dim, out_axes, node_kernels, init)
         info["options"] = dict(strict=strict, leaf_modules=tuple(leaf_modules), time_dim=time_dim,
                                window=dict(window or {}), init=init, tune=tune)
         info.update(model=model, training_differs=training_differs)
-        co = ContinualModule(gm, graph, kernels, ctx, info)
+        co = ContinualModule(gm, graph, kernels, ctx, info, newest_graph=newest)
         _check_unchanged(model, kept)
         if validate:
             say("validating the continual model against the clip model on fresh inputs")

@@ -366,7 +366,7 @@ class CompiledSteps:
         framewise = key[1] == 1   # a frame without its time axis in, outputs as forward_step returns them
         t = co._info["time_dim"]
         with scratch_stream(co, clean=False, eval_mode=False):
-            co._step_module(x.unsqueeze(t) if framewise else x)   # refreshes the caches (BatchNorm folds) it bakes
+            co._step_call(x.unsqueeze(t) if framewise else x)   # refreshes the caches (BatchNorm folds) it bakes
         rings = []
         with scratch_stream(co, clean=False, eval_mode=False):
             try:
@@ -385,7 +385,7 @@ class CompiledSteps:
                     for (k, _), vs in zip(rings, now):
                         k.__dict__["_program"] = views[at:at + len(vs)]
                         at += len(vs)
-                    out = co._step_module(frame.unsqueeze(t) if framewise else frame)
+                    out = co._step_call(frame.unsqueeze(t) if framewise else frame)
                     empty = co._none_if_empty(out) is None
                     axes = co._frame_axes(out) if framewise and not empty else []
                     partial = bool(axes) and any(v is None for v in tree_flatten(co._frame_output(out))[0])

@@ -54,6 +54,10 @@ class _WindowCounter(Stateful):
         if seen is not None and (not _is_int(seen) or seen < 0):
             raise state_error(name, self, "seen", "None or a count of windows (an int >= 0)", _describe(seen))
 
+    def full(self) -> bool:
+        """Whether every window from now on is full (N windows seen but one)."""
+        return self.seen is not None and self.seen >= self.frames - 1
+
     def _windows(self, x: torch.Tensor) -> tuple:
         """(index of the first window of `x`, number of windows), counted."""
         first = self.seen or 0
@@ -78,10 +82,14 @@ class ClipStart(_WindowCounter):
 
 
 class NewestFrames(_WindowCounter):
-    """Each window's newest frame along `t` (kept as an axis of size 1): frame k of the k-th early window."""
+    """Each window's newest frame along `t` (kept as an axis of size 1): frame k of the k-th early window. Given
+    windows of that frame alone (full windows narrowed to it, `cofx.passes.read_rows.newest_rows`), it counts them
+    and passes them on."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         first, n = self._windows(x)
+        if x.shape[self.t] == 1:
+            return x
         if first >= self.frames - 1 or n == 0:
             return x.narrow(self.t, self.frames - 1, 1)
         return self._each(x, n, lambda k, rows: rows.narrow(self.t, min(first + k, self.frames - 1), 1))

@@ -14,6 +14,7 @@ from . import modes
 from .compiled_step import CompiledSteps
 from .errors import StreamError
 from .flat_step import flat_step_module
+from .growing_window import NewestFrames
 from .kernels import STATE_FIX, Align, Sliding, Stateful, StreamContext, state_spec
 from .masked_step import _warmup
 from .report import Report
@@ -37,7 +38,7 @@ class ContinualModule(fx.GraphModule):
     """
 
     def __init__(self, traced: fx.GraphModule, step_graph: fx.Graph, kernels: dict, ctx: StreamContext,
-                 info: dict):
+                 info: dict, newest_graph: Optional[fx.Graph] = None):
         super().__init__(traced, traced.graph, class_name=type(traced).__name__)
         adopt_attributes(self, traced)
         self.meta.update(traced.meta)
@@ -47,6 +48,9 @@ class ContinualModule(fx.GraphModule):
         self.__dict__["_info"] = info
         self.__dict__["_step_graph"] = step_graph
         self.__dict__["_step_module"] = flat_step_module(self, step_graph)
+        # per-frame outputs of causal attention: once every window is full, the step computes its newest row only
+        self.__dict__["_newest_module"] = None if newest_graph is None else flat_step_module(self, newest_graph)
+        self.__dict__["_growing"] = [k for k in kernels.values() if isinstance(k, NewestFrames)]
         self.__dict__["_position"] = StreamPosition()
         self.__dict__["_compiled"] = None    # CompiledSteps, see compile_steps()
         self.__dict__["_report"] = None
@@ -107,6 +111,12 @@ class ContinualModule(fx.GraphModule):
         self._check_input(x, with_time=False)
         return self._run(x, False, update_state, framewise=True)
 
+    def _step_call(self, x: torch.Tensor):
+        """One eager step of chunk `x`: the newest-row program once every growing window is full."""
+        if self._newest_module is not None and all(k.full() for k in self._growing):
+            return self._newest_module(x)
+        return self._step_module(x)
+
     def _run(self, x, pad_end, update_state, framewise=False):
         """A chunk, or one frame without its time axis (`framewise`, whose output is `_frame_output`'s)."""
         position = self._position
@@ -145,11 +155,11 @@ class ContinualModule(fx.GraphModule):
         ctx = self._ctx
         position.batch, position.like = x.shape[0], x.new_empty(0)
         try:
-            out = self._step_module(x)
+            out = self._step_call(x)
             if pad_end:
                 ctx.flushing = True
                 try:
-                    tail = self._step_module(x.narrow(t, 0, 0))
+                    tail = self._step_call(x.narrow(t, 0, 0))
                 finally:
                     ctx.flushing = False
                 out = self._concat(out, tail)
@@ -609,7 +619,7 @@ class _StateReference:
             for _, k in self.kernels:
                 k.clean()
         co._ctx.batch = x.shape[0]
-        co._step_module(x)
+        co._step_call(x)
 
     def signature(self) -> tuple:
         return tuple(k.state_signature({s: getattr(k, s) for s in k.state_names}) for _, k in self.kernels)

@@ -22,9 +22,9 @@ from .receptive_field import annotate_timing
 from .select_kernels import select_kernels
 from .fold_batchnorm import mark_batchnorm_folds
 from .continualize import build_step_graph
-from .read_rows import read_rows
+from .read_rows import newest_rows, read_rows
 
 __all__ = ["diff_as_slices", "unfold_as_slices", "values_only", "lp_pool_as_avg", "record_runs", "name_view_batches", "zeros_as_pad", "reduce_before_view", "matmul_before_view", "frames_resized_alone", "label_layouts", "mark_length_values", "classify_nodes", "fold_crops", "check_framewise",
            "check_causal",
            "annotate_timing",
-           "select_kernels", "mark_batchnorm_folds", "build_step_graph", "read_rows"]
+           "select_kernels", "mark_batchnorm_folds", "build_step_graph", "read_rows", "newest_rows"]

@@ -45,6 +45,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from cofx import kernels as K
 from cofx.encoder_rows import ENCODERS, EncoderRows, batch_first
+from cofx.growing_window import NewestFrames
 
 from .continualize import co_labels
 from .shape_runs import Rec
@@ -133,8 +134,10 @@ def _dim(d, ndim: int) -> Optional[int]:
 
 
 class _Rows:
-    def __init__(self, graph: fx.Graph, kernels: dict, gm: fx.GraphModule):
-        self.graph, self.kernels, self.gm = graph, kernels, gm
+    def __init__(self, graph: fx.Graph, kernels: dict, gm: fx.GraphModule, newest: bool = False):
+        # `newest`: `graph` is a copy for steps whose windows are all full, where a per-frame output's
+        # `NewestFrames` reads the window's last row; a kernel it replaces is added beside the original's
+        self.graph, self.kernels, self.gm, self.newest = graph, kernels, gm, newest
         origs = {n.name: n for n in gm.graph.nodes}
         self.ops = {}
         for n in graph.nodes:
@@ -349,6 +352,9 @@ class _Rows:
         """(input, axis, row, where the row is given) when `n` reads one row of a windowed value at a fixed
         index (``x[:, r]`` or ``x[:, -1:]``: the position of that entry in the index; ``x.select(axis, r)``:
         None)."""
+        newest = self.kernels.get(n.target) if self.newest and n.op == "call_module" else None
+        if isinstance(newest, NewestFrames) and n.args and n.args[0] in self.ops and newest.frames > 1:
+            return n.args[0], newest.t, newest.frames - 1, "newest"
         op = self.ops.get(n)
         if op is None or not n.args:
             return None
@@ -442,7 +448,8 @@ class _Rows:
                     part = self.graph.call_method("narrow", (n, axis, row, 1))
                 n.replace_all_uses_with(part, delete_user_cb=lambda user: user is not part)
                 narrowed[part] = (axis, row)
-                self.ops[n].orig.meta["cofx_rows"] = (axis, row)
+                if not self.newest:
+                    self.ops[n].orig.meta["cofx_rows"] = (axis, row)
             elif n in narrowed:
                 axis, row = narrowed[n]
                 axes = self.input_axes(n, axis)
@@ -450,9 +457,12 @@ class _Rows:
                 new = [row_of(m, a, row, n) if a is not None else m for m, a in zip(mine, axes)]
                 n.args, n.kwargs = tree_unflatten(new, spec)
                 self.narrowed_op(n, axis, row)
-                self.ops[n].orig.meta["cofx_rows"] = (axis, row)
+                if not self.newest:
+                    self.ops[n].orig.meta["cofx_rows"] = (axis, row)
             elif n in read_of and narrowed.get(read_of[n][0]) is not None:   # the row read is the only one left
                 _, axis, row, i = read_of[n]
+                if i == "newest":   # `NewestFrames` passes a window already narrowed to its newest row on
+                    continue
                 if i is None:   # x.select(axis, row)
                     n.args = (n.args[0], n.args[1], 0)
                     continue
@@ -466,6 +476,12 @@ class _Rows:
         return isinstance(split, fx.Node) and split in self.ops and \
             (self.ops[split].kind, self.ops[split].target) in _SPLITS and narrowed.get(split) != narrowed[n]
 
+    def replace_kernel(self, n: fx.Node, kernel) -> None:
+        """`n` calls `kernel` instead of its guard (in a newest-row copy, under a name of its own)."""
+        if self.newest:
+            n.target = f"{n.target}_newest_row"
+        self.kernels[n.target] = kernel
+
     def narrowed_op(self, n: fx.Node, axis: int, row: int) -> None:
         """What else changes with the rows: a reshape's sizes, a guard's empty output, a causal mask."""
         op = self.ops[n]
@@ -477,19 +493,19 @@ class _Rows:
                       static // frames, *n.args[5:])
         if _encoder(op) is not None:
             labels = tuple(1 if i == axis else lab for i, lab in enumerate(op.guard.out_labels))
-            self.kernels[n.target] = K.Framewise(op.guard.ctx, EncoderRows(_encoder(op), row), None, labels,
-                                                 op.guard.out_dtypes)
+            self.replace_kernel(n, K.Framewise(op.guard.ctx, EncoderRows(_encoder(op), row), None, labels,
+                                               op.guard.out_dtypes))
         elif op.guard is not None and _attention_module(self.gm, op.orig) is not None:
             attention, weights = op.guard.out_labels   # the weights (B, [heads,] L, S): L second to last
             labels = (tuple(1 if i == axis else lab for i, lab in enumerate(attention)),
                       None if weights is None else tuple(1 if i == len(weights) - 2 else lab
                                                          for i, lab in enumerate(weights)))
-            self.kernels[n.target] = K.Framewise(op.guard.ctx, op.guard.op, op.guard.method, labels,
-                                                 op.guard.out_dtypes)
+            self.replace_kernel(n, K.Framewise(op.guard.ctx, op.guard.op, op.guard.method, labels,
+                                               op.guard.out_dtypes))
         elif op.guard is not None:
             labels = _labels_narrowed(op.guard.out_labels, axis)
-            self.kernels[n.target] = K.Framewise(op.guard.ctx, op.guard.op, op.guard.method, labels,
-                                                 op.guard.out_dtypes)
+            self.replace_kernel(n, K.Framewise(op.guard.ctx, op.guard.op, op.guard.method, labels,
+                                               op.guard.out_dtypes))
         if op.kind == "call_function" and op.target is F.scaled_dot_product_attention and \
                 n.kwargs.get("is_causal", n.args[5] if len(n.args) > 5 else False):
             keys = _shape(op.orig.args[1] if len(op.orig.args) > 1 else op.orig.kwargs["key"])[-2]
@@ -560,6 +576,21 @@ def _index_axis(index, ndim: int, d: int) -> Optional[int]:
         axis += 1
         out += 1
     return axis + (d - out) if d >= out and axis + (d - out) < ndim else None
+
+
+def newest_rows(graph: fx.Graph, kernels: dict, gm: fx.GraphModule) -> Optional[fx.Graph]:
+    """For per-frame outputs of causal attention over the clip (`NewestFrames`: each window's newest frame), a copy
+    of the step graph that computes that row alone, for the steps whose windows are all full (until then the
+    window's frames come first and its newest row moves); None where no op can be narrowed. Kernels it replaces
+    are added to `kernels` under names of their own."""
+    if not any(isinstance(k, NewestFrames) for k in kernels.values()):
+        return None
+    copy = fx.Graph()
+    copy.output(copy.graph_copy(graph, {}))
+    if not _Rows(copy, kernels, gm, newest=True).run():
+        return None
+    copy.lint()
+    return copy
 
 
 def read_rows(graph: fx.Graph, kernels: dict, gm: fx.GraphModule) -> int:

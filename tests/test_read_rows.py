@@ -401,3 +401,41 @@ def test_a_query_split_off_keys_needed_whole_is_narrowed_after_the_split(how, re
     co = assert_exact(Model())
     rows = narrowed(co)
     assert {"matmul_2", "softmax_1", "matmul_3"} <= rows and "a2_qkv" not in rows, rows
+
+
+def test_per_frame_outputs_of_causal_attention_compute_the_newest_row_once_windows_are_full():
+    """Per-frame outputs of a causal pre-norm block over a window of 8 frames: until the window is full each step
+    runs the frames so far; from then on the block's query, projection and feed-forward run on the newest row
+    alone. Every output stays the model's newest frame on the last 8 frames (or the frames so far)."""
+
+    class Causal(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed, self.pos = nn.Linear(C, W), nn.Parameter(torch.randn(1, 32, W) * 0.3)
+            self.norm1, self.norm2 = nn.LayerNorm(W), nn.LayerNorm(W)
+            self.qkv, self.proj, self.head = nn.Linear(W, 3 * W), nn.Linear(W, W), nn.Linear(W, 3)
+            self.mlp = nn.Sequential(nn.Linear(W, 2 * W), nn.GELU(), nn.Linear(2 * W, W))
+
+        def forward(self, x):
+            h = self.embed(x) + self.pos[:, :x.shape[1]]
+            B, T, _ = h.shape
+            q, k, v = self.qkv(self.norm1(h)).reshape(B, T, 3, 2, W // 2).permute(2, 0, 3, 1, 4)
+            h = h + self.proj(F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(B, T, W))
+            return self.head(h + self.mlp(self.norm2(h)))
+
+    torch.manual_seed(0)
+    model = Causal().to(D).eval()
+    co = cofx.convert(model, torch.randn(1, 8, C, dtype=D), time_dim=1)
+    stream = torch.randn(2, 30, C, dtype=D)
+    with torch.no_grad():
+        co.clean_state()
+        steps = [co.forward_step(stream[:, i]) for i in range(30)]
+        want = [model(stream[:, max(0, i - 7):i + 1])[:, -1] for i in range(30)]
+        assert all((a - b).abs().max() < 1e-10 for a, b in zip(steps, want))
+        co.clean_state()
+        chunked = [co.forward_steps(stream[:, a:b]) for a, b in ((0, 3), (3, 12), (12, 13), (13, 30))]
+        assert (torch.cat(chunked, 1) - torch.stack(want, 1)).abs().max() < 1e-10
+        full = step_flops(co, torch.randn(2, 1, C, dtype=D))
+        co.__dict__["_newest_module"] = None   # every row of the window, as before the window is full
+        every_row = step_flops(co, torch.randn(2, 1, C, dtype=D))
+    assert full * 2 < every_row, (full, every_row)
