@@ -446,17 +446,18 @@ class _Classifier:
             (node.op == "call_method" and node.target == "matmul")
         return product and any(_kept_frames(a) for a in folded)
 
-    @staticmethod
-    def softmax_over_time(node, streams) -> bool:
-        """A softmax over the frames (attention pooling with a learned query: ``softmax(q @ h^T) @ h``): the
-        weights of the frames of a clip, a window over it."""
+    def softmax_over_time(self, node, streams) -> bool:
+        """A softmax over the frames (attention pooling with a learned query: ``softmax(q @ h^T) @ h``, an
+        `nn.Softmax` score head): the weights of the frames of a clip, a window over it."""
+        module = self.module(node)
         softmax = (node.op == "call_function" and node.target in (F.softmax, torch.softmax, F.log_softmax,
                                                                    torch.log_softmax)) or \
-            (node.op == "call_method" and node.target in ("softmax", "log_softmax"))
+            (node.op == "call_method" and node.target in ("softmax", "log_softmax")) or \
+            isinstance(module, (nn.Softmax, nn.LogSoftmax))
         if not softmax or len(streams) != 1:
             return False
         labels = streams[0].meta["cofx_layout"]
-        dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
+        dim = module.dim if module is not None else node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
         if not isinstance(dim, int) or not isinstance(labels, Labels):
             return False
         return (dim % len(labels)) in time_axes(labels)

@@ -683,3 +683,23 @@ class PooledToken(nn.Module):
 def test_a_token_pooled_over_the_frames_put_along_time_is_the_windows_own(pool):
     co = assert_exact(PooledToken(pool))
     assert [r.kind for r in co.report if r.name == "cat"] == ["window"], str(co.report)
+
+
+class ScoreHead(nn.Module):
+    """Attentive pooling whose score head ends in an `nn.Softmax` module (ECAPA-TDNN's attentive statistics)."""
+
+    def __init__(self):
+        super().__init__()
+        self.score = nn.Sequential(nn.Linear(C, 8), nn.Tanh(), nn.Linear(8, 1), nn.Softmax(dim=1))
+        self.head = nn.Linear(2 * C, 3)
+
+    def forward(self, x):
+        w = self.score(x)
+        mean = (w * x).sum(1)
+        std = ((w * x * x).sum(1) - mean * mean).clamp(min=1e-6).sqrt()
+        return self.head(torch.cat([mean, std], 1))
+
+
+def test_attentive_pooling_with_a_softmax_module_is_a_window_over_the_clip():
+    co = assert_exact(ScoreHead())
+    assert any(r.kind == "attention" for r in co.report), str(co.report)
