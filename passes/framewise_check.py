@@ -159,6 +159,11 @@ def check_framewise(gm: fx.GraphModule, clip: torch.Tensor) -> None:
             why = "does not act frame by frame: changing one input frame changed other output frames." + hint
             fix = ATTENTION_FIX if hint else \
                 "ops that mix frames (softmax/cumsum/norms over time, attention) are not supported"
+            if getattr(node.target, "__name__", node.target) in _CUMULATIVE:
+                why = ("is a cumulative op along time (each frame carries every frame before it, a running state "
+                       "from the clip's first frame), which cofx does not stream")
+                fix = ("keep a running state with a recurrent layer (nn.GRU/nn.LSTM stream exactly), or normalise "
+                       "over a fixed window (a pool over time)")
             if node.op == "call_module" and node.target in untraceable:
                 why += f" (torch.fx could not trace into it: {untraceable[node.target]})"
                 fix = "make the module traceable so cofx can see its temporal ops"
@@ -169,6 +174,9 @@ def check_framewise(gm: fx.GraphModule, clip: torch.Tensor) -> None:
         interp.run(clip)
     if failures:
         raise failures[0]
+
+
+_CUMULATIVE = {"cumsum", "cumprod", "cummax", "cummin", "logcumsumexp"}
 
 
 def check_causal(gm: fx.GraphModule, clip: torch.Tensor) -> None:

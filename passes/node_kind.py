@@ -189,7 +189,7 @@ def _pooled_token(value: fx.Node) -> bool:
     time beside the frames, the window's own reduction."""
     spec = value.meta.get("cofx_spec")
     return value.meta.get("cofx_role") == "folded" and value.meta.get("cofx_kind") == "reduction" and \
-        getattr(spec, "window", None) is not None and spec.window == spec.clip_window and \
+        getattr(spec, "mode", "raw") != "raw" and spec.window == spec.clip_window and \
         isinstance(value.meta.get("cofx_layout"), Labels)
 
 

@@ -27,7 +27,7 @@ class Lambda(nn.Module):
 @pytest.mark.parametrize("fn,message", [
     (lambda x: F.interpolate(x, scale_factor=(2, 1, 1)), "changes the number of frames"),
     (lambda x: x.flip(2), "does not act frame by frame"),
-    (lambda x: x.cumsum(2), "does not act frame by frame"),
+    (lambda x: x.cumsum(2), "is a cumulative op along time"),
     (lambda x: torch.sort(x, 2)[0], "does not act frame by frame"),
     (lambda x: x.softmax(2), "does not act frame by frame"),
     (lambda x: torch.cat([x, x], 2), "changes the number of frames"),
