@@ -213,6 +213,13 @@ class _Builder:
             return self.batch
         return self.g.create_node("call_function", operator.mul, (self.batch, rows), {}, name=f"{a.name}_rows")
 
+    def folded_rows(self, a: fx.Node, axis: int):
+        """The rows of frames folded into the batch at `axis` per frame: the streams, times each one's rows."""
+        rows = rows_per_stream(a.meta["cofx_layout"][axis])
+        if rows == 1:
+            return self.batch
+        return self.g.create_node("call_function", operator.mul, (self.batch, rows), {}, name=f"{a.name}_rows")
+
     def origin_of(self, node):
         ins = [a for a in node_inputs(node) if a.meta.get("cofx_role") == "stream"]
         if node.meta.get("cofx_kind") == "pointwise" and node.meta.get("cofx_role") == "stream" and len(ins) == 1:
@@ -617,10 +624,19 @@ class _Builder:
         if same_readiness(self.gm, ins):   # frames arrive together: no delay buffer needed
             folded_values = {a: v for a, v in zip(ins, values) if a.meta["cofx_role"] == "folded"}
             return self.pointwise(node, folded_values)
-        aligned = self.add_kernel(f"{node.name}_align", K.Align(self.ctx, axes), values,
-                                  node_name=f"{node.name}_align")
-        replace = {a: self.g.create_node("call_function", operator.getitem, (aligned, i), {},
-                                         name=f"{a.name}_aligned") for i, a in enumerate(ins)}
+        # frames folded into the batch (stream-major: each stream's frames in a row), on an axis of their own
+        # while they wait, so that a delay holds back frames of every stream, not the last rows of the batch
+        folded = [a.meta["cofx_role"] == "stream" and a.meta["cofx_layout"][ax] == "BT" for a, ax in zip(ins, axes)]
+        values = [self.g.create_node("call_method", "unflatten", (v, ax, (self.folded_rows(a, ax), -1)), {},
+                                     name=f"{a.name}_by_stream") if f else v
+                  for a, v, ax, f in zip(ins, values, axes, folded)]
+        aligned = self.add_kernel(f"{node.name}_align", K.Align(self.ctx, [ax + f for ax, f in zip(axes, folded)]),
+                                  values, node_name=f"{node.name}_align")
+        replace = {}
+        for i, (a, ax, f) in enumerate(zip(ins, axes, folded)):
+            out = self.g.create_node("call_function", operator.getitem, (aligned, i), {}, name=f"{a.name}_aligned")
+            replace[a] = self.g.create_node("call_method", "flatten", (out, ax, ax + 1), {},
+                                            name=f"{a.name}_aligned_rows") if f else out
         return self.pointwise(node, replace)
 
     def folded_merge(self, node):

@@ -23,7 +23,7 @@ from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 import cofx
-from guarantees import assert_clip_exact, by_forward_step, two_streams
+from guarantees import assert_clip_exact, by_forward_step, steps_in_chunks, two_streams
 from cofx.verify import by_chunks, chunk_sizes, max_error, output_tolerance
 
 warnings.filterwarnings("ignore", category=UserWarning)
@@ -821,6 +821,43 @@ def test_resizing_space_to_a_size_that_keeps_the_frames_is_exact(mode):
     assert co.is_exact and co.delay == 2
     assert_clip_exact(co, model, x)
     assert_clip_exact(co, model, two_streams(video(11, 8)))
+
+
+class TSMResidual(nn.Module):
+    """Temporal Shift Module as its authors fold it: frames into the batch, a quarter of the channels shifted a frame
+    back (the next frame's) and a quarter a frame forward, inside a residual block."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.conv1, self.conv2 = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 8, 1)
+
+    def shift(self, x, segments):
+        nt, c, h, w = x.size()
+        x = x.view(nt // segments, segments, c, h, w)
+        fold = c // 4
+        back = torch.cat([x[:, 1:, :fold], torch.zeros_like(x[:, :1, :fold])], 1)
+        forward = torch.cat([torch.zeros_like(x[:, :1, fold:2 * fold]), x[:, :-1, fold:2 * fold]], 1)
+        return torch.cat([back, forward, x[:, :, 2 * fold:]], 2).view(nt, c, h, w)
+
+    def forward(self, x):
+        b, c, t, h, w = x.shape
+        y = self.embed(x.transpose(1, 2).reshape(b * t, c, h, w))
+        y = y + self.conv2(torch.relu(self.conv1(self.shift(y, t))))
+        return y.view(b, t, 8, h, w).mean((3, 4)).transpose(1, 2)
+
+
+def test_tsm_with_a_shift_from_the_next_frame_in_a_residual_block_is_exact_for_several_streams():
+    """The residual waits a frame for the shifted branch; with the frames folded into the batch, the wait holds
+    back a frame of every stream (each stream's frames are a run of rows)."""
+    model = seeded(TSMResidual)
+    co = cofx.convert(model, video(8, 4))
+    assert co.is_exact and co.delay == 1
+    x = two_streams(video(11, 4))
+    assert_clip_exact(co, model, x)
+    with torch.no_grad():
+        for sizes in ([3, 8], [0, 2, 5, 4], [11]):
+            got = steps_in_chunks(co, x, sizes)
+            assert max_error(got, model(x)) <= output_tolerance(model(x)), sizes
 
 
 class TimeIdioms(nn.Module):
