@@ -21,6 +21,7 @@ from torch import nn
 
 from . import onednn_conv
 from .errors import ConversionError
+from .stock_modules import stock
 
 _CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 _AVG_FN = {1: F.avg_pool1d, 2: F.avg_pool2d, 3: F.avg_pool3d}
@@ -254,10 +255,10 @@ def sliding_spec(node: fx.Node, gm: fx.GraphModule, t_axis: int):
     """
     if node.op == "call_module":
         mod = gm.get_submodule(node.target)
-        if isinstance(mod, TRANSPOSED_MODULES):
+        if stock(mod, TRANSPOSED_MODULES):
             return _frame_by_frame_transposed(node, t_axis, mod.kernel_size, mod.stride, mod.padding,
                                               mod.output_padding, len(mod.kernel_size))
-        entry = next((v for k, v in _MODULES.items() if type(mod) is k or isinstance(mod, k)), None)
+        entry = next((v for k, v in _MODULES.items() if stock(mod, k)), None)
         if entry is None:
             return None
         family, nd = entry
@@ -401,7 +402,7 @@ def pad_spec(node: fx.Node, gm: fx.GraphModule, t_axis: int, ndim: int) -> Optio
     """A PadSpec if `node` pads a tensor whose time axis is `t_axis` along time, else None."""
     if node.op == "call_module":
         mod = gm.get_submodule(node.target)
-        if not isinstance(mod, _PAD_MODULES):
+        if not stock(mod, _PAD_MODULES):
             return None
         name = type(mod).__name__
         mode = "replicate" if "Replication" in name else "reflect" if "Reflection" in name else \

@@ -24,6 +24,8 @@ from __future__ import annotations
 import torch.fx as fx
 from torch import nn
 
+from cofx.stock_modules import stock
+
 
 def mark_batchnorm_folds(gm: fx.GraphModule) -> None:
     for node in gm.graph.nodes:
@@ -34,7 +36,7 @@ def mark_batchnorm_folds(gm: fx.GraphModule) -> None:
         if not _folds(bn) or not isinstance(conv, fx.Node) or conv.op != "call_module" or len(conv.users) != 1:
             continue
         mod = gm.get_submodule(conv.target)
-        if not isinstance(mod, nn.modules.conv._ConvNd) or mod.transposed or mod.out_channels != bn.num_features:
+        if not stock(mod, nn.modules.conv._ConvNd) or mod.transposed or mod.out_channels != bn.num_features:
             continue
         if conv.meta.get("cofx_role") not in ("stream", "folded") or node.meta.get("cofx_role") != conv.meta["cofx_role"]:
             continue
@@ -43,5 +45,5 @@ def mark_batchnorm_folds(gm: fx.GraphModule) -> None:
 
 
 def _folds(bn) -> bool:
-    return isinstance(bn, nn.modules.batchnorm._BatchNorm) and bn.track_running_stats and \
+    return stock(bn, nn.modules.batchnorm._BatchNorm) and bn.track_running_stats and \
         bn.running_mean is not None and bn.running_var is not None

@@ -9,7 +9,7 @@ at its neighbours.
 
 Example::
 
-    >>> model = torch.nn.Sequential(torch.nn.Conv1d(2, 4, 3), torch.nn.Softmax(dim=2)).eval()   # softmax over time
+    >>> model = torch.nn.Sequential(torch.nn.Conv1d(2, 4, 3), torch.nn.InstanceNorm1d(4)).eval()   # a norm over time
     >>> gm, clip = cofx.tracer.trace(model), torch.randn(1, 2, 8)
     >>> _ = cofx.passes.record_runs(gm, cofx.api._runs(clip, time_dim=2))
     >>> cofx.passes.label_layouts(gm); cofx.passes.mark_length_values(gm); cofx.passes.classify_nodes(gm)

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from cofx.graph_rewrite import rewrite_nodes
+from cofx.stock_modules import stock
 
 _FUNCTIONS = {F.lp_pool1d: 1, F.lp_pool2d: 2, F.lp_pool3d: 3}
 _MODULES = {nn.LPPool1d: 1, nn.LPPool2d: 2, nn.LPPool3d: 3}
@@ -40,7 +41,7 @@ def _arguments(gm: fx.GraphModule, node: fx.Node):
                 given.get("ceil_mode", False), _FUNCTIONS[node.target])
     if node.op == "call_module":
         module = gm.get_submodule(node.target)
-        nd = next((v for k, v in _MODULES.items() if isinstance(module, k)), None)
+        nd = next((v for k, v in _MODULES.items() if stock(module, k)), None)
         if nd is not None and len(node.args) == 1 and not node.kwargs:
             return node.args[0], module.norm_type, module.kernel_size, module.stride, module.ceil_mode, nd
     return None

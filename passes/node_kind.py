@@ -43,6 +43,7 @@ from torch.utils._pytree import tree_flatten
 
 from cofx.errors import ConversionError, user_line, describe
 from cofx.sliding_ops import pad_spec, sliding_spec
+from cofx.stock_modules import stock
 
 from .layout import Labels, has_time, time_axes, time_axis
 from .length_values import is_value
@@ -361,7 +362,7 @@ class _Classifier:
         if not isinstance(layout, Labels) and not (isinstance(layout, (list, tuple)) and layout):
             self.set(node, "shape", "time-free")
             return
-        if node.op == "call_module" and isinstance(self.module(node), RECURRENT):
+        if node.op == "call_module" and stock(self.module(node), RECURRENT):
             self.recurrent(node, streams)
             return
         if node.op == "call_function" and node.target is operator.getitem and \
@@ -393,9 +394,9 @@ class _Classifier:
         """A torch layer that acts on each value alone, or (eval BatchNorm) per channel with time elsewhere:
         frame by frame by construction, so the framewise check would only repeat its cost."""
         module = self.module(node)
-        if isinstance(module, _ELEMENTWISE_MODULES):
+        if stock(module, _ELEMENTWISE_MODULES):
             return True
-        return isinstance(module, nn.modules.batchnorm._BatchNorm) and not module.training and \
+        return stock(module, nn.modules.batchnorm._BatchNorm) and not module.training and \
             module.running_mean is not None and x.meta.get("cofx_time") != 1 and len(node.all_input_nodes) == 1
 
     @staticmethod
@@ -453,7 +454,7 @@ class _Classifier:
         softmax = (node.op == "call_function" and node.target in (F.softmax, torch.softmax, F.log_softmax,
                                                                    torch.log_softmax)) or \
             (node.op == "call_method" and node.target in ("softmax", "log_softmax")) or \
-            isinstance(module, (nn.Softmax, nn.LogSoftmax))
+            stock(module, (nn.Softmax, nn.LogSoftmax))
         if not softmax or len(streams) != 1:
             return False
         labels = streams[0].meta["cofx_layout"]
@@ -826,7 +827,7 @@ class _Classifier:
                 return "raw", None
             return mode, (fn, tuple(d for d in dims if d != t))
         module = self.module(node)
-        entry = next((v for k, v in _ADAPTIVE_MODULES.items() if isinstance(module, k)), None)
+        entry = next((v for k, v in _ADAPTIVE_MODULES.items() if stock(module, k)), None)
         if entry is not None:
             if getattr(module, "return_indices", False):
                 return "raw", None

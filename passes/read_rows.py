@@ -46,6 +46,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from cofx import kernels as K
 from cofx.encoder_rows import ENCODERS, EncoderRows, batch_first
 from cofx.growing_window import NewestFrames
+from cofx.stock_modules import stock
 
 from .continualize import co_labels
 from .shape_runs import Rec
@@ -192,11 +193,11 @@ class _Rows:
             return axes
 
         if kind == "call_module":
-            if isinstance(target, _ELEMENTWISE_MODULES) or isinstance(target, nn.Linear) and d != ndim - 1:
+            if stock(target, _ELEMENTWISE_MODULES) or stock(target, nn.Linear) and d != ndim - 1:
                 return first(d)
-            if isinstance(target, nn.LayerNorm) and d < ndim - len(target.normalized_shape):
+            if stock(target, nn.LayerNorm) and d < ndim - len(target.normalized_shape):
                 return first(d)
-            if isinstance(target, (nn.Softmax, nn.LogSoftmax)) and _dim(target.dim, ndim) not in (d, None):
+            if stock(target, (nn.Softmax, nn.LogSoftmax)) and _dim(target.dim, ndim) not in (d, None):
                 return first(d)
             return None
         args = list(n.args)

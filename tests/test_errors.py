@@ -458,3 +458,31 @@ def test_a_star_unpacked_shape_names_the_line_and_the_fix():
     msg = str(e.value)
     assert "cannot be iterated" in msg and "name the sizes" in msg
     assert "test_errors.py" in msg and "x.view(b, c, *x.shape[2:])" in msg   # the user's line
+
+
+class SamePool(nn.MaxPool3d):
+    """I3D's "same" max pool: a MaxPool3d whose forward pads by a branch on the input's shape (untraceable)."""
+
+    def forward(self, x):
+        t = x.size(2)
+        pad = 2 if t % self.stride[0] == 0 else 0
+        return super().forward(F.pad(x, (1, 1, 1, 1, pad // 2, pad - pad // 2)))
+
+
+class InceptionWithSamePool(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.pool = nn.Conv3d(3, 2, 1), SamePool((3, 3, 3), (1, 1, 1))
+
+    def forward(self, x):
+        return torch.cat([self.a(x), self.pool(x)], 1)
+
+
+@pytest.mark.parametrize("validate", [True, False])
+def test_a_torch_layer_subclass_with_its_own_forward_kept_whole_is_not_read_as_the_layer(validate):
+    """Kept whole (torch.fx cannot trace its branch), it is not the stock MaxPool3d its attributes describe (no
+    padding): it is checked frame by frame like any module cofx does not know, and refused naming it."""
+    with pytest.raises(cofx.ConversionError) as err:
+        cofx.convert(InceptionWithSamePool().eval(), torch.randn(1, 3, 8, 4, 4), validate=validate)
+    msg = str(err.value)
+    assert "node 'pool'" in msg and "torch.fx could not trace into it" in msg, msg
