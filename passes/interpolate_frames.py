@@ -31,6 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
+from cofx.graph_rewrite import rewrite_nodes
+
 from .shape_runs import run_shapes
 
 _ARGS = ("input", "size", "scale_factor", "mode", "align_corners", "recompute_scale_factor", "antialias")
@@ -61,27 +63,17 @@ def _kept_time_axis(node: fx.Node, x: fx.Node) -> Optional[int]:
 def frames_resized_alone(gm: fx.GraphModule) -> int:
     """Rewrite each `F.interpolate` given a `size` that keeps the frames as `interpolate_frames`; returns how
     many were rewritten."""
-    graph, count = gm.graph, 0
-    for node in list(graph.nodes):
-        if node.op != "call_function" or node.target is not F.interpolate:
-            continue
+    def replacement(graph: fx.Graph, node: fx.Node):
         given = dict(zip(_ARGS, node.args), **node.kwargs)
-        x, mode = given.get("input"), given.get("mode", "nearest")
+        x = given.get("input")
         if not isinstance(x, fx.Node) or given.get("size") is None or given.get("antialias") or \
                 given.get("recompute_scale_factor") is not None:
-            continue
+            return None
         axis = _kept_time_axis(node, x)
-        shapes = run_shapes(node)
         if axis is None:
-            continue
-        with graph.inserting_before(node):
-            new = graph.call_function(interpolate_frames, (x, axis, tuple(shapes["clip"][axis + 1:]), mode,
-                                                           given.get("align_corners")))
-        new.meta.update(node.meta)
-        node.replace_all_uses_with(new)
-        graph.erase_node(node)
-        count += 1
-    if count:
-        graph.lint()
-        gm.recompile()
-    return count
+            return None
+        size = tuple(run_shapes(node)["clip"][axis + 1:])
+        return graph.call_function(interpolate_frames, (x, axis, size, given.get("mode", "nearest"),
+                                                        given.get("align_corners")))
+
+    return rewrite_nodes(gm, gm.graph.find_nodes(op="call_function", target=F.interpolate), replacement)
