@@ -41,6 +41,8 @@ from __future__ import annotations
 
 import functools
 import operator
+from typing import Optional
+
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
@@ -204,18 +206,12 @@ class _Builder:
             self.origin.setdefault(node, self.origin_of(node))
         return self.g, self.kernels
 
-    def rows(self, a: fx.Node):
-        """The rows a value's batch dimension holds per step and window: the streams, times the rows each stream
-        has there (persons folded into the batch: ``x.view(N * M, C, T, V)``)."""
+    def rows(self, a: fx.Node, axis: Optional[int] = None):
+        """The rows a value's batch dimension (or `axis`, frames folded into the batch) holds per step and window
+        or frame: the streams, times the rows each stream has there (persons folded into the batch:
+        ``x.view(N * M, C, T, V)``)."""
         labels = a.meta["cofx_layout"]
-        rows = rows_per_stream(labels[_batch_axis(a)]) if isinstance(labels, Labels) else 1
-        if rows == 1:
-            return self.batch
-        return self.g.create_node("call_function", operator.mul, (self.batch, rows), {}, name=f"{a.name}_rows")
-
-    def folded_rows(self, a: fx.Node, axis: int):
-        """The rows of frames folded into the batch at `axis` per frame: the streams, times each one's rows."""
-        rows = rows_per_stream(a.meta["cofx_layout"][axis])
+        rows = rows_per_stream(labels[_batch_axis(a) if axis is None else axis]) if isinstance(labels, Labels) else 1
         if rows == 1:
             return self.batch
         return self.g.create_node("call_function", operator.mul, (self.batch, rows), {}, name=f"{a.name}_rows")
@@ -627,7 +623,7 @@ class _Builder:
         # frames folded into the batch (stream-major: each stream's frames in a row), on an axis of their own
         # while they wait, so that a delay holds back frames of every stream, not the last rows of the batch
         folded = [a.meta["cofx_role"] == "stream" and a.meta["cofx_layout"][ax] == "BT" for a, ax in zip(ins, axes)]
-        values = [self.g.create_node("call_method", "unflatten", (v, ax, (self.folded_rows(a, ax), -1)), {},
+        values = [self.g.create_node("call_method", "unflatten", (v, ax, (self.rows(a, ax), -1)), {},
                                      name=f"{a.name}_by_stream") if f else v
                   for a, v, ax, f in zip(ins, values, axes, folded)]
         aligned = self.add_kernel(f"{node.name}_align", K.Align(self.ctx, [ax + f for ax, f in zip(axes, folded)]),
