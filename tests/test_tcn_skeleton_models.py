@@ -293,6 +293,36 @@ def test_paddings_that_need_the_future_are_refused(name, model, words):
     assert_refused(model(), x1d(12), words, "fix:")
 
 
+class SeriesDecomposition(nn.Module):
+    """DLinear's series decomposition on (B, T, C): a moving average over edge frames repeated at both ends."""
+    def __init__(self, form):
+        super().__init__()
+        self.form, self.avg, self.trend, self.season = form, nn.AvgPool1d(5, 1), nn.Linear(C, C), nn.Linear(C, C)
+
+    def forward(self, x):
+        if self.form == "repeat":
+            padded = torch.cat([x[:, 0:1].repeat(1, 2, 1), x, x[:, -1:].repeat(1, 2, 1)], 1)
+        elif self.form == "expand":
+            padded = torch.cat([x[:, :1].expand(-1, 2, -1), x, x[:, -1:].expand(-1, 2, -1)], 1)
+        else:   # the last frame before the clip: not an edge padding
+            padded = torch.cat([x[:, -1:].repeat(1, 2, 1), x, x[:, :1].repeat(1, 2, 1)], 1)
+        trend = self.avg(padded.permute(0, 2, 1)).permute(0, 2, 1)
+        return self.trend(trend) + self.season(x - trend)
+
+
+@pytest.mark.parametrize("form", ["repeat", "expand"])
+def test_edge_frames_concatenated_are_replicate_padding(form):
+    torch.manual_seed(0)
+    co = assert_exact(SeriesDecomposition(form), torch.randn(1, 12, C, dtype=D), time_dim=1)
+    assert co.delay == 2
+
+
+def test_frames_concatenated_at_the_other_end_are_refused():
+    torch.manual_seed(0)
+    assert_refused(SeriesDecomposition("swapped"), torch.randn(1, 12, C, dtype=D), "changes the number of frames",
+                   time_dim=1)
+
+
 @pytest.mark.parametrize("mode", ["zeros", "replicate"])
 def test_conv_padding_modes_and_same_padding(mode):
     torch.manual_seed(0)
