@@ -78,6 +78,7 @@ def convert(model: nn.Module, example_input: Optional[torch.Tensor] = None, *, s
         passes.unfold_as_slices(gm)
         passes.values_only(gm)
         passes.lp_pool_as_avg(gm)
+        passes.negative_pads_as_crops(gm)
         say("recording shapes on the clip, a longer clip and two streams")
         errors = passes.record_runs(gm, _runs(clip, time_dim))
         rewritten = passes.name_view_batches(gm)

@@ -7,6 +7,7 @@ from .diff_as_slices import diff_as_slices
 from .unfold_as_slices import unfold_as_slices
 from .values_only import values_only
 from .lp_pool_as_avg import lp_pool_as_avg
+from .negative_pads import negative_pads_as_crops
 from .shape_runs import record_runs
 from .batch_views import name_view_batches
 from .zeros_as_pad import zeros_as_pad
@@ -24,7 +25,7 @@ from .fold_batchnorm import mark_batchnorm_folds
 from .continualize import build_step_graph
 from .read_rows import newest_rows, read_rows
 
-__all__ = ["diff_as_slices", "unfold_as_slices", "values_only", "lp_pool_as_avg", "record_runs", "name_view_batches", "zeros_as_pad", "reduce_before_view", "matmul_before_view", "frames_resized_alone", "label_layouts", "mark_length_values", "classify_nodes", "fold_crops", "check_framewise",
+__all__ = ["diff_as_slices", "unfold_as_slices", "values_only", "lp_pool_as_avg", "negative_pads_as_crops", "record_runs", "name_view_batches", "zeros_as_pad", "reduce_before_view", "matmul_before_view", "frames_resized_alone", "label_layouts", "mark_length_values", "classify_nodes", "fold_crops", "check_framewise",
            "check_causal",
            "annotate_timing",
            "select_kernels", "mark_batchnorm_folds", "build_step_graph", "read_rows", "newest_rows"]

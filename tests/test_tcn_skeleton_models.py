@@ -272,6 +272,7 @@ class Padded(nn.Module):
     ("anti-causal zeros", lambda h: F.pad(h, (0, 2))),
     ("replicate both ends", lambda h: F.pad(h, (1, 1), mode="replicate")),
     ("constant 1.5", lambda h: F.pad(h, (2, 0), value=1.5)),
+    ("negative: a crop", lambda h: F.pad(h, (-1, 3))),
 ])
 def test_fpad_forms_are_exact(name, pad):
     torch.manual_seed(0)
@@ -282,7 +283,6 @@ def test_fpad_forms_are_exact(name, pad):
     ("ReflectionPad1d", lambda: Padded(nn.ReflectionPad1d((2, 0))), "reflect padding along time needs frames from the future"),
     ("F.pad reflect", lambda: Padded(lambda h: F.pad(h, (1, 1), mode="reflect")), "reflect padding along time"),
     ("F.pad circular", lambda: Padded(lambda h: F.pad(h, (1, 1), mode="circular")), "circular padding along time"),
-    ("F.pad negative", lambda: Padded(lambda h: F.pad(h, (-1, 3))), "negative padding crops time"),
     ("Conv1d padding_mode=reflect", lambda: nn.Sequential(nn.Conv1d(C, C, 3, padding=1, padding_mode="reflect")),
      "padding_mode='reflect' pads time with frames from the future"),
     ("Conv1d padding_mode=circular", lambda: nn.Sequential(nn.Conv1d(C, C, 3, padding=1, padding_mode="circular")),
@@ -321,6 +321,25 @@ def test_frames_concatenated_at_the_other_end_are_refused():
     torch.manual_seed(0)
     assert_refused(SeriesDecomposition("swapped"), torch.randn(1, 12, C, dtype=D), "changes the number of frames",
                    time_dim=1)
+
+
+class TokenShift(nn.Module):
+    """RWKV's token shift on (B, T, C): the previous frame, by a padding negative at the end."""
+    def __init__(self, form):
+        super().__init__()
+        self.form, self.shift, self.mix, self.out = form, nn.ZeroPad2d((0, 0, 1, -1)), nn.Parameter(torch.rand(C)), \
+            nn.Linear(C, C)
+
+    def forward(self, x):
+        previous = self.shift(x) if self.form == "nn.ZeroPad2d" else F.pad(x, (0, 0, 1, -1))
+        return self.out(x * self.mix + previous * (1 - self.mix))
+
+
+@pytest.mark.parametrize("form", ["nn.ZeroPad2d", "F.pad"])
+def test_negative_padding_is_the_crop_it_makes(form):
+    torch.manual_seed(0)
+    co = assert_exact(TokenShift(form), torch.randn(1, 12, C, dtype=D), time_dim=1)
+    assert co.delay == 0
 
 
 @pytest.mark.parametrize("mode", ["zeros", "replicate"])
@@ -417,6 +436,7 @@ EXACT_OPS = {
     "lp_pool1d p=3 ceil": lambda m, h: F.lp_pool1d(h.abs(), 3, 2, ceil_mode=True),
     "lp_pool1d p=inf": lambda m, h: F.lp_pool1d(h, float("inf"), 2),
     "interpolate to its own length": lambda m, h: F.interpolate(h, size=h.shape[2], mode="linear"),
+    "torch.diff with the first frame prepended": lambda m, h: torch.diff(h, dim=2, prepend=h[:, :, :1]),
 }
 
 
@@ -451,8 +471,6 @@ REFUSED_OPS = {   # op -> words the message must hold
     "roll": (lambda m, h: torch.roll(h, 1, 2), "does not act frame by frame"),
     "log_softmax over time": (lambda m, h: F.log_softmax(h, dim=-1), "does not act frame by frame"),
     "normalize over time": (lambda m, h: F.normalize(h, dim=2), "does not act frame by frame"),
-    "torch.diff with the first frame prepended": (lambda m, h: torch.diff(h, dim=2, prepend=h[:, :, :1]),
-                                                  "changes the number of frames"),
     "narrow at T - 1": (lambda m, h: h.narrow(2, h.shape[2] - 1, 1), "fixed distance from the start and the end"),
     "halves of the clip": (lambda m, h: h[:, :, :h.shape[2] // 2].mean(2) - h[:, :, h.shape[2] // 2:].mean(2),
                            "fixed distance"),
