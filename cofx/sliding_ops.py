@@ -24,6 +24,7 @@ from .errors import ConversionError
 from .stock_modules import stock
 
 _CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+_CONV_TRANSPOSE_FN = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
 _AVG_FN = {1: F.avg_pool1d, 2: F.avg_pool2d, 3: F.avg_pool3d}
 _MAX_FN = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}
 
@@ -52,9 +53,9 @@ _FUNCTIONAL = _functional_table()
 _MODULES = {nn.Conv1d: ("conv", 1), nn.Conv2d: ("conv", 2), nn.Conv3d: ("conv", 3),
             nn.AvgPool1d: ("avg_pool", 1), nn.AvgPool2d: ("avg_pool", 2), nn.AvgPool3d: ("avg_pool", 3),
             nn.MaxPool1d: ("max_pool", 1), nn.MaxPool2d: ("max_pool", 2), nn.MaxPool3d: ("max_pool", 3)}
-TRANSPOSED = "a transposed convolution with a temporal kernel is not supported (at a stride above 1 it upsamples time)"
-TRANSPOSED_FIX = ("use a temporal kernel of 1; at stride 1 an ordinary convolution computes the same (the kernel "
-                  "flipped in time and its channel axes swapped, padding (k - 1) * dilation - padding)")
+TRANSPOSED = "a transposed convolution that upsamples time (a temporal stride above 1, or output padding in time)"
+TRANSPOSED_FIX = ("a stream keeps one frame per frame: upsample time outside the streamed part, or use a temporal "
+                  "stride of 1 with no temporal output padding (then cofx streams it as the convolution it is)")
 
 TRANSPOSED_MODULES = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 TRANSPOSED_FUNCTIONS = {F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d}
@@ -81,6 +82,7 @@ class SlidingSpec:
     count_include_pad: bool = True
     divisor_override: Optional[int] = None
     padding_mode: str = "zeros"
+    output_padding: tuple = ()   # a transposed convolution's, per dim (0 in time)
 
     @property
     def k(self) -> int:
@@ -133,6 +135,10 @@ class SlidingSpec:
 
     def compute(self, x: torch.Tensor, weight=None, bias=None) -> torch.Tensor:
         """The op on frames `x` (time already padded by the caller), spatial padding as the original."""
+        if self.family == "conv_transpose":   # its own padding crops its output: in time, to the valid frames
+            padding = [self.d * (self.k - 1) if i == self.t else p for i, (p, _) in enumerate(self.pads)]
+            return _CONV_TRANSPOSE_FN[self.nd](x, weight, bias, self.stride, padding, self.output_padding,
+                                               self.groups, self.dilation)
         x, padding = self._pad_spatial(x)
         if self.family == "conv":
             conv = onednn_conv.conv3d if self.nd == 3 else _CONV_FN[self.nd]
@@ -256,8 +262,11 @@ def sliding_spec(node: fx.Node, gm: fx.GraphModule, t_axis: int):
     if node.op == "call_module":
         mod = gm.get_submodule(node.target)
         if stock(mod, TRANSPOSED_MODULES):
-            return _frame_by_frame_transposed(node, t_axis, mod.kernel_size, mod.stride, mod.padding,
-                                              mod.output_padding, len(mod.kernel_size))
+            family, nd = "conv_transpose", len(mod.kernel_size)
+            cfg = _transposed_config(node, t_axis, nd, mod.kernel_size, mod.stride, mod.padding, mod.output_padding,
+                                     mod.dilation, mod.groups)
+            tensors = (f"{node.target}.weight", f"{node.target}.bias" if mod.bias is not None else None)
+            return _spec(node, family, nd, t_axis, cfg, tensors)
         entry = next((v for k, v in _MODULES.items() if stock(mod, k)), None)
         if entry is None:
             return None
@@ -293,18 +302,23 @@ def sliding_spec(node: fx.Node, gm: fx.GraphModule, t_axis: int):
                                       fix="use return_indices=False")
             tensors = ()
     elif node.op == "call_function" and node.target in TRANSPOSED_FUNCTIONS:
-        b = _bind(("input", "weight", "bias", "stride", "padding", "output_padding"), {"stride": 1, "padding": 0,
-                                                                                   "output_padding": 0},
+        b = _bind(("input", "weight", "bias", "stride", "padding", "output_padding", "groups", "dilation"),
+                  {"bias": None, "stride": 1, "padding": 0, "output_padding": 0, "groups": 1, "dilation": 1},
                   node.args, node.kwargs)
         w = b["weight"]
         wshape = w.meta["cofx_runs"]["clip"].shape if isinstance(w, fx.Node) else tuple(w.shape)
-        nd = len(wshape) - 2
-        return _frame_by_frame_transposed(node, t_axis, tuple(wshape[2:]), *(_constant(b[k], k, node) for k in (
-            "stride", "padding", "output_padding")), nd)
+        family, nd = "conv_transpose", len(wshape) - 2
+        cfg = _transposed_config(node, t_axis, nd, tuple(wshape[2:]), *(_constant(b[k], k, node) for k in (
+            "stride", "padding", "output_padding", "dilation", "groups")))
+        return _spec(node, family, nd, t_axis, cfg, (b["weight"], b["bias"]))
     else:
         return None
+    return _spec(node, family, nd, t_axis, cfg, tensors)
+
+
+def _spec(node: fx.Node, family: str, nd: int, t_axis: int, cfg: Optional[dict], tensors: tuple):
     t = t_axis - 2
-    if not 0 <= t < nd:
+    if not 0 <= t < nd or cfg is None:
         return None
     spec = SlidingSpec(family=family, nd=nd, t=t, **cfg)
     if spec.padding_mode not in ("zeros", "replicate") and (spec.pad_l or spec.pad_r):
@@ -313,16 +327,23 @@ def sliding_spec(node: fx.Node, gm: fx.GraphModule, t_axis: int):
     return spec, tensors
 
 
-def _frame_by_frame_transposed(node: fx.Node, t_axis: int, kernel, stride, padding, output_padding, nd: int):
-    """None for a transposed convolution that acts frame by frame (a temporal kernel and stride of 1, no temporal
-    padding: a U-Net decoder's spatial upsampling), which the frame-by-frame rules take; refused otherwise."""
+def _transposed_config(node: fx.Node, t_axis: int, nd: int, kernel, stride, padding, output_padding, dilation,
+                       groups) -> Optional[dict]:
+    """The configuration of a transposed convolution at temporal stride 1: in time the convolution of its kernel
+    flipped, padded by d (k - 1) - p at both ends; refused where it upsamples time. None where time is not one of
+    its dims (frames folded into the batch)."""
     t = t_axis - 2
     if not 0 <= t < nd:
         return None
-    if isinstance(padding, str) or any(_tuple(v, nd)[t] != want for v, want in (
-            (kernel, 1), (stride, 1), (padding, 0), (output_padding, 0))):
+    kernel, stride, dilation = _tuple(kernel, nd), _tuple(stride, nd), _tuple(dilation, nd)
+    if isinstance(padding, str) or stride[t] != 1 or _tuple(output_padding, nd)[t] != 0 or \
+            _tuple(padding, nd)[t] > dilation[t] * (kernel[t] - 1):
         raise ConversionError(TRANSPOSED, node=node, fix=TRANSPOSED_FIX)
-    return None
+    padding = _tuple(padding, nd)
+    reach = dilation[t] * (kernel[t] - 1) - padding[t]
+    return dict(kernel=kernel, stride=stride, dilation=dilation, groups=int(groups),
+                pads=tuple((reach, reach) if i == t else (p, p) for i, p in enumerate(padding)),
+                output_padding=_tuple(output_padding, nd))
 
 
 def _module_config(mod, family, nd, node) -> dict:

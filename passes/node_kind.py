@@ -667,13 +667,13 @@ class _Classifier:
                     self.set(node, "stream", "pointwise", time=t_out, frame_spec=spec, tensors=tensors)
                     return
                 if t_out is None:
-                    if spec.family == "conv":
+                    if spec.family in ("conv", "conv_transpose"):
                         raise ConversionError("temporal op without time in its output", node=node)
                     self.reduction(node, x, streams, folded, kernel_read=True)   # a global pool
                     return
                 kind = "sliding"
                 w = _time_len(x, "clip")
-                if spec.family != "conv" and spec.k == w and spec.pad_l == 0 and spec.pad_r == 0:
+                if spec.family not in ("conv", "conv_transpose") and spec.k == w and spec.pad_l == 0 and spec.pad_r == 0:
                     kind = "reduction"
                     window = self.window_for(node, w)
                     if window != w:

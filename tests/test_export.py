@@ -384,3 +384,12 @@ class PaddedThenPooled(nn.Module):
 def test_a_pad_of_the_channels_before_a_pool_over_time_exports(tmp_path):
     co = cofx.convert(_seeded(PaddedThenPooled()), torch.randn(1, 4, 8))
     export_and_compare(co, tmp_path, torch.randn(2, 4, 14), restart=(5, 1))
+
+
+def test_a_transposed_convolution_at_temporal_stride_1_exports(tmp_path):
+    """A speech enhancer's decoder (CRN): a transposed convolution of temporal kernel 2, stride 2 in frequency."""
+    model = _seeded(torch.nn.Sequential(torch.nn.Conv2d(2, 4, (2, 3), stride=(1, 2)), torch.nn.ELU(),
+                                        torch.nn.ConvTranspose2d(4, 2, (2, 3), stride=(1, 2))))
+    co = cofx.convert(model, torch.randn(1, 2, 10, 9))
+    assert co.is_exact and co.delay == 1
+    export_and_compare(co, tmp_path, torch.randn(2, 2, 12, 9))

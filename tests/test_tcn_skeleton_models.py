@@ -496,11 +496,23 @@ def test_chunk_along_time_is_refused_not_crashed(op):
     exact_or_refused(Lam(fn), x1d(16))
 
 
+@pytest.mark.parametrize("name,conv", [
+    ("k3 padding 1", lambda: nn.ConvTranspose1d(C, C, 3, padding=1)),
+    ("k3 no padding, dilation 2, groups 2", lambda: nn.ConvTranspose1d(C, C, 3, dilation=2, groups=2)),
+    ("k2 padding 1: crops", lambda: nn.ConvTranspose1d(C, C, 2, padding=1)),
+    ("bias off", lambda: nn.ConvTranspose1d(C, 2 * C, 4, padding=2, bias=False)),
+])
+def test_transposed_convolutions_at_temporal_stride_1_are_the_convolutions_they_are(name, conv):
+    torch.manual_seed(0)
+    assert_exact(nn.Sequential(nn.Conv1d(C, C, 3, padding=1), nn.ReLU(), conv()), x1d(12))
+
+
 def test_transposed_convs_and_upsampling_decoders_are_refused():
     torch.manual_seed(0)
-    for model in (nn.Sequential(nn.Conv1d(C, C, 3, padding=1), nn.ConvTranspose1d(C, C, 3, padding=1)),
-                  nn.Sequential(nn.Conv1d(C, C, 3, padding=1), nn.ConvTranspose1d(C, C, 2, stride=2))):
-        assert_refused(model, x1d(12), "a transposed convolution with a temporal kernel")
+    for model in (nn.Sequential(nn.Conv1d(C, C, 3, padding=1), nn.ConvTranspose1d(C, C, 2, stride=2)),
+                  nn.Sequential(nn.Conv1d(C, C, 3, padding=1), nn.ConvTranspose1d(C, C, 3, stride=2,
+                                                                                   output_padding=1))):
+        assert_refused(model, x1d(12), "a transposed convolution that upsamples time")
     assert_refused(nn.Sequential(nn.Conv1d(C, C, 3, padding=1), nn.MaxPool1d(2), nn.Upsample(scale_factor=2),
                                  nn.Conv1d(C, C, 3, padding=1)), x1d(12), "changes the number of frames (its input", "has 6, its output 12)")
 

@@ -763,7 +763,7 @@ class Upsample(nn.Module):
         return self.cls(y).mean([3, 4])
 
 
-@pytest.mark.parametrize("kind,words", [("convT", "a transposed convolution with a temporal kernel is not supported"),
+@pytest.mark.parametrize("kind,words", [("convT", "a transposed convolution that upsamples time"),
                                         ("nearest", "has 4, its output 8)"),
                                         ("trilinear", "has 4, its output 8)"),
                                         ("repeat_interleave", "has 4, its output 8)")])
