@@ -75,6 +75,7 @@ def convert(model: nn.Module, example_input: Optional[torch.Tensor] = None, *, s
         _check_single_input(gm)
         _check_no_namedtuples(gm)
         passes.diff_as_slices(gm)
+        passes.im2col_as_unfold(gm)
         passes.unfold_as_slices(gm)
         passes.values_only(gm)
         passes.lp_pool_as_avg(gm)

@@ -342,6 +342,40 @@ def test_negative_padding_is_the_crop_it_makes(form):
     assert co.delay == 0
 
 
+class UnfoldTDNN(nn.Module):
+    """A TDNN layer as x-vector code writes it: context frames gathered by im2col over (B, 1, T, C)."""
+    def __init__(self, context, dilation, form):
+        super().__init__()
+        self.context, self.dilation, self.form = context, dilation, form
+        self.unfold = nn.Unfold((context, C), dilation=(dilation, 1), stride=(1, C))
+        self.kernel = nn.Linear(context * C, 6)
+
+    def forward(self, x):
+        x = x.unsqueeze(1)
+        if self.form == "F.unfold":
+            x = F.unfold(x, (self.context, C), stride=(1, C), dilation=(self.dilation, 1))
+        else:
+            x = self.unfold(x)
+        return torch.relu(self.kernel(x.transpose(1, 2)))
+
+
+@pytest.mark.parametrize("context,dilation,form", [(3, 1, "F.unfold"), (3, 2, "F.unfold"), (5, 1, "nn.Unfold")])
+def test_tdnn_context_gathered_by_im2col_is_a_sliding_window(context, dilation, form):
+    torch.manual_seed(0)
+    co = assert_exact(UnfoldTDNN(context, dilation, form), torch.randn(1, 14, C, dtype=D), time_dim=1)
+    assert co.delay == dilation * (context - 1)
+
+
+class Patches(nn.Module):
+    def forward(self, x):   # (B, T, C): 2x2 patches sliding along time and across the features
+        return F.unfold(x.unsqueeze(1), (2, 2), stride=(1, 2)).transpose(1, 2)
+
+
+def test_im2col_patches_that_also_slide_across_features_are_refused():
+    assert_refused(Patches(), torch.randn(1, 12, C, dtype=D), "time flattened together with other dimensions",
+                   time_dim=1)
+
+
 @pytest.mark.parametrize("mode", ["zeros", "replicate"])
 def test_conv_padding_modes_and_same_padding(mode):
     torch.manual_seed(0)
