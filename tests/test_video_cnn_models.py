@@ -788,15 +788,6 @@ class SpatialDecoder(nn.Module):
         return self.up(y) + x.mean(1, keepdim=True)
 
 
-@pytest.mark.parametrize("functional", [False, True])
-def test_transposed_convolutions_of_temporal_kernel_1_act_frame_by_frame(functional):
-    model, x = seeded(SpatialDecoder, functional), video(8, 8)
-    co = cofx.convert(model, x)
-    assert co.is_exact and co.delay == 1
-    assert_clip_exact(co, model, x)
-    assert_clip_exact(co, model, two_streams(video(11, 8)))
-
-
 class SpatialResize(nn.Module):
     """Feature-pyramid skips and heads that resize space to a size read off a tensor, time included and kept."""
 
@@ -814,11 +805,17 @@ class SpatialResize(nn.Module):
         return skip + F.interpolate(b, size=(b.shape[2], x.shape[3], x.shape[4]), mode=self.mode, **corners)
 
 
-@pytest.mark.parametrize("mode", ["nearest", "trilinear", "area", "nearest-exact"])
-def test_resizing_space_to_a_size_that_keeps_the_frames_is_exact(mode):
-    model, x = seeded(SpatialResize, mode), video(8, 8)
+@pytest.mark.parametrize("model,delay", [
+    (lambda: seeded(SpatialDecoder, False), 1), (lambda: seeded(SpatialDecoder, True), 1),
+    *[(lambda mode=mode: seeded(SpatialResize, mode), 2) for mode in ("nearest", "trilinear", "area", "nearest-exact")],
+], ids=["ConvTranspose3d (1, 2, 2)", "conv_transpose3d (1, 3, 3)", "resize nearest", "resize trilinear",
+        "resize area", "resize nearest-exact"])
+def test_spatial_upsampling_decoders_act_frame_by_frame(model, delay):
+    """Transposed convolutions of temporal kernel 1, and resizes to a size read off a tensor that keeps the frames
+    (an FPN's skips): each frame upsampled alone."""
+    model, x = model(), video(8, 8)
     co = cofx.convert(model, x)
-    assert co.is_exact and co.delay == 2
+    assert co.is_exact and co.delay == delay
     assert_clip_exact(co, model, x)
     assert_clip_exact(co, model, two_streams(video(11, 8)))
 
