@@ -599,6 +599,11 @@ class _Classifier:
         frame on (exact where the window's attention is causal: `check_causal`). Every output computed over a
         window must then keep its frames, the window's frames along one axis."""
         for leaf in leaves:
+            if len(time_axes(leaf.meta["cofx_layout"])) > 1:   # frames against frames: attention weights
+                raise ConversionError("returns a map over pairs of the window's frames (attention weights): no "
+                                      "step can give it frame by frame", node=leaf,
+                                      fix="return the attention's output only, read at one frame or pooled")
+        for leaf in leaves:
             axes = time_axes(leaf.meta["cofx_layout"])
             frames = leaf.meta["cofx_window_frames"]
             if len(axes) == 1 and clip_value(leaf).shape[axes[0]] == frames:

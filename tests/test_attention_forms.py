@@ -703,3 +703,21 @@ class ScoreHead(nn.Module):
 def test_attentive_pooling_with_a_softmax_module_is_a_window_over_the_clip():
     co = assert_exact(ScoreHead())
     assert any(r.kind == "attention" for r in co.report), str(co.report)
+
+
+class ReturnsAttentionMap(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.qkv, self.head = nn.Linear(C, 12), nn.Linear(4, 3)
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).chunk(3, -1)
+        weights = (q @ k.transpose(-2, -1) / 2).softmax(-1)
+        return self.head((weights @ v)[:, -1]), weights
+
+
+def test_an_attention_map_returned_is_refused_as_attention_weights():
+    with pytest.raises(cofx.ConversionError) as err:
+        cofx.convert(ReturnsAttentionMap().to(D).eval(), frames(1, N), time_dim=1)
+    msg = str(err.value)
+    assert "node 'softmax'" in msg and "a map over pairs of the window's frames (attention weights)" in msg, msg
