@@ -54,19 +54,18 @@ def _triple(v) -> list:
 MIN_MACS = 2_000_000   # below this oneDNN's fixed cost per call outweighs vol2col (measured on an AMD EPYC with AVX-512, 2 threads)
 
 
-def _native_is_slow(x: torch.Tensor, weight: torch.Tensor, groups: int) -> bool:
-    """Whether PyTorch would run this call natively and oneDNN is worth its fixed cost."""
+def _native_is_slow(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether PyTorch would run this one-group call natively and oneDNN is worth its fixed cost."""
     kh, kw = weight.shape[-2:]
-    if groups != 1 or kh * kw == 1 or (kh > 3 and kw > 3) or x.shape[0] > 1 or math.prod(x.shape[:4]) > 20480:
+    if kh * kw == 1 or (kh > 3 and kw > 3) or x.dim() != 5 or x.shape[0] > 1 or math.prod(x.shape[:4]) > 20480:
         return False   # PyTorch's own choice is oneDNN already, or native is a plain matrix product
     return weight.numel() * math.prod(x.shape[2:]) >= MIN_MACS
 
 
-def _routed(x: torch.Tensor, weight: torch.Tensor, bias) -> bool:
-    if _standard.get() or torch.jit.is_tracing():
-        return False
+def _eager_float32(x: torch.Tensor, weight: torch.Tensor, bias) -> bool:
+    """A plain eager float32 CPU call that nothing records, traces or differentiates."""
     tensors = (x, weight) if bias is None else (x, weight, bias)
-    return (x.device.type == "cpu" and x.dim() == 5 and all(t.dtype == torch.float32 for t in tensors)
+    return (x.device.type == "cpu" and all(t.dtype == torch.float32 for t in tensors)
             and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
             and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
             and not torch.compiler.is_compiling() and not is_in_torch_dispatch_mode()
@@ -75,7 +74,10 @@ def _routed(x: torch.Tensor, weight: torch.Tensor, bias) -> bool:
 
 def conv3d(x: torch.Tensor, weight: torch.Tensor, bias, stride, padding, dilation, groups: int) -> torch.Tensor:
     """`F.conv3d` (numeric `padding` only), by oneDNN for eager float32 CPU calls."""
-    if not (_routed(x, weight, bias) and _native_is_slow(x, weight, groups)):
+    # cheapest first: most calls of a step (depthwise, pointwise) leave at the first or second test; no size is
+    # read under `standard_ops` or a tracer (an ONNX export matches the sizes its trace reads)
+    if groups != 1 or _standard.get() or torch.jit.is_tracing() or not _native_is_slow(x, weight) or \
+            not _eager_float32(x, weight, bias):
         return F.conv3d(x, weight, bias, stride, padding, dilation, groups)
     return torch.ops.aten.mkldnn_convolution(x, weight, bias, _triple(padding), _triple(stride), _triple(dilation),
                                              groups)
