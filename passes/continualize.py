@@ -56,6 +56,7 @@ from cofx.encoder_rows import (ENCODERS, EncoderRows, ProjectedAttention, Projec
 from cofx.growing_window import ClipStart, NewestFrames
 from cofx.errors import ConversionError
 from cofx.sliding_ops import PadSpec, SlidingSpec
+from cofx.stock_modules import stock
 
 from .layout import Labels, has_time, rows_per_stream
 from .node_kind import RESHAPES, node_inputs
@@ -685,21 +686,14 @@ class _Builder:
         self.out_time_axes = tree_unflatten(time_axes_out, spec)
 
 
-def _torch_module(gm: fx.GraphModule, target: str) -> bool:
-    """Whether a module is one of torch.nn's (no side effects: a call nothing reads can go)."""
-    try:
-        return type(gm.get_submodule(target)).__module__.startswith("torch.nn.modules.")
-    except AttributeError:
-        return False
-
-
 def build_step_graph(gm: fx.GraphModule, ctx: K.StreamContext):
     """(step graph, kernels by name, time axis of each output leaf, kernel names by original node)."""
     b = _Builder(gm, ctx)
     graph, kernels = b.run()
     for node in reversed(graph.nodes):   # time-free values only a window used: not computed for each chunk too
         if node in b.constants and not node.users and \
-                (_torch_module(gm, node.target) if node.op == "call_module" else not node.is_impure()):
+                (stock(gm.get_submodule(node.target), nn.Module) if node.op == "call_module" else
+                 not node.is_impure()):   # a torch layer as torch defines it has no side effects
             graph.erase_node(node)
     for node, new in b.env.items():
         if isinstance(new, fx.Node) and "cofx_folded_into" not in node.meta:
