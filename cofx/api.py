@@ -11,6 +11,7 @@ from torch import nn
 from cofx import passes
 from .clip_length import implied_input
 from .dtype_device import dtype_device
+from .attributes_kept import attributes_kept
 from .errors import ConversionError
 from .kernels import StreamContext
 from .module import ContinualModule
@@ -63,69 +64,76 @@ def convert(model: nn.Module, example_input: Optional[torch.Tensor] = None, *, s
     say = (lambda msg: print(f"cofx: {msg}", file=sys.stderr, flush=True)) if verbose else (lambda msg: None)
     modes = {m: m.training for m in model.modules()}
     kept = _kept_tensors(model)
-    model.eval()
-    try:
-        say("tracing")
-        gm = trace(model, leaf_modules)
-        training_differs = _training_graph_differs(model, leaf_modules, gm)
-        if example_input is None:
-            example_input = implied_input(gm, time_dim)
-            say(f"input implied by the model: {tuple(example_input.shape)}")
-        clip = _check_example(example_input, time_dim, model)
-        _check_single_input(gm)
-        _check_no_namedtuples(gm)
-        passes.diff_as_slices(gm)
-        passes.im2col_as_unfold(gm)
-        passes.unfold_as_slices(gm)
-        passes.values_only(gm)
-        passes.lp_pool_as_avg(gm)
-        passes.negative_pads_as_crops(gm)
-        say("recording shapes on the clip, a longer clip and two streams")
-        errors = passes.record_runs(gm, _runs(clip, time_dim))
-        rewritten = passes.name_view_batches(gm)
-        rewritten += passes.zeros_as_pad(gm)
-        rewritten += passes.reduce_before_view(gm)
-        rewritten += passes.matmul_before_view(gm)
-        rewritten += passes.frames_resized_alone(gm)
-        if rewritten:
-            errors = passes.record_runs(gm, _runs(clip, time_dim))
-        if errors["longer"] and clip.shape[time_dim] > 1:   # time told apart by a shorter clip there
-            passes.record_runs(gm, {"shorter": clip.narrow(time_dim, 0, clip.shape[time_dim] // 2)})
-        passes.label_layouts(gm)
-        passes.mark_length_values(gm)
-        say("classifying nodes")
-        passes.classify_nodes(gm, time_dim, window, errors["longer"])
-        passes.fold_crops(gm)
-        say("checking frame-by-frame ops on the clip")
-        passes.check_framewise(gm, clip)
-        passes.check_causal(gm, clip)
-        passes.annotate_timing(gm, replicate=init == "replicate")
-        _check_strict(gm, strict, init)
-        if tune:
-            say("timing step implementations of each Conv3d")
-            passes.select_kernels(gm)
-        passes.mark_batchnorm_folds(gm)
-        ctx = StreamContext(init)
-        say("building the continual graph")
-        graph, kernels, out_axes, node_kernels = passes.build_step_graph(gm, ctx)
-        passes.read_rows(graph, kernels, gm)
-        newest = passes.newest_rows(graph, kernels, gm)
-        info = _summary(gm, clip, time_dim, out_axes, node_kernels, init)
-        info["options"] = dict(strict=strict, leaf_modules=tuple(leaf_modules), time_dim=time_dim,
-                               window=dict(window or {}), init=init, tune=tune)
-        info.update(model=model, training_differs=training_differs)
-        co = ContinualModule(gm, graph, kernels, ctx, info, newest_graph=newest)
-        _check_unchanged(model, kept)
-        if validate:
-            say("validating the continual model against the clip model on fresh inputs")
-            validate_steps(co, model, clip)
-            _check_unchanged(model, kept)
-    finally:
-        _restore(model, modes, kept)
+    with attributes_kept(model):   # modes, counters, plain tensors: the model comes back as it was
+        model.eval()
+        try:
+            co = _convert(model, example_input, strict, leaf_modules, time_dim, window, init, tune, validate,
+                          say, kept)
+        finally:
+            _restore(model, kept)
     co.train(modes[model])
     _set_modes(modes)   # co.train set the mode of the model's own submodules, which co holds
     say(f"done: receptive field {co.receptive_field}, delay {co.delay}, stride {co.stride}, "
         f"{'exact' if co.is_exact else 'not exact'}")
+    return co
+
+
+def _convert(model, example_input, strict, leaf_modules, time_dim, window, init, tune, validate, say, kept):
+    say("tracing")
+    gm = trace(model, leaf_modules)
+    training_differs = _training_graph_differs(model, leaf_modules, gm)
+    if example_input is None:
+        example_input = implied_input(gm, time_dim)
+        say(f"input implied by the model: {tuple(example_input.shape)}")
+    clip = _check_example(example_input, time_dim, model)
+    _check_single_input(gm)
+    _check_no_namedtuples(gm)
+    passes.diff_as_slices(gm)
+    passes.im2col_as_unfold(gm)
+    passes.unfold_as_slices(gm)
+    passes.values_only(gm)
+    passes.lp_pool_as_avg(gm)
+    passes.negative_pads_as_crops(gm)
+    say("recording shapes on the clip, a longer clip and two streams")
+    errors = passes.record_runs(gm, _runs(clip, time_dim))
+    rewritten = passes.name_view_batches(gm)
+    rewritten += passes.zeros_as_pad(gm)
+    rewritten += passes.reduce_before_view(gm)
+    rewritten += passes.matmul_before_view(gm)
+    rewritten += passes.frames_resized_alone(gm)
+    if rewritten:
+        errors = passes.record_runs(gm, _runs(clip, time_dim))
+    if errors["longer"] and clip.shape[time_dim] > 1:   # time told apart by a shorter clip there
+        passes.record_runs(gm, {"shorter": clip.narrow(time_dim, 0, clip.shape[time_dim] // 2)})
+    passes.label_layouts(gm)
+    passes.mark_length_values(gm)
+    say("classifying nodes")
+    passes.classify_nodes(gm, time_dim, window, errors["longer"])
+    passes.fold_crops(gm)
+    say("checking frame-by-frame ops on the clip")
+    passes.check_framewise(gm, clip)
+    passes.check_causal(gm, clip)
+    passes.annotate_timing(gm, replicate=init == "replicate")
+    _check_strict(gm, strict, init)
+    if tune:
+        say("timing step implementations of each Conv3d")
+        passes.select_kernels(gm)
+    passes.mark_batchnorm_folds(gm)
+    ctx = StreamContext(init)
+    say("building the continual graph")
+    graph, kernels, out_axes, node_kernels = passes.build_step_graph(gm, ctx)
+    passes.read_rows(graph, kernels, gm)
+    newest = passes.newest_rows(graph, kernels, gm)
+    info = _summary(gm, clip, time_dim, out_axes, node_kernels, init)
+    info["options"] = dict(strict=strict, leaf_modules=tuple(leaf_modules), time_dim=time_dim,
+                           window=dict(window or {}), init=init, tune=tune)
+    info.update(model=model, training_differs=training_differs)
+    co = ContinualModule(gm, graph, kernels, ctx, info, newest_graph=newest)
+    _check_unchanged(model, kept)
+    if validate:
+        say("validating the continual model against the clip model on fresh inputs")
+        validate_steps(co, model, clip)
+        _check_unchanged(model, kept)
     return co
 
 
@@ -148,29 +156,19 @@ def _training_graph_differs(model: nn.Module, leaf_modules, gm) -> bool:
 
 def _kept_tensors(model: nn.Module) -> dict:
     """A copy of every parameter and buffer, to give the model back as it came and to see what its forward
-    changes; and each module's plain number and flag attributes (a Python call counter), put back too."""
+    changes."""
     named = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
-    kept = {k: (v, v.detach().clone()) for k, v in named if v is not None}
-    kept[_ATTRIBUTES] = [(m, {k: v for k, v in vars(m).items() if type(v) in (int, float, bool)})
-                         for m in model.modules()]
-    return kept
-
-
-_ATTRIBUTES = object()   # the key of `_kept_tensors`'s plain attributes
+    return {k: (v, v.detach().clone()) for k, v in named if v is not None}
 
 
 def _check_unchanged(model: nn.Module, kept: dict) -> None:
     now = {**dict(model.named_parameters(remove_duplicate=False)), **dict(model.named_buffers(remove_duplicate=False))}
-    for name, (tensor, copy) in _tensors(kept):
+    for name, (tensor, copy) in kept.items():
         if now.get(name) is not tensor or not _same(tensor.detach(), copy):
             raise ConversionError(f"the model's forward changes its {'parameter' if isinstance(tensor, nn.Parameter) else 'buffer'} "
                                   f"'{name}': a continual model cannot repeat that update once per clip",
                                   fix="keep running counters and statistics outside forward (or update them only "
                                   "in training mode)")
-
-
-def _tensors(kept: dict):
-    return ((name, pair) for name, pair in kept.items() if name is not _ATTRIBUTES)
 
 
 def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -184,12 +182,9 @@ def _set_modes(modes: dict) -> None:
         m.train(training)
 
 
-def _restore(model: nn.Module, modes: dict, kept: dict) -> None:
-    _set_modes(modes)
-    for module, attributes in kept[_ATTRIBUTES]:
-        vars(module).update(attributes)
+def _restore(model: nn.Module, kept: dict) -> None:
     with torch.no_grad():
-        for name, (tensor, copy) in _tensors(kept):
+        for name, (tensor, copy) in kept.items():
             owner, _, leaf = name.rpartition(".")
             module = model.get_submodule(owner)
             slots = module._parameters if leaf in module._parameters else module._buffers

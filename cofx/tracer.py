@@ -27,6 +27,7 @@ from torch import nn
 from torch.fx.graph import _PyTreeCodeGen
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from .attributes_kept import attributes_kept
 from .containers import containers_copied
 from .errors import ConversionError, first_line, raised_at
 
@@ -119,7 +120,8 @@ def trace(model: nn.Module, leaf_modules: Iterable[LeafSpec] = ()) -> fx.GraphMo
     tracer = CofxTracer(leaf_modules)
     defaults = _defaults_after_first(model) or {}
     try:
-        with torch.enable_grad():   # (so that a block that turns gradients off shows, whatever the caller's mode)
+        # (gradients on, so that a block that turns them off shows, whatever the caller's mode)
+        with torch.enable_grad(), attributes_kept(model):
             graph = tracer.trace(model, concrete_args=defaults or None)
     except Exception as e:
         held = [k for k, v in defaults.items() if any(isinstance(a, nn.Module) for a in tree_flatten(v)[0])]

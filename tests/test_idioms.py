@@ -224,6 +224,34 @@ def test_convert_leaves_the_model_as_it_found_it():
     assert co.training and not co[1].training if hasattr(co, "__getitem__") else co.training
 
 
+class MovesItsTable(nn.Module):
+    """MS-G3D's and 2s-AGCN's graph convolutions keep their adjacency as a plain attribute and move it to the
+    input's device in forward (``self.A = self.A.to(x.device)``): tracing assigns a proxy there."""
+    def __init__(self, then=lambda h: h):
+        super().__init__()
+        self.A, self.then = torch.rand(C, C, dtype=D), then
+        self.c = nn.Conv1d(C, C, 3, padding=1).to(D)
+
+    def forward(self, x):
+        self.A = self.A.to(x.device)
+        return self.then(self.c(torch.einsum("dc,nct->ndt", self.A, x)))
+
+
+@pytest.mark.parametrize("then", [lambda h: h, lambda h: h.cumsum(2)], ids=["exact", "refused"])
+def test_an_attribute_written_in_forward_is_given_back_as_it_was(then):
+    model = MovesItsTable(then).eval()
+    table, x = model.A, clip()
+    want = model(x)
+    try:
+        co = cofx.convert(model, x)
+    except cofx.ConversionError:
+        co = None
+    assert model.A is table and torch.equal(model(x), want)   # the user's model runs as before, converted or not
+    if co is not None:
+        report = verify(co, model)
+        assert report.ok, str(report)
+
+
 class DataLeaf(nn.Module):
     """Acts on the whole clip's statistics: frame by frame only for some inputs."""
     def forward(self, x):
