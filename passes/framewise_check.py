@@ -20,6 +20,8 @@ Example::
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.fx as fx
 from torch.utils._pytree import tree_flatten
@@ -40,20 +42,36 @@ def _container(node_args) -> type:
     return list if isinstance(node_args, list) else type(node_args)
 
 
-def _perturb_args(node_args, values, frame: int, gen: torch.Generator, chosen=_is_stream):
-    """The values of `node_args` with frame `frame` of every `chosen` stream input replaced by noise."""
+def _perturb_args(node_args, values, frame: int, gen: torch.Generator, chosen=_is_stream, sign: int = 1,
+                  in_range: bool = False):
+    """The values of `node_args` with frame `frame` of every `chosen` stream input replaced by noise (of sign
+    `sign` where the frame has one element): large floats, integers past the values' range (or drawn from them,
+    `in_range`), negated flags (a mask or a count along time mixes frames as a float does)."""
     if isinstance(node_args, fx.Node):
-        if chosen(node_args) and isinstance(values, torch.Tensor) and values.is_floating_point():
+        if chosen(node_args) and isinstance(values, torch.Tensor) and values.numel():
             t = time_axes(node_args.meta["cofx_layout"])[0]
             out = values.clone()
-            noise = torch.randn(out.narrow(t, frame, 1).shape, generator=gen, dtype=out.dtype)
-            out.narrow(t, frame, 1).copy_(noise * (values.abs().max() + 1))
+            old = out.narrow(t, frame, 1)
+            if values.dtype == torch.bool:
+                old.logical_not_()
+                return out
+            noise = torch.randn(old.shape, generator=gen).abs_() * torch.where(
+                torch.rand(old.shape, generator=gen) < 0.5, -sign, sign) if old.numel() > 1 else \
+                torch.full(old.shape, float(sign))
+            bound = float(values.abs().max()) + 1
+            if values.is_floating_point() or values.is_complex():
+                old.copy_(noise.to(values.dtype) * bound)
+            elif in_range:   # the tensor's own values, for an op that takes no other (indices, codes)
+                flat = values.flatten()
+                old.copy_(flat[torch.randint(0, flat.numel(), old.shape, generator=gen)])
+            else:
+                old.copy_((noise.sign() * (noise.abs() + 1) * bound).round().to(values.dtype))
             return out
         return values
     if isinstance(node_args, (list, tuple)):
-        return _container(node_args)(_perturb_args(a, v, frame, gen, chosen) for a, v in zip(node_args, values))
+        return _container(node_args)(_perturb_args(a, v, frame, gen, chosen, sign, in_range) for a, v in zip(node_args, values))
     if isinstance(node_args, dict):
-        return {k: _perturb_args(node_args[k], values[k], frame, gen, chosen) for k in node_args}
+        return {k: _perturb_args(node_args[k], values[k], frame, gen, chosen, sign, in_range) for k in node_args}
     return values
 
 
@@ -62,14 +80,19 @@ def _other_frames_equal(node, out, out_p, frame: int) -> bool:
     leaves_p, _ = tree_flatten(out_p)
     labels, _ = tree_flatten(node.meta["cofx_layout"])
     for a, b, lab in zip(leaves, leaves_p, labels):
-        if not isinstance(a, torch.Tensor) or not a.is_floating_point():
+        if not isinstance(a, torch.Tensor) or not a.numel():
             continue
-        if not a.numel():
-            continue
-        diff = (a - b).abs()
+        if a.shape != getattr(b, "shape", None):
+            return False
+        exact = not (a.is_floating_point() or a.is_complex())   # integers and flags: equal or not
+        diff = (a != b) if exact else (a - b).abs()
         axes = time_axes(lab)
         if axes:   # the perturbed frame itself may change
             diff.narrow(axes[0], frame, 1).zero_()
+        if exact:
+            if diff.any():
+                return False
+            continue
         if diff.isnan().any():   # NaN on both sides counts as equal
             diff = torch.where(a.isnan() & b.isnan(), 0.0, diff.nan_to_num(nan=float("inf")))
         scale = float(a.abs().max())
@@ -151,10 +174,22 @@ def check_framewise(gm: fx.GraphModule, clip: torch.Tensor) -> None:
         if length < 2:
             return
         frame = length // 2
-        p_args = _perturb_args(node.args, args, frame, gen)
-        p_kwargs = _perturb_args(node.kwargs, kwargs, frame, gen)
-        out_p = getattr(interp, node.op)(node.target, p_args, p_kwargs)
-        if not _other_frames_equal(node, result, out_p, frame):
+
+        def others_kept(sign):
+            def run(in_range):
+                return getattr(interp, node.op)(
+                    node.target, _perturb_args(node.args, args, frame, gen, sign=sign, in_range=in_range),
+                    _perturb_args(node.kwargs, kwargs, frame, gen, sign=sign, in_range=in_range))
+            try:
+                out_p = run(False)
+            except Exception:   # integers past their range (indices): the op's own values then
+                if all(a.meta["cofx_runs"]["clip"].dtype.is_floating_point for a in streams):
+                    raise
+                out_p = run(True)
+            return _other_frames_equal(node, result, out_p, frame)
+
+        # a running maximum shows a frame raised, a running minimum one lowered: both, where a frame is one value
+        if not (others_kept(1) and (not _single_valued_frames(streams) or others_kept(-1))):
             hint = attention_hint(node, gm)
             why = "does not act frame by frame: changing one input frame changed other output frames." + hint
             fix = ATTENTION_FIX if hint else \
@@ -174,6 +209,12 @@ def check_framewise(gm: fx.GraphModule, clip: torch.Tensor) -> None:
         interp.run(clip)
     if failures:
         raise failures[0]
+
+
+def _single_valued_frames(streams) -> bool:
+    """Whether a stream input's frames hold one value each (a mask of one stream, one channel)."""
+    shapes = [(n.meta["cofx_runs"]["clip"].shape, time_axes(n.meta["cofx_layout"])[0]) for n in streams]
+    return any(math.prod(shape) == shape[t] for shape, t in shapes)
 
 
 _CUMULATIVE = {"cumsum", "cumprod", "cummax", "cummin", "logcumsumexp"}
