@@ -45,6 +45,10 @@ def _edge_of(part: fx.Node, dim: int, ndim: int):
     if part.op != "call_function" or part.target is not operator.getitem or not isinstance(part.args[0], fx.Node):
         return None
     index = part.args[1] if isinstance(part.args[1], tuple) else (part.args[1],)
+    while index and index[-1] == slice(None):   # x[:, :1, :] is x[:, :1]
+        index = index[:-1]
+    if len(index) == 2 and index[0] is Ellipsis and dim == ndim - 1:   # x[..., :1] with time last
+        index = (slice(None),) * dim + index[1:]
     if len(index) != dim + 1 or any(e != slice(None) for e in index[:dim]):
         return None
     entry = index[dim]

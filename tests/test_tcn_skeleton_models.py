@@ -302,6 +302,8 @@ class SeriesDecomposition(nn.Module):
     def forward(self, x):
         if self.form == "repeat":
             padded = torch.cat([x[:, 0:1].repeat(1, 2, 1), x, x[:, -1:].repeat(1, 2, 1)], 1)
+        elif self.form == "repeat, every dim indexed":   # Autoformer's moving_avg, verbatim
+            padded = torch.cat([x[:, 0:1, :].repeat(1, 2, 1), x, x[:, -1:, :].repeat(1, 2, 1)], dim=1)
         elif self.form == "expand":
             padded = torch.cat([x[:, :1].expand(-1, 2, -1), x, x[:, -1:].expand(-1, 2, -1)], 1)
         else:   # the last frame before the clip: not an edge padding
@@ -310,7 +312,7 @@ class SeriesDecomposition(nn.Module):
         return self.trend(trend) + self.season(x - trend)
 
 
-@pytest.mark.parametrize("form", ["repeat", "expand"])
+@pytest.mark.parametrize("form", ["repeat", "repeat, every dim indexed", "expand"])
 def test_edge_frames_concatenated_are_replicate_padding(form):
     torch.manual_seed(0)
     co = assert_exact(SeriesDecomposition(form), torch.randn(1, 12, C, dtype=D), time_dim=1)
