@@ -6,8 +6,8 @@ depends on the data, a branch fixed at tracing) would otherwise step wrong
 while the report says exact. So after building, `convert` runs the continual
 model and the user's model on fresh random inputs (a clip from a clean state,
 its frames at scales from 1e-2 to 1e2, a longer clip where the model accepts
-one) and steps each as one chunk and in random chunks (of 0 to 8 frames,
-single frames included). Exact models must equal the clip model; every model
+one; non-negative where the example is, as a spectrogram) and steps each as
+one chunk and in random chunks (of 0 to 8 frames, single frames included). Exact models must equal the clip model; every model
 must be chunk invariant. On a
 disagreement or a crash the step graph is run again node by node beside the
 clip graph, and the error names the first node whose frames differ.
@@ -48,9 +48,18 @@ def validate(co, model, clip: torch.Tensor, *, seed: int = 0) -> None:
     rng = random.Random(seed)
     shape = list(clip.shape)
 
+    low, high = (float(clip.min()), float(clip.max())) if clip.numel() else (-1.0, 1.0)
+
     def fresh(rows: int, frames: int) -> torch.Tensor:
+        """Normal noise, or where the example is non-negative (a spectrogram, a power, a probability) noise
+        of its sign, in [0, 1) where it is: a model taking the log of its frames gets frames it can take."""
         shape[0], shape[t] = rows, frames
-        return torch.randn(shape, generator=gen, dtype=torch.float64).to(clip.dtype)
+        if low >= 0 and high <= 1:
+            x = torch.rand(shape, generator=gen, dtype=torch.float64)
+        else:
+            x = torch.randn(shape, generator=gen, dtype=torch.float64)
+            x = x.abs() if low >= 0 else x
+        return x.to(clip.dtype)
 
     # two streams, the second with its frames scaled by 1e-2 to 1e2: rows must stay apart, and an op that
     # normalises across frames shows; each row is compared at its own scale

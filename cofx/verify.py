@@ -67,7 +67,9 @@ class VerifyReport:
 def tolerance(ref: torch.Tensor) -> float:
     """The largest error allowed against `ref`, of its largest magnitude: 1e-9 (float64), 1e-4 (float32), eight
     rounding steps in half precision (float16, bfloat16: a step alone is 1e-3 and 8e-3)."""
-    scale = float(ref.detach().abs().max()) if ref.numel() else 1.0
+    magnitude = ref.detach().abs()
+    magnitude = magnitude.masked_fill(magnitude.isnan(), 0.0) if magnitude.is_floating_point() else magnitude
+    scale = float(magnitude.max()) if ref.numel() else 1.0
     relative = {torch.float64: 1e-9, torch.float32: 1e-4}.get(ref.dtype)
     if relative is None:
         relative = 8 * torch.finfo(ref.dtype).eps if ref.is_floating_point() else 1e-4
@@ -145,9 +147,15 @@ def max_error(a, b) -> float:
 
 
 def _tensor_error(x: torch.Tensor, y: torch.Tensor) -> float:
-    """The largest difference; masks and indices (not floating point) differ wholly or not at all."""
+    """The largest difference; NaN where both are NaN counts as equal (a log of the frames where they are
+    negative), as do equal infinities, and NaN on one side is infinitely far; masks and indices (not floating point) differ wholly or not
+    at all."""
     if x.is_floating_point() or x.is_complex():
-        return float((x - y).detach().abs().max())
+        diff = (x - y).detach().abs()
+        if diff.isnan().any():
+            same = (x == y) | (x.isnan() & y.isnan())   # (infinities of one sign are equal too)
+            diff = torch.where(same, 0.0, diff.masked_fill(diff.isnan(), float("inf")))
+        return float(diff.max())
     return 0.0 if torch.equal(x, y) else float("inf")
 
 
