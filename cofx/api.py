@@ -95,7 +95,7 @@ def _convert(model, example_input, strict, leaf_modules, time_dim, window, init,
     passes.lp_pool_as_avg(gm)
     passes.negative_pads_as_crops(gm)
     say("recording shapes on the clip, a longer clip and two streams")
-    errors = passes.record_runs(gm, _runs(clip, time_dim))
+    errors = _first_runs(gm, model, clip, time_dim)
     rewritten = passes.name_view_batches(gm)
     rewritten += passes.zeros_as_pad(gm)
     rewritten += passes.reduce_before_view(gm)
@@ -269,6 +269,26 @@ def _check_no_namedtuples(gm) -> None:
                                   "output", node=node,
                                   fix=f"pass a tuple or a dict (dict({', '.join(f'{f}=...' for f in fields)})) "
                                   f"instead of {node.target.__name__}(...)")
+
+
+def _first_runs(gm, model: nn.Module, clip: torch.Tensor, time_dim: int) -> dict:
+    """`record_runs` of the traced graph; where it fails on the example the model itself takes, the trace fixed
+    a path the model does not take (a ``try``/``except`` around a call, a branch on a value): said so."""
+    try:
+        return passes.record_runs(gm, _runs(clip, time_dim))
+    except ConversionError as e:
+        if "example clip" not in e.why:
+            raise
+        try:
+            with torch.no_grad():
+                model(clip)
+        except Exception:
+            raise e from None
+        raise ConversionError(f"{e.why}, which the model itself takes: torch.fx fixed at tracing a path through "
+                              "forward that the model does not take", node=e.node,
+                              fix="write forward without Python control flow on what tracing cannot know (a "
+                              "try/except around a call, a branch on a tensor's value), or keep the module that "
+                              "has it whole with leaf_modules=[...] if it acts frame by frame") from None
 
 
 def _runs(clip: torch.Tensor, time_dim: int) -> dict:

@@ -116,12 +116,17 @@ class CofxTracer(fx.Tracer):
 
 
 def trace(model: nn.Module, leaf_modules: Iterable[LeafSpec] = ()) -> fx.GraphModule:
-    """Trace `model` into a GraphModule whose graph calls the model's own submodules."""
+    """Trace `model` into a GraphModule whose graph calls the model's own submodules; the model's attributes
+    come back as they were (forward run on proxies may assign them, fx adds its constants)."""
+    with attributes_kept(model):
+        return _trace(model, leaf_modules)
+
+
+def _trace(model: nn.Module, leaf_modules: Iterable[LeafSpec]) -> fx.GraphModule:
     tracer = CofxTracer(leaf_modules)
     defaults = _defaults_after_first(model) or {}
     try:
-        # (gradients on, so that a block that turns them off shows, whatever the caller's mode)
-        with torch.enable_grad(), attributes_kept(model):
+        with torch.enable_grad():   # (so that a block that turns gradients off shows, whatever the caller's mode)
             graph = tracer.trace(model, concrete_args=defaults or None)
     except Exception as e:
         held = [k for k, v in defaults.items() if any(isinstance(a, nn.Module) for a in tree_flatten(v)[0])]

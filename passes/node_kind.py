@@ -730,8 +730,16 @@ class _Classifier:
                         return
                     hint = attention_hint(node, self.gm)
                     where = " on a longer clip" if run == "longer" else ""
+                    opaque = self.gm.meta.get("cofx_untraceable", {}).get(node.target) \
+                        if node.op == "call_module" else None
+                    if opaque:   # a module kept whole: what it does to time is unseen
+                        hint += f" torch.fx could not trace into this module ({opaque}), so cofx cannot see its " \
+                                "temporal ops."
                     raise ConversionError(f"changes the number of frames (its input '{a.name}' has {n_in}{where}, "
-                                          f"its output {n_out}).{hint}", node=node, fix=_FRAMES_FIX)
+                                          f"its output {n_out}).{hint}", node=node,
+                                          fix="make the module traceable (no Python on tensor sizes or values: "
+                                          "max(), int() and asserts on shapes), so that cofx sees its temporal ops"
+                                          if opaque else _FRAMES_FIX)
         self.check_length_args(node, (node.op, node.target) in _SHAPE_RESTATING)
         n_time = len(streams) + len(folded)
         self.set(node, "stream", "merge" if n_time > 1 else "pointwise", time=t_out,
@@ -926,7 +934,9 @@ class _Classifier:
                     a.meta.get("cofx_kind") in ("reduction", "windowed") and a.meta["cofx_spec"].causal
                     for a in _ancestors(node)):
                 raise _length_use(node, self.gm, "uses the clip length as a value over a causal window (a "
-                                  "reduction that feeds back into the stream covers the frames so far)", _LENGTH_FIX)
+                                  "reduction that feeds back into the stream covers the frames so far)",
+                                  "average with mean (a squeeze-and-excitation gate: h.mean(2, keepdim=True), not "
+                                  "h.sum(2, keepdim=True) / h.shape[2]); " + _LENGTH_FIX)
         unknown = set(self.windows) - self.used_windows
         if unknown:
             raise ConversionError(f"window= names {sorted(unknown)}, which are not global temporal reductions",
