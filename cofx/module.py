@@ -121,6 +121,10 @@ class ContinualModule(fx.GraphModule):
         """A chunk, or one frame without its time axis (`framewise`, whose output is `_frame_output`'s)."""
         position = self._position
         position.compiled = False
+        inference = torch.is_inference_mode_enabled()
+        if position.inference and not inference:   # a stream begun under torch.inference_mode() goes on outside
+            self.set_state(self.get_state())         # it: its state as ordinary tensors
+        position.inference = inference
         if any(map(dict.get, self._moded, repeat("training"))) or \
                 (self.training and self._info.get("training_differs", False)):
             moded = (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd)
@@ -354,6 +358,10 @@ class ContinualModule(fx.GraphModule):
         """
         position = self._position
         position.compiled = False
+        inference = torch.is_inference_mode_enabled()
+        if position.inference and not inference:   # a stream begun under torch.inference_mode() goes on outside
+            self.set_state(self.get_state())         # it: its state as ordinary tensors
+        position.inference = inference
         if streams is not None and restart_streams(self, streams):
             position.frames = None
             return
