@@ -252,6 +252,73 @@ def test_an_attribute_written_in_forward_is_given_back_as_it_was(then):
         assert report.ok, str(report)
 
 
+class Voiced(nn.Module):
+    """A conv gated by an integer mask of the frames that carry signal, passed through `op` (a voice-activity
+    gate: "from the first voiced frame on" is a running maximum along time)."""
+    def __init__(self, op):
+        super().__init__()
+        self.c, self.op = nn.Conv1d(C, C, 3, padding=1), op
+
+    def forward(self, x):
+        voiced = (x.abs().sum(1, keepdim=True) > 0).int()
+        return self.c(x) * self.op(voiced).to(x.dtype)
+
+
+MASK_OPS = {"running max": lambda v: v.cummax(2).values, "running count": lambda v: v.cumsum(2),
+            "sort": lambda v: v.sort(2).values, "flip": lambda v: v.flip(2), "roll": lambda v: v.roll(1, 2)}
+
+
+@pytest.mark.parametrize("op", sorted(MASK_OPS))
+def test_integer_masks_mixed_along_time_are_refused(op):
+    """Random frames never leave a frame silent: the mask is all ones on them, and only the frame-by-frame check
+    (integers and flags perturbed as floats are) can see that the op mixes frames."""
+    with pytest.raises(cofx.ConversionError, match="node '(cummax|cumsum|sort|flip|roll)'"):
+        cofx.convert(Voiced(MASK_OPS[op]).to(D).eval(), clip())
+
+
+def test_integer_frames_used_as_indices_convert_exactly():
+    """Codes read frame by frame (an argmax over channels, then an embedding): perturbed past their range they
+    fail the lookup, so the check draws them from their own values."""
+    class Codes(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c, self.e = nn.Conv1d(C, C, 3, padding=1), nn.Embedding(C, C)
+
+        def forward(self, x):
+            return self.c(x) + self.e(x.argmax(1)).transpose(1, 2)
+
+    torch.manual_seed(0)
+    assert_exact(Codes().to(D).eval(), clip())
+
+
+@pytest.mark.parametrize("features", ["log", "sqrt", "odd-power pool"])
+def test_models_of_non_negative_frames_are_validated_on_frames_they_can_take(features):
+    """A log-compressed spectrogram: on normal noise the model's outputs are NaN. The validation draws frames of
+    the example's sign (and counts NaN on both sides as equal)."""
+    first = {"log": lambda x: torch.log(x + 1e-6), "sqrt": torch.sqrt,
+             "odd-power pool": lambda x: F.lp_pool1d(x, 3, 3, 1)}[features]
+
+    class Features(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c = nn.Conv1d(C, C, 3, padding=1)
+
+        def forward(self, x):
+            return self.c(first(x))
+
+    torch.manual_seed(0)
+    co = assert_exact(Features().to(D).eval(), clip().abs())
+    assert co.receptive_field >= 3
+
+
+def test_nan_counts_as_equal_only_where_both_sides_have_it():
+    a = torch.tensor([1.0, float("nan"), float("inf")], dtype=D)
+    assert max_error(a, a.clone()) == 0.0
+    assert max_error(a, torch.tensor([1.0, 2.0, float("inf")], dtype=D)) == float("inf")
+    assert max_error(a, torch.tensor([1.5, float("nan"), float("inf")], dtype=D)) == 0.5
+    assert output_tolerance(torch.tensor([2.0, float("nan")], dtype=D)) == 2e-9   # of the values there are
+
+
 class DataLeaf(nn.Module):
     """Acts on the whole clip's statistics: frame by frame only for some inputs."""
     def forward(self, x):
