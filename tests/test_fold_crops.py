@@ -13,22 +13,27 @@ D = torch.float64
 
 
 class Chomp(nn.Module):
-    def __init__(self, p):
+    """The end crop, written as x[:, :, :-p] or with the tensor's own size (both in the wild)."""
+    def __init__(self, p, form="negative"):
         super().__init__()
-        self.p = p
+        self.p, self.form = p, form
 
     def forward(self, x):
+        if self.form == "size":
+            return x[:, :, :x.size(2) - self.p].contiguous()
+        if self.form == "shape":
+            return x[:, :, 0:x.shape[-1] - self.p]
         return x[:, :, :-self.p].contiguous()
 
 
 class TemporalBlock(nn.Module):
     """As in Bai et al.'s TCN: two padded, chomped dilated convolutions and a residual."""
 
-    def __init__(self, cin, cout, k, d, chomp):
+    def __init__(self, cin, cout, k, d, chomp, form="negative"):
         super().__init__()
         p = (k - 1) * d
-        self.net = nn.Sequential(nn.Conv1d(cin, cout, k, padding=p, dilation=d), Chomp(chomp or p), nn.ReLU(),
-                                 nn.Conv1d(cout, cout, k, padding=p, dilation=d), Chomp(chomp or p), nn.ReLU())
+        self.net = nn.Sequential(nn.Conv1d(cin, cout, k, padding=p, dilation=d), Chomp(chomp or p, form), nn.ReLU(),
+                                 nn.Conv1d(cout, cout, k, padding=p, dilation=d), Chomp(chomp or p, form), nn.ReLU())
         self.down = nn.Conv1d(cin, cout, 1) if cin != cout else None
 
     def forward(self, x):
@@ -40,8 +45,8 @@ def test_chomped_tcns_are_causal_and_exact(seed):
     rng = random.Random(seed)
     torch.manual_seed(seed)
     widths = [rng.choice([2, 3, 4]) for _ in range(rng.randint(1, 3) + 1)]
-    k = rng.choice([2, 3, 5])
-    blocks = [TemporalBlock(a, b, k, 2 ** i, None) for i, (a, b) in enumerate(zip(widths, widths[1:]))]
+    k, form = rng.choice([2, 3, 5]), rng.choice(["negative", "size", "shape"])
+    blocks = [TemporalBlock(a, b, k, 2 ** i, None, form) for i, (a, b) in enumerate(zip(widths, widths[1:]))]
     model = nn.Sequential(*blocks).to(D).eval()
     clip = torch.randn(1, widths[0], rng.randint(6, 20), dtype=D)
     co = cofx.convert(model, clip)
