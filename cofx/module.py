@@ -52,6 +52,7 @@ class ContinualModule(fx.GraphModule):
         self.__dict__["_newest_module"] = None if newest_graph is None else flat_step_module(self, newest_graph)
         self.__dict__["_growing"] = [k for k in kernels.values() if isinstance(k, NewestFrames)]
         self.__dict__["_position"] = StreamPosition()
+        set_ready(self, None)   # before a stream's first step
         self.__dict__["_compiled"] = None    # CompiledSteps, see compile_steps()
         self.__dict__["_report"] = None
         self.__dict__["_call_mode"] = "forward"
@@ -121,10 +122,7 @@ class ContinualModule(fx.GraphModule):
         """A chunk, or one frame without its time axis (`framewise`, whose output is `_frame_output`'s)."""
         position = self._position
         position.compiled = False
-        inference = torch.is_inference_mode_enabled()
-        if position.inference and not inference:   # a stream begun under torch.inference_mode() goes on outside
-            self.set_state(self.get_state())         # it: its state as ordinary tensors
-        position.inference = inference
+        self._mode_of_state()
         if any(map(dict.get, self._moded, repeat("training"))) or \
                 (self.training and self._info.get("training_differs", False)):
             moded = (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd)
@@ -182,6 +180,14 @@ class ContinualModule(fx.GraphModule):
             out = None
         set_ready(self, torch.full((x.shape[0],), out is not None and all(frames), device=x.device))
         return self._frame_output(out) if framewise else out
+
+    def _mode_of_state(self) -> None:
+        """A stream begun under ``torch.inference_mode()`` goes on outside it: its state (inference tensors, which
+        cannot be updated in place there) is handed over as ordinary tensors."""
+        position, inference = self._position, torch.is_inference_mode_enabled()
+        if position.inference and not inference:
+            self.set_state(self.get_state())
+        position.inference = inference
 
     def _streams_out_of_phase(self) -> bool:
         streams = self._modules.get(STREAMS_CHILD)
@@ -358,16 +364,15 @@ class ContinualModule(fx.GraphModule):
         """
         position = self._position
         position.compiled = False
-        inference = torch.is_inference_mode_enabled()
-        if position.inference and not inference:   # a stream begun under torch.inference_mode() goes on outside
-            self.set_state(self.get_state())         # it: its state as ordinary tensors
-        position.inference = inference
-        if streams is not None and restart_streams(self, streams):
-            position.frames = None
-            return
+        if streams is not None:
+            self._mode_of_state()
+            if restart_streams(self, streams):
+                position.frames = None
+                return
         for k in self._kernels():
             k.clean()
-        position.batch, position.frames, position.like = None, 0, None
+        position.batch, position.frames, position.like, position.inference = None, 0, None, False
+        set_ready(self, None)
 
     def get_state(self) -> dict:
         """A copy of the whole stream state; `set_state` resumes from it exactly."""

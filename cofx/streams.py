@@ -169,10 +169,11 @@ class OutOfPhase(Stateful):
         return tree_unflatten([nan_where_not(v, r, b) for v, r, b in zip(leaves, own, step.out_batch_axes)], spec)
 
 
-def set_ready(co, ready: torch.Tensor) -> None:
-    """``co.ready = ready`` (which rows the last step's output holds), unless the model has its own `ready`."""
+def set_ready(co, ready: Optional[torch.Tensor]) -> None:
+    """``co.ready = ready`` (which rows the last step's output holds; None before a stream's first step), unless
+    the model has its own `ready`."""
     taken = "ready" in co._modules or "ready" in co._parameters or "ready" in co._buffers
-    if not taken and isinstance(co.__dict__.get("ready", ready), torch.Tensor):
+    if not taken and isinstance(co.__dict__.get("ready"), (torch.Tensor, type(None))):
         co.__dict__["ready"] = ready
 
 
@@ -264,6 +265,9 @@ def restart_streams(co, streams) -> bool:
     else:
         probe, state = child.state[0], child.state[1:]
     child.state = [probe] + step.reset_rows(state, rows)
+    ready = co.__dict__.get("ready")
+    if isinstance(ready, torch.Tensor) and ready.shape == rows.shape:   # the restarted rows hold nothing yet
+        set_ready(co, ready.masked_fill(rows.to(ready.device), False))
     return True
 
 

@@ -327,3 +327,21 @@ def test_ready_says_whether_every_output_has_its_frame_in_phase_and_out():
         y = co.forward_step(x[:, :, 4])
         assert type(y) is dict and co.ready.tolist() == [True, False]   # a plain dict out of phase too
         y["extra"] = y["pooled"]
+
+
+def test_ready_says_nothing_before_a_step_and_nothing_stale_after_a_restart():
+    model, co = tcn()
+    assert co.ready is None
+    with torch.no_grad():
+        for _ in range(co.delay + 1):
+            co.forward_step(torch.randn(2, 2, dtype=D))
+        assert co.ready.tolist() == [True, True]
+        co.clean_state(streams=[0])
+        assert co.ready.tolist() == [False, True]
+        seen = []
+        for _ in range(co.stride):   # (row 1 gives an output every `stride` frames; row 0 waits `delay` frames)
+            co.forward_step(torch.randn(2, 2, dtype=D))
+            seen.append(co.ready.tolist())
+        assert co.delay >= co.stride and [False, True] in seen and all(not row0 for row0, _ in seen)
+    co.clean_state()
+    assert co.ready is None
