@@ -193,6 +193,9 @@ def _read(path) -> dict:
         record = None
     if not isinstance(record, dict) or record.get("format") != FORMAT:
         raise ValueError(f"'{path}' is not a continual model written by cofx.save")
+    broken = _malformed(record)
+    if broken:
+        raise ValueError(f"'{path}' is not a continual model written by cofx.save ({broken})")
     if record["version"] > VERSION:
         raise ValueError(f"'{path}' was written by a newer cofx ({record['meta']['cofx']}); upgrade cofx to load it")
     named = ([record["source"]] if "graph" not in record else []) + _leaf_types(record)
@@ -200,6 +203,50 @@ def _read(path) -> dict:
         raise ValueError(f"'{path}' is not a continual model written by cofx.save (it names code that is not "
                          "an import path package.module:name)")
     return record
+
+
+_PROGRAM = {"phase", "frames", "batch", "dtype", "device", "rolled", "fingerprint", "package"}
+_OPTIONS = {"strict": bool, "leaf_modules": (list, tuple), "time_dim": int, "window": dict, "init": str,
+            "tune": bool}
+
+
+def _malformed(record: dict) -> str:
+    """What in a record tagged as cofx's does not have the form `save` writes ("" when nothing)."""
+    version, meta = record.get("version"), record.get("meta")
+    if type(version) is not int:
+        return "its version is not a number"
+    if not isinstance(meta, dict):
+        return "it has no facts about the model"
+    shape = meta.get("clip_shape")
+    if not isinstance(shape, (list, tuple)) or len(shape) < 2 or \
+            not all(type(n) is int and n > 0 for n in shape):
+        return f"its clip shape {shape!r} is not a list of positive sizes"
+    if not isinstance(getattr(torch, str(meta.get("dtype")), None), torch.dtype) or \
+            not getattr(torch, str(meta.get("dtype"))).is_floating_point:
+        return f"its dtype {meta.get('dtype')!r} is not a floating dtype"
+    if any(k not in meta for k in FACTS):
+        return "facts about the model are missing"
+    compiled = record.get("compiled")
+    if compiled is not None and not (
+            isinstance(compiled, dict) and isinstance(compiled.get("built_for"), dict)
+            and isinstance(compiled.get("chunks"), (list, tuple)) and isinstance(compiled.get("programs"), list)
+            and all(isinstance(p, dict) and _PROGRAM <= p.keys() and isinstance(p["package"], bytes)
+                    and isinstance(getattr(torch, str(p["dtype"]), None), torch.dtype)
+                    for p in compiled["programs"])):
+        return "its compiled steps are not the ones cofx.save writes"
+    if "graph" in record:
+        return "" if isinstance(record["graph"], bytes) else "its graph is not bytes"
+    options = record.get("options")
+    if not isinstance(record.get("source"), str) or not isinstance(record.get("state_dict"), dict):
+        return "it holds neither a graph nor an import spec and weights"
+    if not isinstance(options, dict) or set(options) - set(_OPTIONS) or \
+            any(not isinstance(v, _OPTIONS[k]) or (k == "time_dim" and isinstance(v, bool))
+                for k, v in options.items()):
+        return "its conversion options are not the ones cofx.convert takes"
+    if any(not isinstance(leaf, (str, dict)) or isinstance(leaf, dict) and not isinstance(leaf.get("type"), str)
+           for leaf in options.get("leaf_modules", ())):
+        return "its leaf modules are neither names nor types"
+    return ""
 
 
 def _leaf_types(record) -> list:

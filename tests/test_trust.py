@@ -100,8 +100,38 @@ def test_a_file_naming_no_dtype_is_not_a_cofx_file(tmp_path):
     path = crafted(tmp_path / "dtype.continual.pt", source="cli_models:tiny")
     record = torch.load(path, weights_only=True)
     torch.save({**record, "meta": {**META, "dtype": "load"}}, path)
-    with pytest.raises(ValueError, match="its dtype is 'load'"):
+    with pytest.raises(ValueError, match="its dtype 'load' is not a floating dtype"):
         cofx.load(path, source="cli_models:tiny")
+
+
+MALFORMED = {
+    "no version": (lambda r: r.pop("version"), "its version is not a number"),
+    "version as text": (lambda r: r.update(version="2"), "its version is not a number"),
+    "no facts": (lambda r: r.pop("meta"), "no facts about the model"),
+    "negative clip shape": (lambda r: r.update(meta={**META, "clip_shape": [1, 3, -5]}), "positive sizes"),
+    "integer dtype": (lambda r: r.update(meta={**META, "dtype": "int64"}), "not a floating dtype"),
+    "no options": (lambda r: r.pop("options"), "conversion options"),
+    "an unknown option": (lambda r: r["options"].update(bogus=1), "conversion options"),
+    "a leaf that is a number": (lambda r: r["options"].update(leaf_modules=[3]), "leaf modules"),
+    "compiled steps without programs": (lambda r: r.update(compiled={"built_for": {}}), "compiled steps"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MALFORMED))
+def test_a_malformed_cofx_file_is_refused_by_every_reader(calls, capsys, case):
+    """Tagged as cofx's but not of the form cofx.save writes: a ValueError saying what (not a KeyError), and
+    not a cofx file to the CLI."""
+    path = crafted("bad.continual.pt", source="cli_models:tiny")
+    record = torch.load(path, weights_only=True)
+    change, words = MALFORMED[case]
+    change(record)
+    torch.save(record, path)
+    assert not saving.is_continual_file(path)
+    for read in (saving.info, lambda p: cofx.load(p, source="cli_models:tiny", leaf_modules=())):
+        with pytest.raises(ValueError, match=words):
+            read(path)
+    assert main(["inspect", path]) != 0 and "Error" not in capsys.readouterr().err
+    assert calls == []
 
 
 @pytest.mark.parametrize("command", ["inspect", "verify", "bench", "convert"])
