@@ -74,8 +74,17 @@ def save(co, path, *, source: str = None) -> None:
         record["state_dict"] = co.state_dict()
     else:
         buf = io.BytesIO()
+        clip = co.clip_model()
+        local = sorted({type(m).__qualname__ for m in clip.modules() if type(m).__module__ == "__main__"} |
+                       {leaf.__qualname__ for leaf in co.options["leaf_modules"]
+                        if isinstance(leaf, type) and leaf.__module__ == "__main__"})
+        if local:   # pickled by name: another process has no such names
+            warnings.warn(f"cofx.save: the model uses module types defined in the script that runs "
+                          f"({', '.join(local)}); the file holds them by name, so only a process that defines them "
+                          "can load it: define them in an importable module, or save with "
+                          "source='package.module:callable'", stacklevel=2)
         try:
-            torch.save({"model": co.clip_model(), "options": co.options}, buf)
+            torch.save({"model": clip, "options": co.options}, buf)
         except (pickle.PicklingError, AttributeError, TypeError) as e:   # lambdas, local classes
             raise ValueError(f"this model cannot be pickled ({e}); save it with source='package.module:callable' "
                              "naming the code that builds it") from None
@@ -142,7 +151,12 @@ def load(path, *, trust: bool = False, source: str = None, leaf_modules=None):
             raise ValueError(f"'{path}' holds the model's pickled graph (it was saved without source=), and "
                              "unpickling it runs code from the file; load it only if you trust it: "
                              f"cofx.load({str(path)!r}, trust=True) (on the command line: --trust)")
-        saved = torch.load(io.BytesIO(record["graph"]), map_location="cpu", weights_only=False)
+        try:
+            saved = torch.load(io.BytesIO(record["graph"]), map_location="cpu", weights_only=False)
+        except (AttributeError, ImportError) as e:   # a class the graph names that this process cannot import
+            raise ValueError(f"'{path}' holds a model whose code this process cannot import ({e}); load it where "
+                             "that code is defined (the script that saved it, or with its module on PYTHONPATH)"
+                             ) from None
         model, options = saved["model"], saved["options"]
     else:
         _check_named(path, record, trust, source, leaf_modules)

@@ -204,3 +204,23 @@ def test_a_source_of_another_architecture_is_refused_on_save_and_on_load(saved):
 def test_save_of_a_plain_module_says_what_it_takes(tmp_path):
     with pytest.raises(TypeError, match=r"cofx.save takes a converted model \(cofx.convert\(...\)\), got Tiny"):
         cofx.save(cli_models.tiny(), tmp_path / "m.continual.pt")
+
+
+class ScriptLeaf(nn.Module):
+    """A leaf type as a script defines it (its class in __main__): pickled by name."""
+    def forward(self, x):
+        return torch.tanh(x)
+
+
+def test_a_model_with_types_of_the_running_script_warns_on_save_and_loads_only_where_they_are(tmp_path, monkeypatch):
+    monkeypatch.setattr(ScriptLeaf, "__module__", "__main__")
+    monkeypatch.setattr(sys.modules["__main__"], "ScriptLeaf", ScriptLeaf, raising=False)
+    model = nn.Sequential(nn.Conv1d(3, 4, 3, padding=1), ScriptLeaf()).eval()
+    co = cofx.convert(model, torch.randn(1, 3, 8), leaf_modules=(ScriptLeaf,))
+    path = str(tmp_path / "script.continual.pt")
+    with pytest.warns(UserWarning, match=r"defined in the script that runs \(ScriptLeaf\)"):
+        cofx.save(co, path)
+    assert cofx.load(path, trust=True) is not None   # in the script that defines it
+    monkeypatch.delattr(sys.modules["__main__"], "ScriptLeaf")
+    with pytest.raises(ValueError, match="whose code this process cannot import"):   # in any other process
+        cofx.load(path, trust=True)
