@@ -107,13 +107,13 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--input-shape", type=input_shape, metavar="B,C,T,...",
                       help="the clip the model takes, e.g. 1,3,16,112,112; needed unless the model implies "
                            "it (a pooling layer spanning the whole clip, as in X3D)")
-    conv.add_argument("--time-dim", type=time_dim, default=2, metavar="DIM",
+    conv.add_argument("--time-dim", type=time_dim, default=None, metavar="DIM",
                       help="the input's time dimension (default 2: B,C,T,...); with another, pass --input-shape")
     conv.add_argument("--window", type=window, action="append", default=[], metavar="PATTERN=FRAMES",
                       help="sliding-window length of global temporal reductions matched by a glob pattern over "
                            "node names, module paths or module class names (repeatable), e.g. "
                            "SqueezeExcitation=1 for per-frame squeeze-and-excitation")
-    conv.add_argument("--init", choices=("zeros", "replicate"), default="zeros",
+    conv.add_argument("--init", choices=("zeros", "replicate"), default=None,
                       help="start padding of the stream: zeros (exact, default) or replicate (the first frame "
                            "repeated: a shorter transient, not exact)")
     model.add_argument("--debug", action="store_true", help="show the full traceback of an error")
@@ -205,15 +205,18 @@ def _load(args):
 
     if os.path.isfile(args.model) and saving.is_continual_file(args.model):
         flags = [f for f, on in (("--weights", args.weights), ("--input-shape", args.input_shape),
-                                 ("--time-dim", args.time_dim != 2), ("--window", args.window),
-                                 ("--init replicate", args.init != "zeros")) if on]
+                                 ("--time-dim", args.time_dim is not None), ("--window", args.window),
+                                 ("--init", args.init is not None)) if on]
         if args.command == "convert":
             raise UsageError(f"'{args.model}' is already a continual model; convert the original model")
         if flags:
-            raise UsageError(f"{', '.join(flags)} do not apply to '{args.model}', which is already converted; "
+            raise UsageError(f"{', '.join(flags)} {'does' if len(flags) == 1 else 'do'} not apply to "
+                             f"'{args.model}', which is already converted (with the options it was saved with); "
                              "pass the original model to change how it converts")
         co = saving.load(args.model, trust=args.trust)
         return co, co, None
+    args.time_dim = 2 if args.time_dim is None else args.time_dim
+    args.init = args.init or "zeros"
     if args.input_shape and args.time_dim >= len(args.input_shape):
         raise UsageError(f"--time-dim {args.time_dim} is beyond the input's {len(args.input_shape)} dimensions "
                          f"(--input-shape {','.join(map(str, args.input_shape))}); give 1 to "

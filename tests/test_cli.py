@@ -506,11 +506,14 @@ def test_debug_shows_the_traceback(cli):
 def test_converted_file_as_model_refuses_conversion_flags(cli):
     cofx.save(cofx.convert(cli_models.tiny()), "saved.continual.pt", source="cli_models:tiny")
     line = _error_text(*cli("verify", "saved.continual.pt", "--input-shape", SHAPE)[::2])
-    assert "--input-shape do not apply" in line
+    assert "--input-shape does not apply" in line
     line = _error_text(*cli("convert", "saved.continual.pt")[::2])
     assert "already a continual model" in line
-    line = _error_text(*cli("verify", "saved.continual.pt", "--time-dim", "1")[::2])
-    assert "--time-dim do not apply" in line
+    for given in (["--time-dim", "1"], ["--time-dim", "2"], ["--init", "zeros"]):   # a default given counts too
+        line = _error_text(*cli("verify", "saved.continual.pt", *given)[::2])
+        assert f"{given[0]} does not apply" in line
+    line = _error_text(*cli("verify", "saved.continual.pt", "--time-dim", "2", "--init", "replicate")[::2])
+    assert "--time-dim, --init do not apply" in line
     line = _error_text(*cli("verify", "saved.continual.pt")[::2])
     assert "names code that loading imports and calls (the import spec 'cli_models:tiny')" in line
     assert "(on the command line: --trust)" in line
