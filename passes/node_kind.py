@@ -774,8 +774,8 @@ class _Classifier:
     def narrow(self, node, x, t_out) -> bool:
         args = list(node.args[1:]) + [node.kwargs.get(k) for k in ("dim", "start", "length") if k in node.kwargs]
         dim, start, length = args[:3]
-        if int(clip_value(dim)) % len(x.meta["cofx_layout"]) != x.meta["cofx_time"]:
-            return False
+        if int(clip_value(dim)) % len(x.meta["cofx_layout"]) != x.meta["cofx_time"] or t_out is None:
+            return False   # (frames kept at fixed positions of the clip, x.narrow(2, T - 3, 3): a global reduction)
         stop_clip = clip_value(start) + clip_value(length)
         stop_longer = clip_value(start, "longer") + clip_value(length, "longer")
         spec = self._crop(node, x, clip_value(start), clip_value(start, "longer"), stop_clip, stop_longer, 1)

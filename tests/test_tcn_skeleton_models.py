@@ -464,6 +464,9 @@ EXACT_OPS = {
     "adaptive_max_pool1d(1) with indices": lambda m, h: F.adaptive_max_pool1d(h, 1, return_indices=True)[0],
     "adaptive_avg_pool1d(4)": lambda m, h: F.adaptive_avg_pool1d(h, 4),
     "index_select fixed frames": lambda m, h: h.index_select(2, torch.tensor([0, 2, 4])),
+    "narrow to the first frames": lambda m, h: h.narrow(2, 0, 3).mean(2),
+    "narrow to the last frames": lambda m, h: h.narrow(2, -3, 3).amax(2),
+    "narrow as a crop": lambda m, h: h.narrow(2, 1, h.shape[2] - 2),
     # ops that return values and indices, the indices unread; power-average pools
     "max_pool1d with indices, values read": lambda m, h: F.max_pool1d(h, 2, 2, return_indices=True)[0],
     "torch.max over time [0]": lambda m, h: torch.max(h, 2)[0],
