@@ -99,12 +99,22 @@ def _attention_like(n: fx.Node, gm: fx.GraphModule):
     if n.op != "call_function":
         return None
     name = getattr(n.target, "__name__", str(n.target))
+    if n.target in _PRODUCTS and sum(_from_input(a) for a in n.all_input_nodes) < 2:
+        return None   # a product with a weight or a constant (a graph convolution's adjacency): not attention
     if n.target in _ATTENTION_FUNCTIONS or "attention" in name.lower():
         owner = next((f"module '{path}', {getattr(cls, '__name__', cls)}"
                       for path, cls in reversed(list(n.meta.get("nn_module_stack", {}).values()))
                       if "attention" in str(getattr(cls, "__name__", cls)).lower()), None)
         return owner or name
     return None
+
+
+_PRODUCTS = {torch.matmul, torch.bmm, operator.matmul, torch.einsum}
+
+
+def _from_input(node: fx.Node) -> bool:
+    """Whether `node`'s value is computed from the model's input (not only from weights and constants)."""
+    return node.op == "placeholder" or any(a.op == "placeholder" for a in _ancestors(node))
 
 
 def attention_hint(node: fx.Node, gm: fx.GraphModule) -> str:
