@@ -120,12 +120,22 @@ def _batch_axis(node: fx.Node) -> int:
     return labels.index("B")
 
 
-def _empty_safe(node: fx.Node, gm: fx.GraphModule) -> bool:
+# ... and, on values over windows (the frames folded into the batch), what also takes a batch of no rows
+_NO_ROWS_SAFE_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
+                         nn.AdaptiveAvgPool3d, nn.GroupNorm)
+_NO_ROWS_SAFE_METHODS = {"mean", "sum", "amax", "amin"}
+_NO_ROWS_SAFE_FUNCTIONS = {torch.mean, torch.sum, torch.amax, torch.amin, F.conv1d, F.conv2d, F.conv3d,
+                           F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d}
+
+
+def _empty_safe(node: fx.Node, gm: fx.GraphModule, rows: bool = False) -> bool:
+    """Whether `node`'s op takes a chunk of no frames (`rows`: a batch of no windows) as it is; others are
+    guarded (`Framewise`)."""
     if node.op == "call_module":
-        return isinstance(gm.get_submodule(node.target), _EMPTY_SAFE_MODULES)
+        return stock(gm.get_submodule(node.target), _EMPTY_SAFE_MODULES + (_NO_ROWS_SAFE_MODULES if rows else ()))
     if node.op == "call_method":
-        return node.target in _EMPTY_SAFE_METHODS
-    return node.target in _EMPTY_SAFE_FUNCTIONS
+        return node.target in _EMPTY_SAFE_METHODS or rows and node.target in _NO_ROWS_SAFE_METHODS
+    return node.target in _EMPTY_SAFE_FUNCTIONS or rows and node.target in _NO_ROWS_SAFE_FUNCTIONS
 
 
 class _Builder:
@@ -230,9 +240,8 @@ class _Builder:
             return self.frame_conv(node)
         if node.meta.get("cofx_role") == "folded":   # values over windows: numbers and tensors that follow the
             replace = {**self.window_args(node, replace or {}), **(replace or {})}   # batch follow the windows
-        if node.meta.get("cofx_from_window") or node.meta.get("cofx_role") == "folded" and \
-                any(a.meta.get("cofx_clip_const") for a in node.all_input_nodes):   # values over a clip's window
-            if not _empty_safe(node, self.gm):   # no window completed: nothing to run on
+        if node.meta.get("cofx_from_window") or node.meta.get("cofx_role") == "folded":   # values over windows
+            if not _empty_safe(node, self.gm, rows=True):   # no window completed: nothing to run on
                 return self.guard(node, replace)
         if node.meta.get("cofx_role") == "stream" and isinstance(node.meta["cofx_layout"], Labels) \
                 and not _empty_safe(node, self.gm):

@@ -70,8 +70,13 @@ def _leaf_layout(node, clip, longer, batch):
         if not (isinstance(batch, Rec) and len(batch.shape) == len(clip.shape)):
             raise ConversionError("the number of dimensions changes with the batch size", node=node)
         if longer is not None and not (isinstance(longer, Rec) and len(longer.shape) == len(clip.shape)):
-            raise ConversionError("the number of dimensions changes with the clip length", node=node,
-                                  fix="keep the time axis as its own dimension")
+            gm = node.graph.owning_module
+            opaque = gm.meta.get("cofx_untraceable", {}).get(node.target) if node.op == "call_module" else None
+            raise ConversionError("the number of dimensions changes with the clip length" + (
+                f" (a module torch.fx could not trace into: {opaque}; a branch on a size, such as squeezing time "
+                "when one frame is left, is fixed by the clip length)" if opaque else ""), node=node,
+                fix="keep the time axis as its own dimension (x[:, :, :, 0] or x.flatten(1) rather than a "
+                    "squeeze that depends on the length)")
         return Labels(_label(c, None if longer is None else longer.shape[i], batch.shape[i])
                       for i, c in enumerate(clip.shape))
     if isinstance(clip, int) and not isinstance(clip, bool):

@@ -818,8 +818,12 @@ class _Classifier:
     def reduction(self, node, x, streams, folded, kernel_read=False):
         """`kernel_read`: a pool whose kernel, read off the tensor, spans the whole clip (checked by sliding_spec)."""
         if len(streams) + len(folded) > 1:
-            raise ConversionError("combines frames across time from more than one tensor "
-                                  "(a product over time, as in attention)", node=node, fix=ATTENTION_FIX)
+            hint = attention_hint(node, self.gm)
+            raise ConversionError("combines frames across time from more than one tensor (a product over time, as "
+                                  "in attention, or frames picked by indices computed from the frames: "
+                                  f"gather/index_select along time).{hint}", node=node,
+                                  fix=ATTENTION_FIX if hint else "reduce each tensor over time on its own (h.amax(2) "
+                                  "rather than h.gather(2, h.argmax(2, keepdim=True)))")
         labels = node.meta["cofx_layout"]
         if isinstance(labels, Labels) and "B" not in labels and "BT" not in labels:
             raise ConversionError("mixes the batch (independent streams) into one value", node=node)

@@ -319,6 +319,39 @@ def test_nan_counts_as_equal_only_where_both_sides_have_it():
     assert output_tolerance(torch.tensor([2.0, float("nan")], dtype=D)) == 2e-9   # of the values there are
 
 
+class FramesNorm(nn.BatchNorm1d):
+    """TSMixer's TimeBatchNorm2d: a BatchNorm over time and channels flattened, reshaped by its own forward."""
+    def __init__(self, frames):
+        super().__init__(frames * C)
+        self.frames = frames
+
+    def forward(self, x):
+        return super().forward(x.reshape(x.shape[0], -1, 1)).reshape(x.shape[0], self.frames, C)
+
+
+@pytest.mark.parametrize("head", ["quantile over the window", "a norm over the window with its own reshape"])
+def test_ops_on_windows_that_reject_a_batch_of_no_windows_are_skipped_then(head):
+    """A step that completes no window has no rows to run them on (torch.quantile and reshape(-1) raise there)."""
+    class Head(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c, self.mix, self.norm = nn.Conv1d(C, C, 3, padding=1), nn.Linear(8, 8), FramesNorm(8)
+
+        def forward(self, x):
+            h = self.c(x)
+            if head.startswith("quantile"):
+                return torch.quantile(h, 0.75, dim=-1)
+            return self.norm(self.mix(h).transpose(1, 2))   # (TSMixer: an MLP over time, then the norm)
+
+    torch.manual_seed(0)
+    model = Head().to(D).eval()
+    model.norm.running_mean.uniform_(-1, 1)
+    assert_exact(model, clip())
+    unchecked = cofx.convert(model, clip(), validate=False)   # (the steps themselves, not the validation's)
+    report = verify(unchecked, model)
+    assert report.ok, str(report)
+
+
 class DataLeaf(nn.Module):
     """Acts on the whole clip's statistics: frame by frame only for some inputs."""
     def forward(self, x):
