@@ -30,7 +30,7 @@ from cofx.errors import ConversionError
 
 from .layout import Labels, time_axes
 from .node_kind import ATTENTION_FIX, LENGTH_BUILT, attention_hint
-from .shape_runs import RecordingInterpreter
+from .shape_runs import FAILED, Rec, RecordingInterpreter
 
 
 def _is_stream(node: fx.Node) -> bool:
@@ -143,6 +143,8 @@ def check_framewise(gm: fx.GraphModule, clip: torch.Tensor) -> None:
     untraceable = gm.meta.get("cofx_untraceable", {})
 
     failures = []
+    run = {"name": "clip", "only": None}   # the run the hook sees, and the nodes it checks there (None: all)
+    thin = []   # nodes given a single frame by the example: checked again on a longer clip
 
     def check_rows(node, args, kwargs, result):
         def with_row(scale):
@@ -163,33 +165,40 @@ def check_framewise(gm: fx.GraphModule, clip: torch.Tensor) -> None:
                 not type(gm.get_submodule(node.target)).__module__.startswith("torch."):
             check_rows(node, args, kwargs, result)
             return
-        if not node.meta.get("cofx_check"):
+        if not node.meta.get("cofx_check") or run["only"] is not None and node not in run["only"]:
             return
         streams = [a for a in node.all_input_nodes if a.meta.get("cofx_role") == "stream"
                    and isinstance(a.meta.get("cofx_layout"), Labels)]
         if not streams:
             return
         first = streams[0]
-        length = first.meta["cofx_runs"]["clip"].shape[time_axes(first.meta["cofx_layout"])[0]]
-        if length < 2:
+        length = first.meta["cofx_runs"][run["name"]].shape[time_axes(first.meta["cofx_layout"])[0]]
+        if length < 2:   # one frame cannot show that an op mixes frames (a valid conv as long as the clip)
+            if run["name"] == "clip":
+                thin.append(node)
+            else:
+                failures.append(ConversionError(
+                    "gets a single frame on the example clip and on a longer one, so cofx cannot check that it "
+                    "acts frame by frame", node=node, fix="convert with a longer example clip"))
             return
-        frame = length // 2
+        # the middle frame, but not the one an odd number of frames mirrors onto itself (a flip along time)
+        frame = length // 2 - (1 if length % 2 and length >= 5 else 0)
 
         def others_kept(sign):
-            def run(in_range):
+            def perturbed(in_range):
                 return getattr(interp, node.op)(
                     node.target, _perturb_args(node.args, args, frame, gen, sign=sign, in_range=in_range),
                     _perturb_args(node.kwargs, kwargs, frame, gen, sign=sign, in_range=in_range))
             try:
-                out_p = run(False)
+                out_p = perturbed(False)
             except Exception:   # integers past their range (indices): the op's own values then
-                if all(a.meta["cofx_runs"]["clip"].dtype.is_floating_point for a in streams):
+                if all(a.meta["cofx_runs"][run["name"]].dtype.is_floating_point for a in streams):
                     raise
-                out_p = run(True)
+                out_p = perturbed(True)
             return _other_frames_equal(node, result, out_p, frame)
 
         # a running maximum shows a frame raised, a running minimum one lowered: both, where a frame is one value
-        if not (others_kept(1) and (not _single_valued_frames(streams) or others_kept(-1))):
+        if not (others_kept(1) and (not _single_valued_frames(streams, run["name"]) or others_kept(-1))):
             hint = attention_hint(node, gm)
             why = "does not act frame by frame: changing one input frame changed other output frames." + hint
             fix = ATTENTION_FIX if hint else \
@@ -207,13 +216,24 @@ def check_framewise(gm: fx.GraphModule, clip: torch.Tensor) -> None:
     interp = RecordingInterpreter(gm, "clip", on_node=on_node)
     with torch.no_grad():
         interp.run(clip)
+    if thin and not failures:
+        placeholder = next(n for n in gm.graph.nodes if n.op == "placeholder")
+        longer = placeholder.meta["cofx_runs"].get("longer")
+        if not isinstance(longer, Rec) or any(n.meta["cofx_runs"].get("longer") in (None, FAILED) for n in thin):
+            raise ConversionError("gets a single frame on the example clip, so cofx cannot check that it acts frame "
+                                  "by frame", node=thin[0], fix="convert with a longer example clip")
+        run.update(name="longer", only=set(thin))
+        interp = RecordingInterpreter(gm, None, on_node=on_node)
+        with torch.no_grad():
+            frames = torch.randn(longer.shape, generator=gen, dtype=torch.float64)
+            interp.run((frames.abs() if clip.min() >= 0 else frames).to(clip.dtype))   # (of the example's sign)
     if failures:
         raise failures[0]
 
 
-def _single_valued_frames(streams) -> bool:
+def _single_valued_frames(streams, run: str = "clip") -> bool:
     """Whether a stream input's frames hold one value each (a mask of one stream, one channel)."""
-    shapes = [(n.meta["cofx_runs"]["clip"].shape, time_axes(n.meta["cofx_layout"])[0]) for n in streams]
+    shapes = [(n.meta["cofx_runs"][run].shape, time_axes(n.meta["cofx_layout"])[0]) for n in streams]
     return any(math.prod(shape) == shape[t] for shape, t in shapes)
 
 

@@ -113,7 +113,7 @@ class RecordingInterpreter(fx.Interpreter):
     values (the framewise check uses it).
     """
 
-    def __init__(self, gm: fx.GraphModule, run: str, tolerate_failures: bool = False,
+    def __init__(self, gm: fx.GraphModule, run: Optional[str], tolerate_failures: bool = False,
                  on_node: Optional[Callable] = None):
         super().__init__(gm)
         self.run_name, self.tolerate, self.on_node = run, tolerate_failures, on_node
@@ -137,7 +137,8 @@ class RecordingInterpreter(fx.Interpreter):
                     result = FAILED
             if result is not FAILED and self.on_node is not None:   # the hook sees the inputs as they came
                 self.on_node(n, *(given or (args, kwargs)), result)
-        n.meta.setdefault("cofx_runs", {})[self.run_name] = FAILED if result is FAILED else _summarise(result)
+        if self.run_name is not None:   # (None: a run for `on_node` alone)
+            n.meta.setdefault("cofx_runs", {})[self.run_name] = FAILED if result is FAILED else _summarise(result)
         return result
 
 
