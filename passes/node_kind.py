@@ -280,10 +280,12 @@ def _index_entry(idx, ndim: int, dim: int):
 
 
 class _Classifier:
-    def __init__(self, gm: fx.GraphModule, time_dim: int, windows: Mapping[str, int], longer_errors: Mapping):
+    def __init__(self, gm: fx.GraphModule, time_dim: int, windows: Mapping[str, int], longer_errors: Mapping,
+                 statistics: Optional[set] = None):
         self.gm, self.time_dim, self.windows = gm, time_dim, dict(windows)
         self.longer_errors = dict(longer_errors)
         self.used_windows: set = set()
+        self.statistics = statistics   # reductions run over a window of the clip (None: not looked for yet)
 
     # -- helpers ------------------------------------------------------------------------------
     def module(self, node):
@@ -567,7 +569,8 @@ class _Classifier:
             source = node
             kind = "attention" if why == "attention" else "window"
             what = {"attention": "attention over the clip", "token": "a token put along time",
-                    "positions": LENGTH_BUILT, "sized": "a layer sized for the clip length"}[why]
+                    "positions": LENGTH_BUILT, "sized": "a layer sized for the clip length",
+                    "statistic": "a statistic of the clip combined with its frames"}[why]
         self.check_window_values(node)
         self.set(node, "folded", kind, spec=WindowSpec(frames, what), window_inputs=tuple(streams))
         self.mark_from_window(node, frames, source)
@@ -827,6 +830,9 @@ class _Classifier:
         labels = node.meta["cofx_layout"]
         if isinstance(labels, Labels) and "B" not in labels and "BT" not in labels:
             raise ConversionError("mixes the batch (independent streams) into one value", node=node)
+        if self.statistics and node.name in self.statistics:
+            self.window(node, streams, folded, "statistic")
+            return
         self.check_length_args(node, kernel_read or (node.op, node.target) in RESHAPES)
         t_in = x.meta["cofx_time"]
         clip_window = _time_len(x, "clip")
@@ -926,6 +932,10 @@ class _Classifier:
 
     # -- where do reductions end up -------------------------------------------------------------
     def place_reductions(self):
+        if self.statistics is None:
+            found = {node.name for node in self.gm.graph.nodes if self.statistic_of_clip(node)}
+            if found:
+                raise _Statistics(found)
         for node in self.gm.graph.nodes:
             if node.meta.get("cofx_kind") != "reduction" or node.meta["cofx_role"] != "folded":
                 continue
@@ -957,6 +967,32 @@ class _Classifier:
                                   fix="name modules by their path in model.named_modules() (or fx node names) "
                                   "of a temporal mean/pool over the whole clip; see cofx.convert(...).report")
 
+    def statistic_of_clip(self, node) -> bool:
+        """A reduction over the whole clip whose value goes back into the stream only through ops on each value
+        (``h - h.mean(2, keepdim=True)``, ``torch.exp(h - h.amax(2, keepdim=True))``), where every frame so
+        combined is pooled over time again before the output: exact over a window of the clip, and cheap (no
+        layer runs on the window). A gate that feeds layers (squeeze-and-excitation) stays a causal window."""
+        spec = node.meta.get("cofx_spec")
+        if node.meta.get("cofx_kind") != "reduction" or not isinstance(spec, ReductionSpec) or \
+                spec.window != spec.clip_window or not self.reenters_stream(node):
+            return False
+        todo, seen = list(node.users), set()
+        while todo:
+            n = todo.pop()
+            if n in seen:
+                continue
+            seen.add(n)
+            if n.op == "output":
+                continue   # per-window values (a stream node feeding the output stops the search below)
+            if n.meta.get("cofx_role") == "stream":
+                on_values = n.op in ("call_function", "call_method") or \
+                    n.op == "call_module" and stock(self.module(n), _ELEMENTWISE_MODULES)   # (no layer)
+                if not on_values or n.meta.get("cofx_kind") not in ("pointwise", "merge") or \
+                        any(u.op == "output" for u in n.users):
+                    return False
+            todo.extend(n.users)
+        return True
+
     def reenters_stream(self, node) -> bool:
         todo, seen = list(node.users), set()
         while todo:
@@ -973,5 +1009,30 @@ class _Classifier:
 
 def classify_nodes(gm: fx.GraphModule, time_dim: int = 2, windows: Mapping[str, int] = None,
                    longer_errors: Mapping[str, str] = None) -> None:
-    """`longer_errors`: the errors of the longer run by node name (from `record_runs`)."""
-    _Classifier(gm, time_dim, windows or {}, longer_errors or {}).run()
+    """`longer_errors`: the errors of the longer run by node name (from `record_runs`).
+
+    A statistic of the clip computed by hand and combined back with the frames, then pooled again
+    (``(h - h.mean(2, keepdim=True)).pow(2).mean(2)``) is found once the reductions are placed; the
+    nodes are then classified again with it run over a window of the clip (exact), not a causal window."""
+    given = {node: dict(node.meta) for node in gm.graph.nodes}
+
+    def again(statistics: set) -> None:
+        for node, meta in given.items():
+            node.meta.clear()
+            node.meta.update(meta)
+        _Classifier(gm, time_dim, windows or {}, longer_errors or {}, statistics=statistics).run()
+
+    try:
+        _Classifier(gm, time_dim, windows or {}, longer_errors or {}).run()
+    except _Statistics as found:
+        try:
+            again(found.names)
+        except ConversionError:   # the window cannot hold them (crops of other lengths joined): causal windows
+            again(set())
+
+
+class _Statistics(Exception):
+    """Reductions to classify again as windows over the clip (see `classify_nodes`)."""
+    def __init__(self, names: set):
+        super().__init__(sorted(names))
+        self.names = names

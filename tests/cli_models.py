@@ -43,11 +43,15 @@ class Flipped(Open):
 
 
 class Squeeze(Open):
-    """Squeeze-and-excitation over the whole clip mid-network: converted as a windowed approximation."""
+    """Squeeze-and-excitation over the whole clip mid-network, a layer after it: a windowed approximation."""
+
+    def __init__(self):
+        super().__init__()
+        self.after = nn.Conv3d(4, 4, 1)
 
     def forward(self, x):
         x = self.conv(x)
-        x = x * torch.sigmoid(x.mean((2, 3, 4), keepdim=True))
+        x = self.after(x * torch.sigmoid(x.mean((2, 3, 4), keepdim=True)))
         return self.fc(x.mean((2, 3, 4)))
 
 

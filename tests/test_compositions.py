@@ -48,18 +48,20 @@ class Inception(nn.Module):
 
 
 class SqueezeExcitationHead(nn.Module):
-    """Conv, squeeze-and-excitation, then a global pool and a classifier."""
-    def __init__(self):
+    """Conv, squeeze-and-excitation (`after`: a layer on the gated frames, as in a network's blocks), then a
+    global pool and a classifier."""
+    def __init__(self, after=False):
         super().__init__()
         self.conv = conv(C, C)
         self.se = nn.Sequential(nn.AdaptiveAvgPool3d(1), nn.Conv3d(C, 2, 1), nn.ReLU(), nn.Conv3d(2, C, 1),
                                 nn.Sigmoid())
+        self.after = nn.Conv3d(C, C, 1) if after else nn.Identity()
         self.pool = nn.AdaptiveAvgPool3d(1)
         self.fc = nn.Linear(C, 3)
 
     def forward(self, x):
         x = self.conv(x)
-        x = x * self.se(x)
+        x = self.after(x * self.se(x))
         return self.fc(self.pool(x).flatten(1))
 
 
@@ -87,7 +89,7 @@ def test_residual_gets_a_delay_buffer_of_the_branch_delay():
 
 
 def test_squeeze_excitation_is_windowed_and_reported():
-    model = SqueezeExcitationHead().double().eval()
+    model = SqueezeExcitationHead(after=True).double().eval()
     clip = _clip(8)
     co = cofx.convert(model, clip)
     assert not co.is_exact
@@ -100,6 +102,16 @@ def test_squeeze_excitation_is_windowed_and_reported():
     assert_stream_discipline(co, _clip(30))
     with pytest.raises(cofx.ConversionError, match="strict=True refuses windowed approximations: se_0"):
         cofx.convert(model, clip, strict=True)
+
+
+def test_a_gate_pooled_right_after_it_runs_over_a_window_of_the_clip_exactly():
+    """Nothing but the gate's product between the two pools: the gate is a statistic of the clip combined
+    back with its frames, run over a window of the clip, exact (and cheap: no layer runs on the window)."""
+    model = SqueezeExcitationHead().double().eval()
+    co = cofx.convert(model, _clip(8))
+    assert co.is_exact and not co.report.windowed
+    assert next(r for r in co.report if r.name == "se_0").kind == "window"
+    assert_stream_discipline(co, _clip(30))
 
 
 def test_squeeze_excitation_causal_window_values():

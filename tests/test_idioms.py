@@ -702,3 +702,27 @@ def test_report_says_which_nodes_were_checked_only_on_examples():
     assert [r.name for r in co.report.checked_on_examples] == ["_1"]
     assert {r.checked for r in co.report if r.name != "_1"} == {"rule"}
     assert "examples" in str(co.report) and co.report.to_dicts()[2]["checked"] == "examples"
+
+
+ONE_FRAME_MIXERS = {"GroupNorm over (C, T)": nn.GroupNorm(1, C), "flip": lambda h: h.flip(2),
+                    "sort": lambda h: h.sort(2).values, "normalize along time": lambda h: F.normalize(h, dim=2)}
+
+
+@pytest.mark.parametrize("op", sorted(ONE_FRAME_MIXERS))
+def test_an_op_given_one_frame_by_the_example_is_checked_on_a_longer_clip(op):
+    """A valid convolution as long as the example leaves one frame, and one frame cannot show that the next op
+    mixes frames: the check runs again on a longer clip (these were reported exact and stepped wrong)."""
+    class OneFrame(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c, self.op = nn.Conv1d(C, C, 4), ONE_FRAME_MIXERS[op]
+
+        def forward(self, x):
+            return self.op(self.c(x))
+
+    torch.manual_seed(0)
+    with pytest.raises(cofx.ConversionError, match="does not act frame by frame"):
+        cofx.convert(OneFrame().to(D).eval(), clip(t=4))
+    model = OneFrame().to(D).eval()
+    model.op = nn.ReLU()   # an op on each value: checked on the longer clip too, and exact
+    assert_exact(model, clip(t=4))

@@ -465,6 +465,12 @@ EXACT_OPS = {
     "adaptive_avg_pool1d(4)": lambda m, h: F.adaptive_avg_pool1d(h, 4),
     "index_select fixed frames": lambda m, h: h.index_select(2, torch.tensor([0, 2, 4])),
     "narrow to the first frames": lambda m, h: h.narrow(2, 0, 3).mean(2),
+    "variance by hand": lambda m, h: (h - h.mean(2, keepdim=True)).pow(2).mean(2),
+    "softmax pooling, stable by hand": lambda m, h: (torch.exp(h - h.amax(2, keepdim=True)) * h).sum(2)
+    / torch.exp(h - h.amax(2, keepdim=True)).sum(2),
+    "normalised by the clip's statistics, then pooled": lambda m, h: (
+        (h - h.mean(2, keepdim=True)) / (h.std(2, keepdim=True) + 1e-5)).amax(2),
+    "a gate from the clip, then pooled": lambda m, h: (h * torch.sigmoid(m.g(h).mean(2, keepdim=True))).mean(2),
     "narrow to the last frames": lambda m, h: h.narrow(2, -3, 3).amax(2),
     "narrow as a crop": lambda m, h: h.narrow(2, 1, h.shape[2] - 2),
     # ops that return values and indices, the indices unread; power-average pools
@@ -1127,22 +1133,28 @@ def test_persons_folded_into_the_batch_are_not_restarted_apart():
 
 class PersonsGate(nn.Module):
     """Persons folded into the batch (mmskeleton's N * M), a squeeze-and-excitation gate over the clip (AAGCN's
-    channel attention), persons averaged back: windowed, as the same gate is without persons."""
+    channel attention), pooled right after with the persons averaged back: a statistic of the clip combined
+    back with its frames, exact over a window of the clip, as the same gate is without persons; with a layer
+    after the gate (`after`), windowed."""
 
-    def __init__(self):
+    def __init__(self, after=False):
         super().__init__()
         self.c, self.fc = nn.Conv2d(3, 4, (3, 1), padding=(1, 0)), nn.Linear(4, 4)
+        self.after = nn.Conv2d(4, 4, 1) if after else None
 
     def forward(self, x):
         N, C, T, Vv, M = x.size()
         h = self.c(x.permute(0, 4, 1, 2, 3).reshape(N * M, C, T, Vv))
         h = h * torch.sigmoid(self.fc(h.mean(3).mean(2)))[:, :, None, None]
+        if self.after is not None:
+            h = self.after(h)
         return h.mean(3).mean(2).view(N, M, -1).mean(1)
 
 
-def test_a_gate_over_the_clip_with_persons_folded_into_the_batch_is_windowed():
+def test_a_gate_over_the_clip_with_persons_folded_into_the_batch():
     torch.manual_seed(0)
-    assert_windowed(PersonsGate(), torch.randn(1, 3, 10, V, 2, dtype=D))
+    assert_exact(PersonsGate(), torch.randn(1, 3, 10, V, 2, dtype=D))
+    assert_windowed(PersonsGate(after=True), torch.randn(1, 3, 10, V, 2, dtype=D))
 
 
 class CTRGCNHead(nn.Module):
@@ -1163,3 +1175,24 @@ class CTRGCNHead(nn.Module):
 def test_ctr_gcn_head_flattening_frames_and_joints_is_a_global_pool(reduce):
     torch.manual_seed(0)
     assert_exact(CTRGCNHead(reduce), torch.randn(1, 3, 10, V, 2, dtype=D))
+
+
+
+def test_a_statistic_combined_back_and_pooled_is_the_model_on_each_window():
+    """Such a statistic runs over a window of the clip (its frames combined with it by ops on each value, then
+    pooled): with frame-by-frame ops before it, each step's output is the model on the last N frames. A gate
+    that feeds a layer stays a causal window (squeeze-and-excitation: cheap steps, not exact)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv1d(C, C, 1), Lam(lambda m, h: (h - h.mean(2, keepdim=True)).pow(2).mean(2)))
+    model[1].c = nn.Conv1d(C, C, 1)
+    model = model.to(D).eval()
+    co = cofx.convert(model, x1d(10))
+    assert co.is_exact and any(r.kind == "window" for r in co.report)
+    stream = torch.randn(2, C, 27, dtype=D)
+    with torch.no_grad():
+        got = co.forward_steps(stream, pad_end=True)
+        want = torch.stack([model(stream[:, :, t - 9:t + 1]) for t in range(9, 27)], -1)
+    assert max_error(got, want) < 1e-12
+    gated = Lam(lambda m, h: m.g(h * torch.sigmoid(h.mean(2, keepdim=True))).mean(2)).to(D).eval()
+    co = cofx.convert(gated, x1d(10))
+    assert not co.is_exact and any(r.kind == "windowed" for r in co.report)
