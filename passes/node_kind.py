@@ -33,7 +33,7 @@ from __future__ import annotations
 import fnmatch
 import operator
 import warnings
-from typing import Mapping, Optional
+from typing import Iterator, Mapping, Optional
 
 import torch
 import torch.fx as fx
@@ -138,6 +138,19 @@ def attention_hint(node: fx.Node, gm: fx.GraphModule) -> str:
 _ZEROS = {("call_function", torch.zeros), ("call_function", torch.zeros_like), ("call_method", "new_zeros")}
 _SAME_VALUES = {("call_method", m) for m in ("to", "type_as", "cuda", "cpu", "detach", "contiguous", "float",
                                             "double", "half")}
+
+
+def _reached(node: fx.Node, through) -> Iterator[fx.Node]:
+    """Each node reached from `node`'s users, once, going on past the nodes `through` accepts."""
+    todo, seen = list(node.users), set()
+    while todo:
+        n = todo.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        yield n
+        if through(n):
+            todo.extend(n.users)
 
 
 def _ancestors(node: fx.Node) -> set:
@@ -976,35 +989,18 @@ class _Classifier:
         if node.meta.get("cofx_kind") != "reduction" or not isinstance(spec, ReductionSpec) or \
                 spec.window != spec.clip_window or not self.reenters_stream(node):
             return False
-        todo, seen = list(node.users), set()
-        while todo:
-            n = todo.pop()
-            if n in seen:
-                continue
-            seen.add(n)
-            if n.op == "output":
-                continue   # per-window values (a stream node feeding the output stops the search below)
+        for n in _reached(node, lambda n: True):   # (per-window values reach the output as they may)
             if n.meta.get("cofx_role") == "stream":
                 on_values = n.op in ("call_function", "call_method") or \
                     n.op == "call_module" and stock(self.module(n), _ELEMENTWISE_MODULES)   # (no layer)
                 if not on_values or n.meta.get("cofx_kind") not in ("pointwise", "merge") or \
                         any(u.op == "output" for u in n.users):
                     return False
-            todo.extend(n.users)
         return True
 
     def reenters_stream(self, node) -> bool:
-        todo, seen = list(node.users), set()
-        while todo:
-            n = todo.pop()
-            if n in seen:
-                continue
-            seen.add(n)
-            if n.meta.get("cofx_role") == "stream":
-                return True
-            if n.meta.get("cofx_role") == "folded":
-                todo.extend(n.users)
-        return False
+        return any(n.meta.get("cofx_role") == "stream"
+                   for n in _reached(node, lambda n: n.meta.get("cofx_role") == "folded"))
 
 
 def classify_nodes(gm: fx.GraphModule, time_dim: int = 2, windows: Mapping[str, int] = None,
