@@ -726,3 +726,30 @@ def test_an_op_given_one_frame_by_the_example_is_checked_on_a_longer_clip(op):
     model = OneFrame().to(D).eval()
     model.op = nn.ReLU()   # an op on each value: checked on the longer clip too, and exact
     assert_exact(model, clip(t=4))
+
+
+@pytest.mark.parametrize("frames", [2, 3, 4])
+@pytest.mark.parametrize("op", ["cumsum", "cummax", "flip"])
+def test_ops_that_mix_a_few_frames_are_refused(op, frames):
+    """Of two frames the middle one is the last, whose change a running sum never shows; of three the middle
+    one is the one a flip keeps: a node with few frames is checked at each."""
+    mix = {"cumsum": lambda h: h.cumsum(2), "cummax": lambda h: h.cummax(2).values, "flip": lambda h: h.flip(2)}[op]
+    model = Head(lambda m, h: mix(h[:, :, 1:])).to(D).eval()
+    with pytest.raises(cofx.ConversionError, match=f"node '{op}'"):
+        cofx.convert(model, clip(t=frames + 1))
+
+
+def test_a_layer_made_for_the_clip_after_a_node_of_one_frame_converts():
+    """The longer clip that checks a node of one frame fails at a layer sized for the clip after it (nn.Linear
+    over time): the node runs before it and is checked all the same."""
+    class Sized(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c, self.fc = nn.Conv1d(C, C, 4), nn.Linear(1, 2)
+
+        def forward(self, x):
+            h = self.c(x)
+            return self.fc(h + h * h)
+
+    torch.manual_seed(0)
+    assert_exact(Sized().to(D).eval(), clip(t=4))
