@@ -652,11 +652,21 @@ class Framewise(Kernel):
         for frames in args:
             if isinstance(frames, torch.Tensor):
                 if frames.numel() == 0:
-                    return _empty_like_tree(self.out_labels, self.ctx.batch, frames, self.out_dtypes)
+                    return _empty_like_tree(self.out_labels, self.ctx.batch, self._like(args, frames), self.out_dtypes)
                 break
         if self.method is not None:
             return getattr(args[0], self.method)(*args[1:], **kwargs)
         return self.call(*args, **kwargs)
+
+
+    def _like(self, args, frames: torch.Tensor) -> torch.Tensor:
+        """What an empty output is made like: a floating input, else the op's weights (an embedding of codes
+        gives floats, not the codes' integers)."""
+        floating = next((a for a in args if isinstance(a, torch.Tensor) and a.is_floating_point()), None)
+        if floating is not None or not isinstance(self.op, nn.Module):
+            return floating if floating is not None else frames
+        weight = next((p for p in self.op.parameters() if p.is_floating_point()), None)
+        return frames if weight is None else frames.new_empty(0, dtype=weight.dtype)
 
 
 class Recurrent(Stateful):

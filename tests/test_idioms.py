@@ -753,3 +753,29 @@ def test_a_layer_made_for_the_clip_after_a_node_of_one_frame_converts():
 
     torch.manual_seed(0)
     assert_exact(Sized().to(D).eval(), clip(t=4))
+
+
+def test_embedded_codes_keep_the_weights_dtype_in_the_state():
+    """An embedding of per-frame codes gives floats: the state after it (a conv's window, a delay buffer) holds
+    them, from a chunk of no frames too (was int64: a raw error at a flush, set_state refusing its own state)."""
+    class Codes(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.e, self.c = nn.Embedding(C, C), nn.Conv1d(C, C, 3, padding=1)
+
+        def forward(self, x):
+            h = self.e(x.argmax(1)).transpose(1, 2)
+            return h + torch.relu(self.c(h))
+
+    torch.manual_seed(0)
+    model = Codes().to(D).eval()
+    co = assert_exact(model, clip())
+    with torch.no_grad():
+        assert co.forward_steps(clip(t=0), pad_end=True) is None   # a flush of nothing
+        co.forward_steps(clip(t=5))
+        state = co.get_state()
+        co.set_state(state)
+        rest = clip(t=4)
+        got = co.forward_steps(rest, pad_end=True)
+        co.set_state(state)
+        assert torch.equal(co.forward_steps(rest, pad_end=True), got)
