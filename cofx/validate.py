@@ -7,10 +7,10 @@ while the report says exact. So after building, `convert` runs the continual
 model and the user's model on fresh random inputs (a clip from a clean state,
 its frames at scales from 1e-2 to 1e2, a longer clip where the model accepts
 one; non-negative where the example is, as a spectrogram) and steps each as
-one chunk and in random chunks (of 0 to 8 frames, single frames included). Exact models must equal the clip model; every model
-must be chunk invariant. On a
-disagreement or a crash the step graph is run again node by node beside the
-clip graph, and the error names the first node whose frames differ.
+one chunk and in random chunks (of 0 to 8 frames, single frames included).
+Exact models must equal the clip model; every model must be chunk invariant.
+On a disagreement or a crash the step graph is run again node by node beside
+the clip graph, and the error names the first node whose frames differ.
 
 Example::
 

@@ -148,8 +148,8 @@ def max_error(a, b) -> float:
 
 def _tensor_error(x: torch.Tensor, y: torch.Tensor) -> float:
     """The largest difference; NaN where both are NaN counts as equal (a log of the frames where they are
-    negative), as do equal infinities, and NaN on one side is infinitely far; masks and indices (not floating point) differ wholly or not
-    at all."""
+    negative), as do equal infinities, and NaN on one side is infinitely far; masks and indices (not floating
+    point) differ wholly or not at all."""
     if x.is_floating_point() or x.is_complex():
         diff = (x - y).detach().abs()
         if diff.isnan().any():

@@ -69,7 +69,8 @@ def _perturb_args(node_args, values, frame: int, gen: torch.Generator, chosen=_i
             return out
         return values
     if isinstance(node_args, (list, tuple)):
-        return _container(node_args)(_perturb_args(a, v, frame, gen, chosen, sign, in_range) for a, v in zip(node_args, values))
+        return _container(node_args)(_perturb_args(a, v, frame, gen, chosen, sign, in_range)
+                                     for a, v in zip(node_args, values))
     if isinstance(node_args, dict):
         return {k: _perturb_args(node_args[k], values[k], frame, gen, chosen, sign, in_range) for k in node_args}
     return values
