@@ -274,11 +274,10 @@ def _check_no_namedtuples(gm) -> None:
 def _first_runs(gm, model: nn.Module, clip: torch.Tensor, time_dim: int) -> dict:
     """`record_runs` of the traced graph; where it fails on the example the model itself takes, the trace fixed
     a path the model does not take (a ``try``/``except`` around a call, a branch on a value): said so."""
+    runs = _runs(clip, time_dim)
     try:
-        return passes.record_runs(gm, _runs(clip, time_dim))
+        errors = passes.record_runs(gm, {"clip": runs.pop("clip")})
     except ConversionError as e:
-        if "example clip" not in e.why:
-            raise
         try:
             with torch.no_grad():
                 model(clip)
@@ -289,6 +288,7 @@ def _first_runs(gm, model: nn.Module, clip: torch.Tensor, time_dim: int) -> dict
                               fix="write forward without Python control flow on what tracing cannot know (a "
                               "try/except around a call, a branch on a tensor's value), or keep the module that "
                               "has it whole with leaf_modules=[...] if it acts frame by frame") from None
+    return {**errors, **passes.record_runs(gm, runs)}
 
 
 def _runs(clip: torch.Tensor, time_dim: int) -> dict:

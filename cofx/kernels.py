@@ -658,7 +658,6 @@ class Framewise(Kernel):
             return getattr(args[0], self.method)(*args[1:], **kwargs)
         return self.call(*args, **kwargs)
 
-
     def _like(self, args, frames: torch.Tensor) -> torch.Tensor:
         """What an empty output is made like: a floating input, else the op's weights (an embedding of codes
         gives floats, not the codes' integers)."""

@@ -143,9 +143,7 @@ def load(path, *, trust: bool = False, source: str = None, leaf_modules=None):
     from .api import convert   # cofx.api imports the whole compiler; cofx.saving stays light to import
     record = _read(path)
     meta = record["meta"]
-    dtype = getattr(torch, str(meta["dtype"]), None)
-    if not isinstance(dtype, torch.dtype):
-        raise ValueError(f"'{path}' is not a continual model written by cofx.save (its dtype is {meta['dtype']!r})")
+    dtype = getattr(torch, meta["dtype"])   # (a floating dtype: `_read` checked the record's form)
     if "graph" in record:
         if not trust:
             raise ValueError(f"'{path}' holds the model's pickled graph (it was saved without source=), and "
@@ -235,8 +233,8 @@ def _malformed(record: dict) -> str:
     if not isinstance(shape, (list, tuple)) or len(shape) < 2 or \
             not all(type(n) is int and n > 0 for n in shape):
         return f"its clip shape {shape!r} is not a list of positive sizes"
-    if not isinstance(getattr(torch, str(meta.get("dtype")), None), torch.dtype) or \
-            not getattr(torch, str(meta.get("dtype"))).is_floating_point:
+    dtype = getattr(torch, str(meta.get("dtype")), None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         return f"its dtype {meta.get('dtype')!r} is not a floating dtype"
     if any(k not in meta for k in FACTS):
         return "facts about the model are missing"

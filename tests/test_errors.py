@@ -486,3 +486,24 @@ def test_a_torch_layer_subclass_with_its_own_forward_kept_whole_is_not_read_as_t
         cofx.convert(InceptionWithSamePool().eval(), torch.randn(1, 3, 8, 4, 4), validate=validate)
     msg = str(err.value)
     assert "node 'pool'" in msg and "torch.fx could not trace into it" in msg, msg
+
+
+def test_a_path_fixed_at_tracing_that_the_model_does_not_take_is_named():
+    """SpeechBrain's ``try: layer(x, lengths=lens) except TypeError: layer(x)``: the trace takes the first path,
+    which the model itself leaves; the refusal says so rather than blaming the example's shape."""
+    class Tries(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c = nn.Conv1d(2, 2, 3, padding=1)
+
+        def forward(self, x):
+            try:
+                return self.c(x, lengths=None)
+            except TypeError:
+                return self.c(x)
+
+    model = Tries().eval()
+    assert model(torch.randn(1, 2, 8)).shape == (1, 2, 8)
+    with pytest.raises(cofx.ConversionError, match="which the model itself takes: torch.fx fixed at tracing") as e:
+        cofx.convert(model, torch.randn(1, 2, 8))
+    assert "try/except around a call" in str(e.value) and "check the example input's shape" not in str(e.value)
