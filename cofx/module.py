@@ -12,7 +12,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from . import modes
 from .compiled_step import CompiledSteps
-from .errors import StreamError
+from .errors import ConversionError, StreamError, first_line
 from .flat_step import flat_step_module
 from .growing_window import NewestFrames
 from .kernels import STATE_FIX, Align, Sliding, Stateful, StreamContext, state_spec
@@ -162,6 +162,8 @@ class ContinualModule(fx.GraphModule):
                 ctx.flushing = True
                 try:
                     tail = self._step_call(x.narrow(t, 0, 0))
+                except Exception as e:
+                    raise self._flush_error(e, None if frames is None else frames + n) from e
                 finally:
                     ctx.flushing = False
                 out = self._concat(out, tail)
@@ -180,6 +182,26 @@ class ContinualModule(fx.GraphModule):
             out = None
         set_ready(self, torch.full((x.shape[0],), out is not None and all(frames), device=x.device))
         return self._frame_output(out) if framewise else out
+
+    def _flush_error(self, error: Exception, frames: Optional[int]) -> Exception:
+        """Why ending a stream of `frames` frames failed: a length the model itself does not take (branches
+        strided apart that end at different frames) gets a `StreamError` saying so; any other error is left as
+        it is."""
+        if frames is None or isinstance(error, (StreamError, ConversionError)):
+            return error
+        shape = list(self.clip_shape)
+        shape[self._info["time_dim"]] = frames
+        p = next(iter(self.parameters()), None)
+        try:
+            with torch.no_grad():
+                self.forward(torch.zeros(shape, dtype=p.dtype if p is not None else torch.float32,
+                                         device=p.device if p is not None else None))
+        except Exception as clip_error:
+            return StreamError(f"the stream ended after {frames} frames, a length the model itself does not take: "
+                               f"its forward fails on a clip of {frames} frames too ({type(clip_error).__name__}: "
+                               f"{first_line(clip_error)}); end streams at a length the model takes (the example's "
+                               f"{self.clip_shape[self._info['time_dim']]} frames, for one)")
+        return error
 
     def _mode_of_state(self) -> None:
         """A stream begun under ``torch.inference_mode()`` goes on outside it: its state (inference tensors, which

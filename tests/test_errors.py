@@ -507,3 +507,25 @@ def test_a_path_fixed_at_tracing_that_the_model_does_not_take_is_named():
     with pytest.raises(cofx.ConversionError, match="which the model itself takes: torch.fx fixed at tracing") as e:
         cofx.convert(model, torch.randn(1, 2, 8))
     assert "try/except around a call" in str(e.value) and "check the example input's shape" not in str(e.value)
+
+
+class StridedBranches(nn.Module):
+    """Two branches of stride 2 that end at different frames on an odd clip: the model takes even lengths only."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.pool = nn.Conv1d(2, 2, 2, stride=2), nn.MaxPool1d(3, 2, 1)
+
+    def forward(self, x):
+        return torch.cat([self.conv(x), self.pool(x)], 1)
+
+
+def test_a_stream_ended_at_a_length_the_model_does_not_take_says_so():
+    model, clip = StridedBranches().eval(), torch.randn(1, 2, 8)
+    co = cofx.convert(model, clip)
+    with pytest.raises(RuntimeError):
+        model(torch.randn(1, 2, 9))
+    co.forward_steps(torch.randn(1, 2, 9))
+    with pytest.raises(cofx.StreamError, match="ended after 9 frames, a length the model itself does not take"):
+        co.forward_steps(torch.randn(1, 2, 0), pad_end=True)
+    torch.testing.assert_close(co.forward_steps(clip, pad_end=True), model(clip))   # cleaned: a new stream works
