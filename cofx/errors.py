@@ -85,3 +85,8 @@ class ConversionError(RuntimeError):
 
 class StreamError(ValueError):
     """A frame or chunk does not fit the stream the continual model is processing."""
+
+
+class LengthNotTaken(StreamError):
+    """A stream ended at a length the model itself does not take (branches strided apart end at different
+    frames there)."""

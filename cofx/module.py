@@ -12,7 +12,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from . import modes
 from .compiled_step import CompiledSteps
-from .errors import ConversionError, StreamError, first_line
+from .errors import ConversionError, LengthNotTaken, StreamError, first_line
 from .flat_step import flat_step_module
 from .growing_window import NewestFrames
 from .kernels import STATE_FIX, Align, Sliding, Stateful, StreamContext, state_spec
@@ -185,8 +185,8 @@ class ContinualModule(fx.GraphModule):
 
     def _flush_error(self, error: Exception, frames: Optional[int]) -> Exception:
         """Why ending a stream of `frames` frames failed: a length the model itself does not take (branches
-        strided apart that end at different frames) gets a `StreamError` saying so; any other error is left as
-        it is."""
+        strided apart that end at different frames) gets a `StreamError` (`LengthNotTaken`) saying so; any other
+        error is left as it is."""
         if frames is None or isinstance(error, (StreamError, ConversionError)):
             return error
         shape = list(self.clip_shape)
@@ -197,7 +197,7 @@ class ContinualModule(fx.GraphModule):
                 self.forward(torch.zeros(shape, dtype=p.dtype if p is not None else torch.float32,
                                          device=p.device if p is not None else None))
         except Exception as clip_error:
-            return StreamError(f"the stream ended after {frames} frames, a length the model itself does not take: "
+            return LengthNotTaken(f"the stream ended after {frames} frames, a length the model itself does not take: "
                                f"its forward fails on a clip of {frames} frames too ({type(clip_error).__name__}: "
                                f"{first_line(clip_error)}); end streams at a length the model takes (the example's "
                                f"{self.clip_shape[self._info['time_dim']]} frames, for one)")

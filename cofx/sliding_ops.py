@@ -432,7 +432,8 @@ def pad_spec(node: fx.Node, gm: fx.GraphModule, t_axis: int, ndim: int) -> Optio
     elif node.op == "call_function" and node.target is F.pad:
         b = _bind(("input", "pad", "mode", "value"), {"mode": "constant", "value": None}, node.args, node.kwargs)
         pad = tuple(int(_recorded(p, "clip")) for p in b["pad"])
-        if any(isinstance(p, fx.Node) and _recorded(p, "longer") != _recorded(p, "clip") for p in b["pad"]):
+        if any(isinstance(p, fx.Node) and (p.meta.get("cofx_length") is not None or
+                                           _recorded(p, "longer") != _recorded(p, "clip")) for p in b["pad"]):
             raise ConversionError("the padding depends on the clip length", node=node,
                                   fix="pad by a fixed number of frames")
         mode, value = b["mode"], float(b["value"] or 0.0)

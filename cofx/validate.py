@@ -27,13 +27,14 @@ Example::
 from __future__ import annotations
 
 import itertools
+import math
 import random
 
 import torch
 import torch.fx as fx
 from torch.utils._pytree import tree_flatten, tree_map
 
-from .errors import ConversionError, first_line
+from .errors import ConversionError, LengthNotTaken, describe, first_line
 from .passes.temporal_geometry import WindowSpec
 from .scratch_stream import scratch_stream
 from .verify import as_steps, by_chunks, chunk_sizes, max_error, output_tolerance
@@ -66,27 +67,46 @@ def validate(co, model, clip: torch.Tensor, *, seed: int = 0) -> None:
     x = fresh(2, clip.shape[t])
     scale = 10 ** torch.empty(x.shape[t], dtype=torch.float64).uniform_(*SCALES, generator=gen)
     x[1:] *= scale.to(x.dtype).view([-1 if i == t else 1 for i in range(x.dim())])
-    longer = fresh(1, clip.shape[t] + max(3, 2 * co.stride * co._info["period"]))
     with scratch_stream(co), torch.no_grad():   # the user's stream and every submodule's mode kept
         what = "a random clip of two streams (the second scaled by 1e-2 to 1e2 frame by frame)"
-        keeps_time = _check(co, model, x, what, ("in random chunks", "as one chunk"), rng)
-        # a model's output on a longer clip is comparable only where each output keeps time as the steps
-        # do (a reduction's steps give one window per step, the model pools the longer clip whole) and no
-        # window over the clip answers for the last N frames
-        _check(co, model, longer, f"a longer clip ({longer.shape[t]} frames)",
-               ("as one chunk", "in random chunks"), rng, longer=True, compare=keeps_time and not _windows(co))
+        compared = _check(co, model, x, what, ("in random chunks", "as one chunk"), rng)
+        # a model's outputs on a longer clip are compared where they keep time (a reduction's steps give one
+        # window per step where the model pools the longer clip whole), and where no window over the clip
+        # answers for the last N frames
+        extras = _extra_frames(co.stride * co._info["period"])
+        for i, extra in enumerate(extras):
+            longer = fresh(1, clip.shape[t] + extra)
+            try:
+                _check(co, model, longer, f"a longer clip ({longer.shape[t]} frames)", ("as one chunk",
+                       "in random chunks"), rng, longer=True, compare=compared and not _windows(co),
+                       other_length=i + 1 < len(extras))
+                break
+            except LengthNotTaken:   # a model that takes whole strides only: a longer clip of whole strides
+                continue
 
 
-def _check(co, model, x, what, runs, rng, longer=False, compare=True) -> bool:
+def _extra_frames(period: int) -> tuple:
+    """How many frames the longer clip adds: first a number prime to 2 and 3, so that its length differs from
+    the example's modulo 2, 3, 4, 6, 8 and 9 (a crop or pad to a multiple of 4 computed from the length, frames
+    paired even with odd, show); then, for a model that takes whole strides only, two periods of the steps."""
+    whole = max(3, 2 * period)
+    other = next(n for n in itertools.count(whole) if math.gcd(n, 6) == 1)
+    return (other, whole) if other != whole else (whole,)
+
+
+def _check(co, model, x, what, runs, rng, longer=False, compare=True, other_length=False) -> bool:
     """Step `x` each way of `runs` from a clean state: the first equals `model(x)` for exact models (unless not
-    `compare`); the second runs only where the first could not be compared with the model, and equals the
-    first. Returns whether each output keeps time as the steps do (so a longer clip can be compared with the
-    model)."""
+    `compare`); the second runs only where the first could not be compared with the model whole, and equals
+    the first. Returns whether the model was compared. `longer`: `x` is longer than the example, and only the
+    outputs that keep time are compared with the model. `other_length`: where the model does not take the
+    length of `x`, raise `LengthNotTaken` (a clip of another length is tried)."""
     ref = None
     if co.is_exact and compare:
         try:
             ref = model(x)
         except Exception as e:
+            if other_length:
+                raise LengthNotTaken(first_line(e)) from None
             if not longer:   # a longer clip may not fit a model bound to its clip length: then it is not compared
                 raise ConversionError(f"the model fails on {what} shaped like the example "
                                       f"({type(e).__name__}: {first_line(e)})") from None
@@ -99,6 +119,10 @@ def _check(co, model, x, what, runs, rng, longer=False, compare=True) -> bool:
         fail = lambda why, sizes=sizes: _fail(co, model, x, sizes, why)  # noqa: E731
         try:
             out = by_chunks(co, x, sizes)
+        except LengthNotTaken:
+            if other_length:
+                raise
+            fail(f"stepping {what} {how} fails: the model itself does not take its length")
         except ConversionError:
             raise
         except Exception as e:
@@ -107,18 +131,29 @@ def _check(co, model, x, what, runs, rng, longer=False, compare=True) -> bool:
             first = out
             if ref is None:
                 continue
-            want = as_steps(ref, out)
-            if longer and _shapes_of(want) != _shapes_of(out):
-                continue
-            differs = _disagreement(out, want, x.shape[0])
+            want, compared = as_steps(ref, out), out
+            if longer:   # reductions, which the model pools whole, are compared by the steps with each other
+                compared, want = _frame_outputs(co, out), _frame_outputs(co, want)
+            differs = "" if isinstance(want, list) and not want else _disagreement(compared, want, x.shape[0])
             if differs:
                 fail(f"stepping {what} {how} from a clean state differs from the model's forward ({differs})")
-            return _shapes_of(ref) == _shapes_of(out)
+            if len(tree_flatten(want)[0]) == len(tree_flatten(out)[0]):
+                return True
+            continue
         differs = _disagreement(out, first, x.shape[0])
         if differs:
             fail(f"stepping {what} {how} differs from stepping it {runs[0]} ({differs}): the steps depend on "
                  "how the stream is split")
     return False
+
+
+def _frame_outputs(co, out) -> list:
+    """The outputs that keep time (frames, not a reduction's windows) among the leaves of `out`, as a list."""
+    leaves = tree_flatten(next(n for n in co.graph.nodes if n.op == "output").args[0])[0]
+    outs = tree_flatten(out)[0]
+    if len(leaves) != len(outs):
+        return outs
+    return [o for o, n in zip(outs, leaves) if isinstance(n, fx.Node) and n.meta.get("cofx_role") == "stream"]
 
 
 def _windows(co) -> bool:
@@ -162,6 +197,12 @@ def _fail(co, model, x, sizes: list, why: str):
         if max_error(traced, ref) > output_tolerance(ref):
             detail = ("the traced graph differs from the model's forward on this input: Python control flow "
                       "that torch.fx fixed at tracing (a branch on a shape or a value)")
+        else:   # an op dropped from the steps as doing nothing on the example (a crop to a multiple of 4)
+            node = next((n for n in co.graph.nodes if n.meta.get("cofx_role") == "stream" and
+                         any(a.meta.get("cofx_length") is not None for a in n.all_input_nodes)), None)
+            if node is not None:
+                detail = (f"{describe(node)} uses the clip length, which is each chunk's length when stepping; it "
+                          "is the first op that does")
     raise ConversionError(f"the continual model does not match the clip model: {why}" +
                           (f"; the first node that differs: {detail}" if detail else ""), node=node,
                           fix="make this op act frame by frame (no use of the clip's length or of values "
