@@ -97,6 +97,8 @@ def _convert(model, example_input, strict, leaf_modules, time_dim, window, init,
     say("recording shapes on the clip, a longer clip and two streams")
     errors = _first_runs(gm, model, clip, time_dim)
     rewritten = passes.name_view_batches(gm)
+    rewritten += passes.outputs_unpacked(gm)
+    rewritten += passes.stacked_frames(gm)
     rewritten += passes.zeros_as_pad(gm)
     rewritten += passes.reduce_before_view(gm)
     rewritten += passes.matmul_before_view(gm)

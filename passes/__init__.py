@@ -11,6 +11,8 @@ from .lp_pool_as_avg import lp_pool_as_avg
 from .negative_pads import negative_pads_as_crops
 from .shape_runs import record_runs
 from .batch_views import name_view_batches
+from .outputs_unpacked import outputs_unpacked
+from .stacked_frames import stacked_frames
 from .zeros_as_pad import zeros_as_pad
 from .reduce_before_view import reduce_before_view
 from .matmul_before_view import matmul_before_view
@@ -26,7 +28,7 @@ from .fold_batchnorm import mark_batchnorm_folds
 from .continualize import build_step_graph
 from .read_rows import newest_rows, read_rows
 
-__all__ = ["diff_as_slices", "im2col_as_unfold", "unfold_as_slices", "values_only", "lp_pool_as_avg", "negative_pads_as_crops", "record_runs", "name_view_batches", "zeros_as_pad", "reduce_before_view", "matmul_before_view", "frames_resized_alone", "label_layouts", "mark_length_values", "classify_nodes", "fold_crops", "check_framewise",
+__all__ = ["diff_as_slices", "im2col_as_unfold", "unfold_as_slices", "values_only", "lp_pool_as_avg", "negative_pads_as_crops", "record_runs", "name_view_batches", "outputs_unpacked", "stacked_frames", "zeros_as_pad", "reduce_before_view", "matmul_before_view", "frames_resized_alone", "label_layouts", "mark_length_values", "classify_nodes", "fold_crops", "check_framewise",
            "check_causal",
            "annotate_timing",
            "select_kernels", "mark_batchnorm_folds", "build_step_graph", "read_rows", "newest_rows"]

@@ -1,0 +1,86 @@
+"""A view that stacks every k frames into one, written as the k strided crops it stacks.
+
+Speech encoders cut their frame rate by stacking neighbouring frames,
+``x.reshape(b, t // 4, 4 * f)`` (RNN-T's time reduction, LAS's pyramid), and
+pools are written as ``h.view(b, c, t // 2, 2).amax(-1)``. Such a view splits
+the time axis into (T/k, k), row-major, and merges the k into the dimensions
+after it: frame j of the result holds frames jk ... jk + k - 1. That is
+``torch.stack([x[.., i::k] for i in range(k)], t + 1)`` viewed the same way,
+and strided crops stream exactly (frame j is ready once frame jk + k - 1 is
+in). Recognised from the shape runs: the time axis is the one size that
+changes between runs, the view keeps the dimensions in front of it and gives
+the same k on every run. Runs after the shape runs and asks for them again.
+
+Example::
+
+    >>> class Stack4(torch.nn.Module):
+    ...     def forward(self, x):                       # (B, T, F)
+    ...         b, t, f = x.shape
+    ...         return x.reshape(b, t // 4, 4 * f)
+    >>> gm = cofx.tracer.trace(Stack4())
+    >>> _ = cofx.passes.record_runs(gm, cofx.api._runs(torch.randn(1, 8, 3), time_dim=1))
+    >>> stacked_frames(gm)
+    1
+    >>> x = torch.randn(2, 12, 3)
+    >>> torch.equal(gm(x), Stack4()(x))
+    True
+"""
+from __future__ import annotations
+
+import math
+import operator
+from typing import Optional
+
+import torch
+from torch import fx
+
+from cofx.graph_rewrite import rewrite_nodes
+
+from .diff_as_slices import along
+from .shape_runs import run_shapes
+
+_VIEWS = {("call_method", "view"), ("call_method", "reshape"), ("call_function", torch.reshape)}
+
+
+def _stacked(node: fx.Node) -> Optional[tuple]:
+    """(time axis of the input, k) where `node` views k consecutive frames as one, else None."""
+    if (node.op, node.target) not in _VIEWS or not node.args or not isinstance(node.args[0], fx.Node):
+        return None
+    ins, outs = run_shapes(node.args[0]), run_shapes(node)
+    runs = [r for r in ("clip", "longer") if r in ins and r in outs]
+    if len(runs) < 2:
+        return None
+    a, b = (ins[r] for r in runs)
+    moved = [i for i in range(len(a)) if len(a) == len(b) and a[i] != b[i]]
+    out_a, out_b = (outs[r] for r in runs)
+    out_moved = [j for j in range(len(out_a)) if len(out_a) == len(out_b) and out_a[j] != out_b[j]]
+    if len(moved) != 1 or len(out_moved) != 1:
+        return None
+    t, j = moved[0], out_moved[0]
+    ks = {s[t] // o[j] for s, o in ((a, out_a), (b, out_b)) if o[j] and s[t] % o[j] == 0}
+    if len(ks) != 1 or min(ks) < 2:
+        return None
+    k = min(ks)
+    for s, o in ((a, out_a), (b, out_b)):
+        if tuple(o[:j]) != tuple(s[:t]) or o[j] * k != s[t] or \
+                math.prod(o[j + 1:]) != k * math.prod(s[t + 1:]):
+            return None
+    return t, k
+
+
+def _as_crops(graph: fx.Graph, node: fx.Node) -> Optional[fx.Node]:
+    found = _stacked(node)
+    if found is None:
+        return None
+    t, k = found
+    x = node.args[0]
+    taps = [graph.call_function(operator.getitem, (x, along(t, slice(i, -(k - 1 - i) or None, k))))
+            for i in range(k)]
+    stacked = graph.call_function(torch.stack, (taps,), {"dim": t + 1})
+    sizes = node.args[1:] if node.op == "call_method" else node.args[1:2]
+    return graph.call_method("reshape", (stacked, *sizes), dict(node.kwargs))
+
+
+def stacked_frames(gm: fx.GraphModule) -> int:
+    """Rewrite every view of `gm` that stacks frames as stacked strided crops; returns how many were."""
+    return rewrite_nodes(gm, [n for n in gm.graph.nodes if _stacked(n) is not None], _as_crops)
