@@ -104,6 +104,22 @@ def _other_frames_equal(node, out, out_p, frame: int) -> bool:
     return True
 
 
+def _sees_other_frames(node, out, frame: int) -> bool:
+    """Whether each floating output of `node` holds a finite value outside `frame`: where every other frame is NaN
+    or infinite (a log or a fractional power of negative frames), no change to `frame` can show there."""
+    for a, lab in zip(tree_flatten(out)[0], tree_flatten(node.meta["cofx_layout"])[0]):
+        if not isinstance(a, torch.Tensor) or not (a.is_floating_point() or a.is_complex()) or not a.numel():
+            continue
+        axes = time_axes(lab) if isinstance(lab, Labels) else []
+        finite = a.isfinite()
+        if axes and a.shape[axes[0]] > 1:
+            finite = torch.cat([finite.narrow(axes[0], 0, frame),
+                                finite.narrow(axes[0], frame + 1, a.shape[axes[0]] - frame - 1)], axes[0])
+        if not finite.any():
+            return False
+    return True
+
+
 def _with_other_row(node_args, values, gen: torch.Generator, scale: float):
     """The stream and folded inputs of a node with a second row after their first (batch) row: noise `scale`
     times the size of the first. (A node after a reduction or over a window runs on windows of its stream
@@ -202,6 +218,12 @@ def check_framewise(gm: fx.GraphModule, clip: torch.Tensor) -> None:
                 out_p = perturbed(True)
             return _other_frames_equal(node, result, out_p, frame)
 
+        if not _sees_other_frames(node, result, frames[0]):
+            failures.append(ConversionError(
+                "is NaN or infinite in every frame on the example clip, so cofx cannot check that it acts frame by "
+                "frame", node=node, fix="convert with an example on which the model computes numbers: frames of the "
+                "kind it takes (non-negative where it takes a log or a fractional power of them)"))
+            return
         # a running maximum shows a frame raised, a running minimum one lowered: both, where a frame is one value
         single = _single_valued_frames(streams, run["name"])
         if not all(others_kept(1, f) and (not single or others_kept(-1, f)) for f in frames):
