@@ -15,6 +15,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 from torch import nn
+import torch.nn.functional as F
 from torch.utils._pytree import tree_map
 
 from .derived import Derived
@@ -656,7 +657,14 @@ class Framewise(Kernel):
                 break
         if self.method is not None:
             return getattr(args[0], self.method)(*args[1:], **kwargs)
-        return self.call(*args, **kwargs)
+        try:
+            return self.call(*args, **kwargs)
+        except ValueError:
+            if not (isinstance(self.op, nn.GroupNorm) or self.op is F.group_norm) or args[0].shape[0] != 1:
+                raise
+            # torch refuses a group norm of one value per group on a single row (one frame of one stream,
+            # frames folded into the batch); each row is normalised alone, so two copies give the row's answer
+            return self.call(torch.cat([args[0], args[0]]), *args[1:], **kwargs)[:1]
 
     def _like(self, args, frames: torch.Tensor) -> torch.Tensor:
         """What an empty output is made like: a floating input, else the op's weights (an embedding of codes

@@ -658,7 +658,8 @@ def _check_burst(plan: "_SlidingPlan"):
         raise NotSteppable(
             f"kernel '{plan.name}' pads the start of the stream by repeating its first frame {k.pad_l} times, so "
             f"that frame completes {windows} windows at once; a one-frame step cannot express "
-            "that burst (pad with zeros or a constant instead, or convert with init='zeros')")
+            "that burst (" + ("its padding is the model's: pad with zeros or a constant there" if k.replicate else
+                              "convert with init='zeros'") + ")")
 
 
 def _initial(plan, primed: dict, primed2: dict, seen: Optional[dict], dtype, device) -> List[torch.Tensor]:

@@ -28,6 +28,7 @@ from torch.utils._pytree import tree_flatten
 
 from . import onednn_conv
 from .dtype_device import dtype_device
+from .errors import first_line
 from .masked_step import MaskedStep, NotSteppable, nan_where_not
 from .scratch_stream import scratch_stream
 from .unfused import unfused_attention
@@ -193,11 +194,14 @@ def export_onnx(co, path, opset: Optional[int] = None) -> dict:
                     torch.onnx.export(wrapper, (frame, reset, *state), os.fspath(path), dynamo=False,
                                       input_names=input_names, output_names=output_names,
                                       dynamic_axes={n: {a: "batch"} for n, a in batch_axes.items()},
-                                      opset_version=opset, do_constant_folding=True)
+                                      opset_version=opset, do_constant_folding=True, verbose=False)
             except _Misaligned:
                 raise NotSteppable("cannot export this model to ONNX: an op of its step reads tensor sizes in "
                                    "another order while torch.onnx traces it than when it runs (attention given "
                                    "a key-padding mask does); the model still steps in PyTorch") from None
+            except torch.onnx.errors.OnnxExporterError as e:   # an op torch.onnx has no export for
+                raise NotSteppable(f"cannot export this model to ONNX: torch.onnx cannot export an op of its step "
+                                   f"({first_line(e)}); the model still steps in PyTorch") from None
             finally:
                 wrapper.__dict__["shapes"] = None
         values = dict(zip(input_names, (frame, reset, *state)))

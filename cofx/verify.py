@@ -132,7 +132,8 @@ def _inputs(co, steps, video, seed):
             raise ValueError(f"'{video}' has {have} frames; the model's clip is {clip_len} frames")
         steps = min(steps, have)
         desc = f"frames of {video}, clip of {clip_len} frames, stream of {steps} frames"
-    return frames.narrow(time_dim, 0, clip_len), frames.narrow(time_dim, 0, steps), desc
+    # contiguous, as a model's input usually is (a model may ``view`` it)
+    return frames.narrow(time_dim, 0, clip_len).contiguous(), frames.narrow(time_dim, 0, steps).contiguous(), desc
 
 
 def max_error(a, b) -> float:
