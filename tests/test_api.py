@@ -298,3 +298,22 @@ def test_a_stream_begun_under_inference_mode_goes_on_outside_it(restart):
         (a is None and b is None) or torch.allclose(a, b, rtol=1e-12, atol=1e-14, equal_nan=True)
         for a, b in zip(got, want))   # (the state handed over leaves the ring its kernels kept: other rounding)
     assert sum(a is not None for a in want) >= 6
+
+
+def test_verify_gives_the_model_contiguous_clips_as_a_model_that_views_its_input_needs():
+    """(B, T, C, H, W) frames folded into the batch by ``x.view``: verify's clip is not a strided slice."""
+    class FrameCNN(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3, padding=1)
+
+        def forward(self, x):
+            b, t, c, h, w = x.size()
+            return self.conv(x.view(-1, c, h, w)).mean((2, 3)).view(b, t, -1).mean(1)
+
+    torch.manual_seed(0)
+    model = FrameCNN().eval()
+    co = cofx.convert(model, torch.randn(1, 8, 3, 6, 6), time_dim=1)
+    for reference in (model, None):
+        report = cofx.verify(co, reference)
+        assert report.ok and report.checks[0].max_error <= 1e-6, str(report)

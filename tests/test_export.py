@@ -393,3 +393,36 @@ def test_a_transposed_convolution_at_temporal_stride_1_exports(tmp_path):
     co = cofx.convert(model, torch.randn(1, 2, 10, 9))
     assert co.is_exact and co.delay == 1
     export_and_compare(co, tmp_path, torch.randn(2, 2, 12, 9))
+
+
+def test_an_op_torch_onnx_cannot_export_is_refused_saying_the_model_still_steps(tmp_path):
+    """An adaptive pool into bins that do not divide the clip has no ONNX form: a cofx error, not torch.onnx's."""
+    class Bins(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.fc = nn.Conv1d(6, 8, 3), nn.Linear(32, 3)
+
+        def forward(self, x):
+            return self.fc(F.adaptive_avg_pool1d(F.relu(self.conv(x)), 4).flatten(1))
+
+    co = cofx.convert(Bins().eval(), torch.randn(1, 6, 17))
+    with pytest.raises(NotSteppable, match="torch.onnx cannot export an op of its step .*adaptive_avg_pool1d.*still "
+                                           "steps in PyTorch"):
+        cofx.export_onnx(co, tmp_path / "bins.onnx")
+
+
+def test_a_start_padding_of_the_models_own_that_bursts_says_to_pad_with_zeros_there(tmp_path):
+    """Several repeated first frames at the start cannot be one frame per step; the model pads so itself
+    (``F.pad(x, (2, 0), mode='replicate')``), so ``init`` is not the fix."""
+    class Padded(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv1d(2, 3, 3)
+
+        def forward(self, x):
+            return self.conv(F.pad(x, (2, 0), mode="replicate"))
+
+    co = cofx.convert(Padded().eval(), torch.randn(1, 2, 8))
+    with pytest.raises(NotSteppable, match="repeating its first frame 2 times.*its padding is the model's: pad with "
+                                           "zeros or a constant there"):
+        cofx.export_onnx(co, tmp_path / "padded.onnx")

@@ -100,6 +100,13 @@ EXACT = {   # idiom -> head; each must convert and step exactly
     "table entry picked at T - 1": lambda m, h: h + m.pos[:, :, h.shape[2] - 1:h.shape[2]],
     "arange(T) added": lambda m, h: h + torch.arange(h.shape[2], dtype=h.dtype),
     "causal self-attention, every frame": lambda m, h: _self_attention(h, causal=True),
+    # one op returning the outputs in a container: each streams on its own
+    "h.chunk(2, 1) returned": lambda m, h: h.chunk(2, 1),
+    "the pooled frames split in two, returned": lambda m, h: h.mean(2).split(C // 2, 1),
+    # consecutive frames stacked by a view: strided crops
+    "pairs of frames pooled by view + amax": lambda m, h: h.view(h.shape[0], C, h.shape[2] // 2, 2).amax(-1),
+    "pairs of frames stacked into channels (time reduction)": lambda m, h: h.transpose(1, 2).reshape(
+        h.shape[0], h.shape[2] // 2, 2 * C).transpose(1, 2),
 }
 REFUSED = {   # idiom -> (head, words the message must hold)
     "h / sqrt(T)": (lambda m, h: h / math.sqrt(h.shape[2]), "truediv"),
@@ -108,7 +115,27 @@ REFUSED = {   # idiom -> (head, words the message must hold)
     "self-attention over frames, every frame": (lambda m, h: _self_attention(h), "scaled_dot_product_attention"),
     "full_like(h, T)": (lambda m, h: h * torch.full_like(h, h.shape[2]), "full_like"),
     "the clip length returned": (lambda m, h: (h, h.shape[2]), "output"),
+    # the length's residue: the same on the example and on a longer clip of whole multiples, other elsewhere
+    "frames cropped to a multiple of 4": (lambda m, h: h[:, :, :h.shape[2] - h.shape[2] % 4], "getitem"),
+    "frames padded to a multiple of 4": (lambda m, h: F.pad(h, (0, (4 - h.shape[2] % 4) % 4)), "pad"),
+    "each frame paired with the one half a clip later by a view": (
+        lambda m, h: h.view(h.shape[0], C, 2, h.shape[2] // 2).amax(2), "view"),
 }
+
+
+def _paired(m, h):
+    """Odd frames added to the even ones before them: the even frames cropped to as many as there are odd."""
+    odd = h[:, :, 1::2]
+    return odd + h[:, :, ::2][:, :, :odd.shape[2]]
+
+
+def test_frames_paired_by_a_crop_read_off_the_clip_are_exact_where_the_crop_is_none_and_refused_elsewhere():
+    """On an even clip the crop takes nothing and the steps pair frames as the model does at every length; on
+    an odd clip it takes one frame, which on an even clip it would not: refused, naming the crop."""
+    torch.manual_seed(0)
+    assert_exact(Head(_paired).to(D).eval(), clip(t=8))
+    with pytest.raises(cofx.ConversionError, match="node 'getitem_3'.*\n  at .*test_idioms.py.*h\[:, :, ::2\]\[:, :, :odd.shape\[2\]\]"):
+        cofx.convert(Head(_paired).to(D).eval(), clip(t=9))
 
 
 def _self_attention(h, causal=False):
@@ -779,3 +806,65 @@ def test_embedded_codes_keep_the_weights_dtype_in_the_state():
         got = co.forward_steps(rest, pad_end=True)
         co.set_state(state)
         assert torch.equal(co.forward_steps(rest, pad_end=True), got)
+
+
+class PooledAndLast(nn.Module):
+    """A head torch.fx cannot trace (Python on the tensor's rank) that returns two reductions of the clip."""
+    def __init__(self):
+        super().__init__()
+        self.fc, self.fc2 = nn.Linear(C, 3), nn.Linear(C, 2)
+
+    def forward(self, x):
+        last = x[:, :, -1]
+        if last.dim() > 2:
+            last = last.mean(2)
+        return self.fc(x.mean(2)), self.fc2(last)
+
+
+def test_a_module_kept_whole_that_returns_a_tuple_streams_each_output():
+    torch.manual_seed(0)
+    model = nn.Sequential(conv(), PooledAndLast()).to(D).eval()
+    x = clip(t=10)
+    co = assert_exact(model, x)
+    pooled, last = co.forward_steps(x, pad_end=True)
+    want_pooled, want_last = model(x)
+    assert torch.allclose(pooled[..., -1], want_pooled, atol=1e-12) and torch.allclose(last[..., -1], want_last,
+                                                                                        atol=1e-12)
+
+
+def test_an_example_on_which_the_model_is_nan_everywhere_is_refused_saying_so():
+    """A fractional power of negative frames is NaN: no change to a frame shows, so mixing cannot be seen (a
+    norm over time after it stepped wrong on non-negative frames)."""
+    class NormOverTime(nn.Module):
+        def forward(self, x):
+            return F.normalize(F.lp_pool1d(x, 3, 1).sum(1, keepdim=True), dim=2)
+
+    torch.manual_seed(0)
+    with pytest.raises(cofx.ConversionError, match="NaN or infinite in every frame on the example clip.*\n.*\n"
+                                                   "  fix: convert with an example on which the model computes"):
+        cofx.convert(NormOverTime(), torch.randn(1, 16, 10, dtype=D))
+    with pytest.raises(cofx.ConversionError, match="does not act frame by frame"):
+        cofx.convert(NormOverTime(), torch.rand(1, 16, 10, dtype=D))
+
+
+def test_a_group_norm_of_one_value_per_group_steps_one_frame_of_one_stream():
+    """Frames folded into the batch, then GroupNorm(C, C): torch refuses it a single row (one frame of one
+    stream), though each row is normalised alone."""
+    class PerFrameNorm(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c, self.norm = conv(), nn.GroupNorm(C, C)
+            nn.init.normal_(self.norm.bias)   # (each group is one value: what it gives is its bias)
+
+        def forward(self, x):
+            b, c, t = x.shape
+            h = self.c(x).transpose(1, 2).reshape(b * t, c)
+            return self.norm(h).reshape(b, t, c).transpose(1, 2)
+
+    torch.manual_seed(0)
+    model, x = PerFrameNorm().to(D).eval(), clip(t=8)
+    co = assert_exact(model, x)
+    co.clean_state()
+    frames = [co.forward_step(x[:, :, i]) for i in range(8)]
+    frames = [f for f in frames if f is not None] + [co.forward_steps(x[:, :, :0], pad_end=True)]
+    assert torch.allclose(torch.cat([f if f.dim() == 3 else f.unsqueeze(2) for f in frames], 2), model(x), atol=1e-12)
