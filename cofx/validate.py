@@ -37,7 +37,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 from .errors import ConversionError, LengthNotTaken, describe, first_line
 from .passes.temporal_geometry import WindowSpec
 from .scratch_stream import scratch_stream
-from .verify import as_steps, by_chunks, chunk_sizes, max_error, output_tolerance
+from .verify import as_steps, by_chunks, chunk_sizes, max_error, output_tolerance, worst_error
 
 SCALES = (-2.0, 2.0)   # log10 range of the per-frame scales of the scaled input
 
@@ -172,7 +172,7 @@ def _disagreement(out, ref, rows: int) -> str:
     for r in range(rows if by_row else 1):
         a, b = (tree_map(lambda v: v[r:r + 1] if by_row and isinstance(v, torch.Tensor) else v, o)
                 for o in (out, ref))
-        err, tol = max_error(a, b), output_tolerance(b)
+        err, tol = worst_error((a, b))
         if not err <= tol:
             return f"max error {err:.3g}, tolerance {tol:.3g}" + (f", in stream {r}" if by_row and rows > 1 else "")
     return ""
@@ -194,7 +194,8 @@ def _fail(co, model, x, sizes: list, why: str):
     if node is None and not detail:
         with torch.no_grad():
             traced, ref = co.forward(x), model(x)
-        if max_error(traced, ref) > output_tolerance(ref):
+        err, tol = worst_error((traced, ref))
+        if not err <= tol:
             detail = ("the traced graph differs from the model's forward on this input: Python control flow "
                       "that torch.fx fixed at tracing (a branch on a shape or a value)")
         else:   # an op dropped from the steps as doing nothing on the example (a crop to a multiple of 4)

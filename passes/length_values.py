@@ -11,7 +11,11 @@ between the recorded runs) through all the arithmetic on them, and the node
 classifier lets such a value reach only the ops with an exact meaning.
 
 Writes ``node.meta["cofx_length"]``: for a non-tensor value derived from the
-clip length, the node that read the length; None otherwise.
+clip length, the node that read the length; None otherwise. And
+``node.meta["cofx_length_shift"]``: whether such a value is a size read plus
+or minus numbers that do not derive from it (``T - 2``, ``-(T - 3)``): the
+bounds that keep a fixed distance from an end of every clip, as a constant
+crop's do; a remainder, a product or a ``min`` of the length does not.
 
 Example::
 
@@ -55,9 +59,24 @@ def _entry_of_sizes(node: fx.Node) -> bool:
     return isinstance(sizes, tuple) and all(isinstance(v, int) for v in sizes)
 
 
+def _size_read(node: fx.Node) -> bool:
+    return node.op == "call_method" and node.target == "size" or _entry_of_sizes(node) or \
+        node.op == "call_function" and node.target is getattr and node.args[1:] == ("shape",)
+
+
+def _shift(node: fx.Node) -> bool:
+    """Whether a value derived from the clip length is one size read plus or minus other numbers."""
+    if _size_read(node):
+        return True
+    if node.op == "call_function" and node.target in (operator.add, operator.sub, operator.neg):
+        derived = [a for a in node.args if isinstance(a, fx.Node) and a.meta.get("cofx_length") is not None]
+        return len(derived) == 1 and derived[0].meta["cofx_length_shift"]
+    return False
+
+
 def mark_length_values(gm: fx.GraphModule) -> None:
     for node in gm.graph.nodes:
-        node.meta["cofx_length"] = None
+        node.meta["cofx_length"], node.meta["cofx_length_shift"] = None, False
         if node.op in ("placeholder", "get_attr", "output") or not is_value(node):
             continue
         sources = [a.meta["cofx_length"] for a in node.all_input_nodes if a.meta.get("cofx_length") is not None]
@@ -67,3 +86,4 @@ def mark_length_values(gm: fx.GraphModule) -> None:
             node.meta["cofx_length"] = sources[0]
         elif _follows_length(node):
             node.meta["cofx_length"] = node
+        node.meta["cofx_length_shift"] = node.meta["cofx_length"] is not None and _shift(node)

@@ -245,10 +245,10 @@ def length_source(node: fx.Node) -> Optional[fx.Node]:
 
 def _length_use(node: fx.Node, gm: fx.GraphModule, why: str, fix: str) -> ConversionError:
     source = length_source(node)
-    at = user_line(source)
+    at = user_line(source) if source is not None else None
     hint = attention_hint(node, gm)   # positions and masks of attention read the length: say attention
-    return ConversionError(f"{why}: the clip length, read by {describe(source)}" + (f" at {at}" if at else "") +
-                           f", is each chunk's length when stepping.{hint}", node=node,
+    read = f", read by {describe(source)}" + (f" at {at}" if at else "") if source is not None else ""
+    return ConversionError(f"{why}: the clip length{read}, is each chunk's length when stepping.{hint}", node=node,
                            fix=fix + ("; positions and masks built from the clip length inside attention "
                                       "over frames convert" if hint else ""))
 
@@ -384,7 +384,7 @@ class _Classifier:
         if why is not None:
             self.window(node, streams, folded, why)
             return
-        if not isinstance(layout, Labels) and not (isinstance(layout, (list, tuple)) and layout):
+        if not isinstance(layout, Labels) and not (isinstance(layout, (list, tuple, dict)) and layout):
             self.set(node, "shape", "time-free")
             return
         if node.op == "call_module" and stock(self.module(node), RECURRENT):
@@ -792,6 +792,7 @@ class _Classifier:
             return False
         if t_out is None or not isinstance(entry, slice):
             return False   # picks fixed frames of the clip (x[:, :, -1]): a global reduction
+        self.check_crop_bounds(node, (entry.start, entry.stop, entry.step), entry.step)
         spec = self.crop_from(node, x, entry.start, entry.stop, entry.step)
         self.check_length_args(node, True)
         self.set(node, "stream", "sliding", time=t_out, spec=spec)
@@ -802,12 +803,25 @@ class _Classifier:
         dim, start, length = args[:3]
         if int(clip_value(dim)) % len(x.meta["cofx_layout"]) != x.meta["cofx_time"] or t_out is None:
             return False   # (frames kept at fixed positions of the clip, x.narrow(2, T - 3, 3): a global reduction)
+        self.check_crop_bounds(node, (start, length), None)
         stop_clip = clip_value(start) + clip_value(length)
         stop_longer = clip_value(start, "longer") + clip_value(length, "longer")
         spec = self._crop(node, x, clip_value(start), clip_value(start, "longer"), stop_clip, stop_longer, 1)
         self.check_length_args(node, True)
         self.set(node, "stream", "sliding", time=t_out, spec=spec)
         return True
+
+    def check_crop_bounds(self, node, bounds, step) -> None:
+        """A crop's bounds read off the clip keep a fixed distance from its ends on every length only as a size
+        read plus or minus numbers (``x[:, :, :T - 2]``); two runs cannot tell ``T - T % 4`` from that."""
+        for b in bounds:
+            if isinstance(b, fx.Node) and b.meta.get("cofx_length") is not None and \
+                    (b is step or not b.meta.get("cofx_length_shift")):
+                raise _length_use(node, self.gm, "crops time at a position computed from the clip length by other "
+                                  "arithmetic than adding or subtracting a number of frames (a remainder, a "
+                                  "product, a min or max)", "crop a fixed number of frames: "
+                                  "x[:, :, a:x.shape[2]-b]; to use part of the clip, pool it or pick the frames "
+                                  "you need from its end (x[:, :, -4:])")
 
     def crop_from(self, node, x, start, stop, step):
         def resolve(v, run, n, default):

@@ -28,12 +28,25 @@ import operator
 import torch.fx as fx
 
 
+def _item(graph: fx.Graph, sequence, key):
+    """Item `key` of `sequence`: read straight out of a tuple written in the code or joined by ``+``
+    (``h.chunk(2, 1) + (h,)``), else a ``getitem`` node."""
+    if isinstance(sequence, (tuple, list)):
+        return sequence[key]
+    if sequence.op == "call_function" and sequence.target is operator.add and len(sequence.args) == 2 \
+            and isinstance(key, int):
+        first, second = sequence.args
+        n = len(first) if isinstance(first, (tuple, list)) else len(first.meta.get("cofx_runs", {}).get("clip", ()))
+        return _item(graph, first, key) if key < n else _item(graph, second, key - n)
+    return graph.call_function(operator.getitem, (sequence, key))
+
+
 def outputs_unpacked(gm: fx.GraphModule) -> int:
     """Unpack every output node whose value is a plain tuple, list or dict; returns how many were."""
     output = next(n for n in gm.graph.nodes if n.op == "output")
     unpacked = []
 
-    def unpack(node: fx.Node, value):
+    def unpack(node, value):
         if type(value) in (tuple, list):
             keys = range(len(value))
         elif type(value) is dict:
@@ -42,13 +55,16 @@ def outputs_unpacked(gm: fx.GraphModule) -> int:
             return node
         unpacked.append(node)
         with gm.graph.inserting_before(output):
-            items = {k: unpack(gm.graph.call_function(operator.getitem, (node, k)), value[k]) for k in keys}
+            items = {k: unpack(_item(gm.graph, node, k), value[k]) for k in keys}
         return items if type(value) is dict else type(value)(items.values())
 
     def each(node: fx.Node):
         return unpack(node, node.meta.get("cofx_runs", {}).get("clip"))
 
     output.args = (fx.node.map_arg(output.args[0], each),)
+    for node in reversed(unpacked):   # tuples joined by + whose items are now read directly
+        if isinstance(node, fx.Node) and not node.users:
+            gm.graph.erase_node(node)
     if unpacked:
         gm.graph.lint()
         gm.recompile()

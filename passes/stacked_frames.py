@@ -9,7 +9,9 @@ after it: frame j of the result holds frames jk ... jk + k - 1. That is
 and strided crops stream exactly (frame j is ready once frame jk + k - 1 is
 in). Recognised from the shape runs: the time axis is the one size that
 changes between runs, the view keeps the dimensions in front of it and gives
-the same k on every run. Runs after the shape runs and asks for them again.
+the same k on every run. A crop to whole groups of k frames before it
+(``x[:, :T - T % k]``) is dropped: the stacked crops leave an incomplete
+group out on every length. Runs after the shape runs and asks for them again.
 
 Example::
 
@@ -37,7 +39,7 @@ from torch import fx
 from cofx.graph_rewrite import rewrite_nodes
 
 from .diff_as_slices import along
-from .shape_runs import run_shapes
+from .shape_runs import Rec, run_shapes
 
 _VIEWS = {("call_method", "view"), ("call_method", "reshape"), ("call_function", torch.reshape)}
 
@@ -68,12 +70,32 @@ def _stacked(node: fx.Node) -> Optional[tuple]:
     return t, k
 
 
-def _as_crops(graph: fx.Graph, node: fx.Node) -> Optional[fx.Node]:
+def _whole_groups(x: fx.Node, t: int, k: int) -> Optional[fx.Node]:
+    """The input of `x` where `x` only crops it to whole groups of k frames (``h[:, :T - T % k]``, torchaudio's
+    RNN-T time reduction): stacked frames drop an incomplete group anyway, on every length."""
+    if not (x.op == "call_function" and x.target is operator.getitem and isinstance(x.args[0], fx.Node)) \
+            or len(x.users) != 1:
+        return None
+    index = x.args[1] if isinstance(x.args[1], tuple) else (x.args[1],)
+    if Ellipsis in index or len(index) <= t or any(e != slice(None) for i, e in enumerate(index) if i != t) or \
+            not isinstance(index[t], slice) or index[t].start not in (None, 0) or index[t].step not in (None, 1):
+        return None
+    ins, outs = run_shapes(x.args[0]), run_shapes(x)
+    if not ins or set(ins) != set(outs) or any(outs[r][t] != ins[r][t] - ins[r][t] % k for r in ins):
+        return None
+    return x.args[0]
+
+
+def _as_crops(graph: fx.Graph, node: fx.Node, dropped: list) -> Optional[fx.Node]:
     found = _stacked(node)
     if found is None:
         return None
     t, k = found
     x = node.args[0]
+    whole = _whole_groups(x, t, k)
+    if whole is not None:
+        dropped.append(x)
+        x = whole
     taps = [graph.call_function(operator.getitem, (x, along(t, slice(i, -(k - 1 - i) or None, k))))
             for i in range(k)]
     stacked = graph.call_function(torch.stack, (taps,), {"dim": t + 1})
@@ -83,4 +105,17 @@ def _as_crops(graph: fx.Graph, node: fx.Node) -> Optional[fx.Node]:
 
 def stacked_frames(gm: fx.GraphModule) -> int:
     """Rewrite every view of `gm` that stacks frames as stacked strided crops; returns how many were."""
-    return rewrite_nodes(gm, [n for n in gm.graph.nodes if _stacked(n) is not None], _as_crops)
+    dropped: list = []
+    count = rewrite_nodes(gm, [n for n in gm.graph.nodes if _stacked(n) is not None],
+                          lambda graph, node: _as_crops(graph, node, dropped))
+    erased = set()
+    while dropped:   # the crops to whole groups, then the arithmetic only they read
+        node = dropped.pop()
+        if node in erased or node.users or node.op not in ("call_function", "call_method"):
+            continue
+        inputs = node.all_input_nodes
+        gm.graph.erase_node(node)
+        erased.add(node)
+        dropped += [a for a in inputs if not isinstance(a.meta.get("cofx_runs", {}).get("clip"), Rec)]
+    gm.recompile()
+    return count

@@ -868,3 +868,94 @@ def test_a_group_norm_of_one_value_per_group_steps_one_frame_of_one_stream():
     frames = [co.forward_step(x[:, :, i]) for i in range(8)]
     frames = [f for f in frames if f is not None] + [co.forward_steps(x[:, :, :0], pad_end=True)]
     assert torch.allclose(torch.cat([f if f.dim() == 3 else f.unsqueeze(2) for f in frames], 2), model(x), atol=1e-12)
+
+
+class TimeReduction(nn.Module):
+    """An RNN-T encoder's time reduction as torchaudio writes it: the clip cut to whole groups of k frames,
+    each group stacked into one frame's features."""
+    def __init__(self, k):
+        super().__init__()
+        self.k, self.fc = k, nn.Linear(C * k, 3)
+
+    def forward(self, x):   # (B, T, C)
+        b, t, d = x.shape
+        n = t - t % self.k
+        return self.fc(x[:, :n, :].reshape(b, n // self.k, d * self.k))
+
+
+@pytest.mark.parametrize("k, frames", [(4, 17), (4, 16), (3, 20)])
+def test_a_clip_cut_to_whole_groups_then_stacked_steps_exactly_at_every_length(k, frames):
+    torch.manual_seed(0)
+    model = TimeReduction(k).to(D).eval()
+    co = cofx.convert(model, torch.randn(1, frames, C, dtype=D), time_dim=1)
+    assert co.is_exact and co.stride == k
+    for length in range(frames, 2 * frames + k):
+        x = torch.randn(2, length, C, dtype=D)
+        co.clean_state()
+        got, want = co.forward_steps(x, pad_end=True), model(x)
+        assert got.shape == want.shape and torch.allclose(got, want, atol=1e-12), length
+
+
+@pytest.mark.parametrize("example", [20, 25])
+@pytest.mark.parametrize("crop", [lambda h, t: h[:, :, :t - t % 5], lambda h, t: h.narrow(2, 0, t // 5 * 5)],
+                         ids=["t - t % 5", "narrow to t // 5 * 5"])
+def test_a_crop_computed_from_the_length_by_a_remainder_is_refused_whatever_the_example(example, crop):
+    """On examples of whole multiples every run crops nothing; the arithmetic itself is what is refused."""
+    class Cropped(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c = conv()
+
+        def forward(self, x):
+            h = self.c(x)
+            return crop(h, h.shape[2])
+
+    with pytest.raises(cofx.ConversionError, match="crops time at a position computed from the clip length by "
+                                                   "other arithmetic than adding or subtracting"):
+        cofx.convert(Cropped().to(D).eval(), clip(t=example))
+
+
+class DictLeaf(nn.Module):
+    """torch.fx cannot trace it (Python on the rank); it returns a dict."""
+    def forward(self, x):
+        y = x * 2 if x.dim() > 2 else x
+        return {"a": y.cumsum(1), "b": -x}
+
+
+def test_outputs_joined_as_tuples_or_returned_as_a_dict_by_a_module_kept_whole_stream_each():
+    class Joined(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c, self.leaf = conv(), DictLeaf()
+
+        def forward(self, x):
+            h = self.c(x)
+            d = self.leaf(h)
+            return h.chunk(2, 1) + (d["a"] + d["b"], d)
+
+    torch.manual_seed(0)
+    model, x = Joined().to(D).eval(), clip(t=8)
+    co = assert_exact(model, x)
+    got, want = co.forward_steps(x, pad_end=True), model(x)
+    assert _shapes(got) == _shapes(want) and max_error(got, want) <= 1e-12
+
+
+def test_an_output_that_is_zero_does_not_tighten_the_tolerance_of_the_others():
+    """Each output of several is held to its own magnitude: a ReLU output that is off in one stream is zero."""
+    class Three(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem, self.a = nn.Conv1d(C, C, 1), nn.Conv1d(C, C, 3, 2, 1)
+
+        def forward(self, x):
+            h = self.stem(x)
+            return torch.relu(torch.relu(self.a(h)) + h[:, :, ::2])[:, :3].unbind(1)
+
+    refused = 0
+    for seed in range(12):
+        torch.manual_seed(seed)
+        try:
+            cofx.convert(Three().to(D).eval(), torch.randn(1, C, 4, dtype=D))
+        except cofx.ConversionError:
+            refused += 1
+    assert refused == 0

@@ -518,7 +518,7 @@ REFUSED_OPS = {   # op -> words the message must hold
     "normalize over time": (lambda m, h: F.normalize(h, dim=2), "does not act frame by frame"),
     "narrow at T - 1": (lambda m, h: h.narrow(2, h.shape[2] - 1, 1), "fixed distance from the start and the end"),
     "halves of the clip": (lambda m, h: h[:, :, :h.shape[2] // 2].mean(2) - h[:, :, h.shape[2] // 2:].mean(2),
-                           "fixed distance"),
+                           "crops time at a position computed from the clip length by other arithmetic"),
     "split(8, dim=2)": (lambda m, h: torch.split(h, 8, dim=2)[0], "node 'split'"),
     "unbind(2)[-1]": (lambda m, h: h.unbind(2)[-1], "node 'unbind'"),
     "gather over time": (lambda m, h: h.gather(2, torch.zeros_like(h, dtype=torch.long)), "node 'gather'"),
