@@ -11,7 +11,8 @@ in). Recognised from the shape runs: the time axis is the one size that
 changes between runs, the view keeps the dimensions in front of it and gives
 the same k on every run. A crop to whole groups of k frames before it
 (``x[:, :T - T % k]``) is dropped: the stacked crops leave an incomplete
-group out on every length. Runs after the shape runs and asks for them again.
+group out on every length; a pad to whole groups becomes a pad of k - 1
+frames (the last group, completed at the end of the stream). Runs after the shape runs and asks for them again.
 
 Example::
 
@@ -34,6 +35,7 @@ import operator
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import fx
 
 from cofx.graph_rewrite import rewrite_nodes
@@ -86,13 +88,33 @@ def _whole_groups(x: fx.Node, t: int, k: int) -> Optional[fx.Node]:
     return x.args[0]
 
 
+def _padded_to_groups(graph: fx.Graph, x: fx.Node, t: int, k: int) -> Optional[fx.Node]:
+    """Where `x` pads the end of its input with a constant to whole groups of k frames, by an amount computed
+    from the length (NeMo's stacking subsampling: ``F.pad(x, (0, 0, 0, (k - T % k) % k))``), the same input
+    padded by k - 1 frames: stacked frames leave out what is past the last whole group, on every length."""
+    if not (x.op == "call_function" and x.target is F.pad and isinstance(x.args[0], fx.Node)) or len(x.users) != 1:
+        return None
+    bound = dict(zip(("input", "pad", "mode", "value"), x.args), **x.kwargs)
+    pad, ins, outs = bound.get("pad"), run_shapes(x.args[0]), run_shapes(x)
+    if bound.get("mode", "constant") != "constant" or not isinstance(pad, (tuple, list)) or not ins or \
+            set(ins) != set(outs):
+        return None
+    at = 2 * (len(next(iter(ins.values()))) - 1 - t) + 1   # the entry that pads the end of time
+    if at >= len(pad) or any(p != 0 for i, p in enumerate(pad) if i != at) or \
+            any(outs[r][t] % k or not 0 <= outs[r][t] - ins[r][t] < k for r in ins):
+        return None
+    fixed = [0] * len(pad)
+    fixed[at] = k - 1
+    return graph.call_function(F.pad, (x.args[0], tuple(fixed)), {"mode": "constant", "value": bound.get("value")})
+
+
 def _as_crops(graph: fx.Graph, node: fx.Node, dropped: list) -> Optional[fx.Node]:
     found = _stacked(node)
     if found is None:
         return None
     t, k = found
     x = node.args[0]
-    whole = _whole_groups(x, t, k)
+    whole = _whole_groups(x, t, k) or _padded_to_groups(graph, x, t, k)
     if whole is not None:
         dropped.append(x)
         x = whole

@@ -883,10 +883,19 @@ class TimeReduction(nn.Module):
         return self.fc(x[:, :n, :].reshape(b, n // self.k, d * self.k))
 
 
+class PaddedStacking(TimeReduction):
+    """NeMo's stacking subsampling: the clip padded with zeros to whole groups of k frames, then stacked."""
+    def forward(self, x):
+        b, t, d = x.shape
+        pad = (self.k - t % self.k) % self.k
+        return self.fc(F.pad(x, (0, 0, 0, pad)).reshape(b, (t + pad) // self.k, d * self.k))
+
+
+@pytest.mark.parametrize("model_type", [TimeReduction, PaddedStacking])
 @pytest.mark.parametrize("k, frames", [(4, 17), (4, 16), (3, 20)])
-def test_a_clip_cut_to_whole_groups_then_stacked_steps_exactly_at_every_length(k, frames):
+def test_a_clip_cut_or_padded_to_whole_groups_then_stacked_steps_exactly_at_every_length(model_type, k, frames):
     torch.manual_seed(0)
-    model = TimeReduction(k).to(D).eval()
+    model = model_type(k).to(D).eval()
     co = cofx.convert(model, torch.randn(1, frames, C, dtype=D), time_dim=1)
     assert co.is_exact and co.stride == k
     for length in range(frames, 2 * frames + k):
