@@ -90,6 +90,7 @@ def _convert(model, example_input, strict, leaf_modules, time_dim, window, init,
     _check_no_namedtuples(gm)
     passes.diff_as_slices(gm)
     passes.im2col_as_unfold(gm)
+    passes.stft_as_frames(gm)
     passes.unfold_as_slices(gm)
     passes.values_only(gm)
     passes.lp_pool_as_avg(gm)

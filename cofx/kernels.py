@@ -667,9 +667,10 @@ class Framewise(Kernel):
             return self.call(torch.cat([args[0], args[0]]), *args[1:], **kwargs)[:1]
 
     def _like(self, args, frames: torch.Tensor) -> torch.Tensor:
-        """What an empty output is made like: a floating input, else the op's weights (an embedding of codes
-        gives floats, not the codes' integers)."""
-        floating = next((a for a in args if isinstance(a, torch.Tensor) and a.is_floating_point()), None)
+        """What an empty output is made like: a floating input (the real part of a complex one: the magnitude
+        of a spectrum), else the op's weights (an embedding of codes gives floats, not the codes' integers)."""
+        floating = next((a if a.is_floating_point() else a.real for a in args if isinstance(a, torch.Tensor)
+                         and (a.is_floating_point() or a.is_complex())), None)
         if floating is not None or not isinstance(self.op, nn.Module):
             return floating if floating is not None else frames
         weight = next((p for p in self.op.parameters() if p.is_floating_point()), None)

@@ -968,3 +968,37 @@ def test_an_output_that_is_zero_does_not_tighten_the_tolerance_of_the_others():
         except cofx.ConversionError:
             refused += 1
     assert refused == 0
+
+
+class Spectrogram(nn.Module):
+    """A log-magnitude front end on raw audio (B, samples), then a per-frame classifier."""
+    def __init__(self, win=16, return_complex=True, normalized=False, center=False):
+        super().__init__()
+        self.register_buffer("window", torch.hann_window(win, dtype=D))
+        self.fc = nn.Linear(9, 3)
+        self.win, self.complex, self.normalized, self.center = win, return_complex, normalized, center
+
+    def forward(self, wav):
+        spec = torch.stft(wav, 16, 8, win_length=self.win, window=self.window, center=self.center,
+                          return_complex=self.complex, normalized=self.normalized)
+        power = spec.abs().pow(2) if self.complex else spec.pow(2).sum(-1)
+        return self.fc(torch.log(power + 1e-6).transpose(1, 2))
+
+
+@pytest.mark.parametrize("win, return_complex, normalized", [(16, True, False), (12, True, True), (16, False, False)])
+def test_an_uncentred_stft_front_end_steps_exactly_at_every_length(win, return_complex, normalized):
+    torch.manual_seed(0)
+    model = Spectrogram(win, return_complex, normalized).to(D).eval()
+    co = cofx.convert(model, torch.randn(1, 160, dtype=D), time_dim=1)
+    assert co.is_exact and co.stride == 8 and co.receptive_field == 16
+    for samples in (160, 161, 175, 333):
+        x = torch.randn(2, samples, dtype=D)
+        co.clean_state()
+        got, want = co.forward_steps(x, pad_end=True), model(x)
+        assert got.shape == want.shape and torch.allclose(got, want, atol=1e-10), samples
+
+
+def test_a_centred_stft_is_refused_saying_to_pass_center_false():
+    with pytest.raises(cofx.ConversionError, match="centred stft pads each end .*\n.*\n  fix: compute it with "
+                                                   "center=False"):
+        cofx.convert(Spectrogram(center=True).to(D).eval(), torch.randn(1, 160, dtype=D), time_dim=1)
