@@ -5,8 +5,9 @@ misses an idiom (a value derived from the clip length, a leaf whose behaviour
 depends on the data, a branch fixed at tracing) would otherwise step wrong
 while the report says exact. So after building, `convert` runs the continual
 model and the user's model on fresh random inputs (a clip from a clean state,
-its frames at scales from 1e-2 to 1e2, a longer clip where the model accepts
-one; non-negative where the example is, as a spectrogram) and steps each as
+its frames at scales from 1e-2 to 1e2, a longer clip of another length modulo 2
+and 3 where the model accepts one; non-negative where the example is, as a
+spectrogram) and steps each as
 one chunk and in random chunks (of 0 to 8 frames, single frames included).
 Exact models must equal the clip model; every model must be chunk invariant.
 On a disagreement or a crash the step graph is run again node by node beside
