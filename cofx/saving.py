@@ -35,6 +35,7 @@ import re
 import warnings
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .compiled_package import built_for
@@ -45,6 +46,27 @@ FORMAT = "cofx.continual"
 VERSION = 2   # 2 adds compiled steps; a file without them is written as version 1, which any cofx reads
 FACTS = ("delay", "receptive_field", "stride", "exact")
 IMPORT_PATH = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*")   # package.module:qualname, nothing else
+
+
+def functional(name: str):
+    """`torch.nn.functional.<name>`: how a saved graph names the functions torch builds at import (the max pools
+    ``F.max_pool2d``, ``F.adaptive_max_pool1d``: local functions, which pickle cannot name)."""
+    return getattr(F, name)
+
+
+_LOCAL_FUNCTIONALS = {id(f): name for name, f in vars(F).items()
+                      if callable(f) and "<locals>" in getattr(f, "__qualname__", "")}
+
+
+class _FunctionalsByName:
+    """A pickle module whose pickler writes torch's local functionals by their name in torch.nn.functional."""
+
+    class Pickler(pickle.Pickler):
+        def reducer_override(self, obj):
+            name = _LOCAL_FUNCTIONALS.get(id(obj))
+            if name is not None and getattr(F, name, None) is obj:
+                return functional, (name,)
+            return NotImplemented
 
 
 def save(co, path, *, source: str = None) -> None:
@@ -84,7 +106,7 @@ def save(co, path, *, source: str = None) -> None:
                           "can load it: define them in an importable module, or save with "
                           "source='package.module:callable'", stacklevel=2)
         try:
-            torch.save({"model": clip, "options": co.options}, buf)
+            torch.save({"model": clip, "options": co.options}, buf, pickle_module=_FunctionalsByName)
         except (pickle.PicklingError, AttributeError, TypeError) as e:   # lambdas, local classes
             raise ValueError(f"this model cannot be pickled ({e}); save it with source='package.module:callable' "
                              "naming the code that builds it") from None

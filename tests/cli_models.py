@@ -1,6 +1,7 @@
 """Tiny clip models for the command-line tests, importable by the `cofx` subprocesses (tests/ on PYTHONPATH)."""
 import torch
 from torch import nn
+import torch.nn.functional as F
 
 
 class Tiny(nn.Module):
@@ -119,3 +120,14 @@ def corrupted():
         return out * 1.01
     kernels.Sliding.forward = wrong
     return tiny()
+
+
+class FunctionalPools(nn.Module):
+    """Max pools called as functions (torch builds F.max_pool1d and F.adaptive_max_pool1d as local functions)."""
+    def __init__(self):
+        super().__init__()
+        self.conv, self.fc = nn.Conv1d(4, 8, 3, padding=1), nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = F.max_pool1d(torch.relu(self.conv(x)), 2)
+        return self.fc(F.adaptive_max_pool1d(h, 1).flatten(1))

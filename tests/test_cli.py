@@ -562,3 +562,12 @@ def test_verify_refuses_a_stream_too_short_to_reach_an_output():
     with pytest.raises(ValueError, match=r"steps must exceed the delay \(2 frames\)"):
         cofx.verify(co, steps=2)
     assert cofx.verify(co, steps=3).ok
+
+
+def test_a_model_of_functional_max_pools_saves_without_source_and_loads_with_trust(tmp_path):
+    torch.manual_seed(0)
+    model, clip = cli_models.FunctionalPools().eval(), torch.randn(1, 4, 16)
+    co = cofx.convert(model, clip)
+    cofx.save(co, tmp_path / "pools.continual.pt")
+    loaded = cofx.load(tmp_path / "pools.continual.pt", trust=True)
+    assert torch.equal(loaded.forward_steps(clip, pad_end=True), co.forward_steps(clip, pad_end=True))
