@@ -72,11 +72,22 @@ def _stacked(node: fx.Node) -> Optional[tuple]:
     return t, k
 
 
+def whole_groups_shape(shape: torch.Size, t: int, k: int) -> torch.Size:
+    """`shape` with dim `t` cut to whole groups of `k`: the shape of a crop to whole groups, read off its input."""
+    return torch.Size([n - n % k if i == t else n for i, n in enumerate(shape)])
+
+
+def _size_read(node: fx.Node) -> bool:
+    return node.op == "call_function" and node.target is getattr and node.args[1:] == ("shape",) or \
+        node.op == "call_method" and node.target == "size" and len(node.args) == 1 and not node.kwargs
+
+
 def _whole_groups(x: fx.Node, t: int, k: int) -> Optional[fx.Node]:
     """The input of `x` where `x` only crops it to whole groups of k frames (``h[:, :T - T % k]``, torchaudio's
-    RNN-T time reduction): stacked frames drop an incomplete group anyway, on every length."""
+    RNN-T time reduction): stacked frames drop an incomplete group anyway, on every length. Besides the view,
+    the crop may only have its shape read (``b, t, f = x.shape``)."""
     if not (x.op == "call_function" and x.target is operator.getitem and isinstance(x.args[0], fx.Node)) \
-            or len(x.users) != 1:
+            or sum(not _size_read(u) for u in x.users) != 1:
         return None
     index = x.args[1] if isinstance(x.args[1], tuple) else (x.args[1],)
     if Ellipsis in index or len(index) <= t or any(e != slice(None) for i, e in enumerate(index) if i != t) or \
@@ -116,6 +127,11 @@ def _as_crops(graph: fx.Graph, node: fx.Node, dropped: list) -> Optional[fx.Node
     x = node.args[0]
     whole = _whole_groups(x, t, k) or _padded_to_groups(graph, x, t, k)
     if whole is not None:
+        for read in [u for u in x.users if _size_read(u)]:   # the crop's shape, as its input gives it
+            with graph.inserting_before(read):
+                shape = graph.call_function(getattr, (whole, "shape"))
+                read.replace_all_uses_with(graph.call_function(whole_groups_shape, (shape, t, k)))
+            graph.erase_node(read)
         dropped.append(x)
         x = whole
     taps = [graph.call_function(operator.getitem, (x, along(t, slice(i, -(k - 1 - i) or None, k))))

@@ -891,7 +891,16 @@ class PaddedStacking(TimeReduction):
         return self.fc(F.pad(x, (0, 0, 0, pad)).reshape(b, (t + pad) // self.k, d * self.k))
 
 
-@pytest.mark.parametrize("model_type", [TimeReduction, PaddedStacking])
+class ReReadStacking(TimeReduction):
+    """The clip cut to whole groups, its shape read again after the cut."""
+    def forward(self, x):
+        t = x.shape[1]
+        x = x[:, :t - t % self.k]
+        b, t, d = x.shape
+        return self.fc(x.reshape(b, t // self.k, self.k * d))
+
+
+@pytest.mark.parametrize("model_type", [TimeReduction, PaddedStacking, ReReadStacking])
 @pytest.mark.parametrize("k, frames", [(4, 17), (4, 16), (3, 20)])
 def test_a_clip_cut_or_padded_to_whole_groups_then_stacked_steps_exactly_at_every_length(model_type, k, frames):
     torch.manual_seed(0)
