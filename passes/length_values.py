@@ -12,10 +12,11 @@ classifier lets such a value reach only the ops with an exact meaning.
 
 Writes ``node.meta["cofx_length"]``: for a non-tensor value derived from the
 clip length, the node that read the length; None otherwise. And
-``node.meta["cofx_length_shift"]``: whether such a value is a size read plus
-or minus numbers that do not derive from it (``T - 2``, ``-(T - 3)``): the
-bounds that keep a fixed distance from an end of every clip, as a constant
-crop's do; a remainder, a product or a ``min`` of the length does not.
+``node.meta["cofx_length_shift"]``: whether such a value is size reads added
+or subtracted, plus or minus numbers that do not derive from them (``T - 2``,
+``-(T - 3)``, ``x.shape[2] - h.shape[2]``): bounds whose distance from an end
+of the clip two runs tell, as a constant crop's; a remainder, a product or a
+``min`` of the length is not.
 
 Example::
 
@@ -65,12 +66,14 @@ def _size_read(node: fx.Node) -> bool:
 
 
 def _shift(node: fx.Node) -> bool:
-    """Whether a value derived from the clip length is one size read plus or minus other numbers."""
+    """Whether a value derived from the clip length is size reads added or subtracted, plus or minus other
+    numbers (``T - 2``, ``x.shape[2] - h.shape[2]``): affine in the sizes it reads, so two runs tell its
+    distance from the ends of the clip (a remainder or a product of a size is not)."""
     if _size_read(node):
         return True
     if node.op == "call_function" and node.target in (operator.add, operator.sub, operator.neg):
-        derived = [a for a in node.args if isinstance(a, fx.Node) and a.meta.get("cofx_length") is not None]
-        return len(derived) == 1 and derived[0].meta["cofx_length_shift"]
+        return all(a.meta["cofx_length_shift"] for a in node.args
+                   if isinstance(a, fx.Node) and a.meta.get("cofx_length") is not None)
     return False
 
 

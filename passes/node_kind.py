@@ -733,6 +733,11 @@ class _Classifier:
             n_time = len(streams) + len(folded)
             self.set(node, "stream", "merge" if n_time > 1 else "pointwise", check=True, time=None)
             return
+        if t_out is None and not isinstance(x.meta["cofx_layout"], Labels):
+            raise ConversionError(f"takes a value without time out of what {describe(x)} returns along with frames: "
+                                  "pooled over time inside a module cofx does not trace into, over whatever frames "
+                                  "it is given", node=node, fix="make that module traceable (no Python on tensor "
+                                  "sizes or values), or return its frames only and pool them outside it")
         if t_out is None:   # a frame picked at an index read off the clip (h[:, :, T // 2]) is that frame of
             picked = node.op == "call_function" and node.target is operator.getitem and \
                 isinstance(x.meta["cofx_layout"], Labels) and isinstance(

@@ -72,14 +72,12 @@ def _stacked(node: fx.Node) -> Optional[tuple]:
     return t, k
 
 
-def whole_groups_shape(shape: torch.Size, t: int, k: int) -> torch.Size:
-    """`shape` with dim `t` cut to whole groups of `k`: the shape of a crop to whole groups, read off its input."""
-    return torch.Size([n - n % k if i == t else n for i, n in enumerate(shape)])
-
-
 def _size_read(node: fx.Node) -> bool:
-    return node.op == "call_function" and node.target is getattr and node.args[1:] == ("shape",) or \
+    """``x.shape`` or ``x.size()`` whose entries are only picked one by one (``b, t, f = x.shape``)."""
+    whole = node.op == "call_function" and node.target is getattr and node.args[1:] == ("shape",) or \
         node.op == "call_method" and node.target == "size" and len(node.args) == 1 and not node.kwargs
+    return whole and all(u.op == "call_function" and u.target is operator.getitem and isinstance(u.args[1], int)
+                         for u in node.users)
 
 
 def _whole_groups(x: fx.Node, t: int, k: int) -> Optional[fx.Node]:
@@ -127,11 +125,14 @@ def _as_crops(graph: fx.Graph, node: fx.Node, dropped: list) -> Optional[fx.Node
     x = node.args[0]
     whole = _whole_groups(x, t, k) or _padded_to_groups(graph, x, t, k)
     if whole is not None:
-        for read in [u for u in x.users if _size_read(u)]:   # the crop's shape, as its input gives it
-            with graph.inserting_before(read):
-                shape = graph.call_function(getattr, (whole, "shape"))
-                read.replace_all_uses_with(graph.call_function(whole_groups_shape, (shape, t, k)))
-            graph.erase_node(read)
+        for read in [u for u in x.users if _size_read(u)]:   # the crop's sizes, read off its input
+            read.args = (whole, *read.args[1:])
+            for entry in [u for u in read.users if u.args[1] % len(run_shapes(x)["clip"]) == t]:
+                with graph.inserting_after(entry):
+                    rest = graph.call_function(operator.mod, (entry, k))
+                with graph.inserting_after(rest):
+                    cut = graph.call_function(operator.sub, (entry, rest))
+                entry.replace_all_uses_with(cut, delete_user_cb=lambda user: user not in (rest, cut))
         dropped.append(x)
         x = whole
     taps = [graph.call_function(operator.getitem, (x, along(t, slice(i, -(k - 1 - i) or None, k))))

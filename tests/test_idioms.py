@@ -103,11 +103,20 @@ EXACT = {   # idiom -> head; each must convert and step exactly
     # one op returning the outputs in a container: each streams on its own
     "h.chunk(2, 1) returned": lambda m, h: h.chunk(2, 1),
     "the pooled frames split in two, returned": lambda m, h: h.mean(2).split(C // 2, 1),
-    # consecutive frames stacked by a view: strided crops
-    "pairs of frames pooled by view + amax": lambda m, h: h.view(h.shape[0], C, h.shape[2] // 2, 2).amax(-1),
-    "pairs of frames stacked into channels (time reduction)": lambda m, h: h.transpose(1, 2).reshape(
-        h.shape[0], h.shape[2] // 2, 2 * C).transpose(1, 2),
+    # consecutive frames stacked by a view (after a cut to whole pairs, so that any length is taken)
+    "pairs of frames pooled by view + amax": lambda m, h: _pairs(h[:, :, :h.shape[2] - h.shape[2] % 2]).amax(-1),
+    "pairs of frames stacked into channels (time reduction)": lambda m, h: _stacked_pairs(h.transpose(1, 2)),
 }
+
+
+def _pairs(h):
+    return h.view(h.shape[0], C, h.shape[2] // 2, 2)
+
+
+def _stacked_pairs(frames):
+    """(B, T, C) frames cut to whole pairs, each pair stacked into one frame's channels, back to (B, 2C, T/2)."""
+    frames = frames[:, :frames.shape[1] - frames.shape[1] % 2]
+    return frames.reshape(frames.shape[0], frames.shape[1] // 2, 2 * C).transpose(1, 2)
 REFUSED = {   # idiom -> (head, words the message must hold)
     "h / sqrt(T)": (lambda m, h: h / math.sqrt(h.shape[2]), "truediv"),
     "h * T ** -0.5": (lambda m, h: h * h.shape[2] ** -0.5, "mul"),
@@ -118,9 +127,14 @@ REFUSED = {   # idiom -> (head, words the message must hold)
     # the length's residue: the same on the example and on a longer clip of whole multiples, other elsewhere
     "frames cropped to a multiple of 4": (lambda m, h: h[:, :, :h.shape[2] - h.shape[2] % 4], "getitem"),
     "frames padded to a multiple of 4": (lambda m, h: F.pad(h, (0, (4 - h.shape[2] % 4) % 4)), "pad"),
-    "each frame paired with the one half a clip later by a view": (
-        lambda m, h: h.view(h.shape[0], C, 2, h.shape[2] // 2).amax(2), "view"),
 }
+
+
+def test_frames_paired_half_a_clip_apart_by_a_view_are_refused():
+    """``h.view(b, c, 2, T // 2)`` splits time into halves, not into groups of neighbours."""
+    head = lambda m, h: h.view(h.shape[0], C, 2, h.shape[2] // 2).amax(2)   # noqa: E731
+    with pytest.raises(cofx.ConversionError, match="node 'view"):
+        cofx.convert(Head(head).to(D).eval(), clip(t=8))
 
 
 def _paired(m, h):
@@ -1011,3 +1025,29 @@ def test_a_centred_stft_is_refused_saying_to_pass_center_false():
     with pytest.raises(cofx.ConversionError, match="centred stft pads each end .*\n.*\n  fix: compute it with "
                                                    "center=False"):
         cofx.convert(Spectrogram(center=True).to(D).eval(), torch.randn(1, 160, dtype=D), time_dim=1)
+
+
+def test_stacked_frames_after_a_cut_whose_shape_is_read_again_save_and_load(tmp_path):
+    """The rewritten graph is plain ops: a loaded file traces it again."""
+    torch.manual_seed(0)
+    model, x = ReReadStacking(3).to(D).eval(), torch.randn(1, 20, C, dtype=D)
+    co = cofx.convert(model, x, time_dim=1)
+    cofx.save(co, tmp_path / "stacked.continual.pt")
+    loaded = cofx.load(tmp_path / "stacked.continual.pt", trust=True)
+    stream = torch.randn(2, 31, C, dtype=D)
+    assert torch.allclose(loaded.forward_steps(stream, pad_end=True), model(stream), atol=1e-12)
+
+
+class FramesAndPooled(nn.Module):
+    """torch.fx cannot trace it (a branch on a value); it returns its frames and their mean over time."""
+    def forward(self, h):
+        if h.sum() > -1e30:
+            return h, h.mean(2)
+        return h, h.mean(2)
+
+
+def test_a_value_pooled_inside_a_module_kept_whole_that_also_returns_frames_is_refused_saying_so():
+    model = nn.Sequential(conv(), FramesAndPooled()).to(D).eval()
+    with pytest.raises(cofx.ConversionError, match=r"takes a value without time out of what node '_1' \(module '1'\)"
+                                                   r".*\n  fix: make that module traceable"):
+        cofx.convert(model, clip(t=8))
