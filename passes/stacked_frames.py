@@ -80,21 +80,53 @@ def _size_read(node: fx.Node) -> bool:
                          for u in node.users)
 
 
-def _whole_groups(x: fx.Node, t: int, k: int) -> Optional[fx.Node]:
-    """The input of `x` where `x` only crops it to whole groups of k frames (``h[:, :T - T % k]``, torchaudio's
-    RNN-T time reduction): stacked frames drop an incomplete group anyway, on every length. Besides the view,
-    the crop may only have its shape read (``b, t, f = x.shape``)."""
-    if not (x.op == "call_function" and x.target is operator.getitem and isinstance(x.args[0], fx.Node)) \
-            or sum(not _size_read(u) for u in x.users) != 1:
-        return None
-    index = x.args[1] if isinstance(x.args[1], tuple) else (x.args[1],)
-    if Ellipsis in index or len(index) <= t or any(e != slice(None) for i, e in enumerate(index) if i != t) or \
-            not isinstance(index[t], slice) or index[t].start not in (None, 0) or index[t].step not in (None, 1):
+_LAYOUT_OPS = {("call_method", m) for m in ("transpose", "permute", "contiguous", "movedim")} | \
+    {("call_function", f) for f in (torch.transpose, torch.permute, torch.movedim)}
+
+
+def _start_crop(x: fx.Node) -> Optional[int]:
+    """The dimension `x` crops at its end alone (``h[:, :n]``, ``h.narrow(1, 0, n)``), else None."""
+    if not (x.op in ("call_function", "call_method") and x.args and isinstance(x.args[0], fx.Node)):
         return None
     ins, outs = run_shapes(x.args[0]), run_shapes(x)
-    if not ins or set(ins) != set(outs) or any(outs[r][t] != ins[r][t] - ins[r][t] % k for r in ins):
+    if not ins or set(ins) != set(outs) or any(len(ins[r]) != len(outs[r]) for r in ins):
         return None
-    return x.args[0]
+    ndim = len(ins["clip"])
+    if x.op == "call_function" and x.target is operator.getitem:
+        index = x.args[1] if isinstance(x.args[1], tuple) else (x.args[1],)
+        cut = [i for i, e in enumerate(index) if e != slice(None)]
+        if Ellipsis in index or len(cut) != 1 or not isinstance(index[cut[0]], slice) or \
+                index[cut[0]].start not in (None, 0) or index[cut[0]].step not in (None, 1):
+            return None
+        t = cut[0]
+    elif x.target in ("narrow", torch.narrow) and len(x.args) == 4 and not x.kwargs and \
+            isinstance(x.args[1], int) and x.args[2] == 0:
+        t = x.args[1] % ndim
+    else:
+        return None
+    same = all(a == b for r in ins for i, (a, b) in enumerate(zip(ins[r], outs[r])) if i != t)
+    return t if same else None
+
+
+def _whole_groups(x: fx.Node, k: int) -> Optional[tuple]:
+    """(what the stacked frames read, the crop they need no longer) where `x`, or the permutes and transposes
+    it comes through, only crops its input to whole groups of k frames (``h[:, :T - T % k]``, torchaudio's
+    RNN-T time reduction): stacked frames drop an incomplete group anyway, on every length. Besides the view,
+    the crop may only have its shape read (``b, t, f = x.shape``)."""
+    chain, crop = [], x
+    while (crop.op, crop.target) in _LAYOUT_OPS and isinstance(crop.args[0], fx.Node) and len(crop.users) == 1:
+        chain.append(crop)
+        crop = crop.args[0]
+    t = _start_crop(crop)
+    if t is None or sum(not _size_read(u) for u in crop.users) != 1 or chain and len(crop.users) != 1:
+        return None
+    ins, outs = run_shapes(crop.args[0]), run_shapes(crop)
+    if any(outs[r][t] != ins[r][t] - ins[r][t] % k for r in ins):
+        return None
+    if not chain:
+        return crop.args[0], crop
+    chain[-1].args = (crop.args[0], *chain[-1].args[1:])   # the permutes take the frames uncut
+    return x, crop
 
 
 def _padded_to_groups(graph: fx.Graph, x: fx.Node, t: int, k: int) -> Optional[fx.Node]:
@@ -123,18 +155,19 @@ def _as_crops(graph: fx.Graph, node: fx.Node, dropped: list) -> Optional[fx.Node
         return None
     t, k = found
     x = node.args[0]
-    whole = _whole_groups(x, t, k) or _padded_to_groups(graph, x, t, k)
-    if whole is not None:
-        for read in [u for u in x.users if _size_read(u)]:   # the crop's sizes, read off its input
-            read.args = (whole, *read.args[1:])
-            for entry in [u for u in read.users if u.args[1] % len(run_shapes(x)["clip"]) == t]:
+    padded = _padded_to_groups(graph, x, t, k)
+    found = _whole_groups(x, k) or (padded and (padded, x))
+    if found is not None:
+        x, crop = found
+        for read in [u for u in crop.users if _size_read(u)]:   # the crop's sizes, read off its input
+            read.args = (crop.args[0], *read.args[1:])
+            for entry in [u for u in read.users if u.args[1] % len(run_shapes(crop)["clip"]) == t]:
                 with graph.inserting_after(entry):
                     rest = graph.call_function(operator.mod, (entry, k))
                 with graph.inserting_after(rest):
                     cut = graph.call_function(operator.sub, (entry, rest))
                 entry.replace_all_uses_with(cut, delete_user_cb=lambda user: user not in (rest, cut))
-        dropped.append(x)
-        x = whole
+        dropped.append(crop)
     taps = [graph.call_function(operator.getitem, (x, along(t, slice(i, -(k - 1 - i) or None, k))))
             for i in range(k)]
     stacked = graph.call_function(torch.stack, (taps,), {"dim": t + 1})

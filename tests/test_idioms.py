@@ -914,7 +914,25 @@ class ReReadStacking(TimeReduction):
         return self.fc(x.reshape(b, t // self.k, self.k * d))
 
 
-@pytest.mark.parametrize("model_type", [TimeReduction, PaddedStacking, ReReadStacking])
+class NarrowedStacking(TimeReduction):
+    """The clip cut to whole groups by narrow."""
+    def forward(self, x):
+        b, t, d = x.shape
+        n = t // self.k * self.k
+        return self.fc(x.narrow(1, 0, n).reshape(b, n // self.k, self.k * d))
+
+
+class ChannelsFirstStacking(TimeReduction):
+    """(B, T, C) frames transposed to (B, C, T), cut to whole groups there, then transposed back and stacked."""
+    def forward(self, x):
+        h = x.transpose(1, 2)
+        n = h.shape[2] - h.shape[2] % self.k
+        frames = h[:, :, :n].transpose(1, 2)
+        return self.fc(frames.reshape(x.shape[0], n // self.k, self.k * C))
+
+
+@pytest.mark.parametrize("model_type", [TimeReduction, PaddedStacking, ReReadStacking, NarrowedStacking,
+                                        ChannelsFirstStacking])
 @pytest.mark.parametrize("k, frames", [(4, 17), (4, 16), (3, 20)])
 def test_a_clip_cut_or_padded_to_whole_groups_then_stacked_steps_exactly_at_every_length(model_type, k, frames):
     torch.manual_seed(0)
