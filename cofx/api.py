@@ -92,6 +92,7 @@ def _convert(model, example_input, strict, leaf_modules, time_dim, window, init,
     passes.im2col_as_unfold(gm)
     passes.stft_as_frames(gm)
     passes.unfold_as_slices(gm)
+    passes.views_collapsed(gm)
     passes.values_only(gm)
     passes.lp_pool_as_avg(gm)
     passes.negative_pads_as_crops(gm)

@@ -1196,3 +1196,24 @@ def test_a_statistic_combined_back_and_pooled_is_the_model_on_each_window():
     gated = Lam(lambda m, h: m.g(h * torch.sigmoid(h.mean(2, keepdim=True))).mean(2)).to(D).eval()
     co = cofx.convert(gated, x1d(10))
     assert not co.is_exact and any(r.kind == "windowed" for r in co.report)
+
+
+class G3DWindows(nn.Module):
+    """MS-G3D's temporal windows: nn.Unfold((w, 1)) over (N, C, T, V), viewed back as (N, C, w, T, V)."""
+    def __init__(self, w=3, dilation=1):
+        super().__init__()
+        self.w = w
+        self.unfold = nn.Unfold((w, 1), dilation=(dilation, 1), padding=(dilation * (w - 1) // 2, 0))
+        self.conv = nn.Conv3d(4, 4, (1, w, 1))
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x):
+        n, c, t, v = x.shape
+        windows = self.unfold(x).view(n, c, self.w, t, v).permute(0, 1, 3, 2, 4)
+        return self.fc(torch.relu(self.conv(windows).squeeze(3)).mean((2, 3)))
+
+
+@pytest.mark.parametrize("w, dilation", [(3, 1), (5, 1), (3, 2)])
+def test_ms_g3d_windows_gathered_by_nn_unfold_are_exact(w, dilation):
+    torch.manual_seed(0)
+    assert_exact(G3DWindows(w, dilation), torch.randn(1, 4, 16, 5, dtype=D))
