@@ -431,9 +431,10 @@ def pad_spec(node: fx.Node, gm: fx.GraphModule, t_axis: int, ndim: int) -> Optio
         pad, value = tuple(int(p) for p in mod.padding), float(getattr(mod, "value", 0.0))
     elif node.op == "call_function" and node.target is F.pad:
         b = _bind(("input", "pad", "mode", "value"), {"mode": "constant", "value": None}, node.args, node.kwargs)
-        pad = tuple(int(_recorded(p, "clip")) for p in b["pad"])
+        pads = [b["pad"]] if isinstance(b["pad"], fx.Node) else b["pad"]   # (a list built in forward: one node)
+        pad = tuple(int(p) for p in tree_flatten([_recorded(p, "clip") for p in pads])[0])
         if any(isinstance(p, fx.Node) and (p.meta.get("cofx_length") is not None or
-                                           _recorded(p, "longer") != _recorded(p, "clip")) for p in b["pad"]):
+                                           _recorded(p, "longer") != _recorded(p, "clip")) for p in pads):
             raise ConversionError("the padding depends on the clip length", node=node,
                                   fix="pad by a fixed number of frames")
         mode, value = b["mode"], float(b["value"] or 0.0)

@@ -725,6 +725,7 @@ class _Classifier:
                 return
         if not isinstance(layout, Labels):
             if not has_time(layout):   # e.g. x.max(dim=time) -> (values, indices)
+                self.check_pooled_in_module(node, x)
                 self.reduction(node, x, streams, folded)
                 return
             # tuple outputs (split, chunk, ...), checked frame by frame
@@ -733,11 +734,8 @@ class _Classifier:
             n_time = len(streams) + len(folded)
             self.set(node, "stream", "merge" if n_time > 1 else "pointwise", check=True, time=None)
             return
-        if t_out is None and not isinstance(x.meta["cofx_layout"], Labels):
-            raise ConversionError(f"takes a value without time out of what {describe(x)} returns along with frames: "
-                                  "pooled over time inside a module cofx does not trace into, over whatever frames "
-                                  "it is given", node=node, fix="make that module traceable (no Python on tensor "
-                                  "sizes or values), or return its frames only and pool them outside it")
+        if t_out is None:
+            self.check_pooled_in_module(node, x)
         if t_out is None:   # a frame picked at an index read off the clip (h[:, :, T // 2]) is that frame of
             picked = node.op == "call_function" and node.target is operator.getitem and \
                 isinstance(x.meta["cofx_layout"], Labels) and isinstance(
@@ -775,6 +773,15 @@ class _Classifier:
         n_time = len(streams) + len(folded)
         self.set(node, "stream", "merge" if n_time > 1 else "pointwise", time=t_out,
                  check=not self.elementwise_module(node, x))
+
+    def check_pooled_in_module(self, node, x) -> None:
+        """A value without time picked out of what a module cofx does not trace into returns with frames was
+        pooled inside it, over whatever frames it is given."""
+        if not isinstance(x.meta["cofx_layout"], Labels):
+            raise ConversionError(f"takes a value without time out of what {describe(x)} returns along with frames: "
+                                  "pooled over time inside a module cofx does not trace into, over whatever frames "
+                                  "it is given", node=node, fix="make that module traceable (no Python on tensor "
+                                  "sizes or values), or return its frames only and pool them outside it")
 
     def check_keeps_frames(self, node, streams) -> None:
         """Every tensor of a tuple output has as many frames as one of the inputs (split or chunk channels, not

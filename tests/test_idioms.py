@@ -1069,3 +1069,25 @@ def test_a_value_pooled_inside_a_module_kept_whole_that_also_returns_frames_is_r
     with pytest.raises(cofx.ConversionError, match=r"takes a value without time out of what node '_1' \(module '1'\)"
                                                    r".*\n  fix: make that module traceable"):
         cofx.convert(model, clip(t=8))
+
+
+def test_a_value_pooled_inside_a_module_kept_whole_is_refused_however_deep_in_its_output():
+    class Nested(nn.Module):
+        def forward(self, h):
+            if h.sum() > -1e30:
+                return {"frames": (h, 2 * h), "pooled": [h.amax(2)]}
+            return {"frames": (h, 2 * h), "pooled": [h.amax(2)]}
+
+    with pytest.raises(cofx.ConversionError, match="takes a value without time out of what node '_1'"):
+        cofx.convert(nn.Sequential(conv(), Nested()).to(D).eval(), clip(t=8))
+
+
+def test_a_pad_whose_list_is_built_in_forward_is_read_as_the_padding_it_is():
+    class Padded(nn.Module):
+        def forward(self, x):
+            return F.pad(x, [0, 0] * (x.dim() - 2) + [0, 1])[:, :, 1:]   # one frame more at the end, the first cut
+
+    model = Padded().to(D).eval()
+    co = assert_exact(model, clip(t=8))
+    x = clip(t=11, batch=2)
+    assert torch.allclose(co.forward_steps(x, pad_end=True), model(x), atol=1e-12)
