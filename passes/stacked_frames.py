@@ -73,11 +73,19 @@ def _stacked(node: fx.Node) -> Optional[tuple]:
 
 
 def _size_read(node: fx.Node) -> bool:
-    """``x.shape`` or ``x.size()`` whose entries are only picked one by one (``b, t, f = x.shape``)."""
+    """``x.size(d)``, or ``x.shape`` or ``x.size()`` whose entries are only picked one by one
+    (``b, t, f = x.shape``)."""
+    if node.op == "call_method" and node.target == "size" and len(node.args) == 2 and isinstance(node.args[1], int):
+        return True
     whole = node.op == "call_function" and node.target is getattr and node.args[1:] == ("shape",) or \
         node.op == "call_method" and node.target == "size" and len(node.args) == 1 and not node.kwargs
     return whole and all(u.op == "call_function" and u.target is operator.getitem and isinstance(u.args[1], int)
                          for u in node.users)
+
+
+def _one_other_user(node: fx.Node, user: fx.Node) -> bool:
+    """Whether `user` is what reads `node`, besides reads of its sizes."""
+    return [u for u in node.users if not _size_read(u)] == [user]
 
 
 _LAYOUT_OPS = {("call_method", m) for m in ("transpose", "permute", "contiguous", "movedim")} | \
@@ -108,32 +116,34 @@ def _start_crop(x: fx.Node) -> Optional[int]:
     return t if same else None
 
 
-def _whole_groups(x: fx.Node, k: int) -> Optional[tuple]:
-    """(what the stacked frames read, the crop they need no longer) where `x`, or the permutes and transposes
-    it comes through, only crops its input to whole groups of k frames (``h[:, :T - T % k]``, torchaudio's
-    RNN-T time reduction): stacked frames drop an incomplete group anyway, on every length. Besides the view,
-    the crop may only have its shape read (``b, t, f = x.shape``)."""
+def _whole_groups(x: fx.Node, k: int, view: fx.Node) -> Optional[tuple]:
+    """(what the stacked frames read, the crop they need no longer, its time axis, what its sizes are read
+    off) where `x`, or the permutes and transposes it comes through, only crops its input to whole groups of k
+    frames (``h[:, :T - T % k]``, torchaudio's RNN-T time reduction): stacked frames drop an incomplete group
+    anyway, on every length. Besides, the crop may only have its sizes read (``b, t, f = x.shape``)."""
     chain, crop = [], x
     while (crop.op, crop.target) in _LAYOUT_OPS and isinstance(crop.args[0], fx.Node) and len(crop.users) == 1:
         chain.append(crop)
         crop = crop.args[0]
     t = _start_crop(crop)
-    if t is None or sum(not _size_read(u) for u in crop.users) != 1 or chain and len(crop.users) != 1:
+    if t is None or not _one_other_user(crop, chain[-1] if chain else view):
         return None
     ins, outs = run_shapes(crop.args[0]), run_shapes(crop)
     if any(outs[r][t] != ins[r][t] - ins[r][t] % k for r in ins):
         return None
     if not chain:
-        return crop.args[0], crop
+        return crop.args[0], crop, t, crop.args[0]
     chain[-1].args = (crop.args[0], *chain[-1].args[1:])   # the permutes take the frames uncut
-    return x, crop
+    return x, crop, t, crop.args[0]
 
 
-def _padded_to_groups(graph: fx.Graph, x: fx.Node, t: int, k: int) -> Optional[fx.Node]:
+def _padded_to_groups(graph: fx.Graph, x: fx.Node, t: int, k: int, view: fx.Node) -> Optional[tuple]:
     """Where `x` pads the end of its input with a constant to whole groups of k frames, by an amount computed
     from the length (NeMo's stacking subsampling: ``F.pad(x, (0, 0, 0, (k - T % k) % k))``), the same input
-    padded by k - 1 frames: stacked frames leave out what is past the last whole group, on every length."""
-    if not (x.op == "call_function" and x.target is F.pad and isinstance(x.args[0], fx.Node)) or len(x.users) != 1:
+    padded by k - 1 frames, as `_whole_groups` gives it: stacked frames leave out what is past the last whole
+    group, on every length (the padded length is the longer one's, cut to whole groups)."""
+    if not (x.op == "call_function" and x.target is F.pad and isinstance(x.args[0], fx.Node)) or \
+            not _one_other_user(x, view):
         return None
     bound = dict(zip(("input", "pad", "mode", "value"), x.args), **x.kwargs)
     pad, ins, outs = bound.get("pad"), run_shapes(x.args[0]), run_shapes(x)
@@ -146,7 +156,23 @@ def _padded_to_groups(graph: fx.Graph, x: fx.Node, t: int, k: int) -> Optional[f
         return None
     fixed = [0] * len(pad)
     fixed[at] = k - 1
-    return graph.call_function(F.pad, (x.args[0], tuple(fixed)), {"mode": "constant", "value": bound.get("value")})
+    with graph.inserting_after(x):
+        longer = graph.call_function(F.pad, (x.args[0], tuple(fixed)), {"mode": "constant", "value": bound.get("value")})
+    return longer, x, t, longer
+
+
+def _cut_sizes(graph: fx.Graph, node: fx.Node, t: int, k: int, source: fx.Node) -> None:
+    """Every size read of `node` (dropped), read off `source` instead, its length cut to whole groups of k."""
+    ndim = len(run_shapes(node)["clip"])
+    for read in [u for u in node.users if _size_read(u)]:
+        read.args = (source, *read.args[1:])
+        entries = [read] if read.op == "call_method" and len(read.args) == 2 else list(read.users)   # x.size(d)
+        for entry in [e for e in entries if e.args[1] % ndim == t]:
+            with graph.inserting_after(entry):
+                rest = graph.call_function(operator.mod, (entry, k))
+            with graph.inserting_after(rest):
+                cut = graph.call_function(operator.sub, (entry, rest))
+            entry.replace_all_uses_with(cut, delete_user_cb=lambda user: user not in (rest, cut))
 
 
 def _as_crops(graph: fx.Graph, node: fx.Node, dropped: list) -> Optional[fx.Node]:
@@ -155,19 +181,11 @@ def _as_crops(graph: fx.Graph, node: fx.Node, dropped: list) -> Optional[fx.Node
         return None
     t, k = found
     x = node.args[0]
-    padded = _padded_to_groups(graph, x, t, k)
-    found = _whole_groups(x, k) or (padded and (padded, x))
+    found = _whole_groups(x, k, node) or _padded_to_groups(graph, x, t, k, node)
     if found is not None:
-        x, crop = found
-        for read in [u for u in crop.users if _size_read(u)]:   # the crop's sizes, read off its input
-            read.args = (crop.args[0], *read.args[1:])
-            for entry in [u for u in read.users if u.args[1] % len(run_shapes(crop)["clip"]) == t]:
-                with graph.inserting_after(entry):
-                    rest = graph.call_function(operator.mod, (entry, k))
-                with graph.inserting_after(rest):
-                    cut = graph.call_function(operator.sub, (entry, rest))
-                entry.replace_all_uses_with(cut, delete_user_cb=lambda user: user not in (rest, cut))
-        dropped.append(crop)
+        x, cut_node, t_cut, source = found
+        _cut_sizes(graph, cut_node, t_cut, k, source)
+        dropped.append(cut_node)
     taps = [graph.call_function(operator.getitem, (x, along(t, slice(i, -(k - 1 - i) or None, k))))
             for i in range(k)]
     stacked = graph.call_function(torch.stack, (taps,), {"dim": t + 1})

@@ -931,8 +931,26 @@ class ChannelsFirstStacking(TimeReduction):
         return self.fc(frames.reshape(x.shape[0], n // self.k, self.k * C))
 
 
+class NeMoStacking(TimeReduction):
+    """NeMo's StackingSubsampling as written: padded to whole groups, the size read again, torch.reshape."""
+    def forward(self, x):
+        b, t, h = x.size()
+        pad = (self.k - t % self.k) % self.k
+        x = F.pad(x, (0, 0, 0, pad))
+        _, t, _ = x.size()
+        return self.fc(torch.reshape(x, (b, t // self.k, h * self.k)))
+
+
+class SizeReadStacking(TimeReduction):
+    """Cut to whole groups, the new length read with x.size(1)."""
+    def forward(self, x):
+        b, t, d = x.size()
+        x = x[:, :t - t % self.k]
+        return self.fc(x.reshape(b, x.size(1) // self.k, self.k * d))
+
+
 @pytest.mark.parametrize("model_type", [TimeReduction, PaddedStacking, ReReadStacking, NarrowedStacking,
-                                        ChannelsFirstStacking])
+                                        ChannelsFirstStacking, NeMoStacking, SizeReadStacking])
 @pytest.mark.parametrize("k, frames", [(4, 17), (4, 16), (3, 20)])
 def test_a_clip_cut_or_padded_to_whole_groups_then_stacked_steps_exactly_at_every_length(model_type, k, frames):
     torch.manual_seed(0)
