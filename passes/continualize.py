@@ -686,7 +686,10 @@ class _Builder:
                                                  {"replace": replace}, name=f"{leaf.name}_frames"))
             else:
                 if not isinstance(leaf.meta["cofx_layout"], Labels):
-                    raise ConversionError("the output is a tuple of streams inside a container", node=leaf)
+                    raise ConversionError("the output is a tuple of streams inside a container (a named tuple an op "
+                                          "returns, as h.max(2) does)", node=leaf,
+                                          fix="return its fields as a plain tuple: values, indices = h.max(2); "
+                                          "return values, indices")
                 pos = leaf.meta["cofx_time"]
                 values.append(self.env[leaf])
             axes.append(pos)

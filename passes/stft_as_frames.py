@@ -55,18 +55,21 @@ def _frames(graph: fx.Graph, node: fx.Node) -> Optional[fx.Node]:
         raise ConversionError("a centred stft pads each end of the waveform by reflecting it, which needs samples "
                               "from the future", node=node, fix="compute it with center=False (torch.stft(..., "
                               "center=False), torchaudio's Spectrogram(center=False)), which streams exactly")
-    if not all(isinstance(v, int) for v in (n_fft, hop, win)) or \
-            win > n_fft or (window is None and win < n_fft) or b.get("onesided") not in (None, True) or \
+    if not all(isinstance(v, int) for v in (n_fft, hop, win)) or win > n_fft or \
             b.get("return_complex") not in (True, False):
-        return None   # analysed (and refused) as the op it is
+        raise ConversionError("an stft whose sizes are not numbers written in the code, or that returns real "
+                              "pairs without return_complex=False said", node=node,
+                              fix="pass n_fft, hop_length and win_length as ints and return_complex=True")
     frames = graph.call_method("unfold", (b["input"], -1, n_fft, hop))
+    if window is None and win < n_fft:   # a rectangular window shorter than the frame
+        window = graph.call_method("new_ones", (b["input"], win))
     if window is not None:
         if win < n_fft:   # a shorter window sits in the middle of the frame
             left = (n_fft - win) // 2
             window = graph.call_function(F.pad, (window, (left, n_fft - win - left)))
         frames = graph.call_function(operator.mul, (frames, window))
-    spectrum = graph.call_function(torch.fft.rfft, (frames,), {"dim": -1,
-                                                                "norm": "ortho" if b.get("normalized") else None})
+    fft = torch.fft.rfft if b.get("onesided") in (None, True) else torch.fft.fft
+    spectrum = graph.call_function(fft, (frames,), {"dim": -1, "norm": "ortho" if b.get("normalized") else None})
     out = graph.call_method("transpose", (spectrum, -1, -2))
     return out if b["return_complex"] else graph.call_function(torch.view_as_real, (out,))
 

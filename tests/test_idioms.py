@@ -1109,3 +1109,19 @@ def test_a_pad_whose_list_is_built_in_forward_is_read_as_the_padding_it_is():
     co = assert_exact(model, clip(t=8))
     x = clip(t=11, batch=2)
     assert torch.allclose(co.forward_steps(x, pad_end=True), model(x), atol=1e-12)
+
+
+@pytest.mark.parametrize("options", [dict(onesided=False), dict(win_length=12),
+                                     dict(win_length=12, onesided=False, normalized=True)],
+                         ids=["two-sided", "short rectangular window", "both, normalised"])
+def test_uncentred_stft_options_step_exactly(options):
+    class Magnitude(nn.Module):
+        def forward(self, wav):
+            return torch.stft(wav, 16, 8, center=False, return_complex=True, **options).abs().transpose(1, 2)
+
+    model = Magnitude().to(D).eval()
+    co = cofx.convert(model, torch.randn(1, 160, dtype=D), time_dim=1)
+    for samples in (160, 175):
+        x = torch.randn(2, samples, dtype=D)
+        co.clean_state()
+        assert torch.allclose(co.forward_steps(x, pad_end=True), model(x), atol=1e-10)
