@@ -12,7 +12,8 @@ changes between runs, the view keeps the dimensions in front of it and gives
 the same k on every run. A crop to whole groups of k frames before it
 (``x[:, :T - T % k]``) is dropped: the stacked crops leave an incomplete
 group out on every length; a pad to whole groups becomes a pad of k - 1
-frames (the last group, completed at the end of the stream). Runs after the shape runs and asks for them again.
+frames (the last group, completed at the end of the stream). Runs after the
+shape runs and asks for them again.
 
 Example::
 
@@ -157,7 +158,8 @@ def _padded_to_groups(graph: fx.Graph, x: fx.Node, t: int, k: int, view: fx.Node
     fixed = [0] * len(pad)
     fixed[at] = k - 1
     with graph.inserting_after(x):
-        longer = graph.call_function(F.pad, (x.args[0], tuple(fixed)), {"mode": "constant", "value": bound.get("value")})
+        longer = graph.call_function(F.pad, (x.args[0], tuple(fixed)),
+                                     {"mode": "constant", "value": bound.get("value")})
     return longer, x, t, longer
 
 

@@ -148,7 +148,8 @@ def test_frames_paired_by_a_crop_read_off_the_clip_are_exact_where_the_crop_is_n
     an odd clip it takes one frame, which on an even clip it would not: refused, naming the crop."""
     torch.manual_seed(0)
     assert_exact(Head(_paired).to(D).eval(), clip(t=8))
-    with pytest.raises(cofx.ConversionError, match="node 'getitem_3'.*\n  at .*test_idioms.py.*h\[:, :, ::2\]\[:, :, :odd.shape\[2\]\]"):
+    with pytest.raises(cofx.ConversionError,
+                       match=r"node 'getitem_3'.*\n  at .*test_idioms.py.*h\[:, :, ::2\]\[:, :, :odd.shape\[2\]\]"):
         cofx.convert(Head(_paired).to(D).eval(), clip(t=9))
 
 
