@@ -11,7 +11,7 @@ packages inline). Each run is a fresh subprocess, timed from before `import torc
 - fresh: `cofx.load(path, source=...)` (without its compiled steps), `co.compile_steps()`, the warm-up,
   the first compiled step.
 
-The warm-up (``co.warmup_frames`` frames, until the stream is in steady state) is fed as one eager chunk,
+The warm-up (``co.compiled_stats.start`` frames, until the steps repeat) is fed as one eager chunk,
 and reported apart: a stream of single frames spends longer there, eagerly, whichever way it started.
 Every process gets an empty inductor cache (``TORCHINDUCTOR_CACHE_DIR``), so compiling fresh is compiling
 cold; all share one tuning cache (``COFX_CACHE_DIR``) that the parent's conversion filled, so every
@@ -52,11 +52,12 @@ def child(path: str, mode: str, source: str, threads: int) -> None:
         co.compile_steps()
     compiled = time.perf_counter()
     t = co._info["time_dim"]
-    frames = torch.randn(co.clip_shape[:t] + (co.warmup_frames + 1,) + co.clip_shape[t + 1:])
+    start = co.compiled_stats.start
+    frames = torch.randn(co.clip_shape[:t] + (start + 1,) + co.clip_shape[t + 1:])
     with torch.no_grad():
-        co.forward_steps(frames.narrow(t, 0, co.warmup_frames))
+        co.forward_steps(frames.narrow(t, 0, start))
         warm = time.perf_counter()
-        co.forward_step(frames.select(t, co.warmup_frames))
+        co.forward_step(frames.select(t, start))
         first = time.perf_counter()
     print(json.dumps({"loaded": loaded - STARTED, "compile": compiled - loaded, "warmup": warm - compiled,
                       "step": first - warm, "first": first - STARTED, "compiled": co.last_step_compiled}))

@@ -129,13 +129,15 @@ class CompiledStats:
     the weights; `phases`, the (phase, frames per call, batch) of each program the model holds now;
     `keeps_layouts`, whether every program hands back its state in the layouts it takes (no copies between
     steps); `rings`, per program, how each kernel that keeps its frames in a ring keeps them ("double" or
-    "rolled", `cofx.frame_window`); `tensors`, per program, the state tensors it takes besides the rings."""
+    "rolled", `cofx.frame_window`); `tensors`, per program, the state tensors it takes besides the rings;
+    `start`, the frames into a stream from which its steps repeat and programs serve them (`steady_keys`)."""
     runs: int
     recordings: int
     phases: tuple
     keeps_layouts: bool
     rings: dict
     tensors: dict
+    start: int
 
 
 @dataclass
@@ -145,6 +147,15 @@ class Package:
     fingerprint: str
     path: str
     rolled: bool
+
+
+def steady_keys(co) -> list:
+    """Every kernel's `Stateful.steady_key`. What a step does is decided by these keys and by the frames that
+    reach each kernel, which the keys upstream decide: where the keys after F frames of a stream equal those
+    after F + period frames, the stream goes round the same `period` steps from F on, for ever, and a step
+    recorded at F + r serves every F + r + k * period (`CompiledSteps.start`). A stream of X3D-S gets there
+    after about its delay, long before every buffer holds frames of the stream alone (`co.warmup_frames`)."""
+    return [k.steady_key() for k in co._kernels()]
 
 
 class _NotServed(Exception):
@@ -190,7 +201,7 @@ class CompiledSteps:
         self.chunks = frozenset(chunks)   # chunk lengths besides single frames that run compiled
         self.say = (lambda msg: print(f"cofx: {msg}", file=sys.stderr, flush=True)) if verbose else (lambda m: None)
         self.period = co._info["period"]
-        self.start = co.warmup_frames
+        self.start = co.warmup_frames   # frames into a stream from which programs serve (`prepare` finds it)
         self.phases: dict = {}   # (phase, frames in the chunk, batch, dtype, device) -> Phase
         self.weights: Optional[WeightMarks] = None
         self.written: list = []  # the state tensors the last compiled step wrote (already laid out)
@@ -217,9 +228,15 @@ class CompiledSteps:
         shape = list(co.clip_shape)
         shape[0] = batch
         with scratch_stream(co, eval_mode=False), torch.no_grad():
-            frame = torch.zeros(shape[:t] + shape[t + 1:], dtype=dtype, device=device)
-            for _ in range(self.start + self.period):
-                co._run(frame, False, True, framewise=True)
+            shape[t] = 1   # chunks of one frame: a start that gives several frames at once (padding) is no error
+            frame = torch.zeros(shape, dtype=dtype, device=device)
+            keys, end = [steady_keys(co)], self.start + self.period
+            while len(keys) <= end:   # `end` frames; the phases are recorded on the way, from `start` on
+                co._run(frame, False, True)
+                keys.append(steady_keys(co))
+                first = len(keys) - 1 - self.period
+                if 0 <= first < self.start and keys[first] == keys[-1]:   # the steps repeat from `first` on
+                    self.start, end = first, len(keys) - 1 + self.period
             for n in sorted(self.chunks):
                 shape[t] = n
                 chunk = torch.zeros(shape, dtype=dtype, device=device)
@@ -234,6 +251,9 @@ class CompiledSteps:
         weights); otherwise, and for a phase without a package, steps run eagerly from there, with a notice."""
         steps = cls(co, "inductor", None, False, record["check_weights"], tuple(record["chunks"]))
         steps.loaded = True
+        start = record.get("start")   # found when compiled (`prepare`); files before it start at the warm-up
+        if type(start) is int and 0 <= start < steps.start:
+            steps.start = start
         for entry in record["programs"]:
             key = (entry["phase"], entry["frames"], entry["batch"], getattr(torch, entry["dtype"]),
                    torch.device(entry["device"]))
@@ -266,7 +286,7 @@ class CompiledSteps:
                                  "rolled": package.rolled, "fingerprint": package.fingerprint,
                                  "package": file.read()})
         return {"built_for": built_for(key[4] for key in self.packages), "chunks": sorted(self.chunks),
-                "check_weights": self.check_weights, "programs": programs}
+                "check_weights": self.check_weights, "start": self.start, "programs": programs}
 
     def __call__(self, x: torch.Tensor, frames: int, framewise: bool):
         """The output of `x`, `frames` frames into the stream (>= `start`), or None when no frame comes out:
@@ -321,7 +341,7 @@ class CompiledSteps:
         return CompiledStats(self.runs, self.recordings, tuple(phases), all(p.keeps_layouts for p in phases.values()),
                              {k: tuple("rolled" if isinstance(v, RolledRing) else "double" for _, v in p.rings)
                               for k, p in phases.items()},
-                             {k: len(p.layouts) for k, p in phases.items()})
+                             {k: len(p.layouts) for k, p in phases.items()}, self.start)
 
     def _eagerly(self, x: torch.Tensor, framewise: bool, why: str):
         """The eager step of `x`, and eager steps from here on: the packages loaded do not serve this stream."""

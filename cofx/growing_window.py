@@ -49,6 +49,10 @@ class _WindowCounter(Stateful):
     def state_signature(self, state: dict) -> Optional[tuple]:
         return None if state["seen"] is None else (state["seen"],)
 
+    def steady_key(self) -> Optional[tuple]:
+        """Windows seen count until the window is full (N windows)."""
+        return None if self.seen is None else (min(self.seen, self.frames),)
+
     def check_counters(self, name: str, state: dict) -> None:
         seen = state["seen"]
         if seen is not None and (not _is_int(seen) or seen < 0):

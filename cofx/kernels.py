@@ -93,6 +93,13 @@ class Stateful(Kernel):
         same signature, whatever form (ordered, ring, double ring) their frames were kept in."""
         return None
 
+    def steady_key(self) -> Optional[tuple]:
+        """What decides the ops of this kernel's next steps, given the frames that reach it: counters that only
+        grow are taken out (as far into a stream as a rule still reads them). Two points of a stream with
+        equal keys in every kernel step alike from there on, so a step recorded at one serves the other
+        (`compiled_step.steady_start`). By default the counters themselves: they never repeat if they grow."""
+        return self.state_signature({name: getattr(self, name) for name in self.state_names})
+
     def check_state(self, name: str, state, ref1: dict, ref2: dict, batch: Optional[int], dtype, device) -> None:
         """Raise a `StreamError` unless `state` is a state this kernel can hold for `batch` streams in `dtype` on
         `device`. `ref1`/`ref2`: `state_spec` of this kernel's own state after a warm-up of 1 and of 2
@@ -353,6 +360,13 @@ class Sliding(Stateful):
 
     def state_signature(self, state: dict) -> Optional[tuple]:
         return None if state["m"] is None else (state["m"], state["next_j"])
+
+    def steady_key(self) -> Optional[tuple]:
+        """A window completes when m reaches next_j * stride + span; an average divides window j by its own
+        count until j reaches the first window without start padding (`first_full_window`)."""
+        if self.m is None:
+            return None
+        return self.m - self.next_j * self.stride, min(self.next_j, self.geometry.first_full_window())
 
     def free_axis(self, entry: str, index: Optional[int]) -> Optional[int]:
         return None
@@ -696,6 +710,10 @@ class Recurrent(Stateful):
 
     def state_signature(self, state: dict) -> Optional[tuple]:
         return None if state["seen"] is None else (state["seen"],)
+
+    def steady_key(self) -> Optional[tuple]:
+        """Frames seen count until the first clip position's state (`window`) and the first hidden state."""
+        return None if self.seen is None else (min(self.seen, max(self.window, 1)),)
 
     def check_counters(self, name: str, state: dict) -> None:
         hx, seen = state["hx"], state["seen"]

@@ -80,6 +80,13 @@ class WindowGeometry:
         padding is not counted)."""
         return self.avg_count is not None and not self.avg_count[1] and self.pad_l > 0
 
+    def first_full_window(self) -> int:
+        """The first window from which none counts fewer frames than its kernel before a stream ends (at least
+        1: the first window completes after a start of its own)."""
+        if self.avg_count is None or self.avg_count[1]:
+            return 1
+        return max(1, -(-self.pad_l // self.stride))
+
     def frames_counted(self, j, real_end: Optional[int] = None):
         """The frames PyTorch divides the average of window `j` (an int, or a tensor of them) by: its real
         frames (and, with count_include_pad, the padding PyTorch adds), never the end padding of a stream that

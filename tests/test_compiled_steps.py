@@ -1,7 +1,7 @@
 """Compiled steps compute what eager steps compute, through any mix of calls, and follow the weights."""
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, assume, example, given, settings, strategies as st
 from torch import nn
 
 import cofx
@@ -83,7 +83,10 @@ def test_strided_nets_compile_every_phase_and_skip_frames_as_eager():
             assert torch.equal(co.ready, ref.ready)
     assert [g is None for g in got] == [w is None for w in want]
     assert all(same(a, b) for a, b in zip(got, want))
-    assert co.compiled_stats.runs - runs == 20
+    # compiled from the frame the steps start repeating, long before every buffer holds stream frames only
+    start = co.compiled_stats.start
+    assert co.delay <= start < co.warmup_frames - 20
+    assert co.compiled_stats.runs - runs == stream.shape[2] - start
 
 
 @pytest.mark.parametrize("cell", [nn.LSTM, nn.GRU])
@@ -99,7 +102,8 @@ def test_recurrent_layers_compile_with_their_hidden_state(cell):
         got = run(co, stream, ["frame"] * (stream.shape[2] - 4) + ["chunk", "frame"])
         want = run(ref, stream, ["frame"] * (stream.shape[2] - 4) + ["chunk", "frame"])
     assert all(same(a, b) for a, b in zip(got, want))
-    assert co.compiled_stats.runs - runs == 10 - 4 + 1   # the steady frames, not the chunk
+    steady = stream.shape[2] - 4 - co.compiled_stats.start
+    assert co.compiled_stats.runs - runs == steady + 1   # the steady frames, not the chunk
 
 
 def steady_steps(co, ref, stream):
@@ -277,7 +281,7 @@ def test_inductor_compiles_a_conv_net_to_the_eager_results():
         for at in (stream.shape[2] - 6, stream.shape[2] - 3):   # chunks of 3 frames, compiled too
             got.append(co.forward_steps(stream[:, :, at:at + 3]))
             want.append(ref.forward_steps(stream[:, :, at:at + 3]))
-    assert co.compiled_stats.runs - runs == 8
+    assert co.compiled_stats.runs - runs == stream.shape[2] - 6 - co.compiled_stats.start + 2
     assert all(same(a, b) for a, b in zip(got, want))
     # the compiled library hands back its state in the layouts it takes: no copies between steps
     assert co.compiled_stats.keeps_layouts
@@ -339,7 +343,7 @@ def test_compiled_steps_write_each_frame_into_its_ring_in_place():
         for i in range(warm, stream.shape[2]):
             assert same(co.forward_step(stream[:, :, i]), ref.forward_step(stream[:, :, i]))
             assert [t.data_ptr() for k in convs for t in k.state_tensors()] == memory
-    assert co.compiled_stats.runs - runs == stream.shape[2] - co.warmup_frames
+    assert co.compiled_stats.runs - runs == stream.shape[2] - co.compiled_stats.start
 
 
 class PixelGate(nn.Module):
@@ -426,7 +430,7 @@ def test_delay_buffers_take_the_layout_of_channels_last_convolutions():
         held = [p for p in align.pending if p.numel()]
         assert held and all(p.is_contiguous(memory_format=torch.channels_last_3d) and not p.is_contiguous()
                             for p in held)
-        assert len(co.compiled_stats.phases) == 1 and co.compiled_stats.keeps_layouts and co.compiled_stats.runs - runs == stream.shape[2] - co.warmup_frames
+        assert len(co.compiled_stats.phases) == 1 and co.compiled_stats.keeps_layouts and co.compiled_stats.runs - runs == stream.shape[2] - co.compiled_stats.start
 
 
 def test_depthwise_convolutions_keep_channels_last_rings_in_compiled_steps():
@@ -517,7 +521,8 @@ def test_last_step_compiled_says_which_kind_of_step_ran():
         for i in range(co.warmup_frames + 2):
             co.forward_step(stream[:, :, i])
             ran.append(co.last_step_compiled)
-        assert ran == [i >= co.warmup_frames for i in range(co.warmup_frames + 2)]
+        assert ran == [i >= co.compiled_stats.start for i in range(co.warmup_frames + 2)]
+        assert 0 < co.compiled_stats.start < co.warmup_frames
         at = co.warmup_frames + 2
         calls = [lambda: co.forward_steps(stream[:, :, at:at + 3]),                    # a compiled chunk length
                  lambda: co.forward_steps(stream[:, :, at:at + 2]),                    # another length
@@ -537,3 +542,64 @@ def test_last_step_compiled_says_which_kind_of_step_ran():
     with torch.no_grad():
         co.forward_steps(stream[:, :, :2], pad_end=True)
         assert not co.last_step_compiled
+
+
+class StartUpNet(nn.Module):
+    """Ops whose first steps differ from their later ones: padded, strided and ceil-mode windows, averages that
+    do not count their padding, a residual merge of two delays, and a head that pools a window of the clip or
+    runs a recurrent layer over it."""
+
+    def __init__(self, layers, head, residual):
+        super().__init__()
+        self.layers = nn.ModuleList(
+            nn.Conv1d(4, 4, k, s, p, d) if kind == "conv" else
+            nn.AvgPool1d(k, s, min(p, k // 2), ceil_mode=c, count_include_pad=False) if kind == "avg" else
+            nn.MaxPool1d(k, s, min(p, k // 2), d, ceil_mode=c)
+            for kind, k, s, p, d, c in layers)
+        self.head, self.residual = head, residual
+        self.gru = nn.GRU(4, 4, batch_first=True)
+
+    def forward(self, x):
+        h = x
+        for layer in self.layers:
+            h = torch.tanh(layer(h))
+        if self.residual:
+            h = h + nn.functional.avg_pool1d(h, 3, 1, 1, count_include_pad=False)
+        if self.head == "mean":
+            return h.mean(2)
+        if self.head == "gru":
+            return self.gru(h.transpose(1, 2))[0][:, -1]
+        return h
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.tuples(st.sampled_from(["conv", "avg", "max"]), st.integers(1, 4), st.integers(1, 3),
+                          st.integers(0, 3), st.integers(1, 2), st.booleans()), min_size=1, max_size=3),
+       st.sampled_from(["stream", "mean", "gru"]), st.booleans())
+@example([("avg", 4, 1, 2, 1, False)], "stream", False)            # windows 0 and 1 count 2 and 3 frames
+@example([("conv", 3, 2, 1, 1, False), ("avg", 4, 2, 2, 1, True)], "mean", True)
+def test_compiled_steps_from_the_frame_the_steps_repeat_equal_eager_steps(layers, head, residual):
+    """Programs serve a stream from the first frame its steps repeat (`compiled_stats.start`), before every
+    buffer holds stream frames only; each output from the first frame on equals the eager step's."""
+    torch.manual_seed(0)
+    model = StartUpNet(layers, head, residual).double().eval()
+    with torch.no_grad():
+        taken = [t for t in range(1, 40) if _takes(model, torch.zeros(1, 4, t, dtype=D))]
+    assume(taken)
+    clip = torch.randn(2, 4, taken[0] + 3, dtype=D)
+    co, ref = compiled_and_eager(model, clip)
+    start = co.compiled_stats.start
+    assert start <= co.warmup_frames
+    stream = torch.randn(2, 4, co.warmup_frames + 3 * co.period + 2, dtype=D)
+    with torch.no_grad():
+        for i in range(stream.shape[2]):
+            got, want = co.forward_steps(stream[:, :, i:i + 1]), ref.forward_steps(stream[:, :, i:i + 1])
+            assert co.last_step_compiled == (i >= start)
+            assert same(got, want)
+
+
+def _takes(model, x) -> bool:
+    try:
+        return model(x).numel() > 0
+    except RuntimeError:
+        return False
