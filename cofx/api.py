@@ -1,6 +1,7 @@
 """`cofx.convert`: a clip model in, a continual model out."""
 from __future__ import annotations
 
+import itertools
 import math
 import sys
 from typing import Iterable, Mapping, Optional
@@ -60,6 +61,7 @@ def convert(model: nn.Module, example_input: Optional[torch.Tensor] = None, *, s
         raise ValueError(f"init must be one of {INITS}, got {init!r}")
     if not isinstance(model, nn.Module):
         raise TypeError(f"cofx.convert takes an nn.Module, got {type(model).__name__}")
+    _check_model_kind(model)
     leaf_modules = _check_arguments(model, time_dim, leaf_modules, window)
     say = (lambda msg: print(f"cofx: {msg}", file=sys.stderr, flush=True)) if verbose else (lambda msg: None)
     modes = {m: m.training for m in model.modules()}
@@ -198,6 +200,25 @@ def _restore(model: nn.Module, kept: dict) -> None:
                 tensor.detach().copy_(copy)
 
 
+def _check_model_kind(model: nn.Module) -> None:
+    """Wrappers whose forward is not the model's code to trace: refused with the module to pass instead."""
+    if isinstance(model, torch.jit.ScriptModule):
+        raise ConversionError(f"the model is a TorchScript {type(model).__name__} as a whole: torch.fx traces "
+                              "Python modules, and a scripted model's code cannot be taken apart",
+                              fix="convert the nn.Module before torch.jit.script (scripted submodules inside a "
+                                  "Python model are kept whole and checked frame by frame)")
+    parallel = (nn.DataParallel, nn.parallel.DistributedDataParallel)
+    if isinstance(model, parallel):
+        raise ConversionError(f"the model is wrapped in {type(model).__name__}, which splits the batch over "
+                              "devices at every call", fix="convert model.module, the model it wraps")
+    meta = next((n for n, t in itertools.chain(model.named_parameters(), model.named_buffers())
+                 if t.device.type == "meta"), None)
+    if meta is not None:
+        raise ConversionError(f"the model's tensor '{meta}' is on the meta device (no values): cofx runs the "
+                              "model on the example to check the conversion",
+                              fix="give the model real weights first (model.to_empty(device='cpu'), then load them)")
+
+
 def _check_arguments(model: nn.Module, time_dim, leaf_modules, window) -> tuple:
     """The leaf modules as a tuple: one module, type or name stands for itself (a string or an nn.Sequential
     would otherwise be taken apart into its characters or its children)."""
@@ -242,6 +263,9 @@ def _check_example(x, time_dim, model: nn.Module) -> torch.Tensor:
     if x.dim() <= time_dim:
         raise ConversionError(f"example_input of shape {tuple(x.shape)} has no time dimension {time_dim}",
                               fix="pass a clip shaped (B, C, T, ...) or set time_dim=")
+    if x.device.type == "meta":
+        raise ConversionError("example_input is on the meta device (no values): cofx runs the model on the "
+                              "example to check the conversion", fix="pass a clip with values on the model's device")
     if not x.is_floating_point():
         raise ConversionError(f"example_input is {x.dtype}: cofx checks the conversion on random clips of the "
                               "example's dtype", fix="pass a floating-point clip (x.float())")

@@ -296,7 +296,10 @@ class ContinualModule(fx.GraphModule):
             if name is None:
                 return None
             owner, _, leaf = name.rpartition(".")
-            self.__dict__["_dtype_slot"] = slot = (self.get_submodule(owner)._parameters, leaf)
+            params = self.get_submodule(owner)._parameters
+            if not isinstance(params, dict):   # a TorchScript submodule's: read through it each time
+                return getattr(self.get_submodule(owner), leaf)
+            self.__dict__["_dtype_slot"] = slot = (params, leaf)
             p = slot[0][slot[1]]
         return p
 
@@ -319,8 +322,8 @@ class ContinualModule(fx.GraphModule):
         of one of the lengths in ``chunks`` (catching up on a backlog: ``chunks=(16,)``
         compiles ``forward_steps`` on 16 frames too), with gradients off
         (``torch.no_grad()``/``torch.inference_mode()``), ``update_state=True``, no
-        ``pad_end``, and the stream is in steady state (``co.warmup_frames`` in); every
-        other call runs eagerly, from the same state.
+        ``pad_end``, and the stream has reached the frame from which its steps repeat
+        (``co.compiled_stats.start``); every other call runs eagerly, from the same state.
 
         backend: ``"inductor"`` (AOTInductor, ahead of time; ``options``: inductor's configs,
         by default frozen weights), another ``torch.compile`` backend (``"eager"`` runs the
@@ -537,7 +540,7 @@ class ContinualModule(fx.GraphModule):
     def last_step_compiled(self) -> bool:
         """Whether the last `forward_step`/`forward_steps` call ran a compiled program (`compile_steps`).
 
-        False before the stream reaches ``warmup_frames``, for calls a compiled program
+        False before the stream reaches ``compiled_stats.start``, for calls a compiled program
         does not serve (a chunk of another length, ``pad_end``, a peek, gradients on),
         after ``clean_state()``, and where a loaded model's saved programs could not
         be used: benchmarks and services see which kind of step they measure.

@@ -529,3 +529,47 @@ def test_a_stream_ended_at_a_length_the_model_does_not_take_says_so():
     with pytest.raises(cofx.StreamError, match="ended after 9 frames, a length the model itself does not take"):
         co.forward_steps(torch.randn(1, 2, 0), pad_end=True)
     torch.testing.assert_close(co.forward_steps(clip, pad_end=True), model(clip))   # cleaned: a new stream works
+
+
+@pytest.mark.parametrize("wrap,message,fix", [
+    (lambda m: torch.jit.script(m), "TorchScript RecursiveScriptModule as a whole", "before torch.jit.script"),
+    (lambda m: nn.DataParallel(m), "wrapped in DataParallel", "convert model.module"),
+    (lambda m: m.to("meta"), "tensor '0.weight' is on the meta device", "to_empty"),
+])
+def test_wrapped_or_valueless_models_are_refused_with_the_module_to_pass(wrap, message, fix):
+    model = wrap(nn.Sequential(nn.Conv1d(3, 4, 3, padding=1), nn.ReLU()).eval())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)   # torch.jit.script's deprecation
+        with pytest.raises(cofx.ConversionError, match=message) as err:
+            cofx.convert(model, torch.randn(1, 3, 8))
+    assert fix in str(err.value)
+    with pytest.raises(cofx.ConversionError, match="example_input is on the meta device"):
+        cofx.convert(nn.Conv1d(3, 4, 3).eval(), torch.randn(1, 3, 8, device="meta"))
+
+
+def test_a_scripted_submodule_holding_the_first_parameter_steps():
+    """The dtype check of every step reads the first parameter, here inside a TorchScript module."""
+    class PerFrame(nn.Module):
+        def __init__(self):
+            super().__init__()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)
+                self.cnn = torch.jit.script(nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU()))
+            self.tconv = nn.Conv1d(4, 4, 3, padding=1)
+
+        def forward(self, x):
+            b, c, t, h, w = x.shape
+            f = self.cnn(x.transpose(1, 2).reshape(b * t, c, h, w)).mean((-1, -2))
+            return self.tconv(f.reshape(b, t, -1).transpose(1, 2))
+
+    torch.manual_seed(0)
+    model, x = PerFrame().eval(), torch.randn(1, 3, 8, 6, 6)
+    co = cofx.convert(model, x)
+    with torch.no_grad():
+        outs = [co.forward_step(x[:, :, i]) for i in range(8)]
+        tail = co.forward_steps(x[:, :, :0], pad_end=True)
+        want = model(x)
+    got = torch.cat([o.unsqueeze(2) for o in outs if o is not None] + [tail], 2)
+    assert torch.allclose(got, want, atol=1e-5)
+    with pytest.raises(cofx.StreamError, match="input dtype torch.float64 differs"):
+        co.forward_step(x[:, :, 0].double())
