@@ -17,8 +17,11 @@ delay, stride and receptive field.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import sys
+import tempfile
 import warnings
 from typing import Optional
 
@@ -190,7 +193,7 @@ def export_onnx(co, path, opset: Optional[int] = None) -> dict:
             warnings.simplefilter("ignore")
             wrapper.__dict__["shapes"] = shapes
             try:
-                with shapes:
+                with shapes, _exporter_output_dropped():
                     torch.onnx.export(wrapper, (frame, reset, *state), os.fspath(path), dynamo=False,
                                       input_names=input_names, output_names=output_names,
                                       dynamic_axes={n: {a: "batch"} for n, a in batch_axes.items()},
@@ -199,9 +202,9 @@ def export_onnx(co, path, opset: Optional[int] = None) -> dict:
                 raise NotSteppable("cannot export this model to ONNX: an op of its step reads tensor sizes in "
                                    "another order while torch.onnx traces it than when it runs (attention given "
                                    "a key-padding mask does); the model still steps in PyTorch") from None
-            except torch.onnx.errors.OnnxExporterError as e:   # an op torch.onnx has no export for
+            except Exception as e:   # an op torch.onnx has no export for (its symbolics raise any error type)
                 raise NotSteppable(f"cannot export this model to ONNX: torch.onnx cannot export an op of its step "
-                                   f"({first_line(e)}); the model still steps in PyTorch") from None
+                                   f"({type(e).__name__}: {first_line(e)}); the model still steps in PyTorch") from None
             finally:
                 wrapper.__dict__["shapes"] = None
         values = dict(zip(input_names, (frame, reset, *state)))
@@ -223,6 +226,23 @@ def export_onnx(co, path, opset: Optional[int] = None) -> dict:
         return dict(inputs=input_names, outputs=output_names, state_names=names,
                     shapes={n: _shape(v, batch_axes.get(n)) for n, v in values.items()},
                     dtypes={n: str(v.dtype).replace("torch.", "") for n, v in values.items()})
+
+
+@contextlib.contextmanager
+def _exporter_output_dropped():
+    """torch.onnx writes the whole TorchScript graph to the process's stdout (from C++) when an op fails to
+    export; the error raised says which op, so that dump is dropped."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        with tempfile.TemporaryFile() as sink:
+            os.dup2(sink.fileno(), 1)
+            try:
+                yield
+            finally:
+                os.dup2(saved, 1)
+    finally:
+        os.close(saved)
 
 
 def _record_shapes(wrapper, step, co) -> "_StaticShapes":

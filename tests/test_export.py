@@ -411,6 +411,27 @@ def test_an_op_torch_onnx_cannot_export_is_refused_saying_the_model_still_steps(
         cofx.export_onnx(co, tmp_path / "bins.onnx")
 
 
+def test_an_export_failing_in_a_symbolic_is_refused_without_torch_onnx_graph_dump(tmp_path, capfd):
+    """torch.onnx's symbolics raise plain errors (a float64 attention mask: ValueError) and write the whole
+    graph to stdout from C++; the user gets the cofx error alone."""
+    class CausalSdpa(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.qkv, self.head = nn.Linear(3, 24), nn.Linear(8, 2)
+
+        def forward(self, x):
+            t = x.shape[1]
+            q, k, v = self.qkv(x).unsqueeze(1).chunk(3, dim=-1)
+            mask = torch.full((t, t), float("-inf"), dtype=x.dtype).triu(1)
+            return self.head(F.scaled_dot_product_attention(q, k, v, attn_mask=mask).squeeze(1))
+
+    co = cofx.convert(CausalSdpa().double().eval(), torch.randn(1, 10, 3, dtype=torch.float64), time_dim=1)
+    capfd.readouterr()
+    with pytest.raises(NotSteppable, match="torch.onnx cannot export an op of its step \\(ValueError: .*attn_mask"):
+        cofx.export_onnx(co, tmp_path / "sdpa.onnx")
+    assert "Torch IR graph" not in capfd.readouterr().out
+
+
 def test_a_start_padding_of_the_models_own_that_bursts_says_to_pad_with_zeros_there(tmp_path):
     """Several repeated first frames at the start cannot be one frame per step; the model pads so itself
     (``F.pad(x, (2, 0), mode='replicate')``), so ``init`` is not the fix."""
