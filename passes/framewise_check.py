@@ -94,11 +94,11 @@ def _other_frames_equal(node, out, out_p, frame: int) -> bool:
             if diff.any():
                 return False
             continue
-        if diff.isnan().any():   # NaN on both sides counts as equal
-            diff = torch.where(a.isnan() & b.isnan(), 0.0, diff.nan_to_num(nan=float("inf")))
-        scale = float(a.abs().max())
-        if scale != scale:   # NaN in the output: the largest of the other values
-            scale = float(a.abs().nan_to_num(nan=0.0).max())
+        if not diff.isfinite().all():   # the same infinity, or NaN, on both sides counts as equal
+            same = (a == b) | (a.isnan() & b.isnan())
+            diff = torch.where(same, 0.0, diff.nan_to_num(nan=float("inf"), posinf=float("inf")))
+        finite = a.abs()[a.isfinite()]   # the scale of the numbers in the output
+        scale = float(finite.max()) if finite.numel() else 0.0
         if float(diff.max()) > 1e-5 * scale + 1e-30:
             return False
     return True

@@ -862,6 +862,31 @@ def test_an_example_on_which_the_model_is_nan_everywhere_is_refused_saying_so():
         cofx.convert(NormOverTime(), torch.rand(1, 16, 10, dtype=D))
 
 
+def test_an_infinite_value_in_the_example_is_checked_on_the_numbers_around_it():
+    """One inf in the example spreads to frames around it (inf, -inf, NaN after a gelu): the same infinity on
+    both sides counts as equal, and the other frames are checked at the scale of the finite values (an inf
+    once made the tolerance infinite); an op mixing frames is still refused."""
+    class SensorConv(nn.Module):
+        def __init__(self, mix):
+            super().__init__()
+            self.conv, self.lin, self.mix = nn.Conv1d(3, 16, 5, padding=2), nn.Linear(16, 5), mix
+
+        def forward(self, x):
+            h = F.gelu(self.conv(x.transpose(1, 2)))
+            return self.lin((h + h.roll(1, 2) if self.mix else h).transpose(1, 2))
+
+    torch.manual_seed(0)
+    example = torch.randn(1, 8, 3, dtype=D)
+    example[0, 1, 0] = float("inf")
+    model = SensorConv(False).double().eval()
+    co = cofx.convert(model, example, time_dim=1)
+    x = torch.randn(1, 12, 3, dtype=D)
+    with torch.no_grad():
+        assert torch.allclose(co.forward_steps(x, pad_end=True), model(x), atol=1e-12)
+    with pytest.raises(cofx.ConversionError, match="does not act frame by frame"):
+        cofx.convert(SensorConv(True).double().eval(), example, time_dim=1)
+
+
 def test_a_group_norm_of_one_value_per_group_steps_one_frame_of_one_stream():
     """Frames folded into the batch, then GroupNorm(C, C): torch refuses it a single row (one frame of one
     stream), though each row is normalised alone."""
