@@ -306,18 +306,18 @@ class _Classifier:
 
     def window_for(self, node, clip_window):
         """The user's window for this reduction: keys are glob patterns over the node name, the module
-        path, and the paths and class names of the modules that contain it; the innermost match wins."""
+        path, and the paths and class names of the modules that contain it; the innermost match wins. A
+        reduction of a clip of one frame there (a flatten after a pool) has no window to widen."""
+        if clip_window <= 1:
+            return clip_window
         names = [node.name]
         if node.op == "call_module":
             names += [node.target, type(self.module(node)).__name__]
         for path, cls in reversed(list(node.meta.get("nn_module_stack", {}).values())):
             names += [path, getattr(cls, "__name__", str(cls))]
-        for name in names:
-            for key, frames in self.windows.items():
-                if fnmatch.fnmatchcase(name, key):
-                    self.used_windows.add(key)
-                    return int(frames)
-        return clip_window
+        matches = [key for name in names for key in self.windows if fnmatch.fnmatchcase(name, key)]
+        self.used_windows.update(matches)   # a catch-all another key overrides here is no typo
+        return int(self.windows[matches[0]]) if matches else clip_window
 
     def set(self, node, role, kind, **extra):
         node.meta.update(cofx_role=role, cofx_kind=kind, cofx_check=extra.pop("check", False),

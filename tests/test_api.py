@@ -89,6 +89,17 @@ def test_window_of_the_clip_pool_can_be_extended():
         cofx.convert(model, clip, window={"pool": 9}, strict=True)
 
 
+def test_window_patterns_a_default_and_an_override_and_a_typo():
+    """A catch-all pattern beside a more specific one is a default (no typo); a pattern matching no reduction
+    is refused naming it."""
+    model, clip = model_and_clip(4)
+    for windows, frames in (({"pool": 9, "*": 5}, 9), ({"*": 5}, 5)):
+        row = next(r for r in cofx.convert(model, clip, window=windows).report if r.name == "pool")
+        assert row.kernel == frames
+    with pytest.raises(cofx.ConversionError, match=r"window= names \['poll'\], which are not global temporal"):
+        cofx.convert(model, clip, window={"poll": 9})
+
+
 def test_replicate_init_has_no_transient_on_a_still_scene():
     model, clip = model_and_clip()
     still = torch.randn(1, 3, 1, 4, 4, dtype=D).expand(1, 3, 20, 4, 4)
