@@ -874,6 +874,10 @@ class _Classifier:
             return
         self.check_length_args(node, kernel_read or (node.op, node.target) in RESHAPES)
         t_in = x.meta["cofx_time"]
+        if t_in is None:   # one frame on the example, so its time axis cannot be told from its other axes
+            raise ConversionError("reduces a tensor whose time axis cannot be told apart from its other axes: it "
+                                  "has too few frames on the example clip", node=node,
+                                  fix="convert with a longer example clip")
         clip_window = _time_len(x, "clip")
         mode, partial = self.decompose(node, x, t_in)
         window = self.window_for(node, clip_window)

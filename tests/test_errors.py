@@ -573,3 +573,27 @@ def test_a_scripted_submodule_holding_the_first_parameter_steps():
     assert torch.allclose(got, want, atol=1e-5)
     with pytest.raises(cofx.StreamError, match="input dtype torch.float64 differs"):
         co.forward_step(x[:, :, 0].double())
+
+
+def test_a_pool_over_a_time_axis_of_one_frame_on_the_example_asks_for_a_longer_clip():
+    """Time pooled to one frame by strides, then a pool whose kernel is read off the tensor: on the example the
+    time axis cannot be told apart (was a raw TypeError); a longer example converts exactly."""
+    class Strided(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.p, self.c = nn.AvgPool2d((4, 2), (3, 2)), nn.Conv2d(1, 3, (2, 1))
+
+        def forward(self, x):
+            h = self.c(self.p(x))
+            return F.max_pool2d(h, (h.shape[2], 1)).flatten(1)
+
+    torch.manual_seed(0)
+    model = Strided().double().eval()
+    with pytest.raises(cofx.ConversionError, match="time axis cannot be told apart .*\n.*\n  fix: convert with a "
+                                                   "longer example clip"):
+        cofx.convert(model, torch.randn(1, 1, 8, 6, dtype=torch.float64))
+    clip = torch.randn(1, 1, 20, 6, dtype=torch.float64)
+    co = cofx.convert(model, clip)
+    assert co.is_exact
+    with torch.no_grad():
+        assert torch.allclose(co.forward_steps(clip, pad_end=True)[..., -1], model(clip), atol=1e-12)
