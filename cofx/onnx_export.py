@@ -221,11 +221,29 @@ def export_onnx(co, path, opset: Optional[int] = None) -> dict:
         model.doc_string = (f"cofx continual step: frame, reset, state_0..state_{len(state) - 1} -> "
                             f"{', '.join(out_names)}, ready, next_state_*; start each stream with zero states "
                             "and reset=True")
-        onnx.checker.check_model(model, full_check=True)   # with shape inference
+        _transpose_perms_positive(model)
+        try:
+            onnx.checker.check_model(model, full_check=True)   # with shape inference
+        except Exception as e:   # an export torch.onnx got wrong in a way not mended here
+            raise NotSteppable(f"cannot export this model to ONNX: the model torch.onnx wrote does not pass "
+                               f"onnx.checker ({type(e).__name__}: {first_line(e)}); the model still steps in "
+                               "PyTorch") from None
         onnx.save(model, os.fspath(path))
         return dict(inputs=input_names, outputs=output_names, state_names=names,
                     shapes={n: _shape(v, batch_axes.get(n)) for n, v in values.items()},
                     dtypes={n: str(v.dtype).replace("torch.", "") for n, v in values.items()})
+
+
+def _transpose_perms_positive(model) -> None:
+    """torch.onnx writes `movedim(-1, 1)` as a Transpose whose perm counts from the end ({0, -1, 1, 2}), which
+    ONNX does not allow: each entry is counted from the front."""
+    for node in model.graph.node:
+        if node.op_type != "Transpose":
+            continue
+        for attr in node.attribute:
+            if attr.name == "perm" and any(p < 0 for p in attr.ints):
+                rank = len(attr.ints)
+                attr.ints[:] = [p % rank for p in attr.ints]
 
 
 @contextlib.contextmanager

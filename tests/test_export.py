@@ -432,6 +432,22 @@ def test_an_export_failing_in_a_symbolic_is_refused_without_torch_onnx_graph_dum
     assert "Torch IR graph" not in capfd.readouterr().out
 
 
+def test_a_linear_over_channels_by_movedim_exports(tmp_path):
+    """torch.onnx writes movedim(-1, 1) as a Transpose counting from the end, which onnx.checker refuses; the
+    export mends it, and ONNX Runtime steps as forward_step does."""
+    class ChannelsLinear(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c, self.l = nn.Conv2d(2, 4, (3, 1), padding=(1, 0)), nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.l(self.c(x).movedim(1, -1)).movedim(-1, 1)
+
+    torch.manual_seed(0)
+    co = cofx.convert(ChannelsLinear().eval(), torch.randn(1, 2, 8, 4))
+    export_and_compare(co, tmp_path, torch.randn(2, 2, 10, 4), restart=(4, 1))
+
+
 def test_a_start_padding_of_the_models_own_that_bursts_says_to_pad_with_zeros_there(tmp_path):
     """Several repeated first frames at the start cannot be one frame per step; the model pads so itself
     (``F.pad(x, (2, 0), mode='replicate')``), so ``init`` is not the fix."""
