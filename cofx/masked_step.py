@@ -151,6 +151,8 @@ def _streamed(value) -> bool:
         return value.dim() > 0
     if isinstance(value, (tuple, list)):
         return any(_streamed(v) for v in value)
+    if isinstance(value, dict):
+        return any(_streamed(v) for v in value.values())
     return False
 
 

@@ -345,3 +345,34 @@ def test_ready_says_nothing_before_a_step_and_nothing_stale_after_a_restart():
         assert co.delay >= co.stride and [False, True] in seen and all(not row0 for row0, _ in seen)
     co.clean_state()
     assert co.ready is None
+
+
+def test_every_leaf_of_a_nested_output_is_nan_in_rows_without_a_frame():
+    """A module kept whole returning (frames, [frames, {"z": frames}]) after a stride: out of phase, each row
+    without its frame is NaN in every leaf, the dict's included, and each row with one is that row alone."""
+    class Leaf(nn.Module):
+        def forward(self, x):   # a branch on dim(): torch.fx keeps the module whole
+            y = x * 2 if x.dim() > 2 else x
+            return y, [x.abs(), {"z": -x}]
+
+    class Strided(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c, self.u = nn.Conv1d(2, 3, 2, stride=2), Leaf()
+
+        def forward(self, x):
+            return self.u(self.c(x))
+
+    torch.manual_seed(0)
+    co = cofx.convert(Strided().double().eval(), torch.randn(1, 2, 8, dtype=D))
+    frames = torch.randn(3, 2, 9, dtype=D)
+    got = step_batch(co, frames, {1: [1]})
+    for part in (lambda y: y[0], lambda y: y[1][0], lambda y: y[1][1]["z"]):
+        expected = []
+        for b, start in enumerate((0, 1, 0)):
+            co.clean_state()
+            with torch.no_grad():
+                outs = [co.forward_step(frames[b:b + 1, :, i]) for i in range(start, 9)]
+            expected.append([None] * start + [None if o is None else part(o)[0] for o in outs])
+        co.clean_state()
+        assert_rows([(None if y is None else part(y), ready) for y, ready in got], expected)
