@@ -436,3 +436,33 @@ def test_malformed_restart_arguments_are_refused_before_a_stream_starts(zoo):
     with pytest.raises(cofx.StreamError, match="not a row index"):
         co.clean_state(streams=[1.5])
     co.clean_state(streams=[7])   # no batch running: any row is fine, nothing to restart
+
+
+def test_a_long_out_of_phase_stream_of_stacked_frames_resumes_from_its_state():
+    """Groups of 4 frames stacked (four crops of stride 4): the counters repeat every 4 frames, not 4 ** 4, so a
+    row 30 frames into its stream is placed exactly (was refused as no point of a stream)."""
+    class Groups(nn.Module):
+        def forward(self, x):
+            b, c, t = x.shape
+            return x.reshape(b, c, t // 4, 4).amin(3)
+
+    co = cofx.convert(Groups().eval(), torch.randn(1, 2, 12, dtype=torch.float64))
+    x = torch.randn(3, 2, 40, dtype=torch.float64)
+    with torch.no_grad():
+        for j in range(40):
+            if j == 5:
+                co.clean_state(streams=[1])
+            if j == 30:
+                state = co.get_state()
+                after = [co.forward_step(x[:, :, i]) for i in range(30, 40)]
+                co.set_state(state)
+                again = [co.forward_step(x[:, :, i]) for i in range(30, 40)]
+                break
+            co.forward_step(x[:, :, j])
+    assert [a is None for a in after] == [b is None for b in again]
+    assert all(torch.equal(a.nan_to_num(), b.nan_to_num()) for a, b in zip(after, again) if a is not None)
+    names = co.cofx_streams.masked(torch.float64, "cpu").state_names
+    pos = 1 + names.index(next(n for n in names if n.endswith(".pos")))
+    bad = copy.deepcopy(state)   # one kernel a frame ahead of the others of row 0
+    bad["cofx_streams"]["state"][pos][0] += torch.tensor([1, 0])
+    _refused(co, bad, "the state of stream 0")
