@@ -76,6 +76,16 @@ class CofxTracer(fx.Tracer):
         proxy.node.meta["cofx_grad"] = torch.is_grad_enabled()   # off inside `with torch.no_grad():`
         return proxy
 
+    def create_args_for_root(self, root_fn, is_module, concrete_args=None):
+        """forward(self, x, *args, **kwargs) runs as a step calls it, on the clip alone: *args is () and
+        **kwargs is {} (their placeholders stay, unread)."""
+        root_fn, args = super().create_args_for_root(root_fn, is_module, concrete_args)
+
+        def empty(a):
+            target = a.node.target if isinstance(a, fx.Proxy) and a.node.op == "placeholder" else ""
+            return {} if target.startswith("**") else () if target.startswith("*") else a
+        return root_fn, [empty(a) for a in args]
+
     def trace(self, root, concrete_args=None):
         self._bound_names = set(concrete_args or ()) if isinstance(concrete_args, dict) else set()
         self._params = _parameters(root)

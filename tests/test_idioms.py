@@ -216,6 +216,19 @@ def test_optional_argument_is_bound_to_its_default():
     assert_exact(Masked().to(D).eval(), clip())
 
 
+def test_star_args_and_keyword_args_are_empty_as_a_step_calls_forward():
+    class Options(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c = conv()
+
+        def forward(self, x, *args, **kwargs):
+            h = self.c(x) * kwargs.get("scale", 2.0)
+            return h + args[0] if args else h
+
+    assert_exact(Options().to(D).eval(), clip())
+
+
 class SizePool(nn.Module):
     """A graph-convolution skeleton head: a pool over (frames, joints) with its kernel read off the tensor."""
     def __init__(self):
