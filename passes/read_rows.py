@@ -173,7 +173,8 @@ class _Rows:
         if kind == "call_function" and target is operator.getitem and n.args[1] == 0 and \
                 isinstance(n.args[0], fx.Node) and n.args[0] in self.ops and \
                 _attention_module(self.gm, self.ops[n.args[0]].orig) is not None:
-            return [d] + none[1:]   # the attention of `nn.MultiheadAttention`'s (attention, weights)
+            # the attention of `nn.MultiheadAttention`'s (attention, weights), where the module computes the row
+            return [d] + none[1:] if self.input_axes(n.args[0], d) is not None else None
         if kind == "call_function" and target is K.reshape:
             axis = self.reshape_axis(n, d)
             return None if axis is None else [axis] + none[1:]

@@ -331,11 +331,11 @@ def test_per_frame_outputs_of_a_symmetric_band_are_refused(kind):
 # ---------------------------------------------------------------- 3. nn.MultiheadAttention, time first, masks
 
 class MHA(nn.Module):
-    def __init__(self, kind, readout, time_first=True):
+    def __init__(self, kind, readout, time_first=True, is_causal=False):
         super().__init__()
         self.embed, self.head = nn.Linear(C, 8), nn.Linear(8, 3)
         self.att = nn.MultiheadAttention(8, 2, batch_first=not time_first)
-        self.kind, self.readout, self.time_first = kind, readout, time_first
+        self.kind, self.readout, self.time_first, self.is_causal = kind, readout, time_first, is_causal
 
     def forward(self, x):
         h = self.embed(x)
@@ -348,7 +348,8 @@ class MHA(nn.Module):
                 "triu bool": lambda: torch.ones(T, T, dtype=torch.bool, device=h.device).triu(1),
                 "band bool": lambda: (i[:, None] - i[None]).abs() > 2,
                 "causal band bool": lambda: (i[:, None] - i[None] < 0) | (i[:, None] - i[None] > 2)}[self.kind]()
-        a, _ = self.att(h, h, h, attn_mask=mask, need_weights=False)
+        hint = {"is_causal": True} if self.is_causal else {}
+        a, _ = self.att(h, h, h, attn_mask=mask, need_weights=False, **hint)
         h = h + a
         if self.time_first:
             h = h.transpose(0, 1)
@@ -366,6 +367,13 @@ def test_multihead_attention_with_a_mask_from_the_clip_length_is_exact(kind, rea
 @pytest.mark.parametrize("kind", ["generated", "triu bool", "causal band bool"])
 def test_multihead_attention_causal_per_frame_outputs(kind, time_first):
     assert_exact(MHA(kind, "frames", time_first), per_frame=True)
+
+
+@pytest.mark.parametrize("readout", ["frames", "last"])
+def test_multihead_attention_told_its_mask_is_causal(readout):
+    """`is_causal=True` beside the mask: the module runs for every query (its hint would misplace one query's
+    mask), and the row read is taken after it."""
+    assert_exact(MHA("generated", readout, time_first=False, is_causal=True), per_frame=readout == "frames")
 
 
 def test_time_first_input_layout_is_refused_with_the_fix():
