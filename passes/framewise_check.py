@@ -276,7 +276,9 @@ _CUMULATIVE = {"cumsum", "cumprod", "cummax", "cummin", "logcumsumexp"}
 
 def check_causal(gm: fx.GraphModule, clip: torch.Tensor) -> None:
     """Per-frame outputs of windows over the clip (`WindowSpec.growing`) must come from causal attention: with a
-    frame of every window's inputs replaced by noise, the outputs at the frames before it stay as they were."""
+    frame of every window's inputs replaced by noise, the outputs at the frames before it stay as they were. On
+    the example, and on it with its first frames zero: a key-padding mask from the frames that masks every key a
+    query may see, with a finite fill (-1e9), spreads that query over every frame, future ones included."""
     starts = [n for n in gm.graph.nodes if getattr(n.meta.get("cofx_spec"), "growing", False)]
     if not starts:
         return
@@ -285,7 +287,7 @@ def check_causal(gm: fx.GraphModule, clip: torch.Tensor) -> None:
     frames = starts[0].meta["cofx_spec"].window
     gen = torch.Generator().manual_seed(1)
 
-    def run(frame):
+    def run(frame, clip):
         values = {}
 
         class Perturbed(fx.Interpreter):
@@ -305,23 +307,31 @@ def check_causal(gm: fx.GraphModule, clip: torch.Tensor) -> None:
             Perturbed(gm).run(clip)
         return values
 
-    plain = run(None)
-    for frame in sorted({frames - 1, frames // 2}):
-        if frame < 1:
-            continue
-        changed = run(frame)
+    t = time_axes(next(n for n in gm.graph.nodes if n.op == "placeholder").meta["cofx_layout"])[0]
+    padded = clip.clone()
+    padded.narrow(t, 0, (clip.shape[t] + 1) // 2).zero_()
+    for example, frame in [(ex, f) for ex in (clip, padded) for f in sorted({frames - 1, frames // 2}) if f >= 1]:
+        plain, changed = run(None, example), run(frame, example)
         for leaf in leaves:
             axis = leaf.meta["cofx_newest"]
             before, after = plain[leaf].narrow(axis, 0, frame), changed[leaf].narrow(axis, 0, frame)
-            if not torch.allclose(before, after, rtol=1e-5, atol=1e-6 * float(before.abs().max()) + 1e-30):
+            if example is not clip:   # rows every key of which is masked: NaN on one path of torch's attention,
+                unknown = before.isnan() | after.isnan()   # zeros on another (its safe softmax)
+                before, after = before.masked_fill(unknown, 0), after.masked_fill(unknown, 0)
+            scale = before.abs()[before.isfinite()]
+            tol = 1e-6 * (float(scale.max()) if scale.numel() else 0.0) + 1e-30
+            if not torch.allclose(before, after, rtol=1e-5, atol=tol, equal_nan=True):
                 source = leaf.meta["cofx_window_source"]
                 what = source.meta["cofx_spec"].what
                 built = "; or build constants from the frames (torch.ones_like(x[:, :1]), not torch.ones(B, 1, T))" \
                     if what == LENGTH_BUILT else ""
+                why = "the attention is not causal (or an op after it looks ahead: a convolution or pool padded at " \
+                      "the end)" if example is clip else \
+                    "on the example with its first frames zero (padding): a query whose every key is masked, by a " \
+                    "finite fill such as -1e9, attends to every frame, future ones too (fill with -inf)"
                 raise ConversionError(
                     f"returns per-frame outputs computed over a window of the clip ({what} at node '{source.name}'), "
-                    f"and frame {frame} of the window changes the outputs of the frames before it: the attention is "
-                    "not causal (or an op after it looks ahead: a convolution or pool padded at the end), so a step "
+                    f"and frame {frame} of the window changes the outputs of the frames before it: {why}; so a step "
                     "cannot answer for its newest frame", node=leaf,
                     fix="make the attention causal (is_causal=True, a causal mask) to get per-frame outputs, or return "
                     f"one value per clip (a class token, the last frame out[:, -1], a pool over time){built}")

@@ -230,6 +230,36 @@ def test_causal_and_key_padding_masks_give_per_frame_outputs():
     assert_exact(PaddedCausal(), per_frame=True, zeros=Z_STREAM, clip_zeros=Z_CLIP)
 
 
+class FilledKeyPadding(nn.Module):
+    """Causal attention written out, the key-padding mask from the frames filled as HF fills it."""
+
+    def __init__(self, fill):
+        super().__init__()
+        self.embed, self.qkv, self.head, self.fill = nn.Linear(C, 8), nn.Linear(8, 24), nn.Linear(8, 3), fill
+
+    def forward(self, x):
+        B, T, _ = x.shape
+        q, k, v = self.qkv(self.embed(x)).chunk(3, -1)
+        causal = torch.ones(T, T, dtype=torch.bool, device=x.device).triu(1)
+        s = (q @ k.transpose(-2, -1)).masked_fill(causal | (x.abs().sum(-1) == 0)[:, None, :], self.fill)
+        return self.head(s.softmax(-1) @ v)
+
+
+def test_a_finite_fill_of_a_key_padding_mask_is_refused_for_per_frame_outputs():
+    """A query whose every key is padding, filled with -1e9, attends to every frame, future ones too: the clip
+    model is not causal on a clip that starts with padding (its first outputs read the frames after them)."""
+    torch.manual_seed(0)
+    x = frames(1, N)
+    x[:, :2] = 0
+    model = FilledKeyPadding(-1e9).double().eval()
+    later = x.clone()
+    later[:, 5:] = frames(1, N - 5, seed=1)
+    with torch.no_grad():
+        assert not torch.allclose(model(x)[:, :2], model(later)[:, :2])   # its first two outputs read frame 5 on
+    assert_refused(model, "first frames zero \\(padding\\): a query whose every key is masked, by a finite fill")
+    assert_exact(FilledKeyPadding(float("-inf")), per_frame=True, zeros=Z_STREAM, clip_zeros=Z_CLIP)
+
+
 class MaskAcrossChannels(nn.Module):
     """A "mask" whose frames lie along its first axis after the batch, not its key axis."""
 
