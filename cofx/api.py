@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import numbers
 import sys
 from typing import Iterable, Mapping, Optional
 
@@ -62,6 +63,8 @@ def convert(model: nn.Module, example_input: Optional[torch.Tensor] = None, *, s
     if not isinstance(model, nn.Module):
         raise TypeError(f"cofx.convert takes an nn.Module, got {type(model).__name__}")
     _check_model_kind(model)
+    if isinstance(time_dim, numbers.Integral) and not isinstance(time_dim, bool):
+        time_dim = int(time_dim)   # a numpy int read from a config
     leaf_modules = _check_arguments(model, time_dim, leaf_modules, window)
     say = (lambda msg: print(f"cofx: {msg}", file=sys.stderr, flush=True)) if verbose else (lambda msg: None)
     modes = {m: m.training for m in model.modules()}
@@ -276,7 +279,11 @@ def _check_example(x, time_dim, model: nn.Module) -> torch.Tensor:
     if param is not None and param.dtype != x.dtype:
         raise ConversionError(f"example_input is {x.dtype} but the model's parameters are {param.dtype}",
                               fix=f"pass example_input.to({param.dtype}) or convert model.to({x.dtype})")
-    return x[:1].detach()
+    x = x[:1].detach()
+    formats = [torch.contiguous_format] + [{4: torch.channels_last, 5: torch.channels_last_3d}.get(x.dim())]
+    if not any(f is not None and x.is_contiguous(memory_format=f) for f in formats):
+        x = x.contiguous()   # a strided view (x[:, ::2]): the checks' copies of it are dense, and half-precision
+    return x                 # matmuls round dense and strided inputs apart
 
 
 def _check_single_input(gm) -> None:

@@ -87,6 +87,11 @@ class StreamError(ValueError):
     """A frame or chunk does not fit the stream the continual model is processing."""
 
 
+class NotATensor(StreamError, TypeError):
+    """A step was given something other than a tensor (a list, a numpy array): a `StreamError`, and the
+    `TypeError` Python code expects for an argument of the wrong type."""
+
+
 class LengthNotTaken(StreamError):
     """A stream ended at a length the model itself does not take (branches strided apart end at different
     frames there)."""

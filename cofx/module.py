@@ -12,7 +12,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from . import modes
 from .compiled_step import CompiledSteps
-from .errors import ConversionError, LengthNotTaken, StreamError, first_line
+from .errors import ConversionError, LengthNotTaken, NotATensor, StreamError, first_line
 from .flat_step import flat_step_module
 from .growing_window import NewestFrames
 from .kernels import STATE_FIX, Align, Sliding, Stateful, StreamContext, state_spec
@@ -257,7 +257,8 @@ class ContinualModule(fx.GraphModule):
     def _check_input(self, x, with_time: bool) -> None:
         info = self._info
         if not isinstance(x, torch.Tensor):
-            raise TypeError(f"expected a tensor, got {type(x).__name__}")
+            raise NotATensor(f"expected a tensor, got {type(x).__name__}" +
+                             ("; torch.from_numpy(x) makes one" if type(x).__module__ == "numpy" else ""))
         t = info["time_dim"]
         frame = tuple(info["frame_shape"])
         if with_time:
@@ -265,6 +266,8 @@ class ContinualModule(fx.GraphModule):
         else:
             ok = x.dim() == len(frame) + 1 and tuple(x.shape[1:]) == frame
         if not ok:   # (the message is built only then: this check runs before every step)
+            unbatched = x.dim() == len(frame) + with_time and \
+                tuple(x.shape[:t - 1]) + tuple(x.shape[t - 1 + with_time:]) == frame
             if with_time:
                 want = "(B, " + ", ".join(map(str, frame[:t - 1])) + (", " if t > 1 else "") + "T" + \
                        "".join(f", {s}" for s in frame[t - 1:]) + ")"
@@ -274,6 +277,8 @@ class ContinualModule(fx.GraphModule):
                 want = "(B, " + ", ".join(map(str, frame)) + ")"
                 hint = "for a chunk with a time axis use forward_steps" if x.dim() == len(frame) + 2 else \
                     "convert with an example_input of this frame size"
+            if unbatched:
+                hint = "add the batch dimension of streams (x.unsqueeze(0) for one stream)"
             raise StreamError(f"expected input shaped {want}, got {tuple(x.shape)}; {hint}")
         if x.shape[0] == 0:
             raise StreamError("the input holds no stream (a batch of 0): each row of the batch is one stream; "

@@ -328,3 +328,16 @@ def test_verify_gives_the_model_contiguous_clips_as_a_model_that_views_its_input
     for reference in (model, None):
         report = cofx.verify(co, reference)
         assert report.ok and report.checks[0].max_error <= 1e-6, str(report)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_strided_half_precision_example_converts_as_a_dense_one(dtype):
+    """A sliced example (x[:, ::2]): the checks copy it dense, and half-precision matmuls round dense and strided
+    inputs apart; convert takes the example dense."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 16), nn.Tanh(), nn.Linear(16, 5)).eval().to(dtype)
+    x = torch.randn(1, 16, 3).to(dtype)[:, ::2]
+    co = cofx.convert(model, x, time_dim=1)
+    assert co.is_exact
+    with torch.no_grad():
+        assert torch.equal(co.forward_steps(x.contiguous()), model(x.contiguous()))

@@ -194,6 +194,15 @@ def test_wrong_frame_shape(co):
         co.forward_step(clip())
     with pytest.raises(cofx.StreamError, match=r"\(B, 3, T, 4, 4\).*use forward_step"):
         co.forward_steps(torch.randn(1, 3, 4, 4))
+    for call, x in ((co.forward_step, torch.randn(3, 4, 4)), (co.forward_steps, torch.randn(3, 5, 4, 4))):
+        with pytest.raises(cofx.StreamError, match=r"add the batch dimension of streams \(x.unsqueeze\(0\)"):
+            call(x)
+
+
+def test_a_numpy_time_dim_is_an_int():
+    model, x = nn.Conv3d(3, 4, 3, padding=1).eval(), clip()
+    co = cofx.convert(model, x, time_dim=np.int64(2))
+    assert type(co.options["time_dim"]) is int and torch.equal(co(x), model(x))
 
 
 def test_wrong_dtype_and_device(co):
@@ -201,8 +210,12 @@ def test_wrong_dtype_and_device(co):
         co.forward_step(torch.randn(1, 3, 4, 4, dtype=torch.float64))
     with pytest.raises(cofx.StreamError, match="input is on meta but the model is on cpu"):
         co.forward_step(torch.randn(1, 3, 4, 4, device="meta"))
-    with pytest.raises(TypeError, match="expected a tensor"):
-        co.forward_step(np.zeros((1, 3, 4, 4)))
+    for given in (np.zeros((1, 3, 4, 4)), [[0.0] * 4] * 3, None):   # a StreamError, and a TypeError
+        with pytest.raises(cofx.StreamError, match="expected a tensor") as err:
+            co.forward_step(given)
+        assert isinstance(err.value, TypeError)
+    with pytest.raises(cofx.StreamError, match="ndarray; torch.from_numpy"):
+        co.forward_steps(np.zeros((1, 3, 2, 4, 4)))
 
 
 def test_batch_size_changed_mid_stream(co):
