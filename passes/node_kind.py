@@ -368,8 +368,10 @@ class _Classifier:
             self.set(node, "static" if roles <= {"static"} else "shape", "time-free")
             return
         if not streams and not folded:
-            if isinstance(layout, Labels) and (length_source(node) is not None or has_time(layout) or
-                                               any(a.meta.get("cofx_clip_const") for a in ins)) \
+            tensors = isinstance(layout, Labels) or isinstance(layout, (tuple, list)) and bool(layout) and \
+                all(isinstance(part, Labels) for part in layout)   # (a table split into parts: its parts)
+            if tensors and (length_source(node) is not None or has_time(layout) or
+                            any(a.meta.get("cofx_clip_const") for a in ins)) \
                     and not _same_for_every_frame(node, ins):
                 # built for the clip's length (positions, masks): meaningful only over a window of the clip
                 self.set(node, "static", "time-free", clip_const=self.clip_const_source(node, ins))

@@ -2,6 +2,7 @@
 ``i = torch.arange(T)``): built for the window's N frames, never for a chunk's length, which may exceed the table."""
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
@@ -39,3 +40,24 @@ def test_chunks_longer_than_the_table_step_as_frame_by_frame():
         by_frame = [co.forward_step(stream[:, t]) for t in range(4 * N)]
     assert torch.allclose(whole, torch.stack(by_frame[N - 1:], -1), atol=1e-12, rtol=0)
     assert torch.allclose(whole[..., -1], model(stream[:, -N:]), atol=1e-12, rtol=0)
+
+
+class SplitTable(nn.Module):
+    """GPT-J's rotary table: sin and cos split off one table sliced by the clip length (its parts are tables too)."""
+    def __init__(self, how):
+        super().__init__()
+        self.qkv, self.how = nn.Linear(C, 3 * C), how
+        self.register_buffer("sincos", torch.randn(4 * N, 2 * C))
+
+    def forward(self, x):   # (B, T, C)
+        parts = self.sincos[:x.shape[1]]
+        sin, cos = {"split": lambda: torch.split(parts, C, -1), "chunk": lambda: parts.chunk(2, -1),
+                    "unbind": lambda: parts.unflatten(-1, (2, C)).unbind(-2)}[self.how]()
+        q, k, v = self.qkv(x).chunk(3, -1)
+        q, k = q * cos + q.roll(1, -1) * sin, k * cos + k.roll(1, -1) * sin
+        return ((q @ k.transpose(-2, -1)).softmax(-1) @ v)[:, -1]
+
+
+@pytest.mark.parametrize("how", ["split", "chunk", "unbind"])
+def test_a_table_split_into_parts_is_a_table_over_the_window(how):
+    assert_exact(SplitTable(how))
