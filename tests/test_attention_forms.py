@@ -260,6 +260,28 @@ def test_a_finite_fill_of_a_key_padding_mask_is_refused_for_per_frame_outputs():
     assert_exact(FilledKeyPadding(float("-inf")), per_frame=True, zeros=Z_STREAM, clip_zeros=Z_CLIP)
 
 
+class FilledInPlace(nn.Module):
+    """transformers' `_make_causal_mask`: a mask made for the clip length, then filled in place."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.qkv, self.head = nn.Linear(C, 8), nn.Linear(8, 24), nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = self.embed(x)
+        T = h.shape[1]
+        mask = torch.full((T, T), -1e9, dtype=h.dtype)
+        cond = torch.arange(mask.size(-1))
+        mask.masked_fill_(cond < (cond + 1).view(mask.size(-1), 1), 0)
+        q, k, v = self.qkv(h).chunk(3, -1)
+        return self.head(((q @ k.transpose(-2, -1) + mask).softmax(-1) @ v))
+
+
+def test_a_causal_mask_filled_in_place_gives_per_frame_outputs():
+    """The fill is what later code reads: the window builds the mask filled (it once built it unfilled)."""
+    assert_exact(FilledInPlace(), per_frame=True)
+
+
 class MaskAcrossChannels(nn.Module):
     """A "mask" whose frames lie along its first axis after the batch, not its key axis."""
 
