@@ -26,6 +26,8 @@ from __future__ import annotations
 import torch
 from torch import fx
 
+from cofx.graph_rewrite import rewrite_nodes
+
 _MADE = {torch.full, torch.zeros, torch.ones, torch.empty, torch.eye, torch.arange, torch.full_like,
          torch.zeros_like, torch.ones_like, torch.empty_like}
 _MADE_METHODS = {"new_full", "new_zeros", "new_ones", "new_empty", "clone"}
@@ -54,23 +56,18 @@ def _out_of_place(node: fx.Node):
 
 def inplace_as_functional(gm: fx.GraphModule) -> int:
     """Rewrite in-place method calls on fresh tensors of `gm` as out-of-place ones; returns how many."""
-    graph, made, count = gm.graph, set(), 0
-    order = {n: i for i, n in enumerate(graph.nodes)}
-    for node in list(graph.nodes):
+    made: set = set()
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+
+    def functional(graph: fx.Graph, node: fx.Node):
         name = _out_of_place(node)
         target = node.args[0] if node.args else None
         if name is None or not isinstance(target, fx.Node) or not _fresh(target, made) or \
-                any(order[user] < order[node] and _reads_values(user) for user in target.users):   # (kept)
-            continue
-        with graph.inserting_before(node):
-            new = graph.call_method(name, node.args, node.kwargs)
-        new.meta.update(node.meta)
-        order[new] = order[node]
-        node.replace_all_uses_with(new)
-        target.replace_all_uses_with(new, delete_user_cb=lambda user: order[user] > order[node])
-        graph.erase_node(node)
+                any(order.get(user, len(order)) < order[node] and _reads_values(user) for user in target.users):
+            return None
+        new = graph.call_method(name, node.args, node.kwargs)
+        target.replace_all_uses_with(new, delete_user_cb=lambda user: order.get(user, -1) > order[node])
         made.add(new)
-        count += 1
-    if count:
-        gm.recompile()
-    return count
+        return new
+
+    return rewrite_nodes(gm, list(gm.graph.nodes), functional)
