@@ -522,12 +522,14 @@ class _Builder:
         (`in_window`)."""
         out, batch = {}, []
 
-        def windows():   # the number of windows times the batch, read off one of the node's windows
-            if not batch:
+        def windows():   # the number of windows times the batch, read off one of the node's windows (whose
+            if not batch:   # batch axis may hold several rows per stream: heads folded into it, B * H)
                 a = next(a for a in node.all_input_nodes if a.meta.get("cofx_role") in ("stream", "folded")
                          and isinstance(a.meta["cofx_layout"], Labels))
-                batch.append(self.g.create_node("call_method", "size",
-                                                (replace.get(a, self.env.get(a)), _batch_axis(a)), {}))
+                size = self.g.create_node("call_method", "size", (replace.get(a, self.env.get(a)), _batch_axis(a)), {})
+                rows = a.meta["cofx_runs"]["clip"].shape[_batch_axis(a)] // self.clip_batch
+                batch.append(size if rows == 1 else self.g.create_node("call_function", operator.floordiv,
+                                                                       (size, rows), {}))
             return batch[0]
 
         for a in node.all_input_nodes:

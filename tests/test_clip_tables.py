@@ -61,3 +61,26 @@ class SplitTable(nn.Module):
 @pytest.mark.parametrize("how", ["split", "chunk", "unbind"])
 def test_a_table_split_into_parts_is_a_table_over_the_window(how):
     assert_exact(SplitTable(how))
+
+
+class BloomAlibi(nn.Module):
+    """BLOOM's ALiBi: a bias per head and key position, repeated over the batch (B read off the input) and added
+    by baddbmm to scores with the heads folded into the batch (B * H rows)."""
+    def __init__(self, heads=2):
+        super().__init__()
+        self.qkv, self.heads = nn.Linear(C, 3 * C), heads
+        self.register_buffer("slopes", torch.tensor([0.5, 0.25]))
+
+    def forward(self, x):   # (B, T, C)
+        B, T, _ = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.heads, -1).permute(2, 0, 3, 1, 4).reshape(3, B * self.heads, T, -1)
+        alibi = (self.slopes[:, None] * torch.arange(T, dtype=x.dtype)[None, :])[:, None, :].repeat(B, 1, 1)
+        s = torch.baddbmm(alibi, q, k.transpose(1, 2), beta=1.0, alpha=0.5)
+        y = torch.bmm(s.softmax(-1), v).view(B, self.heads, T, -1).transpose(1, 2).reshape(B, T, -1)
+        return y[:, -1]
+
+
+def test_a_batch_size_read_beside_heads_folded_into_the_batch_is_the_streams():
+    """Inside the window the batch size is the windows times the streams, read off a window whose batch axis
+    holds the heads too (it was read as windows * streams * heads)."""
+    assert_exact(BloomAlibi())
