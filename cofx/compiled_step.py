@@ -64,7 +64,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .compiled_package import built_for, compile_package, fingerprint, load_package
-from .errors import StreamError
+from .errors import StreamError, first_line
 from .dtype_device import dtype_device
 from .kernels import DoubleRings, Sliding
 from .pixel_convs import pixel_convs_as_sums
@@ -331,7 +331,7 @@ class CompiledSteps:
         if phase.empty:
             return None
         out = res[:phase.n_out]
-        if one:
+        if one and not phase.partial:   # (a partial program returns the frames with their time axes)
             out = [v if a is None else v.unsqueeze(a) for v, a in zip(out, phase.time_axes)]
         out = tree_unflatten(list(out), phase.out_spec)
         return self.co._frame_output(out) if phase.partial and framewise else out
@@ -415,7 +415,12 @@ class CompiledSteps:
                     outputs.append((spec, empty, [] if partial else axes, partial))
                     return (*leaves, *lay_out(read_slots(slots), layouts))
 
-                graph = make_fx(step)(x.clone(memory_format=torch.contiguous_format), *flat, *views)
+                try:
+                    graph = make_fx(step)(x.clone(memory_format=torch.contiguous_format), *flat, *views)
+                except Exception as e:   # an op that reads a value out of a tensor (F.one_hot, .item())
+                    raise StreamError(f"cannot record the step as one program ({type(e).__name__}: "
+                                      f"{first_line(e)}): an op of the model reads a value out of a tensor "
+                                      "(F.one_hot, .item(), nonzero); the model steps eagerly") from None
                 pixel_convs_as_sums(graph)
                 whole_pools_as_means(graph)
                 after = {(id(k), name): getattr(k, name) for k, name, _ in counters}

@@ -356,7 +356,11 @@ class ContinualModule(fx.GraphModule):
             raise ValueError(f"chunks must be chunk lengths of at least 2 frames, got {chunks!r}")
         compiled = CompiledSteps(self, backend, options, verbose, check_weights, chunks)
         self.__dict__["_compiled"] = compiled
-        compiled.prepare(batch)
+        try:
+            compiled.prepare(batch)
+        except BaseException:
+            self.__dict__["_compiled"] = None   # eager steps, as before the call
+            raise
         return self
 
     # -- state -------------------------------------------------------------------------------------

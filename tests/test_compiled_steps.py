@@ -1,6 +1,7 @@
 """Compiled steps compute what eager steps compute, through any mix of calls, and follow the weights."""
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import HealthCheck, assume, example, given, settings, strategies as st
 from torch import nn
 
@@ -603,3 +604,50 @@ def _takes(model, x) -> bool:
         return model(x).numel() > 0
     except RuntimeError:
         return False
+
+
+def test_outputs_of_one_stride_on_different_frames_compile_frames_and_one_frame_chunks():
+    """Two outputs at stride 2 that come out on alternate frames: each program gives the one that has a frame
+    (`forward_step`: None for the other), and a chunk of one frame keeps every output's time axis."""
+    class TwoPhases(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Conv1d(2, 2, 1, stride=2), nn.Conv1d(2, 3, 2, stride=2)
+
+        def forward(self, x):
+            return self.a(x), self.b(x)
+
+    torch.manual_seed(0)
+    model, clip = TwoPhases().double().eval(), torch.randn(1, 2, 12, dtype=D)
+    co, ref = compiled_and_eager(model, clip)
+    stream = torch.randn(1, 2, 30, dtype=D)
+    with torch.no_grad():
+        for i in range(30):
+            one = i % 3 == 0
+            call = (lambda c: c.forward_steps(stream[:, :, i:i + 1])) if one else \
+                (lambda c: c.forward_step(stream[:, :, i]))
+            got, want = call(co), call(ref)
+            assert co.last_step_compiled == (i >= co.compiled_stats.start)
+            assert all(same(g, w) for g, w in zip(got, want))
+
+
+def test_a_step_reading_a_value_out_of_a_tensor_is_not_compiled_and_steps_eagerly():
+    class OneHot(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c = nn.Conv1d(3, 4, 3, padding=1)
+
+        def forward(self, x):
+            h = self.c(x)
+            return h + F.one_hot(h.argmax(1), 4).transpose(1, 2).to(h.dtype)
+
+    torch.manual_seed(0)
+    model, x = OneHot().double().eval(), torch.randn(1, 3, 10, dtype=D)
+    co = cofx.convert(model, x)
+    with pytest.raises(cofx.StreamError, match="cannot record the step as one program .* reads a value out of a "
+                                               "tensor .* the model steps eagerly"):
+        co.compile_steps("eager")
+    assert co.compiled_stats is None
+    with torch.no_grad():
+        assert torch.allclose(co.forward_steps(x, pad_end=True), model(x), atol=1e-12)
+    assert not co.last_step_compiled
