@@ -550,9 +550,9 @@ def test_a_stream_ended_at_a_length_the_model_does_not_take_says_so():
     (lambda m: m.to("meta"), "tensor '0.weight' is on the meta device", "to_empty"),
 ])
 def test_wrapped_or_valueless_models_are_refused_with_the_module_to_pass(wrap, message, fix):
-    model = wrap(nn.Sequential(nn.Conv1d(3, 4, 3, padding=1), nn.ReLU()).eval())
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)   # torch.jit.script's deprecation
+        model = wrap(nn.Sequential(nn.Conv1d(3, 4, 3, padding=1), nn.ReLU()).eval())
         with pytest.raises(cofx.ConversionError, match=message) as err:
             cofx.convert(model, torch.randn(1, 3, 8))
     assert fix in str(err.value)
