@@ -97,7 +97,7 @@ class Stateful(Kernel):
         """What decides the ops of this kernel's next steps, given the frames that reach it: counters that only
         grow are taken out (as far into a stream as a rule still reads them). Two points of a stream with
         equal keys in every kernel step alike from there on, so a step recorded at one serves the other
-        (`compiled_step.steady_start`). By default the counters themselves: they never repeat if they grow."""
+        (`compiled_step.steady_keys`). By default the counters themselves: they never repeat if they grow."""
         return self.state_signature({name: getattr(self, name) for name in self.state_names})
 
     def check_state(self, name: str, state, ref1: dict, ref2: dict, batch: Optional[int], dtype, device) -> None:
