@@ -12,6 +12,7 @@ from torch import nn
 
 from cofx import passes
 from .clip_length import implied_input
+from .conversion_digest import digest
 from .dtype_device import dtype_device
 from .attributes_kept import attributes_kept
 from .errors import ConversionError
@@ -142,9 +143,29 @@ def _convert(model, example_input, strict, leaf_modules, time_dim, window, init,
     _check_unchanged(model, kept)
     if validate:
         say("validating the continual model against the clip model on fresh inputs")
-        validate_steps(co, model, clip)
-        _check_unchanged(model, kept)
+        _validate(co, model, clip, kept)
     return co
+
+
+def _validate(co, model: nn.Module, clip: torch.Tensor, kept: dict) -> None:
+    """Validate `co` against `model` (`cofx.validate`) and record the digest of what was validated (in eval
+    mode, as steps run, on the clean state the validation then steps)."""
+    co.eval()
+    validated = digest(co)
+    validate_steps(co, model, clip)
+    _check_unchanged(model, kept)
+    co._info["validated"] = validated
+
+
+def validate_converted(co, model: nn.Module, clip: torch.Tensor) -> None:
+    """The validation `convert` runs, for `co` converted from `model` with ``validate=False``."""
+    kept = _kept_tensors(model)
+    with attributes_kept(model):
+        model.eval()
+        try:
+            _validate(co, model, clip, kept)
+        finally:
+            _restore(model, kept)
 
 
 def _training_graph_differs(model: nn.Module, leaf_modules, gm) -> bool:

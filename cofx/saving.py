@@ -162,7 +162,8 @@ def load(path, *, trust: bool = False, source: str = None, leaf_modules=None):
     with a one-line notice (a `UserWarning`) saying why; ``co.compile_steps()``
     compiles them for this machine.
     """
-    from .api import convert   # cofx.api imports the whole compiler; cofx.saving stays light to import
+    from .api import convert, validate_converted   # the whole compiler: cofx.saving stays light to import
+    from .conversion_digest import digest
     record = _read(path)
     meta = record["meta"]
     dtype = getattr(torch, meta["dtype"])   # (a floating dtype: `_read` checked the record's form)
@@ -185,8 +186,12 @@ def load(path, *, trust: bool = False, source: str = None, leaf_modules=None):
         _check_architecture(model, record["state_dict"], spec, f"the model saved in '{path}'")
         model.load_state_dict(record["state_dict"], strict=True)
         options = _live_options(record["options"], leaf_modules)
-    co = convert(model.eval(), torch.zeros(meta["clip_shape"], dtype=dtype), **options)
-    co.eval()
+    clip = torch.zeros(meta["clip_shape"], dtype=dtype)
+    co = convert(model.eval(), clip, **options, validate=False).eval()
+    if meta.get("validated") is None or digest(co) != meta["validated"]:
+        validate_converted(co, model, clip)   # not the model the file's conversion validated: validated here
+    else:
+        co._info["validated"] = meta["validated"]
     changed = [f"{k} {meta[k]} -> {getattr(co, 'is_exact' if k == 'exact' else k)}" for k in FACTS
                if meta[k] != getattr(co, "is_exact" if k == "exact" else k)]
     if changed:
@@ -260,6 +265,8 @@ def _malformed(record: dict) -> str:
         return f"its dtype {meta.get('dtype')!r} is not a floating dtype"
     if any(k not in meta for k in FACTS):
         return "facts about the model are missing"
+    if not isinstance(meta.get("validated"), (str, type(None))):
+        return "its validation digest is not text"
     compiled = record.get("compiled")
     if compiled is not None and not (
             isinstance(compiled, dict) and isinstance(compiled.get("built_for"), dict)
@@ -328,7 +335,7 @@ def _facts(co) -> dict:
     dtype, _ = dtype_device(co)
     return {"cofx": __version__, "torch": str(torch.__version__), "clip_shape": list(co.clip_shape),
             "dtype": str(dtype).removeprefix("torch."), "delay": co.delay, "receptive_field": co.receptive_field,
-            "stride": co.stride, "exact": co.is_exact}
+            "stride": co.stride, "exact": co.is_exact, "validated": co._info.get("validated")}
 
 
 def _plain_options(options: dict) -> dict:

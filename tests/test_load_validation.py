@@ -1,0 +1,177 @@
+"""`cofx.load` validates a conversion again unless it builds the one validated when the model was converted.
+
+Loading converts the saved model again. The file keeps the digest of the
+continual model `convert` validated (`cofx.conversion_digest`); a load that
+builds a model of that digest skips the validation, and any difference (the
+weights, a module's code, its configuration, cofx, the machine) costs a
+validation, never a skipped one.
+"""
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from torch import nn
+
+import cli_models
+import cofx
+from cofx import api, saving
+from cofx.conversion_digest import digest
+
+
+@pytest.fixture
+def validations(monkeypatch):
+    """Every validation `convert` or `load` runs (the model converted), counted."""
+    seen = []
+    run = api.validate_steps
+
+    def counted(co, model, clip, **kw):
+        seen.append(model)
+        return run(co, model, clip, **kw)
+    monkeypatch.setattr(api, "validate_steps", counted)
+    return seen
+
+
+def _tcn():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv1d(3, 8, 3, padding=2, dilation=2), nn.ReLU(), nn.Conv1d(8, 4, 3)).double().eval()
+
+
+def _steps(co, frames):
+    co.clean_state()
+    return torch.cat([co.forward_steps(frames), co.forward_steps(frames[:, :, :0], pad_end=True)], 2)
+
+
+def test_a_validated_file_loads_without_validating_again_and_steps_alike(tmp_path, validations):
+    model = _tcn()
+    co = cofx.convert(model, torch.randn(1, 3, 10, dtype=torch.float64))
+    assert len(validations) == 1 and len(co._info["validated"]) == 64
+    cofx.save(co, tmp_path / "tcn.pt")
+    assert saving.info(tmp_path / "tcn.pt")["meta"]["validated"] == co._info["validated"]
+    loaded = cofx.load(tmp_path / "tcn.pt", trust=True)
+    assert len(validations) == 1   # none more
+    frames = torch.randn(2, 3, 23, dtype=torch.float64)
+    torch.testing.assert_close(_steps(loaded, frames), model(frames), rtol=0, atol=1e-12)
+    cofx.save(loaded, tmp_path / "again.pt")   # what was validated is kept through a second round trip
+    cofx.load(tmp_path / "again.pt", trust=True)
+    assert len(validations) == 1
+
+
+def test_a_conversion_that_was_not_validated_is_validated_on_load(tmp_path, validations):
+    co = cofx.convert(_tcn(), torch.randn(1, 3, 10, dtype=torch.float64), validate=False)
+    assert not validations and saving.info(_saved(co, tmp_path))["meta"]["validated"] is None
+    loaded = cofx.load(tmp_path / "m.pt", trust=True)
+    assert len(validations) == 1
+    cofx.save(loaded, tmp_path / "validated.pt")   # validated now: its next load skips it
+    cofx.load(tmp_path / "validated.pt", trust=True)
+    assert len(validations) == 1
+
+
+def test_weights_changed_after_the_validation_are_validated_on_load(tmp_path, validations):
+    model = _tcn()
+    co = cofx.convert(model, torch.randn(1, 3, 10, dtype=torch.float64))
+    with torch.no_grad():
+        model[0].weight[0, 0, 0] += 1.0   # the continual model shares the weights
+    cofx.load(_saved(co, tmp_path), trust=True)
+    assert len(validations) == 2
+
+
+def test_a_file_whose_digest_is_not_the_conversions_is_validated_on_load(tmp_path, validations):
+    co = cofx.convert(cli_models.tiny(), leaf_modules=(nn.Linear,))
+    path = tmp_path / "tiny.pt"
+    cofx.save(co, path, source="cli_models:tiny")
+    record = torch.load(path, weights_only=True)
+    record["meta"]["validated"] = "0" * 64
+    torch.save(record, path)
+    cofx.load(path, source="cli_models:tiny", leaf_modules=(nn.Linear,))
+    assert len(validations) == 2
+
+
+def _saved(co, tmp_path):
+    cofx.save(co, tmp_path / "m.pt")
+    return tmp_path / "m.pt"
+
+
+def test_the_digest_is_the_steps_not_the_example():
+    model = _tcn()
+    one = cofx.convert(model, torch.randn(1, 3, 10, dtype=torch.float64), validate=False)
+    two = cofx.convert(model, torch.zeros(1, 3, 10, dtype=torch.float64), validate=False)
+    assert digest(one) == digest(two)
+
+
+@pytest.mark.parametrize("change", ["weight", "padding", "dilation", "activation", "options"])
+def test_the_digest_changes_with_what_the_steps_compute(change):
+    model, options = _tcn(), {}
+    before = digest(cofx.convert(model, torch.randn(1, 3, 10, dtype=torch.float64), validate=False))
+    if change == "weight":
+        with torch.no_grad():
+            model[2].bias[1] += 1e-12
+    elif change == "padding":
+        model[0].padding = (1,)
+    elif change == "dilation":
+        model[0].dilation = (1,)
+    elif change == "activation":
+        model[1] = nn.GELU()
+    else:
+        options = dict(init="replicate")
+    after = digest(cofx.convert(model, torch.randn(1, 3, 10, dtype=torch.float64), validate=False, **options))
+    assert after != before
+
+
+LEAF = """
+import torch
+from torch import nn
+
+
+def scale(x):
+    return x * {factor}
+
+
+class Scaled(nn.Module):
+    def forward(self, x):
+        return scale(x)
+
+
+def build():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv1d(2, 3, 3), Scaled()).eval()
+"""
+
+
+def test_the_digest_reads_the_whole_file_of_a_leaf_module(tmp_path, monkeypatch):
+    """A helper beside a kept-whole module changes what it computes: the file it lives in is part of the digest."""
+    monkeypatch.syspath_prepend(str(tmp_path))
+    digests = []
+    for factor in (2, 3):
+        (tmp_path / f"leafmod{factor}.py").write_text(LEAF.format(factor=factor))
+        module = __import__(f"leafmod{factor}")
+        co = cofx.convert(module.build(), torch.randn(1, 2, 8), leaf_modules=(module.Scaled,), validate=False)
+        digests.append(digest(co))
+    assert digests[0] != digests[1]
+
+
+def test_a_model_whose_code_has_no_file_has_no_digest():
+    scope = {"__name__": "made_at_run_time", "nn": nn}
+    exec(textwrap.dedent("""
+        class Doubled(nn.Module):
+            def forward(self, x):
+                return 2 * x
+    """), scope)
+    model = nn.Sequential(nn.Conv1d(2, 3, 3), scope["Doubled"]()).eval()
+    co = cofx.convert(model, torch.randn(1, 2, 8), leaf_modules=(scope["Doubled"],), validate=False)
+    assert digest(co) is None
+
+
+def test_the_digest_is_the_same_in_another_process():
+    """What load compares is computed in another process than the file's: no addresses, no hash order."""
+    code = textwrap.dedent("""
+        import torch, cofx, cli_models
+        from torch import nn
+        from cofx.conversion_digest import digest
+        print(digest(cofx.convert(cli_models.tiny(), leaf_modules=(nn.Linear,), validate=False)))
+    """)
+    here = digest(cofx.convert(cli_models.tiny(), leaf_modules=(nn.Linear,), validate=False))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=str(__import__("pathlib").Path(__file__).parent))
+    assert out.stdout.strip() == here
