@@ -612,8 +612,8 @@ def _prime(co, dtype, device, kernels: dict):
     with scratch_stream(co), torch.no_grad():
         for batch in (1, 2):
             co.clean_state()
-            out = co.forward_steps(torch.zeros((batch, *frame_shape[:t - 1], 0, *frame_shape[t - 1:]),
-                                               dtype=dtype, device=device))
+            out = co._primed(torch.zeros((batch, *frame_shape[:t - 1], 0, *frame_shape[t - 1:]), dtype=dtype,
+                                         device=device))
             if any(isinstance(v, torch.Tensor) and v.numel() for v in tree_flatten(out)[0]):
                 raise NotSteppable("the model gives output frames before its first input frame (padding at the "
                                    "start of time reaches its output): a fixed-shape step, one frame out per frame "

@@ -137,6 +137,12 @@ class ContinualModule(fx.GraphModule):
                               "each row of the batch is one stream; call co.clean_state() to start new streams")
         t = self._info["time_dim"]
         frames, n = position.frames, 1 if framewise else x.shape[t]
+        if n == 0 and frames == 0 and not pad_end:
+            # an empty chunk before a stream's first frame: nothing is due yet (the frames start padding makes
+            # are due with the frames they pad, on every branch alike: run now, a padded branch would run ahead)
+            position.batch = x.shape[0]
+            set_ready(self, torch.zeros(x.shape[0], dtype=torch.bool, device=x.device))
+            return None
         self._ctx.batch = x.shape[0]   # kernels read it in eager steps, and in the steps a recording runs
         compiled = self._compiled
         if compiled is not None and compiled.applies_to(n) and update_state and not pad_end \
@@ -182,6 +188,14 @@ class ContinualModule(fx.GraphModule):
             out = None
         set_ready(self, torch.full((x.shape[0],), out is not None and all(frames), device=x.device))
         return self._frame_output(out) if framewise else out
+
+    def _primed(self, x: torch.Tensor):
+        """Empty chunk `x` through the kernels of a clean stream, each giving what its start padding alone
+        completes: the state a fixed-shape step starts from (`masked_step`). A user's empty chunk before the
+        first frame runs nothing (`_run`)."""
+        self._ctx.batch = x.shape[0]
+        self._position.batch, self._position.like = x.shape[0], x.new_empty(0)
+        return self._step_call(x)
 
     def _flush_error(self, error: Exception, frames: Optional[int]) -> Exception:
         """Why ending a stream of `frames` frames failed: a length the model itself does not take (branches

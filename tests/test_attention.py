@@ -562,3 +562,35 @@ def test_per_frame_causal_streams_run_out_of_phase():
             out = co.forward_step(stream[:, :, i])
             for b in (0, 1):
                 assert bool(co.ready[b]) and torch.allclose(out[b], alone[b][i][0], atol=1e-10, rtol=0)
+
+
+class PreviousFrameKeys(nn.Module):
+    """Causal attention whose keys and values are the previous frame's (a shift written with `torch.cat`): the
+    shifted branch crops a frame and pads one at the start, so its frames run level with the queries'."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp, self.q, self.k = nn.Linear(4, 16), nn.Linear(16, 16), nn.Linear(16, 16)
+
+    def forward(self, x):
+        h = self.inp(x)
+        t = h.shape[1]
+        previous = torch.cat([torch.zeros_like(h[:, :1]), h[:, :-1]], 1)
+        s = self.q(h) @ self.k(previous).transpose(1, 2)
+        s = s.masked_fill(torch.ones(t, t, dtype=torch.bool).triu(1), float("-inf"))
+        return s.softmax(-1) @ previous
+
+
+@pytest.mark.parametrize("sizes", [[0, 8], [0, 0, 1, 7], [0, 3, 0, 5]])
+def test_an_empty_chunk_before_the_first_frame_leaves_branches_level(sizes):
+    """Start padding made on an empty first chunk ran the padded branch a frame ahead of the queries' (a raw
+    size mismatch, and a false refusal from the validation's empty first chunk): nothing is due before the
+    stream's first frame."""
+    torch.manual_seed(0)
+    model = PreviousFrameKeys().double().eval()
+    co = cofx.convert(model, torch.randn(1, 8, 4, dtype=torch.float64), time_dim=1)
+    clip = torch.randn(2, 8, 4, dtype=torch.float64)
+    with torch.no_grad():
+        assert co.forward_steps(clip[:, :0]) is None and not co.ready.any()
+        co.clean_state()
+        torch.testing.assert_close(by_chunks(co, clip, sizes), model(clip), rtol=0, atol=1e-12)

@@ -213,11 +213,12 @@ def test_export_leaves_the_model_as_it_found_it(tmp_path):
 def test_priming_lets_every_frame_complete_at_most_one_window():
     """The claim the fixed-shape step rests on: after a 0-frame chunk from a clean state, one input frame
     completes at most one window of every kernel, and the masked step's ready flags equal forward_step's
-    timing exactly (float64: equal outputs)."""
+    timing exactly (float64: equal outputs). (The priming runs the kernels on the empty chunk; a user's empty
+    chunk before the first frame runs nothing.)"""
     model = _seeded(CausalTCN()).double()
     co = cofx.convert(model, torch.randn(1, 2, 10, dtype=torch.float64))
     co.clean_state()
-    co.forward_steps(torch.zeros(1, 2, 0, dtype=torch.float64))
+    co._primed(torch.zeros(1, 2, 0, dtype=torch.float64))
     kernels = [k for k in co.children() if isinstance(k, cofx.kernels.Sliding)]
     for _ in range(40):   # windows completed by a kernel = how far its next window index moved
         before = [k.next_j for k in kernels]
