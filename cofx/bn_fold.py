@@ -17,7 +17,7 @@ from torch import nn
 
 from .derived import Derived
 from .errors import StreamError
-from .kernels import Kernel
+from .kernels import Kernel, forward_pre_hooks
 
 
 class BatchNormFold(Kernel):
@@ -61,4 +61,5 @@ class FoldedConv(Kernel):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         conv = self.conv
+        x = forward_pre_hooks(conv, x)   # before the weights are read: weight_norm computes the weight there
         return conv._conv_forward(x, *self.fold.forward(conv.weight, conv.bias))

@@ -205,11 +205,27 @@ def _fail(co, model, x, sizes: list, why: str):
             if node is not None:
                 detail = (f"{describe(node)} uses the clip length, which is each chunk's length when stepping; it "
                           "is the first op that does")
+    hooked = _hooked(model, co, node)
+    if hooked:
+        detail = f"{detail}; {hooked}" if detail else hooked
     raise ConversionError(f"the continual model does not match the clip model: {why}" +
                           (f"; the first node that differs: {detail}" if detail else ""), node=node,
-                          fix="make this op act frame by frame (no use of the clip's length or of values "
+                          fix="remove the hook before converting, or fold what it does into a module of your own"
+                              if hooked else
+                              "make this op act frame by frame (no use of the clip's length or of values "
                               "outside its receptive field), or keep it out of the streamed part; "
                               "convert(..., validate=False) skips this check and the steps may then be wrong")
+
+
+def _hooked(model, co, node) -> str:
+    """What forward hook may explain a disagreement: the model's own (tracing records what forward does, not
+    what hooks around it do), or one of the diverging module's (a continual kernel computes the op itself)."""
+    if model._forward_hooks or model._forward_pre_hooks:
+        return "the model has forward hooks of its own, which tracing does not record"
+    if node is not None and node.op == "call_module" and co.get_submodule(node.target)._forward_hooks:
+        return (f"module '{node.target}' has a forward hook, which the step computing its op frame by frame does "
+                "not run (one that changes the output is refused)")
+    return ""
 
 
 def first_divergent_node(co, x, sizes=None) -> tuple:

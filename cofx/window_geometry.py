@@ -66,7 +66,7 @@ class WindowGeometry:
         """Frames of end padding a flush appends after `real_end` padded frames: the right padding, plus the
         ceil-mode overhang (a last window that starts before the end of the real frames)."""
         total = real_end + self.pad_r
-        if not self.ceil_mode or total < self.span:
+        if not self.ceil_mode:   # (in ceil mode a clip shorter than the window still gives it: torch's rule)
             return self.pad_r
         n_floor = (total - self.span) // self.stride + 1
         n_ceil = -(-(total - self.span) // self.stride) + 1

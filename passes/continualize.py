@@ -257,7 +257,6 @@ class _Builder:
         """A convolution module that computes the BatchNorm after it too."""
         kernel = FoldedConv(self.gm.get_submodule(node.target), self.batchnorm_fold(node))
         args = fx.node.map_arg(node.args, lambda a: (replace or {}).get(a, self.env.get(a)))
-        args = (self.hooked_input(node, args[0]), *args[1:])
         return self.add_kernel(node.name, kernel, args, node_name=node.name)
 
     def reshape(self, node, replace=None):
@@ -316,7 +315,8 @@ class _Builder:
 
     def hooked_input(self, node, value: fx.Node) -> fx.Node:
         """The input of a module a kernel stands in for, through the module's forward pre-hooks (before its
-        weights are read: ``weight_norm`` computes the weight there)."""
+        weights are read: ``weight_norm`` computes the weight there). (Its forward hooks do not run: one that
+        changes the output fails the validation, which says so.)"""
         if node.op != "call_module" or not self.gm.get_submodule(node.target)._forward_pre_hooks:
             return value
         return self.g.create_node("call_function", K.forward_pre_hooks, (self.g.get_attr(node.target), value), {},
@@ -458,7 +458,8 @@ class _Builder:
         weights not read): each frame's queries, keys and values projected once, then windowed
         (`cofx.encoder_rows.ProjectedAttention`). True when `node` is that attention, now emitted."""
         module = self.gm.get_submodule(node.target) if node.op == "call_module" else None
-        if not isinstance(module, nn.MultiheadAttention) or not projects_in_one(module):
+        if not isinstance(module, nn.MultiheadAttention) or not projects_in_one(module) or \
+                module._forward_hooks or module._forward_pre_hooks:   # (called whole, its hooks run)
             return False
         args = dict(zip(("query", "key", "value", "key_padding_mask", "need_weights", "attn_mask",
                          "average_attn_weights", "is_causal"), node.args), **node.kwargs)
@@ -481,7 +482,7 @@ class _Builder:
         `node` is that encoder, now emitted."""
         module = self.gm.get_submodule(node.target) if node.op == "call_module" else None
         if not isinstance(module, ENCODERS) or not caches_projections(module) or node.args != (frames,) or \
-                node.kwargs:
+                node.kwargs or any(m._forward_hooks or m._forward_pre_hooks for m in module.modules()):
             return False
         projected = self.projections(node, module, frames, spec)
         kernel = K.Framewise(self.ctx, EncoderRows(module), None, co_labels(node), co_dtypes(node))

@@ -38,6 +38,8 @@ def mark_batchnorm_folds(gm: fx.GraphModule) -> None:
         mod = gm.get_submodule(conv.target)
         if not stock(mod, nn.modules.conv._ConvNd) or mod.transposed or mod.out_channels != bn.num_features:
             continue
+        if mod._forward_hooks or bn._forward_hooks or bn._forward_pre_hooks:   # each runs where its module runs
+            continue
         if conv.meta.get("cofx_role") not in ("stream", "folded") or node.meta.get("cofx_role") != conv.meta["cofx_role"]:
             continue
         conv.meta["cofx_bn"] = node.target

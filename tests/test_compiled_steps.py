@@ -579,6 +579,7 @@ class StartUpNet(nn.Module):
        st.sampled_from(["stream", "mean", "gru"]), st.booleans())
 @example([("avg", 4, 1, 2, 1, False)], "stream", False)            # windows 0 and 1 count 2 and 3 frames
 @example([("conv", 3, 2, 1, 1, False), ("avg", 4, 2, 2, 1, True)], "mean", True)
+@example([("conv", 1, 2, 0, 1, False), ("avg", 3, 3, 0, 1, True)], "stream", False)  # ceil window > clip
 def test_compiled_steps_from_the_frame_the_steps_repeat_equal_eager_steps(layers, head, residual):
     """Programs serve a stream from the first frame its steps repeat (`compiled_stats.start`), before every
     buffer holds stream frames only; each output from the first frame on equals the eager step's."""

@@ -101,6 +101,24 @@ def test_pool_layers(layer, extra):
     _check_layer(*layer, extra)
 
 
+@pytest.mark.parametrize("pool", [nn.AvgPool1d(3, 3, ceil_mode=True, count_include_pad=False),
+                                  nn.AvgPool1d(4, 2, 1, ceil_mode=True), nn.MaxPool1d(3, 3, ceil_mode=True),
+                                  nn.MaxPool1d(4, 3, 1, ceil_mode=True)], ids=repr)
+def test_ceil_mode_pools_of_clips_shorter_than_their_window(pool):
+    """In ceil mode a clip shorter than the window still gives the window that starts in it (torch's rule):
+    the flush completes it."""
+    model = nn.Sequential(nn.Conv1d(2, 3, 1), pool).double().eval()
+    k = pool.kernel_size if isinstance(pool.kernel_size, int) else pool.kernel_size[0]
+    for t in range(1, k + 1):
+        clip = torch.randn(2, 2, t, dtype=torch.float64)
+        try:
+            want = model(clip)
+        except RuntimeError:   # a length torch refuses
+            continue
+        co = cofx.convert(model, clip)
+        assert_equivalent(co, model, clip)
+
+
 @pytest.mark.parametrize("k,p,s", [(3, 1, 1), (5, 2, 2), (3, 0, 1), (1, 0, 2)])
 def test_delay_follows_the_paper_rule(k, p, s):
     """d = f - p - 1 for one op."""
