@@ -302,9 +302,6 @@ class _WindowCountPlan:
         self.name, self.k = name, k
         self.fields = ["seen"]
 
-    def initial(self, dtype, device) -> List[torch.Tensor]:
-        return [torch.zeros(1, 1, dtype=torch.long, device=device)]
-
     def from_eager(self, batch: int, dtype, device) -> List[torch.Tensor]:
         return [torch.full((batch, 1), self.k.seen or 0, dtype=torch.long, device=device)]
 
@@ -400,8 +397,9 @@ class MaskedStep:
                 raise NotSteppable(f"kernel '{node.target}' ({type(mod).__name__}) has no fixed-shape step yet: "
                                    "ONNX export and streams out of phase are not supported for this model")
         self.order = list(self.plans)
-        primed, primed2, seen, slots = _prime(co, dtype, self.device, {p.name: p.k for p in self.plans.values()
-                                                                       if not isinstance(p, _OWN_STATE)})
+        primed, primed2, seen, slots, own = _prime(
+            co, dtype, self.device, {p.name: p.k for p in self.plans.values() if not isinstance(p, _OWN_STATE)},
+            [p for p in self.plans.values() if isinstance(p, _OWN_STATE)])
         self.init: List[torch.Tensor] = []
         self.state_names: List[str] = []
         self._slices = {}
@@ -410,7 +408,7 @@ class MaskedStep:
             if isinstance(plan, _AlignPlan):
                 plan.set_slots(slots[plan.name])
             at = len(self.init)
-            self.init += plan.initial(dtype, self.device) if isinstance(plan, _OWN_STATE) else \
+            self.init += own[plan.name] if isinstance(plan, _OWN_STATE) else \
                 _initial(plan, primed[plan.name], primed2[plan.name], seen.get(plan.name), dtype, self.device)
             self._slices[node] = (at, len(self.init))
             self.state_names += [f"{plan.name}.{f}" for f in plan.fields]
@@ -419,6 +417,46 @@ class MaskedStep:
         self.pins = {}
         self.pin = False   # see `exporting`
         self.out_batch_axes = self._output_batch_axes()
+        self._check_against_eager()
+
+    def _check_against_eager(self) -> None:
+        """This step and the eager steps side by side from a clean state, on a random stream of two rows as long
+        as the priming's (past the delay, the windows and a stride): a model whose fixed-shape step answers
+        otherwise is refused, as `convert` refuses a conversion that does not match its model. (Start padding
+        that runs one branch a frame ahead of another into a window over the clip does: the priming gives that
+        branch its frame before the first step, which one frame per step cannot pair.)"""
+        from .verify import worst_error
+        co, t = self.co, self.time_dim
+        frame_shape = tuple(co._info["frame_shape"])
+        frames = _warmup(co)
+        gen = torch.Generator().manual_seed(0)
+        x = torch.randn((2, *frame_shape[:t - 1], frames, *frame_shape[t - 1:]), generator=gen, dtype=torch.float64)
+        x = x.to(device=self.device, dtype=self.dtype)
+        state = self.initial_state(2)
+        with scratch_stream(co), torch.no_grad():
+            co.clean_state()
+            for i in range(frames):
+                frame = x.narrow(t, i, 1)
+                want = co.forward_steps(frame)
+                out, readies, state = self.step(frame, None, state, per_output=True)
+                leaves = tree_flatten(out)[0]
+                wanted = [None] * len(leaves) if want is None else tree_flatten(want)[0]
+                why = None
+                for got, ready, value in zip(leaves, readies, wanted):   # each output when due, as the steps
+                    given = value is not None and (not isinstance(value, torch.Tensor) or value.numel() > 0)
+                    due = given if ready is None else bool(ready.all())
+                    if given != due or ready is not None and bool(ready.any()) != due:
+                        why = f"gives an output {'later' if given else 'earlier'} than the steps"
+                    elif given and isinstance(value, torch.Tensor) and not _close(worst_error((got, value))):
+                        why = "computes another value than the steps"
+                    if why:
+                        break
+                if why is None:
+                    continue
+                raise NotSteppable(f"the fixed-shape step of this model (ONNX export, streams out of phase) {why} "
+                                   f"at frame {i} of a stream: start padding runs a branch of the model ahead of "
+                                   "another in a way one frame per step cannot express; the model still steps in "
+                                   "phase in PyTorch")
 
     def exporting(self, on: bool = True) -> None:
         """Trace-friendly steps: the plain implementation of every op (the ones chosen by timing read sizes
@@ -576,6 +614,11 @@ class MaskedStep:
         return out_value, out_ready, new_state
 
 
+def _close(error_and_tolerance: tuple) -> bool:
+    error, tolerance = error_and_tolerance
+    return error <= tolerance
+
+
 def _fetch(root: nn.Module, target: str):
     obj = root
     for part in target.split("."):
@@ -597,13 +640,15 @@ def _warmup(co) -> int:
     return co.warmup_frames + co.stride + 2
 
 
-def _prime(co, dtype, device, kernels: dict):
+def _prime(co, dtype, device, kernels: dict, own: list):
     """Eager kernel states after a 0-frame chunk for 1 and for 2 streams, and during a short stream.
 
     Returns (primed states of 1 stream, of 2 streams, last seen states of the
-    stream, Align slots). The stream (1 stream of zeros) runs past the delay and a
-    few strides, so that every pattern of arrivals at the merges has occurred; the
-    most frames an `Align` input ever holds is its number of slots.
+    stream, Align slots, the initial states of the `own` plans: theirs after the
+    priming of 1 stream, which start padding may reach, a zero frame before an
+    LSTM). The stream (1 stream of zeros) runs past the delay and a few strides, so
+    that every pattern of arrivals at the merges has occurred; the most frames an
+    `Align` input ever holds is its number of slots.
     """
     t = co._info["time_dim"]
     frame_shape = tuple(co._info["frame_shape"])
@@ -619,6 +664,8 @@ def _prime(co, dtype, device, kernels: dict):
                                    "start of time reaches its output): a fixed-shape step, one frame out per frame "
                                    "in, would lose them")
             primed.append({n: _kernel_state(k) for n, k in kernels.items()})
+            if batch == 1:
+                own_state = {plan.name: plan.from_eager(1, dtype, device) for plan in own}
         co.clean_state()
         frame = torch.zeros((1, *frame_shape), dtype=dtype, device=device)
         slots = {n: [0] * len(k.axes) for n, k in kernels.items() if isinstance(k, K.Align)}
@@ -636,7 +683,7 @@ def _prime(co, dtype, device, kernels: dict):
             raise NotSteppable(f"kernel '{n}' received no frame in {steps} steps")
         if primed[0][n].get("pending") is not None:   # what priming left must fit too
             slots[n] = [max(s, p.shape[a]) for s, p, a in zip(slots[n], primed[0][n]["pending"], k.axes)]
-    return primed[0], primed[1], seen, slots
+    return primed[0], primed[1], seen, slots, own_state
 
 
 def _batch_axis(one: torch.Tensor, two: torch.Tensor, what: str) -> int:

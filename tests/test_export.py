@@ -464,3 +464,14 @@ def test_a_start_padding_of_the_models_own_that_bursts_says_to_pad_with_zeros_th
     with pytest.raises(NotSteppable, match="repeating its first frame 2 times.*its padding is the model's: pad with "
                                            "zeros or a constant there"):
         cofx.export_onnx(co, tmp_path / "padded.onnx")
+
+
+def test_onnx_step_of_start_padding_into_a_recurrent_layer_matches_forward_step(tmp_path):
+    """The exported step starts its LSTM from the state after the priming (the padding frame run through it)."""
+    from test_streams import DeltasIntoLSTM
+    torch.manual_seed(0)
+    co = cofx.convert(DeltasIntoLSTM().eval(), torch.randn(1, 2, 6))   # (ONNX Runtime has no float64 LSTM)
+    cofx.export_onnx(co, tmp_path / "step.onnx")
+    frames = torch.randn(2, 2, 16)
+    results = run_onnx(session(tmp_path / "step.onnx"), frames, resets={7: [1]})
+    assert_matches(results, [run_alone(co, frames[0]), run_alone(co, frames[1, :, :7]) + run_alone(co, frames[1, :, 7:])])

@@ -376,3 +376,41 @@ def test_every_leaf_of_a_nested_output_is_nan_in_rows_without_a_frame():
             expected.append([None] * start + [None if o is None else part(o)[0] for o in outs])
         co.clean_state()
         assert_rows([(None if y is None else part(y), ready) for y, ready in got], expected)
+
+
+class DeltasIntoLSTM(nn.Module):
+    """Frame differences with a zero first frame (start padding) into an LSTM, pooled over the clip: the padding
+    frame reaches the recurrent state, not the output."""
+
+    def __init__(self):
+        super().__init__()
+        self.lstm = nn.LSTM(2, 4, batch_first=True)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        d = nn.functional.pad(x[:, :, 1:] - x[:, :, :-1], (1, 0))
+        return self.fc(self.lstm(d.transpose(1, 2))[0].mean(1))
+
+
+def test_start_padding_into_a_recurrent_layer_restarts_as_a_stream_alone():
+    """The fixed-shape step starts each recurrent layer from its state after the priming (the padding frame
+    run through it), not from zeros."""
+    torch.manual_seed(0)
+    co = cofx.convert(DeltasIntoLSTM().double().eval(), torch.randn(1, 2, 6, dtype=D))
+    frames = torch.randn(3, 2, 20, dtype=D)
+    restarts = {4: [1], 9: [0, 2]}
+    assert_rows(step_batch(co, frames, restarts), expected_per_row(co, frames, restarts))
+
+
+def test_a_fixed_shape_step_that_cannot_follow_the_steps_is_refused():
+    """Start padding that runs one branch a frame ahead of the other into a window over the clip (keys from the
+    previous frame, shifted with torch.cat) cannot be paired one frame per step: refused, not stepped wrong."""
+    from test_attention import PreviousFrameKeys
+    torch.manual_seed(0)
+    co = cofx.convert(PreviousFrameKeys().double().eval(), torch.randn(1, 8, 4, dtype=D), time_dim=1)
+    with torch.no_grad():
+        co.forward_step(torch.randn(2, 4, dtype=D))
+        with pytest.raises(cofx.masked_step.NotSteppable, match=r"fixed-shape step of this model \(ONNX export, "
+                                                                r"streams out of phase\) gives an output .* at frame"):
+            co.clean_state(streams=[1])
+        torch.testing.assert_close(co.forward_step(torch.randn(2, 4, dtype=D)).isnan().any(), torch.tensor(False))
