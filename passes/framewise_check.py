@@ -218,6 +218,13 @@ def check_framewise(gm: fx.GraphModule, clip: torch.Tensor) -> None:
                 out_p = perturbed(True)
             return _other_frames_equal(node, result, out_p, frame)
 
+        if _cumulative_along(node, time_axes(first.meta["cofx_layout"])[0], args[0]):   # by rule, whatever the
+            failures.append(ConversionError(                                            # example's values show
+                "is a cumulative op along time (each frame carries every frame before it, a running state from the "
+                "clip's first frame), which cofx does not stream", node=node,
+                fix="keep a running state with a recurrent layer (nn.GRU/nn.LSTM stream exactly), or normalise "
+                    "over a fixed window (a pool over time)"))
+            return
         if not _sees_other_frames(node, result, frames[0]):
             failures.append(ConversionError(
                 "is NaN or infinite in every frame on the example clip, so cofx cannot check that it acts frame by "
@@ -231,11 +238,6 @@ def check_framewise(gm: fx.GraphModule, clip: torch.Tensor) -> None:
             why = "does not act frame by frame: changing one input frame changed other output frames." + hint
             fix = ATTENTION_FIX if hint else \
                 "ops that mix frames (softmax/cumsum/norms over time, attention) are not supported"
-            if getattr(node.target, "__name__", node.target) in _CUMULATIVE:
-                why = ("is a cumulative op along time (each frame carries every frame before it, a running state "
-                       "from the clip's first frame), which cofx does not stream")
-                fix = ("keep a running state with a recurrent layer (nn.GRU/nn.LSTM stream exactly), or normalise "
-                       "over a fixed window (a pool over time)")
             if node.op == "call_module" and node.target in untraceable:
                 why += f" (torch.fx could not trace into it: {untraceable[node.target]})"
                 fix = "make the module traceable so cofx can see its temporal ops"
@@ -272,6 +274,18 @@ def _single_valued_frames(streams, run: str = "clip") -> bool:
 
 
 _CUMULATIVE = {"cumsum", "cumprod", "cummax", "cummin", "logcumsumexp"}
+
+
+def _cumulative_along(node: fx.Node, t: int, x) -> bool:
+    """Whether `node` is a cumulative op (torch.cumsum, Tensor.cummax, ...) along dim `t` of its input `x` (or
+    along a dim it does not name plainly): a running maximum need not show a changed frame on the example."""
+    if node.op not in ("call_function", "call_method") or \
+            getattr(node.target, "__name__", node.target) not in _CUMULATIVE:
+        return False
+    dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
+    if not isinstance(dim, int) or not isinstance(x, torch.Tensor):
+        return True
+    return dim % x.dim() == t
 
 
 def check_causal(gm: fx.GraphModule, clip: torch.Tensor) -> None:

@@ -45,7 +45,7 @@ from cofx.errors import ConversionError, user_line, describe
 from cofx.sliding_ops import pad_spec, sliding_spec
 from cofx.stock_modules import stock
 
-from .layout import Labels, has_time, time_axes, time_axis
+from .layout import Labels, has_time, rows_per_stream, time_axes, time_axis
 from .length_values import is_value
 from .temporal_geometry import CropSpec, RecurrentStateSpec, ReductionSpec, WindowSpec
 
@@ -631,6 +631,14 @@ class _Classifier:
                 raise ConversionError("returns a map over pairs of the window's frames (attention weights): no "
                                       "step can give it frame by frame", node=leaf,
                                       fix="return the attention's output only, read at one frame or pooled")
+        folded = next((n for n in self.gm.graph.nodes if n.meta.get("cofx_from_window") and isinstance(
+            n.meta.get("cofx_layout"), Labels) and any(rows_per_stream(lab) > 1 for lab in n.meta["cofx_layout"])),
+            None)
+        if folded is not None:   # each step keeps the newest row of each window: one row per stream
+            raise ConversionError("returns per-frame outputs of a window over the clip whose batch holds several "
+                                  "rows per stream (joints or persons folded into the batch)", node=folded,
+                                  fix="read one frame of the window (out[:, -1]) or pool over time, or fold those "
+                                  "rows into the channels before the attention")
         for leaf in leaves:
             axes = time_axes(leaf.meta["cofx_layout"])
             frames = leaf.meta["cofx_window_frames"]

@@ -594,3 +594,30 @@ def test_an_empty_chunk_before_the_first_frame_leaves_branches_level(sizes):
         assert co.forward_steps(clip[:, :0]) is None and not co.ready.any()
         co.clean_state()
         torch.testing.assert_close(by_chunks(co, clip, sizes), model(clip), rtol=0, atol=1e-12)
+
+
+class JointsOverTime(nn.Module):
+    """A skeleton (B, C, T, J) with causal attention over time per joint, the joints folded into the batch."""
+
+    def __init__(self, read):
+        super().__init__()
+        self.inp, self.attn, self.read = nn.Linear(3, 8), nn.MultiheadAttention(8, 2, batch_first=True), read
+
+    def forward(self, x):
+        b, c, t, j = x.shape
+        h = self.inp(x.permute(0, 3, 2, 1).reshape(b * j, t, c))
+        h = self.attn(h, h, h, attn_mask=torch.ones(t, t, dtype=torch.bool).triu(1), need_weights=False)[0]
+        h = h.reshape(b, j, t, -1).mean(1)
+        return h[:, -1] if self.read == "last" else h.transpose(1, 2)
+
+
+def test_per_frame_outputs_of_a_window_with_joints_folded_into_the_batch_are_refused():
+    """Each step keeps the newest row of every window, one per stream: a window holding a stream's joints as
+    rows would mix joints into frames (it stepped wrong with validate=False)."""
+    torch.manual_seed(0)
+    clip = torch.randn(1, 3, 8, 2, dtype=torch.float64)
+    with pytest.raises(cofx.ConversionError, match=r"(?s)per-frame outputs of a window over the clip whose batch "
+                                                   r"holds several rows per stream.*fix: read one frame"):
+        cofx.convert(JointsOverTime("frames").double().eval(), clip, validate=False)
+    co = cofx.convert(JointsOverTime("last").double().eval(), clip)   # one answer per window: exact
+    assert co.is_exact
