@@ -40,6 +40,7 @@ from torch import nn
 
 from .compiled_package import built_for
 from .dtype_device import dtype_device
+from .errors import first_line
 from .model_source import from_spec
 
 FORMAT = "cofx.continual"
@@ -107,9 +108,9 @@ def save(co, path, *, source: str = None) -> None:
                           "source='package.module:callable'", stacklevel=2)
         try:
             torch.save({"model": clip, "options": co.options}, buf, pickle_module=_FunctionalsByName)
-        except (pickle.PicklingError, AttributeError, TypeError) as e:   # lambdas, local classes
-            raise ValueError(f"this model cannot be pickled ({e}); save it with source='package.module:callable' "
-                             "naming the code that builds it") from None
+        except (pickle.PicklingError, AttributeError, TypeError, RuntimeError) as e:   # lambdas, local classes,
+            raise ValueError(f"this model cannot be pickled ({first_line(e)}); save it with "   # parametrizations
+                             "source='package.module:callable' naming the code that builds it") from None
         record["graph"] = buf.getvalue()
     torch.save(record, path)
 

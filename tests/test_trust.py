@@ -206,6 +206,16 @@ def test_save_of_a_plain_module_says_what_it_takes(tmp_path):
         cofx.save(cli_models.tiny(), tmp_path / "m.continual.pt")
 
 
+def test_save_of_a_model_that_cannot_be_pickled_says_to_name_its_code(tmp_path):
+    """torch refuses to pickle parametrized modules (the current weight_norm): the file names the code instead."""
+    from torch.nn.utils.parametrizations import weight_norm
+    model = nn.Sequential(weight_norm(nn.Conv1d(2, 3, 3, padding=1)), nn.ReLU()).eval()
+    co = cofx.convert(model, torch.randn(1, 2, 8))
+    with pytest.raises(ValueError, match=r"this model cannot be pickled \(Serialization of parametrized modules.*"
+                                         r"save it with source='package.module:callable'"):
+        cofx.save(co, tmp_path / "m.continual.pt")
+
+
 class ScriptLeaf(nn.Module):
     """A leaf type as a script defines it (its class in __main__): pickled by name."""
     def forward(self, x):
