@@ -30,16 +30,20 @@ _POOLS = {F.max_pool1d_with_indices: F.max_pool1d, F.max_pool2d_with_indices: F.
 
 
 def _values_reads(node: fx.Node):
-    """The nodes that read `node`'s values (``[0]``, ``.values``), or None when anything else reads it."""
-    reads = []
+    """The nodes that read `node`'s values (``[0]``, ``.values``) and those that take its indices for nothing
+    (``h, idx = ...`` with `idx` unused), or None when anything else reads it."""
+    reads, unread = [], []
     for user in node.users:
-        if user.op == "call_function" and len(user.args) == 2 and user.args[0] is node and (
-                user.target is operator.getitem and user.args[1] == 0 or
-                user.target is getattr and user.args[1] == "values"):
+        picks = user.op == "call_function" and len(user.args) == 2 and user.args[0] is node
+        if picks and (user.target is operator.getitem and user.args[1] == 0 or
+                      user.target is getattr and user.args[1] == "values"):
             reads.append(user)
+        elif picks and not user.users and (user.target is operator.getitem and user.args[1] == 1 or
+                                           user.target is getattr and user.args[1] == "indices"):
+            unread.append(user)
         else:
             return None
-    return reads or None
+    return (reads, unread) if reads else None
 
 
 def _values_op(graph: fx.Graph, node: fx.Node):
@@ -63,9 +67,10 @@ def values_only(gm: fx.GraphModule) -> int:
     """Rewrite each op of `gm` whose indices nothing reads as the op of its values; returns how many."""
     graph, count = gm.graph, 0
     for node in list(graph.nodes):
-        reads = _values_reads(node) if node.op in ("call_function", "call_method") else None
-        if reads is None:
+        found = _values_reads(node) if node.op in ("call_function", "call_method") else None
+        if found is None:
             continue
+        reads, unread = found
         with graph.inserting_before(node):
             values = _values_op(graph, node)
         if values is None:
@@ -74,6 +79,8 @@ def values_only(gm: fx.GraphModule) -> int:
         for read in reads:
             read.replace_all_uses_with(values)
             graph.erase_node(read)
+        for user in unread:
+            graph.erase_node(user)
         graph.erase_node(node)
         count += 1
     if count:

@@ -444,6 +444,11 @@ def test_depthwise_separable_strided_ceil_mode_tcn(head, t):
     assert co.stride == 4
 
 
+def _unpacked(values_and_indices):
+    values, indices = values_and_indices   # as models write it: the indices named, never read
+    return values
+
+
 class Lam(nn.Module):
     """A temporal conv, then the op under test."""
     def __init__(self, fn):
@@ -496,6 +501,8 @@ EXACT_OPS = {
     "narrow as a crop": lambda m, h: h.narrow(2, 1, h.shape[2] - 2),
     # ops that return values and indices, the indices unread; power-average pools
     "max_pool1d with indices, values read": lambda m, h: F.max_pool1d(h, 2, 2, return_indices=True)[0],
+    "max_pool1d with indices unpacked, indices unused": lambda m, h: _unpacked(F.max_pool1d(h, 2, 2, return_indices=True)),
+    "torch.max over time unpacked, indices unused": lambda m, h: _unpacked(torch.max(h, 2)),
     "torch.max over time [0]": lambda m, h: torch.max(h, 2)[0],
     "min(dim=2).values": lambda m, h: h.min(dim=2).values,
     "lp_pool1d p=2": lambda m, h: F.lp_pool1d(h, 2, 3, 2),
