@@ -94,6 +94,7 @@ def _convert(model, example_input, strict, leaf_modules, time_dim, window, init,
     clip = _check_example(example_input, time_dim, model)
     _check_single_input(gm)
     _check_no_namedtuples(gm)
+    passes.frame_sizes_as_numbers(gm, clip, time_dim)
     passes.inplace_as_functional(gm)
     passes.diff_as_slices(gm)
     passes.im2col_as_unfold(gm)

@@ -3,6 +3,7 @@
 Analysis passes write ``node.meta`` the way ``torch.fx.passes.shape_prop`` does;
 the rewrite pass builds the continual graph from what they wrote.
 """
+from .frame_sizes import frame_sizes_as_numbers
 from .inplace_as_functional import inplace_as_functional
 from .diff_as_slices import diff_as_slices
 from .im2col_as_unfold import im2col_as_unfold
@@ -31,7 +32,7 @@ from .fold_batchnorm import mark_batchnorm_folds
 from .continualize import build_step_graph
 from .read_rows import newest_rows, read_rows
 
-__all__ = ["inplace_as_functional", "diff_as_slices", "im2col_as_unfold", "stft_as_frames", "unfold_as_slices", "views_collapsed", "values_only", "lp_pool_as_avg", "negative_pads_as_crops", "record_runs", "name_view_batches", "outputs_unpacked", "stacked_frames", "zeros_as_pad", "reduce_before_view", "matmul_before_view", "frames_resized_alone", "label_layouts", "mark_length_values", "classify_nodes", "fold_crops", "check_framewise",
+__all__ = ["frame_sizes_as_numbers", "inplace_as_functional", "diff_as_slices", "im2col_as_unfold", "stft_as_frames", "unfold_as_slices", "views_collapsed", "values_only", "lp_pool_as_avg", "negative_pads_as_crops", "record_runs", "name_view_batches", "outputs_unpacked", "stacked_frames", "zeros_as_pad", "reduce_before_view", "matmul_before_view", "frames_resized_alone", "label_layouts", "mark_length_values", "classify_nodes", "fold_crops", "check_framewise",
            "check_causal",
            "annotate_timing",
            "select_kernels", "mark_batchnorm_folds", "build_step_graph", "read_rows", "newest_rows"]

@@ -374,9 +374,10 @@ class UnfoldTDNN(nn.Module):
         self.kernel = nn.Linear(context * C, 6)
 
     def forward(self, x):
+        features = x.shape[2]   # as authors write it: the feature size read off the input
         x = x.unsqueeze(1)
         if self.form == "F.unfold":
-            x = F.unfold(x, (self.context, C), stride=(1, C), dilation=(self.dilation, 1))
+            x = F.unfold(x, (self.context, features), stride=(1, features), dilation=(self.dilation, 1))
         else:
             x = self.unfold(x)
         return torch.relu(self.kernel(x.transpose(1, 2)))
