@@ -149,6 +149,9 @@ def _trace(model: nn.Module, leaf_modules: Iterable[LeafSpec]) -> fx.GraphModule
         if "does not support item assignment" in str(e):
             fix = ("build the tensor instead of assigning into its slices (torch.cat of the parts, F.pad for a "
                    "shift along time), or pass the module as leaf_modules=[...] if it acts frame by frame")
+        if "finfo" in str(e) or "iinfo" in str(e):
+            fix = ("name the dtype instead of reading it off a tensor the trace follows: torch.finfo(torch.float32)"
+                   ".min (the dtype the model runs in), or float('-inf') for a mask")
         if "cannot be iterated" in str(e):
             fix = ("name the sizes instead of iterating or star-unpacking a shape or a tensor (b, c, t, h, w = "
                    "x.shape, then x.view(b, c, t, h * w); not x.view(b, c, *x.shape[2:]) or a loop over x.shape)")

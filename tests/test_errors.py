@@ -610,3 +610,11 @@ def test_a_pool_over_a_time_axis_of_one_frame_on_the_example_asks_for_a_longer_c
     assert co.is_exact
     with torch.no_grad():
         assert torch.allclose(co.forward_steps(clip, pad_end=True)[..., -1], model(clip), atol=1e-12)
+
+
+def test_a_dtype_read_off_a_traced_tensor_says_to_name_it():
+    """transformers writes masks with torch.finfo(scores.dtype).min: fx cannot give a traced tensor's dtype."""
+    model = Lambda(lambda x: x.masked_fill(x > 0, torch.finfo(x.dtype).min)).eval()
+    with pytest.raises(cofx.ConversionError, match=r"(?s)could not trace the model.*finfo.*fix: name the dtype instead "
+                                                   r"of reading it off a tensor.*torch.finfo\(torch.float32\)"):
+        cofx.convert(model, clip())
