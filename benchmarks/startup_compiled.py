@@ -119,10 +119,12 @@ def main(argv=None):
              f"({'median of ' + str(args.rounds) + ', range' if args.rounds > 1 else '1 round'})", "",
              machine(), "",
              load_line(load[0], load[1], args.threads), "",
-             "Seconds. *loaded*: process start to `cofx.load` returning (import, conversion, validation); "
-             "*compile*: `co.compile_steps()` (fresh only); *warm-up*: the `co.warmup_frames` frames fed as one "
-             "eager chunk; *first step*: the first steady-state step (saved: the phase recorded and its package "
-             "loaded); *to first compiled step*: process start to the end of that step, and without the warm-up.",
+             "Seconds. *loaded*: process start to `cofx.load` returning (import, conversion, and validation "
+             "unless the file's digest shows it done); "
+             "*compile*: `co.compile_steps()` (fresh only); *warm-up*: the `co.compiled_stats.start` frames "
+             "(until the steps repeat) fed as one eager chunk; *first step*: the first steady-state step (saved: "
+             "the phase recorded and its package loaded); *to first compiled step*: process start to the end of "
+             "that step, and without the warm-up.",
              "", "| model | steps | file MiB | loaded | compile | warm-up | first step | to first compiled step "
              "| without warm-up | compiled |", "|---|---|---|---|---|---|---|---|---|---|"]
     for (m, mode), results in runs.items():

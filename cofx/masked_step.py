@@ -428,7 +428,7 @@ class MaskedStep:
         from .verify import worst_error
         co, t = self.co, self.time_dim
         frame_shape = tuple(co._info["frame_shape"])
-        frames = _warmup(co)
+        frames = warmup_steps(co)
         gen = torch.Generator().manual_seed(0)
         x = torch.randn((2, *frame_shape[:t - 1], frames, *frame_shape[t - 1:]), generator=gen, dtype=torch.float64)
         x = x.to(device=self.device, dtype=self.dtype)
@@ -634,7 +634,7 @@ def _kernel_state(k):
     return dict(pending=None if k.pending is None else [p.clone() for p in k.pending])
 
 
-def _warmup(co) -> int:
+def warmup_steps(co) -> int:
     """Steps after which every kernel has started and the arrivals at every merge repeat: the warm-up
     (``co.warmup_frames``), a stride and two frames more."""
     return co.warmup_frames + co.stride + 2
@@ -652,7 +652,7 @@ def _prime(co, dtype, device, kernels: dict, own: list):
     """
     t = co._info["time_dim"]
     frame_shape = tuple(co._info["frame_shape"])
-    steps = _warmup(co)
+    steps = warmup_steps(co)
     primed = []
     with scratch_stream(co), torch.no_grad():
         for batch in (1, 2):

@@ -16,7 +16,7 @@ from .errors import ConversionError, LengthNotTaken, NotATensor, StreamError, fi
 from .flat_step import flat_step_module
 from .growing_window import NewestFrames
 from .kernels import STATE_FIX, Align, Sliding, Stateful, StreamContext, state_spec
-from .masked_step import _warmup
+from .masked_step import warmup_steps
 from .report import Report
 from .stream_position import StreamPosition
 from .scratch_stream import scratch_stream
@@ -645,7 +645,7 @@ class _StateReference:
     def __init__(self, co: ContinualModule):
         self.kernels = [(n, k) for n, k in co._named_kernels() if n != STREAMS_CHILD]
         period = co.period   # every op's output stride divides it (the stack of 4 crops of 4 frames: 4, not 4 ** 4)
-        self.warmup = _warmup(co)
+        self.warmup = warmup_steps(co)
         self.period = period if period <= self.MAX_PERIOD else None
         length = self.warmup + 2 * (self.period or 4)
         p = next((t for t in list(co.parameters()) + list(co.buffers()) if t.is_floating_point()), None)

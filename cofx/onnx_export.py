@@ -32,9 +32,10 @@ from torch.utils._pytree import tree_flatten
 from . import onednn_conv
 from .dtype_device import dtype_device
 from .errors import first_line
-from .masked_step import MaskedStep, NotSteppable, nan_where_not
+from .masked_step import MaskedStep, NotSteppable, nan_where_not, warmup_steps
 from .scratch_stream import scratch_stream
 from .unfused import unfused_attention
+from .verify import worst_error
 
 
 class _StaticShapes:
@@ -229,9 +230,55 @@ def export_onnx(co, path, opset: Optional[int] = None) -> dict:
                                f"onnx.checker ({type(e).__name__}: {first_line(e)}); the model still steps in "
                                "PyTorch") from None
         onnx.save(model, os.fspath(path))
+        _runs_as_exported(path, wrapper, step, co, n_out)
         return dict(inputs=input_names, outputs=output_names, state_names=names,
                     shapes={n: _shape(v, batch_axes.get(n)) for n, v in values.items()},
                     dtypes={n: str(v.dtype).replace("torch.", "") for n, v in values.items()})
+
+
+def _runs_as_exported(path, wrapper: _OnnxStep, step: MaskedStep, co, n_out: int) -> None:
+    """The written file run by ONNX Runtime (where it is installed) beside the step it was traced from, each
+    fed its own state, on a random stream of two rows (the second restarted at frame 3) past the warm-up: a file
+    that computes otherwise is removed and refused; one ONNX Runtime cannot run is kept, with a warning."""
+    try:
+        import onnxruntime
+    except ImportError:
+        return
+    try:
+        session = onnxruntime.InferenceSession(os.fspath(path), providers=["CPUExecutionProvider"])
+    except Exception as e:   # an op without a kernel there (Erf in float64)
+        warnings.warn(f"ONNX Runtime cannot run the exported '{path}' ({first_line(e)}), so it was not checked "
+                      "against the model's step: another runtime may run it", stacklevel=3)
+        return
+    names = [i.name for i in session.get_inputs()]
+    wrapper.eval()   # as exported (torch.onnx gave the wrapper back in training mode; the caller restores modes)
+    gen = torch.Generator().manual_seed(0)
+    state = step.initial_state(2)
+    theirs = [s.cpu().numpy() for s in state]
+    for i in range(warmup_steps(co)):
+        frame = torch.randn((2, *co._info["frame_shape"]), generator=gen, dtype=torch.float64).to(step.dtype)
+        frame = frame.to(step.device)
+        reset = torch.tensor([i == 0, i in (0, 3)], device=step.device)
+        with torch.no_grad():
+            ours = wrapper(frame, reset, *state)
+        got = session.run(None, dict(zip(names, [frame.cpu().numpy(), reset.cpu().numpy(), *theirs])))
+        state, theirs = list(ours[n_out + 1:]), got[n_out + 1:]
+        ready = ours[n_out].cpu()
+        wrong = "which rows are ready" if not torch.equal(torch.from_numpy(got[n_out]), ready) else None
+        for want, have, b in zip(ours[:n_out], got[:n_out], step.out_batch_axes):
+            if wrong or not ready.any():
+                break
+            want = want.cpu() if b is None else want.cpu().index_select(b, ready.nonzero().flatten())
+            have = torch.from_numpy(have) if b is None else torch.from_numpy(have).index_select(
+                b, ready.nonzero().flatten())
+            error, tolerance = worst_error((have.to(want.dtype), want))
+            if not error <= tolerance:
+                wrong = f"an output (max error {error:.3g}, tolerance {tolerance:.3g})"
+        if wrong:
+            os.remove(path)
+            raise NotSteppable(f"cannot export this model to ONNX: the file torch.onnx wrote computes {wrong} "
+                               f"otherwise than the model's step at frame {i}, run by ONNX Runtime; the model "
+                               "still steps in PyTorch")
 
 
 def _transpose_perms_positive(model) -> None:

@@ -475,3 +475,24 @@ def test_onnx_step_of_start_padding_into_a_recurrent_layer_matches_forward_step(
     frames = torch.randn(2, 2, 16)
     results = run_onnx(session(tmp_path / "step.onnx"), frames, resets={7: [1]})
     assert_matches(results, [run_alone(co, frames[0]), run_alone(co, frames[1, :, :7]) + run_alone(co, frames[1, :, 7:])])
+
+
+def test_a_file_onnx_runtime_computes_otherwise_is_removed_and_refused(tmp_path, monkeypatch):
+    """export_onnx runs what it wrote in ONNX Runtime beside the step it traced: a wrong file (here a weight
+    written wrong, as an exporter bug would) never stays on disk."""
+    from cofx import onnx_export
+    mend = onnx_export._transpose_perms_positive
+
+    def corrupt(model):
+        mend(model)
+        for init in model.graph.initializer:
+            if init.data_type == onnx.TensorProto.FLOAT and len(init.dims) == 3:   # a conv's weight
+                values = onnx.numpy_helper.to_array(init) + 0.5
+                init.CopyFrom(onnx.numpy_helper.from_array(values, init.name))
+                return
+    monkeypatch.setattr(onnx_export, "_transpose_perms_positive", corrupt)
+    co = cofx.convert(_seeded(CausalTCN()), torch.randn(1, 2, 10))   # (ONNX Runtime has no float64 Conv)
+    with pytest.raises(NotSteppable, match=r"the file torch.onnx wrote computes an output \(max error .*\) otherwise "
+                                           r"than the model's step at frame \d+, run by ONNX Runtime"):
+        cofx.export_onnx(co, tmp_path / "step.onnx")
+    assert not (tmp_path / "step.onnx").exists()

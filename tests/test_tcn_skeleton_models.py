@@ -196,38 +196,27 @@ def test_bai_tcn_with_chomp_has_no_delay():
     assert co.delay == 0, co.delay
 
 
-def test_old_weight_norm_steps_follow_a_loaded_checkpoint():
-    torch.manual_seed(0)
+OLD_WEIGHT_NORM_NETS = {
+    "two convolutions": lambda: nn.Sequential(_old_weight_norm(nn.Conv1d(C, C, 3, padding=1)), nn.ReLU(),
+                                              _old_weight_norm(nn.Conv1d(C, C, 3, padding=1))),
+    # folded with the BatchNorm after it, a convolution computes its weight through the pre-hook too (a
+    # pointwise one read the weight the last clip forward left: stale after a checkpoint loaded)
+    "pointwise, then BatchNorm": lambda: nn.Sequential(nn.Conv1d(C, C, 3, padding=1), nn.ReLU(),
+                                                       _old_weight_norm(nn.Conv1d(C, C, 1)), nn.BatchNorm1d(C)),
+    "temporal, then BatchNorm": lambda: nn.Sequential(_old_weight_norm(nn.Conv1d(C, C, 3, padding=1)),
+                                                      nn.BatchNorm1d(C)),
+}
 
-    def make():
-        return nn.Sequential(_old_weight_norm(nn.Conv1d(C, C, 3, padding=1)), nn.ReLU(),
-                             _old_weight_norm(nn.Conv1d(C, C, 3, padding=1))).to(D).eval()
-    model, checkpoint = make(), make().state_dict()
+
+@pytest.mark.parametrize("net", sorted(OLD_WEIGHT_NORM_NETS))
+def test_old_weight_norm_steps_follow_a_loaded_checkpoint(net):
+    torch.manual_seed(0)
+    make = OLD_WEIGHT_NORM_NETS[net]
+    model, checkpoint = make().to(D).eval(), {k: v * 1.5 for k, v in make().to(D).state_dict().items()}
     x = x1d(12)
     co = cofx.convert(model, x)
     assert co.is_exact
     co.load_state_dict(checkpoint)
-    with torch.no_grad():
-        co.clean_state()
-        got = co.forward_steps(x, pad_end=True)   # before any clip forward: the pre-hook has not run
-        want = model(x)
-    assert max_error(got, want) <= output_tolerance(want), max_error(got, want)
-
-
-@pytest.mark.parametrize("kernel", [1, 3])
-def test_old_weight_norm_before_a_batchnorm_steps_follow_a_loaded_checkpoint(kernel):
-    """A convolution folded with the BatchNorm after it computes its weight through weight_norm's pre-hook too
-    (a pointwise one read the weight the last clip forward left: stale after a checkpoint loads)."""
-    torch.manual_seed(0)
-
-    def make():
-        return nn.Sequential(nn.Conv1d(3, C, 3, padding=1), nn.ReLU(),
-                             _old_weight_norm(nn.Conv1d(C, C, kernel, padding=kernel // 2)),
-                             nn.BatchNorm1d(C)).to(D).eval()
-    model, checkpoint = make(), {k: v * 1.5 for k, v in make().state_dict().items()}
-    x = x1d(12, 3)
-    co = cofx.convert(model, x)
-    model.load_state_dict(checkpoint)
     with torch.no_grad():
         co.clean_state()
         got = co.forward_steps(x, pad_end=True)   # before any clip forward: the pre-hook has not run
