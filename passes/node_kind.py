@@ -509,6 +509,10 @@ class _Classifier:
             if streams and all(isinstance(a.meta["cofx_layout"], Labels) and "T" not in a.meta["cofx_layout"]
                                for a in streams):
                 return False   # frames folded into the batch: attention within each frame (over its patches)
+            framed = [a for a in ins if a.meta.get("cofx_from_window")]
+            if framed and all(isinstance(a.meta["cofx_layout"], Labels) and "T" not in a.meta["cofx_layout"]
+                              and "BT" in a.meta["cofx_layout"] for a in framed):
+                return False   # the same inside a window (TimeSformer's spatial attention after its temporal)
             self.check_tokens_are_frames(node, module, ins)
             return True
         layout = node.meta["cofx_layout"]

@@ -621,3 +621,39 @@ def test_per_frame_outputs_of_a_window_with_joints_folded_into_the_batch_are_ref
         cofx.convert(JointsOverTime("frames").double().eval(), clip, validate=False)
     co = cofx.convert(JointsOverTime("last").double().eval(), clip)   # one answer per window: exact
     assert co.is_exact
+
+
+class DividedSpaceTime(nn.Module):
+    """TimeSformer's divided attention: each block attends over time per patch, then over the patches of each
+    frame (frames folded into the batch, inside the window the temporal attention opened)."""
+
+    def __init__(self, blocks=2, d=8):
+        super().__init__()
+        self.patch = nn.Conv2d(3, d, 4, 4)
+        self.temporal = nn.ModuleList(nn.MultiheadAttention(d, 2, batch_first=True) for _ in range(blocks))
+        self.spatial = nn.ModuleList(nn.MultiheadAttention(d, 2, batch_first=True) for _ in range(blocks))
+        self.head = nn.Linear(d, 5)
+
+    def forward(self, x):   # (B, 3, T, 8, 8)
+        b, c, t, h, w = x.shape
+        p = self.patch(x.transpose(1, 2).reshape(b * t, c, h, w)).flatten(2).transpose(1, 2)   # (B*T, S, d)
+        s = p.shape[1]
+        for temporal, spatial in zip(self.temporal, self.spatial):
+            q = p.view(b, t, s, -1).permute(0, 2, 1, 3).reshape(b * s, t, -1)
+            q = q + temporal(q, q, q, need_weights=False)[0]
+            p = q.view(b, s, t, -1).permute(0, 2, 1, 3).reshape(b * t, s, -1)
+            p = p + spatial(p, p, p, need_weights=False)[0]
+        return self.head(p.view(b, t, s, -1).mean((1, 2)))
+
+
+def test_spatial_attention_after_temporal_attention_is_a_per_frame_op_of_the_window():
+    torch.manual_seed(0)
+    model = DividedSpaceTime().double().eval()
+    n = 6
+    co = cofx.convert(model, torch.randn(1, 3, n, 8, 8, dtype=torch.float64))
+    assert co.is_exact
+    stream = torch.randn(2, 3, 2 * n + 1, 8, 8, dtype=torch.float64)
+    with torch.no_grad():
+        outs = co.forward_steps(stream)
+        want = torch.stack([model(stream[:, :, t - n + 1:t + 1]) for t in range(n - 1, stream.shape[2])], -1)
+    torch.testing.assert_close(outs, want, rtol=0, atol=1e-10)
