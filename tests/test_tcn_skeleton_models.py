@@ -500,6 +500,9 @@ EXACT_OPS = {
     "lp_pool1d p=inf": lambda m, h: F.lp_pool1d(h, float("inf"), 2),
     "interpolate to its own length": lambda m, h: F.interpolate(h, size=h.shape[2], mode="linear"),
     "torch.diff with the first frame prepended": lambda m, h: torch.diff(h, dim=2, prepend=h[:, :, :1]),
+    "differences keeping the first frame": lambda m, h: torch.cat([h[:, :, :1], h[:, :, 1:] - h[:, :, :-1]], 2),
+    "differences keeping the first frame, ...": lambda m, h: torch.cat((h[..., :1], h[..., 1:] - h[..., :-1]),
+                                                                        dim=-1),
 }
 
 
