@@ -414,3 +414,55 @@ def test_a_fixed_shape_step_that_cannot_follow_the_steps_is_refused():
                                                                 r"streams out of phase\) gives an output .* at frame"):
             co.clean_state(streams=[1])
         torch.testing.assert_close(co.forward_step(torch.randn(2, 4, dtype=D)).isnan().any(), torch.tensor(False))
+
+
+class PreviousFrameQueries(nn.Module):
+    """Causal attention whose queries are the previous frame's (a shift written with torch.cat)."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp, self.q = nn.Linear(4, 8), nn.Linear(8, 8)
+
+    def forward(self, x):
+        h = self.inp(x)
+        t = h.shape[1]
+        q = self.q(torch.cat([torch.zeros_like(h[:, :1]), h[:, :-1]], 1))
+        s = (q @ h.transpose(1, 2)).masked_fill(torch.ones(t, t, dtype=torch.bool).triu(1), float("-inf"))
+        return s.softmax(-1) @ h
+
+
+def test_a_fixed_shape_step_that_cannot_start_is_refused_not_crashed():
+    torch.manual_seed(0)
+    co = cofx.convert(PreviousFrameQueries().double().eval(), torch.randn(1, 8, 4, dtype=D), time_dim=1)
+    with torch.no_grad():
+        co.forward_step(torch.randn(2, 4, dtype=D))
+        with pytest.raises(cofx.masked_step.NotSteppable, match=r"fixed-shape step of this model .* cannot start it: "
+                                                                r"start padding runs a branch"):
+            co.clean_state(streams=[1])
+
+
+class SmallDifference(nn.Module):
+    """An output that is a small difference of two large convolutions: float32 rounds it coarsely."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv1d(16, 16, 3), nn.Conv1d(16, 16, 3)
+        with torch.no_grad():
+            self.b.weight.copy_(self.a.weight + 1e-5 * torch.randn_like(self.a.weight))
+            self.b.bias.copy_(self.a.bias)
+
+    def forward(self, x):
+        return self.a(x) - self.b(x)
+
+
+def test_the_fixed_shape_steps_self_check_allows_float32_rounding():
+    """Its plain ops round otherwise than the timed ones: the check looks for errors the size of the outputs."""
+    torch.manual_seed(0)
+    co = cofx.convert(SmallDifference().eval(), torch.randn(1, 16, 8))
+    frames = torch.randn(3, 16, 12)
+    restarts = {5: [1]}
+    got, expected = step_batch(co, frames, restarts), expected_per_row(co, frames, restarts)
+    for i, (y, _) in enumerate(got):   # rounding of the large convolutions, not of the small output
+        for b, outs in enumerate(expected):
+            if outs[i] is not None:
+                torch.testing.assert_close(y[b], outs[i], rtol=0, atol=1e-5)
