@@ -137,6 +137,8 @@ def _convert(model, example_input, strict, leaf_modules, time_dim, window, init,
     passes.read_rows(graph, kernels, gm)
     newest = passes.newest_rows(graph, kernels, gm)
     info = _summary(gm, clip, time_dim, out_axes, node_kernels, init)
+    finite = clip[clip.isfinite()]   # (what a load converts the saved model on: `saving.load`)
+    info["example_range"] = (float(finite.min()), float(finite.max())) if finite.numel() else (0.0, 0.0)
     info["options"] = dict(strict=strict, leaf_modules=tuple(leaf_modules), time_dim=time_dim,
                            window=dict(window or {}), init=init, tune=tune)
     info.update(model=model, training_differs=training_differs)

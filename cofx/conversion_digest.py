@@ -13,10 +13,12 @@ plain 3D CNN's). Everything the steps can depend on goes in:
   objects reach (configuration, weights and buffers by value, hooks), and
   the state the steps read beside them;
 - the whole source file of every class or function from outside torch and
-  cofx that these name (a leaf module's helper functions live beside it).
+  cofx that these name.
 
-A model whose code cannot be read (defined interactively) has no digest, and
-is always validated. The digest is taken on a clean state; runtime state
+A model with code that runs beside the graph (a module kept whole, a wrapped
+function, a hook of the user's or of the process) has no digest, and is always
+validated: such code can read anything when it runs (a helper in another file,
+a global, the environment). So has a model with a field the walk cannot read. The digest is taken on a clean state; runtime state
 that differs (a stream stepped) only makes it differ, which costs a
 validation, never a skipped one.
 
@@ -49,7 +51,8 @@ _TORCH = Path(torch.__file__).resolve().parent
 _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
 _PLAIN = (str, int, float, bool, complex, bytes, type(None), torch.dtype, torch.device, torch.memory_format,
           torch.Size, type(Ellipsis))
-_SKIPPED_INFO = ("model", "validated")   # the clip model (walked as the modules), and the digest itself
+_SKIPPED_INFO = ("model", "validated", "example_range")   # the clip model (walked as the modules), the digest
+#                                                             itself, and the example's values (a load's are others)
 
 
 class _Unreadable(Exception):
@@ -57,21 +60,51 @@ class _Unreadable(Exception):
 
 
 def digest(co) -> Optional[str]:
-    """The digest of continual model `co` (see the module docstring); None where some of its code cannot be read."""
+    """The digest of continual model `co` (see the module docstring); None where some of its code cannot be read
+    or runs beside the graph (then every load validates)."""
+    if not _all_code_traced(co):
+        return None
+    try:
+        return _digest(co)
+    except (_Unreadable, RecursionError, Exception):   # a field the walk cannot read: no digest, a validation
+        return None
+
+
+_LIBRARIES = {"torch", "cofx", "operator", "_operator", "builtins", "math"}
+
+
+def _library(fn) -> bool:
+    module = getattr(fn, "__module__", None) or type(fn).__module__
+    return str(module).split(".")[0] in _LIBRARIES
+
+
+def _all_code_traced(co) -> bool:
+    """Whether what the model runs is the graph and torch's own layers: code kept whole (a leaf module, a wrapped
+    function) or run around the graph (hooks, the process's global module hooks) can read anything at run time
+    (another file, a global, the environment), which no digest follows."""
+    if torch.nn.modules.module._global_forward_hooks or torch.nn.modules.module._global_forward_pre_hooks:
+        return False
+    for node in co.graph.nodes:
+        if node.op == "call_module" and not type(co.get_submodule(node.target)).__module__.startswith("torch."):
+            return False
+        if node.op == "call_function" and not _library(node.target):
+            return False
+    return all(_library(hook) for m in co.modules() for hook in (*m._forward_hooks.values(),
+                                                                   *m._forward_pre_hooks.values()))
+
+
+def _digest(co) -> str:
     walk = _Walk()
     walk.text(_own_source(), str(torch.__version__), repr(cpu()))
-    try:
-        walk.text(co.code, *(graph.python_code("self").src for graph in
-                             (co._step_graph, getattr(co._newest_module, "graph", None)) if graph is not None))
-        walk.value({k: v for k, v in co._info.items() if k not in _SKIPPED_INFO})
-        walk.value(co._ctx)
-        walk.value({node.target: attrgetter(node.target)(co) for node in co.graph.find_nodes(op="get_attr")})
-        for name, module in co.named_modules():
-            if module is not co:   # the continual model's own fields are its runtime: read above where they count
-                walk.text(name)
-                walk.value(module)
-    except _Unreadable:
-        return None
+    walk.text(co.code, *(graph.python_code("self").src for graph in
+                         (co._step_graph, getattr(co._newest_module, "graph", None)) if graph is not None))
+    walk.value({k: v for k, v in co._info.items() if k not in _SKIPPED_INFO})
+    walk.value(co._ctx)
+    walk.value({node.target: attrgetter(node.target)(co) for node in co.graph.find_nodes(op="get_attr")})
+    for name, module in co.named_modules():
+        if module is not co:   # the continual model's own fields are its runtime: read above where they count
+            walk.text(name)
+            walk.value(module)
     return walk.hash.hexdigest()
 
 
@@ -111,6 +144,9 @@ class _Walk:
         self.met.append(obj)
         if isinstance(obj, torch.Tensor):
             self._tensor(obj)
+        elif type(obj).__module__ == "numpy" and hasattr(obj, "tobytes"):   # an array or a numpy scalar
+            self.text("numpy", repr((getattr(obj, "shape", ()), str(getattr(obj, "dtype", "")))))
+            self.hash.update(obj.tobytes())
         elif isinstance(obj, (fx.GraphModule, fx.Graph)):
             graph = obj.graph if isinstance(obj, fx.GraphModule) else obj
             self.text("graph", graph.python_code("self").src)
@@ -142,6 +178,9 @@ class _Walk:
                 except ValueError:   # a cell not filled yet
                     cells.append("<empty cell>")
             self.value((obj.__defaults__, obj.__kwdefaults__, cells))
+        elif isinstance(obj, types.BuiltinMethodType) and not isinstance(obj.__self__, (type, types.ModuleType)):
+            self._code(obj)   # a method of an object (a tensor's .mul): the object too
+            self.value(obj.__self__)
         elif isinstance(obj, (type, types.ModuleType, types.BuiltinFunctionType)) or \
                 callable(obj) and type(obj).__module__.split(".")[0] == "torch" and \
                 not isinstance(obj, torch.nn.Module):   # a class, a builtin, one of torch's operators
@@ -150,17 +189,17 @@ class _Walk:
             self._object(obj)
 
     def _tensor(self, t: torch.Tensor) -> None:
-        self.text("tensor", repr((tuple(t.shape), t.dtype, t.device, t.requires_grad)))
+        self.text("tensor", repr((tuple(t.shape), t.dtype, t.device)))
         if t.device.type == "meta" or t.is_sparse or t.is_quantized:
             raise _Unreadable
-        data = t.detach().cpu().contiguous().reshape(-1)
+        data = t.detach().resolve_conj().resolve_neg().cpu().contiguous().reshape(-1)
         self.hash.update(data.view(torch.uint8).numpy() if data.numel() else b"")
 
     def _object(self, obj) -> None:
         kind = type(obj)
         self._code(kind)
         fields = getattr(obj, "__dict__", None)
-        slots = [s for c in kind.__mro__ for s in getattr(c, "__slots__", ()) if isinstance(s, str)]
+        slots = [s for c in kind.__mro__ for s in _slots(c)]
         if fields is None and not slots:
             self.text(_ADDRESS.sub("", repr(obj)))
             return
@@ -180,6 +219,15 @@ class _Walk:
             if file not in self.files:
                 self.files.add(file)
                 self.hash.update(Path(file).read_bytes())
+
+
+def _slots(cls) -> list:
+    """The attribute names a class's ``__slots__`` declares (one string is one name), mangled as Python stores
+    a private one."""
+    names = cls.__dict__.get("__slots__", ())
+    names = [names] if isinstance(names, str) else list(names)
+    return [f"_{cls.__name__.lstrip('_')}{n}" if n.startswith("__") and not n.endswith("__") else n for n in names
+            if n not in ("__dict__", "__weakref__")]
 
 
 def _source_files(obj, module: str) -> list:

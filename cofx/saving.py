@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import importlib
 import io
+import math
 import os
 import pickle
 import re
@@ -187,7 +188,7 @@ def load(path, *, trust: bool = False, source: str = None, leaf_modules=None):
         _check_architecture(model, record["state_dict"], spec, f"the model saved in '{path}'")
         model.load_state_dict(record["state_dict"], strict=True)
         options = _live_options(record["options"], leaf_modules)
-    clip = torch.zeros(meta["clip_shape"], dtype=dtype)
+    clip = _example(meta, dtype)
     co = convert(model.eval(), clip, **options, validate=False).eval()
     if meta.get("validated") is None or digest(co) != meta["validated"]:
         validate_converted(co, model, clip)   # not the model the file's conversion validated: validated here
@@ -268,6 +269,10 @@ def _malformed(record: dict) -> str:
         return "facts about the model are missing"
     if not isinstance(meta.get("validated"), (str, type(None))):
         return "its validation digest is not text"
+    bounds = meta.get("example_range", [0.0, 0.0])
+    if not (isinstance(bounds, (list, tuple)) and len(bounds) == 2 and all(type(v) is float for v in bounds)
+            and all(math.isfinite(v) for v in bounds) and bounds[0] <= bounds[1]):
+        return f"its example range {bounds!r} is not two finite numbers, low then high"
     compiled = record.get("compiled")
     if compiled is not None and not (
             isinstance(compiled, dict) and isinstance(compiled.get("built_for"), dict)
@@ -295,6 +300,15 @@ def _leaf_types(record) -> list:
     """The leaf-module types a file saved with ``source=`` names, as ``module:qualname``."""
     leaves = record.get("options", {}).get("leaf_modules", ())
     return [leaf.get("type") for leaf in leaves if isinstance(leaf, dict)]
+
+
+def _example(meta: dict, dtype: torch.dtype) -> torch.Tensor:
+    """A clip for converting the saved model again: noise over the range of the example it was converted with (a
+    model that takes the log of its frames gets frames it can take, and the validation noise of that sign), zeros
+    for a file that does not say."""
+    low, high = meta.get("example_range") or (0.0, 0.0)
+    gen = torch.Generator().manual_seed(0)
+    return (low + (high - low) * torch.rand(meta["clip_shape"], generator=gen, dtype=torch.float64)).to(dtype)
 
 
 def _check_named(path, record, trust, source, leaf_modules) -> None:
@@ -336,7 +350,8 @@ def _facts(co) -> dict:
     dtype, _ = dtype_device(co)
     return {"cofx": __version__, "torch": str(torch.__version__), "clip_shape": list(co.clip_shape),
             "dtype": str(dtype).removeprefix("torch."), "delay": co.delay, "receptive_field": co.receptive_field,
-            "stride": co.stride, "exact": co.is_exact, "validated": co._info.get("validated")}
+            "stride": co.stride, "exact": co.is_exact, "validated": co._info.get("validated"),
+            "example_range": list(co._info.get("example_range", (0.0, 0.0)))}
 
 
 def _plain_options(options: dict) -> dict:

@@ -119,48 +119,53 @@ def test_the_digest_changes_with_what_the_steps_compute(change):
     assert after != before
 
 
-LEAF = """
-import torch
-from torch import nn
-
-
-def scale(x):
-    return x * {factor}
-
-
-class Scaled(nn.Module):
+class Doubled(nn.Module):
     def forward(self, x):
-        return scale(x)
+        return 2 * x
 
 
-def build():
+@torch.fx.wrap
+def halved(x):
+    return x / 2
+
+
+class WithWrapped(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv1d(2, 3, 3)
+
+    def forward(self, x):
+        return halved(self.conv(x))
+
+
+def _plain():
     torch.manual_seed(0)
-    return nn.Sequential(nn.Conv1d(2, 3, 3), Scaled()).eval()
-"""
+    return nn.Sequential(nn.Conv1d(2, 3, 3), nn.ReLU()).eval()
 
 
-def test_the_digest_reads_the_whole_file_of_a_leaf_module(tmp_path, monkeypatch):
-    """A helper beside a kept-whole module changes what it computes: the file it lives in is part of the digest."""
-    monkeypatch.syspath_prepend(str(tmp_path))
-    digests = []
-    for factor in (2, 3):
-        (tmp_path / f"leafmod{factor}.py").write_text(LEAF.format(factor=factor))
-        module = __import__(f"leafmod{factor}")
-        co = cofx.convert(module.build(), torch.randn(1, 2, 8), leaf_modules=(module.Scaled,), validate=False)
-        digests.append(digest(co))
-    assert digests[0] != digests[1]
-
-
-def test_a_model_whose_code_has_no_file_has_no_digest():
-    scope = {"__name__": "made_at_run_time", "nn": nn}
-    exec(textwrap.dedent("""
-        class Doubled(nn.Module):
-            def forward(self, x):
-                return 2 * x
-    """), scope)
-    model = nn.Sequential(nn.Conv1d(2, 3, 3), scope["Doubled"]()).eval()
-    co = cofx.convert(model, torch.randn(1, 2, 8), leaf_modules=(scope["Doubled"],), validate=False)
-    assert digest(co) is None
+@pytest.mark.parametrize("how", ["leaf module", "wrapped function", "forward hook", "global module hook"])
+def test_code_kept_whole_or_run_beside_the_graph_has_no_digest(how):
+    """Such code can read anything when it runs (a helper in another file, a global, the environment), which no
+    digest follows: every load of it validates."""
+    kw = {}
+    if how == "leaf module":
+        model, kw = nn.Sequential(nn.Conv1d(2, 3, 3), Doubled()).eval(), {"leaf_modules": (Doubled,)}
+    elif how == "wrapped function":
+        model = WithWrapped().eval()
+    else:
+        model = _plain()
+    if how == "forward hook":
+        model[0].register_forward_hook(lambda module, args, out: None)
+    co = cofx.convert(model, torch.randn(1, 2, 8), validate=False, **kw)
+    if how == "global module hook":   # registered in the process that loads
+        assert digest(co) is not None
+        handle = torch.nn.modules.module.register_module_forward_hook(lambda module, args, out: None)
+        try:
+            assert digest(co) is None
+        finally:
+            handle.remove()
+    else:
+        assert digest(co) is None
 
 
 def test_the_digest_is_the_same_in_another_process():
@@ -175,3 +180,28 @@ def test_the_digest_is_the_same_in_another_process():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=str(__import__("pathlib").Path(__file__).parent))
     assert out.stdout.strip() == here
+
+
+class LogFrames(nn.Module):
+    """A spectrogram model: the log of its (positive) frames, then a convolution."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv1d(3, 4, 3)
+
+    def forward(self, x):
+        return self.conv(torch.log(x))
+
+
+def test_a_load_converts_on_frames_of_the_examples_range(tmp_path, validations):
+    """Loading converts on noise over the range of the example the model was converted with: a model that takes
+    the log of its frames loads (zeros would make every frame -inf), and is validated on frames of that sign."""
+    torch.manual_seed(0)
+    model = LogFrames().double().eval()
+    co = cofx.convert(model, torch.rand(1, 3, 8, dtype=torch.float64) + 0.5, validate=False)
+    assert saving.info(_saved(co, tmp_path))["meta"]["example_range"] == list(co._info["example_range"])
+    loaded = cofx.load(tmp_path / "m.pt", trust=True)
+    assert len(validations) == 1
+    x = torch.rand(2, 3, 12, dtype=torch.float64) + 0.1
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.forward_steps(x, pad_end=True), model(x), rtol=0, atol=1e-12)
