@@ -15,7 +15,7 @@ from .compiled_step import CompiledSteps
 from .errors import ConversionError, LengthNotTaken, NotATensor, StreamError, first_line
 from .flat_step import flat_step_module
 from .growing_window import NewestFrames
-from .kernels import STATE_FIX, Align, Sliding, Stateful, StreamContext, state_spec
+from .kernels import STATE_FIX, Align, Kernel, Sliding, Stateful, StreamContext, state_spec
 from .masked_step import warmup_steps
 from .report import Report
 from .stream_position import StreamPosition
@@ -612,9 +612,8 @@ class ContinualModule(fx.GraphModule):
         """The original model as a plain GraphModule sharing these weights (picklable; convert it again)."""
         gm = fx.GraphModule(self, self.graph, class_name=type(self).__name__)
         adopt_attributes(gm, self)
-        for name, _ in self._named_kernels() + [(n, m) for n, m in self.named_children()
-                                                  if type(m).__name__ == "Framewise"]:
-            del gm._modules[name]
+        for name, _ in [(n, m) for n, m in self.named_children() if isinstance(m, Kernel)]:   # every kernel the
+            del gm._modules[name]                                                          # conversion added
         gm.meta.update(self.meta)
         return gm
 

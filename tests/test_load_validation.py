@@ -205,3 +205,13 @@ def test_a_load_converts_on_frames_of_the_examples_range(tmp_path, validations):
     x = torch.rand(2, 3, 12, dtype=torch.float64) + 0.1
     with torch.no_grad():
         torch.testing.assert_close(loaded.forward_steps(x, pad_end=True), model(x), rtol=0, atol=1e-12)
+
+
+def test_a_convolution_and_its_batchnorm_load_without_validating_again(tmp_path, validations):
+    """The clip graph a file keeps holds none of the conversion's kernels (a BatchNorm fold kept there made the
+    load name its own fold otherwise, and the digest differ)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv1d(2, 3, 3, padding=1), nn.BatchNorm1d(3), nn.ReLU())
+    co = cofx.convert(model.double().eval(), torch.randn(1, 2, 8, dtype=torch.float64))
+    cofx.load(_saved(co, tmp_path), trust=True)
+    assert len(validations) == 1
