@@ -658,7 +658,8 @@ class _StateReference:
         with scratch_stream(co, clean=False), torch.no_grad():
             self._run(co, zeros(2, self.warmup))
             self.spec2 = {n: {e: state_spec(v) for e, v in k.get_state().items()} for n, k in self.kernels}
-            self._run(co, zeros(1, 0))
+            for _, k in self.kernels:   # a stream's state before its first frame (an empty chunk runs nothing)
+                k.clean()
             self.table = [self.signature()]
             self.spec1 = None
             frame1 = zeros(1, 1)

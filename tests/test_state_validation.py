@@ -466,3 +466,28 @@ def test_a_long_out_of_phase_stream_of_stacked_frames_resumes_from_its_state():
     bad = copy.deepcopy(state)   # one kernel a frame ahead of the others of row 0
     bad["cofx_streams"]["state"][pos][0] += torch.tensor([1, 0])
     _refused(co, bad, "the state of stream 0")
+
+
+class ReplicatePadThenShift(nn.Module):
+    """Replicate padding at the start, then frame differences keeping the first frame: a branch that waits for
+    the first frame merged with one that does not."""
+
+    def forward(self, x):
+        y = nn.functional.pad(x, (2, 0), mode="replicate")
+        return torch.cat([y[..., :1], y[..., 1:] - y[..., :-1]], -1)
+
+
+def test_a_state_of_branches_that_start_apart_sets_and_resumes():
+    """The reference states are checked against start from a clean state (an empty chunk runs nothing): running
+    an empty chunk through the kernels made the two branches' start lengths differ (a raw size mismatch)."""
+    co = cofx.convert(ReplicatePadThenShift().double().eval(), torch.randn(1, 4, 8, dtype=torch.float64))
+    x = torch.randn(2, 4, 9, dtype=torch.float64)
+    with torch.no_grad():
+        whole = co.forward_steps(x, pad_end=True)
+        co.clean_state()
+        first = co.forward_steps(x[..., :4])
+        state = co.get_state()
+        co.clean_state()
+        co.set_state(state)
+        rest = co.forward_steps(x[..., 4:], pad_end=True)
+    torch.testing.assert_close(torch.cat([first, rest], -1), whole, rtol=0, atol=0)
