@@ -93,6 +93,7 @@ def _convert(model, example_input, strict, leaf_modules, time_dim, window, init,
         say(f"input implied by the model: {tuple(example_input.shape)}")
     clip = _check_example(example_input, time_dim, model)
     _check_single_input(gm)
+    _check_input_shape_kept(gm)
     _check_no_namedtuples(gm)
     passes.frame_sizes_as_numbers(gm, clip, time_dim)
     passes.inplace_as_functional(gm)
@@ -316,6 +317,20 @@ def _check_single_input(gm) -> None:
     if any(n.users for n in placeholders[1:]):
         raise ConversionError("the model takes more than one input", node=placeholders[1],
                               fix="wrap the model so that forward takes the clip only")
+
+
+_RESHAPED_IN_PLACE = {"unsqueeze_", "squeeze_", "transpose_", "t_", "swapaxes_", "swapdims_", "resize_",
+                      "resize_as_", "as_strided_", "set_"}
+
+
+def _check_input_shape_kept(gm) -> None:
+    """An input whose shape forward changes in place (``x.transpose_(1, 2)``) is another tensor before and after
+    that call, which the trace does not tell apart: refused with the out-of-place form."""
+    x = next(n for n in gm.graph.nodes if n.op == "placeholder")
+    for user in x.users:
+        if user.op == "call_method" and user.target in _RESHAPED_IN_PLACE and user.args[0] is x:
+            raise ConversionError(f"forward changes the shape of its input in place (.{user.target}())", node=user,
+                                  fix=f"assign the result instead: x = x.{user.target[:-1]}(...)")
 
 
 def _check_no_namedtuples(gm) -> None:

@@ -618,3 +618,19 @@ def test_a_dtype_read_off_a_traced_tensor_says_to_name_it():
     with pytest.raises(cofx.ConversionError, match=r"(?s)could not trace the model.*finfo.*fix: name the dtype instead "
                                                    r"of reading it off a tensor.*torch.finfo\(torch.float32\)"):
         cofx.convert(model, clip())
+
+
+@pytest.mark.parametrize("change", ["transpose_", "unsqueeze_"])
+def test_an_input_reshaped_in_place_is_refused_with_the_out_of_place_form(change):
+    class InPlace(nn.Module):
+        def forward(self, x):   # (B, C, T)
+            if change == "transpose_":
+                x.transpose_(1, 2)
+                return x * 2
+            x.unsqueeze_(1)
+            b, o, c, t = x.shape
+            return x.reshape(b, c, t) * 2
+
+    with pytest.raises(cofx.ConversionError, match=rf"changes the shape of its input in place \(.{change}\(\)\).*"
+                                                   rf"fix: assign the result instead: x = x.{change[:-1]}"):
+        cofx.convert(InPlace().eval(), torch.randn(1, 3, 8))
