@@ -13,9 +13,11 @@ callable (``builtins:exit`` would end the process with status 0):
   file names only with ``trust=True``; ``source=`` and ``leaf_modules=`` give
   them instead. Models whose graph cannot be pickled (X3D keeps lambdas) can
   only be saved this way.
-- without it the file holds the pickled clip graph (``co.clip_model()``), and
-  unpickling that runs code from the file, like ``torch.load(weights_only=False)``:
-  `load` refuses it unless ``trust=True``.
+- without it the file holds the pickled model as it was converted (or, where
+  that does not pickle, its traced graph, ``co.clip_model()``), and unpickling
+  that runs code from the file, like ``torch.load(weights_only=False)``: `load`
+  refuses it unless ``trust=True``. Converted again, the model gives the same
+  kernels (a state taken before saving resumes on the loaded model).
 
 A model whose steps were compiled (``co.compile_steps()``) keeps them: the file
 holds each phase's AOTInductor package inline, as bytes, with the machine it was
@@ -97,8 +99,18 @@ def save(co, path, *, source: str = None) -> None:
         record["options"] = _plain_options(co.options)
         record["state_dict"] = co.state_dict()
     else:
-        buf = io.BytesIO()
-        clip = co.clip_model()
+        # the model as it was converted (converted again, it gives the same kernels, names and digest), else the
+        # traced graph, which holds none of what forward did not reach
+        tried = [m for m in (co._info.get("model"), co.clip_model()) if m is not None]
+        for i, clip in enumerate(tried):
+            buf = io.BytesIO()
+            try:
+                torch.save({"model": clip, "options": co.options}, buf, pickle_module=_FunctionalsByName)
+                break
+            except (pickle.PicklingError, AttributeError, TypeError, RuntimeError) as e:   # lambdas, local classes,
+                if i + 1 == len(tried):                                                       # parametrizations
+                    raise ValueError(f"this model cannot be pickled ({first_line(e)}); save it with "
+                                     "source='package.module:callable' naming the code that builds it") from None
         local = sorted({type(m).__qualname__ for m in clip.modules() if type(m).__module__ == "__main__"} |
                        {leaf.__qualname__ for leaf in co.options["leaf_modules"]
                         if isinstance(leaf, type) and leaf.__module__ == "__main__"})
@@ -107,11 +119,6 @@ def save(co, path, *, source: str = None) -> None:
                           f"({', '.join(local)}); the file holds them by name, so only a process that defines them "
                           "can load it: define them in an importable module, or save with "
                           "source='package.module:callable'", stacklevel=2)
-        try:
-            torch.save({"model": clip, "options": co.options}, buf, pickle_module=_FunctionalsByName)
-        except (pickle.PicklingError, AttributeError, TypeError, RuntimeError) as e:   # lambdas, local classes,
-            raise ValueError(f"this model cannot be pickled ({first_line(e)}); save it with "   # parametrizations
-                             "source='package.module:callable' naming the code that builds it") from None
         record["graph"] = buf.getvalue()
     torch.save(record, path)
 
@@ -146,7 +153,7 @@ def load(path, *, trust: bool = False, source: str = None, leaf_modules=None):
 
     Args:
         path: the file.
-        trust: let the file name the code that runs: unpickle the clip graph of a
+        trust: let the file name the code that runs: unpickle the model of a
             file saved without ``source=``, or import and call the import spec and
             leaf-module types of a file saved with it. Only for files you made or trust.
         source: the import spec that builds the clip model (as given to `cofx.save`),

@@ -215,3 +215,33 @@ def test_a_convolution_and_its_batchnorm_load_without_validating_again(tmp_path,
     co = cofx.convert(model.double().eval(), torch.randn(1, 2, 8, dtype=torch.float64))
     cofx.load(_saved(co, tmp_path), trust=True)
     assert len(validations) == 1
+
+
+class StackedPairs(nn.Module):
+    """Frame pairs stacked by a view after a crop to whole pairs: a graph cofx rewrites before converting."""
+
+    def __init__(self):
+        super().__init__()
+        self.l0, self.l1 = nn.Linear(3, 4), nn.Linear(8, 5)
+
+    def forward(self, x):   # (B, T, F)
+        b, t, f = x.shape
+        h = torch.relu(self.l0(x))[:, :t // 2 * 2]
+        return self.l1(h.reshape(b, t // 2, 8))
+
+
+def test_a_state_taken_before_saving_resumes_on_the_loaded_model(tmp_path):
+    """The file keeps the model as it was converted, so a load converts it to the same kernels (the graph cofx
+    had rewritten, converted again, named them otherwise)."""
+    torch.manual_seed(0)
+    model = StackedPairs().double().eval()
+    co = cofx.convert(model, torch.randn(1, 10, 3, dtype=torch.float64), time_dim=1)
+    loaded = cofx.load(_saved(co, tmp_path), trust=True)
+    x = torch.randn(1, 9, 3, dtype=torch.float64)
+    with torch.no_grad():
+        first = co.forward_steps(x[:, :5])
+        loaded.set_state(co.get_state())
+        rest = loaded.forward_steps(x[:, 5:], pad_end=True)
+        co.clean_state()
+        whole = co.forward_steps(x, pad_end=True)
+    torch.testing.assert_close(torch.cat([first, rest], 1), whole, rtol=0, atol=1e-12)
