@@ -427,13 +427,14 @@ class MaskedStep:
         its model. Where the priming ran some kernel `ahead` (start padding that completes windows before the first
         frame), as long as the priming's stream (past the delay, the windows and a stride): one branch a frame ahead
         of another into a window over the clip cannot be paired one frame per step. Elsewhere the step starts level
-        with the eager steps, and a few periods are checked. Values are compared at the scale of each output over
+        with the eager steps, and a few periods past its windows over the clip are checked. Values are compared at the scale of each output over
         the whole stream (a frame where an output happens to be small holds its rounding to that output's size),
         to `ROUNDING` times the validation's tolerance: a step that cannot follow errs by the outputs' own size."""
         from .verify import worst_error
         co, t = self.co, self.time_dim
         frame_shape = tuple(co._info["frame_shape"])
-        frames = warmup_steps(co) if ahead else min(warmup_steps(co), 2 * co.period + 6)
+        frames = self.check_frames = warmup_steps(co) if ahead else min(warmup_steps(co), 2 * co.period + 6 + max(
+            (p.k.frames for p in self.plans.values() if isinstance(p, _WindowCountPlan)), default=0))
         gen = torch.Generator().manual_seed(0)
         x = torch.randn((2, *frame_shape[:t - 1], frames, *frame_shape[t - 1:]), generator=gen, dtype=torch.float64)
         x = x.to(device=self.device, dtype=self.dtype)

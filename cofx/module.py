@@ -658,26 +658,36 @@ class _StateReference:
         with scratch_stream(co, clean=False), torch.no_grad():
             self._run(co, zeros(2, self.warmup))
             self.spec2 = {n: {e: state_spec(v) for e, v in k.get_state().items()} for n, k in self.kernels}
-            for _, k in self.kernels:   # a stream's state before its first frame (an empty chunk runs nothing)
-                k.clean()
-            self.table = [self.signature()]
-            self.spec1 = None
-            frame1 = zeros(1, 1)
-            for n in range(1, length):
-                self._run(co, frame1, clean=False)
-                self.table.append(self.signature())
-                if n == self.warmup:
-                    self.spec1 = {n: {e: state_spec(v) for e, v in k.get_state().items()} for n, k in self.kernels}
+            for primed in (True, False):   # from a stream's state before its first frame, as the fixed-shape
+                try:                         # step primes it, or, where that sets branches apart (it has none,
+                    self._stream(co, zeros, length, primed)   # `masked_step`), from the clean state
+                    break
+                except RuntimeError:
+                    if not primed:
+                        raise
         self.limits = [None if all(s[i] is None for s in self.table) else
                        tuple(max(c) for c in zip(*[s[i] for s in self.table if s[i] is not None]))
                        for i in range(len(self.kernels))]
 
-    def _run(self, co, x, clean=True):
+    def _stream(self, co, zeros, length: int, primed: bool) -> None:
+        """The counters of a stream of one row frame after frame (`table`), and its state spec at the warm-up."""
+        self._run(co, zeros(1, 0), run=primed)   # clean, then primed by an empty chunk or not
+        self.table = [self.signature()]
+        self.spec1 = None
+        frame1 = zeros(1, 1)
+        for n in range(1, length):
+            self._run(co, frame1, clean=False)
+            self.table.append(self.signature())
+            if n == self.warmup:
+                self.spec1 = {n: {e: state_spec(v) for e, v in k.get_state().items()} for n, k in self.kernels}
+
+    def _run(self, co, x, clean=True, run=True):
         if clean:
             for _, k in self.kernels:
                 k.clean()
-        co._ctx.batch = x.shape[0]
-        co._step_call(x)
+        if run:
+            co._ctx.batch = x.shape[0]
+            co._step_call(x)
 
     def signature(self) -> tuple:
         return tuple(k.state_signature({s: getattr(k, s) for s in k.state_names}) for _, k in self.kernels)

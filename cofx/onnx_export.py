@@ -32,7 +32,7 @@ from torch.utils._pytree import tree_flatten
 from . import onednn_conv
 from .dtype_device import dtype_device
 from .errors import first_line
-from .masked_step import ROUNDING, MaskedStep, NotSteppable, nan_where_not, warmup_steps
+from .masked_step import ROUNDING, MaskedStep, NotSteppable, nan_where_not
 from .scratch_stream import scratch_stream
 from .unfused import unfused_attention
 from .verify import worst_error
@@ -238,8 +238,9 @@ def export_onnx(co, path, opset: Optional[int] = None) -> dict:
 
 def _runs_as_exported(path, wrapper: _OnnxStep, step: MaskedStep, co, n_out: int) -> None:
     """The written file run by ONNX Runtime (where it is installed) beside the step it was traced from, each
-    fed its own state, on a random stream of two rows (the second restarted at frame 3) past the warm-up: a file
-    that computes otherwise is removed and refused; one ONNX Runtime cannot run is kept, with a warning."""
+    fed its own state, on a random stream of two rows (the second restarted at frame 3) as long as the one the
+    step checked itself on: a file that computes otherwise is removed and refused; one ONNX Runtime cannot run is
+    kept, with a warning."""
     try:
         import onnxruntime
     except ImportError:
@@ -256,7 +257,7 @@ def _runs_as_exported(path, wrapper: _OnnxStep, step: MaskedStep, co, n_out: int
     state = step.initial_state(2)
     theirs = [s.cpu().numpy() for s in state]
     compared = [([], []) for _ in range(n_out)]   # each output's rows that are ready, frame after frame
-    for i in range(warmup_steps(co)):
+    for i in range(step.check_frames):   # the stream the step checked itself on
         frame = torch.randn((2, *co._info["frame_shape"]), generator=gen, dtype=torch.float64).to(step.dtype)
         frame = frame.to(step.device)
         reset = torch.tensor([i == 0, i in (0, 3)], device=step.device)
