@@ -427,9 +427,10 @@ class MaskedStep:
         its model. Where the priming ran some kernel `ahead` (start padding that completes windows before the first
         frame), as long as the priming's stream (past the delay, the windows and a stride): one branch a frame ahead
         of another into a window over the clip cannot be paired one frame per step. Elsewhere the step starts level
-        with the eager steps, and a few periods past its windows over the clip are checked. Values are compared at the scale of each output over
-        the whole stream (a frame where an output happens to be small holds its rounding to that output's size),
-        to `ROUNDING` times the validation's tolerance: a step that cannot follow errs by the outputs' own size."""
+        with the eager steps, and a few periods past its windows over the clip are checked. Values are compared at
+        the scale of each output over the whole stream (a frame where an output happens to be small holds its
+        rounding to that output's size), to `ROUNDING` times the validation's tolerance: a step that cannot follow
+        errs by the outputs' own size."""
         from .verify import worst_error
         co, t = self.co, self.time_dim
         frame_shape = tuple(co._info["frame_shape"])
