@@ -18,9 +18,9 @@ plain 3D CNN's). Everything the steps can depend on goes in:
 A model with code that runs beside the graph (a module kept whole, a wrapped
 function, a hook of the user's or of the process) has no digest, and is always
 validated: such code can read anything when it runs (a helper in another file,
-a global, the environment). So has a model with a field the walk cannot read. The digest is taken on a clean state; runtime state
-that differs (a stream stepped) only makes it differ, which costs a
-validation, never a skipped one.
+a global, the environment). So has a model with a field the walk cannot read.
+The digest is taken on a clean state; runtime state that differs (a stream
+stepped) only makes it differ, which costs a validation, never a skipped one.
 
 >>> import torch, cofx
 >>> make = lambda: torch.nn.Sequential(torch.nn.Conv1d(2, 3, 3, padding=1)).eval()
