@@ -99,11 +99,11 @@ def save(co, path, *, source: str = None) -> None:
         record["options"] = _plain_options(co.options)
         record["state_dict"] = co.state_dict()
     else:
-        # the model as it was converted (converted again, it gives the same kernels, names and digest), else the
-        # traced graph, which holds none of what forward did not reach
-        tried = [m for m in (co._info.get("model"), co.clip_model()) if m is not None]
-        for i, clip in enumerate(tried):
-            buf = io.BytesIO()
+        # the model as it was converted (converted again, it gives the same kernels, names and digest), else, where
+        # that does not pickle (a closure among its attributes), the traced graph of it
+        tried = [lambda: co._info["model"], co.clip_model] if "model" in co._info else [co.clip_model]
+        for i, make in enumerate(tried):
+            clip, buf = make(), io.BytesIO()
             try:
                 torch.save({"model": clip, "options": co.options}, buf, pickle_module=_FunctionalsByName)
                 break
